@@ -1,0 +1,330 @@
+"""The routing layers against the naive formulas of the paper (tests/reference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reference import (naive_selection_conv, naive_tkc_neuron, naive_topk_conv2d, naive_topk_linear)
+from topkconv import functional as TF
+from topkconv.layers import StochasticActivationPruning, TopKConv2d, TopKLinear, TopKNeuronConv2d, dense_gradients
+
+IMPLS = ["reference", "auto"]
+
+
+def _min_gap(scores: torch.Tensor, k: int) -> float:
+    """Gap between the k-th and (k+1)-th best score along the last dim: selection is stable under
+    perturbations smaller than this."""
+    if k >= scores.shape[-1]:
+        return float("inf")
+    top = scores.topk(k + 1, dim=-1).values
+    return float((top[..., k - 1] - top[..., k]).min())
+
+
+def _seeded_without_ties(make, score_fn, k, gap=1e-3, tries=200):
+    """Draw inputs from ``make(generator)`` until the top-k selection has no near-ties."""
+    for seed in range(tries):
+        g = torch.Generator().manual_seed(seed)
+        tensors = make(g)
+        if _min_gap(score_fn(*tensors), k) > gap:
+            return tensors
+    raise AssertionError("could not draw inputs without near-ties")
+
+
+# ------------------------------------------------------------------ TopKLinear
+
+LINEAR_CASES = [  # batch, in, out, k, positive_only
+    (1, 7, 3, 1, False),
+    (4, 13, 5, 4, False),
+    (3, 10, 6, 10, False),
+    (5, 9, 4, 3, True),
+    (2, 6, 2, 6, True),
+]
+
+
+def _linear_inputs(batch, fan_in, fan_out, k):
+    def make(g):
+        return (torch.randn(batch, fan_in, generator=g, dtype=torch.float64),
+                torch.randn(fan_out, fan_in, generator=g, dtype=torch.float64),
+                torch.randn(fan_out, generator=g, dtype=torch.float64))
+    return _seeded_without_ties(make, lambda x, w, b: x[:, None, :] * w[None], k)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch,fan_in,fan_out,k,positive_only", LINEAR_CASES)
+def test_topk_linear_matches_naive(impl, batch, fan_in, fan_out, k, positive_only):
+    x, w, b = _linear_inputs(batch, fan_in, fan_out, k)
+    layer = TopKLinear(fan_in, fan_out, k, positive_only=positive_only, impl=impl).double()
+    layer.load_state_dict({"weight": w, "bias": b})
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    w2, b2 = w.clone().requires_grad_(), b.clone().requires_grad_()
+    ours = layer(xa)
+    naive = naive_topk_linear(xb, w2, b2, k, positive_only)
+    torch.testing.assert_close(ours, naive)
+    grad_out = torch.randn_like(ours)
+    ours.backward(grad_out)
+    naive.backward(grad_out)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(layer.weight.grad, w2.grad)
+    torch.testing.assert_close(layer.bias.grad, b2.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_linear_gradcheck(impl):
+    x, w, b = _linear_inputs(3, 8, 4, 3)
+    inputs = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: TF.topk_linear(x, w, b, 3, impl=impl), inputs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_linear_full_k_is_linear(impl):
+    torch.manual_seed(0)
+    dense = nn.Linear(12, 5)
+    layer = TopKLinear(12, 5, 12, impl=impl)
+    layer.load_state_dict(dense.state_dict())
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert TopKLinear(12, 5, 1.0).k == 12
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_linear_gradient_reaches_only_selected_weights(impl):
+    x, w, b = _linear_inputs(1, 9, 4, 2)
+    layer = TopKLinear(9, 4, 2, impl=impl).double()
+    layer.load_state_dict({"weight": w, "bias": b})
+    layer(x).sum().backward()
+    selected = torch.zeros_like(w, dtype=torch.bool)
+    selected.scatter_(1, (x * w).topk(2, dim=1).indices, True)
+    assert (layer.weight.grad[~selected] == 0).all()
+    assert (layer.weight.grad[selected] != 0).all()
+
+
+# ------------------------------------------------------------------ TopKConv2d
+
+CONV_CASES = [  # batch, in, out, H, W, kernel, stride, padding, k, criterion
+    (1, 3, 2, 5, 5, 3, 1, 0, 1, "max"),
+    (2, 4, 3, 7, 6, 3, 2, 1, 2, "max"),
+    (3, 5, 4, 6, 5, 1, 1, 0, 3, "max"),
+    (2, 3, 2, 9, 8, 5, 2, 1, 2, "max"),
+    (1, 3, 2, 5, 5, 3, 1, 1, 1, "sum"),
+    (2, 4, 3, 7, 6, 3, 2, 0, 2, "sum"),
+    (3, 5, 4, 6, 5, 1, 1, 1, 3, "sum"),
+    (2, 3, 2, 9, 8, 5, 1, 1, 2, "sum"),
+]
+
+
+def _conv_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
+    def make(g):
+        return (torch.randn(batch, cin, h, w, generator=g, dtype=torch.float64),
+                torch.randn(cout, cin, kernel, kernel, generator=g, dtype=torch.float64),
+                torch.randn(cout, generator=g, dtype=torch.float64))
+    return _seeded_without_ties(
+        make, lambda x, w, b: TF.channel_scores(TF.channel_maps(x, w, stride, padding), criterion), k)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch,cin,cout,h,w,kernel,stride,padding,k,criterion", CONV_CASES)
+def test_topk_conv2d_matches_naive(impl, batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
+    x, weight, bias = _conv_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion)
+    layer = TopKConv2d(cin, cout, kernel, k, criterion, stride=stride, padding=padding, impl=impl).double()
+    layer.load_state_dict({"weight": weight, "bias": bias})
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w2, b2 = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    ours = layer(xa)
+    naive = naive_topk_conv2d(xb, w2, b2, k, criterion, stride, padding)
+    torch.testing.assert_close(ours, naive)
+    grad_out = torch.randn_like(ours)
+    ours.backward(grad_out)
+    naive.backward(grad_out)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(layer.weight.grad, w2.grad)
+    torch.testing.assert_close(layer.bias.grad, b2.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+def test_topk_conv2d_gradcheck(impl, criterion):
+    x, w, b = _conv_inputs(2, 4, 3, 5, 5, 3, 1, 1, 2, criterion)
+    inputs = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    fn = lambda x, w, b: TF.topk_conv2d(x, w, b, 2, criterion, 1, 1, impl=impl)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1)])
+def test_topk_conv2d_full_k_is_conv2d(impl, criterion, stride, padding):
+    torch.manual_seed(0)
+    dense = nn.Conv2d(6, 4, 3, stride=stride, padding=padding)
+    layer = TopKConv2d(6, 4, 3, 6, criterion, stride=stride, padding=padding, impl=impl)
+    layer.load_state_dict(dense.state_dict())
+    x = torch.randn(3, 6, 9, 9)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+def test_topk_conv2d_gradient_reaches_only_selected_weights(impl, criterion):
+    x, w, b = _conv_inputs(1, 5, 4, 6, 6, 3, 1, 1, 2, criterion)
+    layer = TopKConv2d(5, 4, 3, 2, criterion, padding=1, impl=impl).double()
+    layer.load_state_dict({"weight": w, "bias": b})
+    layer(x).sum().backward()
+    chosen = naive_selection_conv(x, w, 2, criterion, 1, 1)[0]
+    for c in range(4):
+        for i in range(5):
+            touched = bool(layer.weight.grad[c, i].abs().sum() > 0)
+            assert touched == ((c, i) in chosen), (c, i)
+
+
+# ------------------------------------------------------------------ TKC-neuron
+
+NEURON_CASES = [  # batch, in, out, H, W, kernel, stride, padding, k, criterion
+    (1, 3, 6, 5, 5, 3, 1, 0, 2, "max"),
+    (3, 4, 5, 7, 6, 3, 2, 1, 3, "max"),
+    (2, 2, 4, 6, 5, 1, 1, 0, 1, "max"),
+    (2, 3, 5, 9, 8, 5, 1, 1, 2, "sum"),
+]
+
+
+def _neuron_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
+    def make(g):
+        return (torch.randn(batch, cin, h, w, generator=g, dtype=torch.float64),
+                torch.randn(cout, cin, kernel, kernel, generator=g, dtype=torch.float64),
+                torch.randn(cout, generator=g, dtype=torch.float64))
+    return _seeded_without_ties(
+        make, lambda x, w, b: TF.channel_scores(F.conv2d(x, w, b, stride, padding), criterion), k)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch,cin,cout,h,w,kernel,stride,padding,k,criterion", NEURON_CASES)
+def test_tkc_neuron_matches_naive(impl, batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
+    x, weight, bias = _neuron_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion)
+    layer = TopKNeuronConv2d(cin, cout, kernel, k, criterion, stride=stride, padding=padding, impl=impl).double()
+    layer.load_state_dict({"weight": weight, "bias": bias})
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w2, b2 = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    ours = layer(xa)
+    naive = naive_tkc_neuron(xb, w2, b2, k, criterion, stride, padding)
+    torch.testing.assert_close(ours, naive)
+    grad_out = torch.randn_like(ours)
+    ours.backward(grad_out)
+    naive.backward(grad_out)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(layer.weight.grad, w2.grad)
+    torch.testing.assert_close(layer.bias.grad, b2.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tkc_neuron_gradcheck(impl):
+    x, w, b = _neuron_inputs(2, 3, 5, 5, 5, 3, 1, 1, 2, "max")
+    inputs = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    fn = lambda x, w, b: TF.topk_neuron_conv2d(x, w, b, 2, "max", 1, 1, impl=impl)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_tkc_neuron_keeps_exactly_k_channels():
+    torch.manual_seed(0)
+    layer = TopKNeuronConv2d(3, 8, 3, 3, padding=1)
+    y = layer(torch.randn(4, 3, 6, 6))
+    alive = (y.abs().sum((2, 3)) > 0).sum(1)
+    assert alive.tolist() == [3, 3, 3, 3]
+
+
+# ------------------------------------------------------------------ SAP
+
+def test_sap_is_identity_in_train_mode_and_random_in_eval():
+    h = torch.relu(torch.randn(4, 50))
+    sap = StochasticActivationPruning(0.8)
+    sap.train()
+    assert torch.equal(sap(h), h)
+    sap.eval()
+    a, b = sap(h), sap(h)
+    assert not torch.equal(a, b)
+    assert ((a == 0) | (h != 0)).all()  # never invents activations
+    assert (a == 0).any()  # prunes something
+
+
+def test_sap_fixed_generator_is_deterministic():
+    h = torch.relu(torch.randn(3, 2, 4, 4))
+    a = StochasticActivationPruning(0.5, torch.Generator().manual_seed(7)).eval()(h)
+    b = StochasticActivationPruning(0.5, torch.Generator().manual_seed(7)).eval()(h)
+    assert torch.equal(a, b)
+
+
+def test_sap_monte_carlo_mean_approaches_input():
+    torch.manual_seed(0)
+    h = torch.relu(torch.randn(2, 30, dtype=torch.float64)) + 0.05
+    sap = StochasticActivationPruning(0.3, torch.Generator().manual_seed(1)).eval()
+    mean = torch.stack([sap(h) for _ in range(4000)]).mean(0)
+    assert (mean - h).abs().max() < 0.1 * h.max()
+    # ... and a single draw is far from it, so the test can fail
+    assert (sap(h) - h).abs().max() > 0.1 * h.max()
+
+
+def test_sap_scale_matches_formula():
+    from reference import naive_sap_expectation_scale
+    h = torch.relu(torch.randn(1, 40, dtype=torch.float64)) + 0.01
+    out = StochasticActivationPruning(0.8, torch.Generator().manual_seed(3)).eval()(h)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], (h / naive_sap_expectation_scale(h[0], 0.8))[kept])
+
+
+# ------------------------------------------------------------------ BPDA switch
+
+@pytest.mark.parametrize("make", [
+    lambda: TopKLinear(12, 4, 2),
+    lambda: TopKConv2d(6, 4, 3, 2, padding=1),
+    lambda: TopKConv2d(6, 4, 3, 2, "sum", padding=1),
+    lambda: TopKNeuronConv2d(6, 4, 3, 1, padding=1),
+])
+def test_bpda_switch_changes_gradients_not_outputs(make):
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(3, 12) if isinstance(layer, TopKLinear) else torch.randn(3, 6, 5, 5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    plain = layer(xa)
+    plain.sum().backward()
+    with dense_gradients():
+        bpda = layer(xb)
+        bpda.sum().backward()
+    torch.testing.assert_close(plain, bpda)
+    assert not torch.allclose(xa.grad, xb.grad)
+    dense = nn.Linear(12, 4) if isinstance(layer, TopKLinear) else nn.Conv2d(6, 4, 3, padding=1)
+    dense.load_state_dict(layer.state_dict())
+    xc = x.clone().requires_grad_()
+    dense(xc).sum().backward()
+    torch.testing.assert_close(xb.grad, xc.grad)
+
+
+# ------------------------------------------------------------------ argument checks
+
+BAD_ARGUMENTS = [
+    (lambda: TopKLinear(10, 3, 0), "k"),
+    (lambda: TopKLinear(10, 3, 11), "k"),
+    (lambda: TopKLinear(10, 3, 1.5), "k"),
+    (lambda: TopKLinear(10, 3, 0.0), "k"),
+    (lambda: TopKLinear(10, 3, True), "k"),
+    (lambda: TopKConv2d(4, 3, 3, 5), "k"),
+    (lambda: TopKConv2d(4, 3, 3, 0), "k"),
+    (lambda: TopKConv2d(4, 3, 3, 2, criterion="mean"), "criterion"),
+    (lambda: TopKNeuronConv2d(4, 3, 3, 4), "k"),
+    (lambda: TopKNeuronConv2d(4, 3, 3, 2, criterion="median"), "criterion"),
+    (lambda: StochasticActivationPruning(0.0), "frac"),
+    (lambda: StochasticActivationPruning(1.2), "frac"),
+    (lambda: TopKLinear(10, 3, 2, impl="magic"), "impl"),
+]
+
+
+@pytest.mark.parametrize("build,argument", BAD_ARGUMENTS)
+def test_bad_arguments_raise_value_error_naming_the_argument(build, argument):
+    with pytest.raises(ValueError, match=rf"^{argument}\b"):
+        build()
+
+
+def test_fraction_k_rounds_up():
+    assert TopKLinear(25088, 512, 0.01).k == 251
+    assert TopKConv2d(512, 512, 3, 0.1).k == 52
+    assert TopKConv2d(10, 4, 3, 0.1).k == 1
