@@ -1,0 +1,117 @@
+"""Atomic file writes and the environment record every run stores.
+
+Every artefact goes through these helpers: the data is written to a temporary file in the target's
+folder, flushed to disk, then renamed over the target with ``os.replace``. A reader (or a run killed
+half-way) therefore sees either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target: os.replace is only atomic within one file system.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """JSON with sorted keys and a trailing newline, so reruns give byte-identical files."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, Any], metadata: dict | None = None) -> None:
+    """Save a flat ``{name: tensor}`` dict as safetensors, atomically.
+
+    Tensors are made contiguous and moved to the CPU first; safetensors refuses shared or strided storage.
+    """
+    from safetensors.torch import save
+
+    flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    atomic_write_bytes(path, save(flat, metadata=metadata))
+
+
+def append_jsonl(path: PathLike, obj: Any) -> None:
+    """Append one JSON line. A line is written with one ``write`` call and flushed to disk.
+
+    Appending cannot be made atomic by renaming; a single small write is the next best thing, and a
+    torn last line (a crash mid-write) is the only failure a reader has to tolerate.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(obj, sort_keys=True, default=_json_default) + "\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def environment_info() -> dict:
+    """What produced a result: torch version, git commit (or None), device, CPU count, platform.
+
+    The platform string leaves out the host name on purpose: run records get shared.
+    """
+    import torch
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "device": device,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": f"{platform.system()}-{platform.release()}-{platform.machine()}",
+    }
+
+
+def _git_commit() -> str | None:
+    source_dir = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def _json_default(obj: Any):
+    # numpy scalars and paths show up in metrics and specs; anything else is a bug worth an error.
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    if hasattr(obj, "tolist") and callable(obj.tolist):
+        return obj.tolist()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
