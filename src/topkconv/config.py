@@ -41,6 +41,7 @@ class DefenseConfig:
     prune_scope: str = "final"        # pruned: final | final2 | all
     prune_sparsity: float = 0.9       # pruned: final sparsity
     prune_epochs: int = 3             # pruned: fine-tuning epochs over which the schedule runs
+    prune_lr: Optional[float] = None  # pruned: fine-tuning learning rate (None: a tenth of train.lr)
 
 
 @dataclass

@@ -1,0 +1,200 @@
+"""Gradual magnitude pruning with fine-tuning: the LWM baseline of Tables I and II.
+
+Han et al. (2015) prune the weights of smallest magnitude; Zhu and Gupta (2017) raise the sparsity
+gradually on the cubic schedule :func:`cubic_sparsity` while the network is fine-tuned. As in the
+paper, fine-tuning updates only the fully connected layers; every other parameter is frozen.
+
+Choices the paper leaves open, made here:
+
+* **Per-layer masks** (``torch.nn.utils.prune.l1_unstructured`` on each layer in scope), not one global
+  threshold, so every pruned layer ends with the target sparsity, which is what Table II varies.
+  Only ``weight`` tensors are pruned; biases are kept.
+* **One pruning step per fine-tuning epoch.** Before epoch ``e`` (0-based) of ``E`` the masks are raised
+  to ``s(e + 1)`` with ``t0 = 0``, ``n = E`` and ``dt = 1``; the final sparsity is reached before the last
+  epoch, which then fine-tunes the finished mask. ``s(0) = s_i`` is the trained model itself.
+* Masks only grow: a new step prunes among the weights the earlier masks kept, ranked by their
+  current (fine-tuned) magnitudes, so a pruned weight never returns.
+* **Scopes** (Table II), in the model's module order: ``final`` is the last ``nn.Linear``; ``final2``
+  the last two; ``all`` every ``nn.Conv2d`` and ``nn.Linear``. With ``all`` the convolution kernels
+  are pruned but stay frozen.
+* The fine-tuning learning rate defaults to a tenth of the training one
+  (``DefenseConfig.prune_lr`` overrides it).
+
+At the end the masks are made permanent (``prune.remove``): the checkpoint holds plain weights with
+exact zeros, loads into the standard architecture, and its ``run.json`` reports the measured sparsity
+of every pruned layer under ``extra["sparsity"]``.
+
+"Pruning + LogitAug" (Table I) is neither defined nor cited by the paper; it is deliberately not
+reproduced, and :data:`NOT_REPRODUCED` carries the note the reports print for it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+NOT_REPRODUCED = {"Pruning + LogitAug": "not reproduced: undefined in the paper"}
+
+PRUNE_SCOPES = ("final", "final2", "all")
+
+# Fine-tuning starts from a converged model; a tenth of the training rate keeps it near that optimum.
+FINE_TUNE_LR_SCALE = 0.1
+
+
+def cubic_sparsity(step: float, final: float, initial: float = 0.0, start: float = 0.0,
+                   n_steps: int = 1, interval: float = 1.0) -> float:
+    """Zhu and Gupta's schedule ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3``.
+
+    ``step`` is ``t``, ``start`` is ``t0``, ``n_steps`` is ``n`` and ``interval`` is ``dt``. Before ``t0`` the
+    sparsity is ``s_i``; after ``t0 + n dt`` it stays at ``s_f``.
+    """
+    _check_sparsity("initial sparsity", initial)
+    _check_sparsity("final sparsity", final)
+    if n_steps < 1:
+        raise ValueError(f"n_steps: expected a positive number of pruning steps, got {n_steps!r}")
+    if interval <= 0:
+        raise ValueError(f"interval: expected a positive step interval, got {interval!r}")
+    progress = (step - start) / (n_steps * interval)
+    progress = min(max(progress, 0.0), 1.0)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+def epoch_sparsity(epoch: int, epochs: int, final: float, initial: float = 0.0) -> float:
+    """The target sparsity applied before fine-tuning epoch ``epoch`` (0-based) of ``epochs``."""
+    return cubic_sparsity(epoch + 1, final, initial=initial, start=0, n_steps=epochs, interval=1)
+
+
+def _check_sparsity(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: expected a fraction in [0, 1), got {value!r}")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in PRUNE_SCOPES:
+        raise ValueError(f"prune scope: expected one of {', '.join(PRUNE_SCOPES)}, got {scope!r}")
+    return scope
+
+
+def fc_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The fully connected layers, by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def layers_in_scope(model: nn.Module, scope: str) -> dict[str, nn.Module]:
+    """The layers whose weights ``scope`` prunes, by qualified name, in module order."""
+    check_scope(scope)
+    fcs = list(fc_layers(model).items())
+    if scope == "all":
+        return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    wanted = 1 if scope == "final" else 2
+    if len(fcs) < wanted:
+        raise ValueError(f"prune scope {scope!r} needs {wanted} fully connected layers; "
+                         f"the model has {len(fcs)}")
+    return dict(fcs[-wanted:])
+
+
+def freeze_all_but_fc(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze every parameter outside the ``nn.Linear`` layers; return the trainable ones.
+
+    Pruned weights live in ``weight_orig`` under ``torch.nn.utils.prune``; the Parameter object is
+    the same before and after pruning, so an optimizer built on this list keeps working.
+    """
+    trainable_ids = {id(p) for layer in fc_layers(model).values() for p in layer.parameters()}
+    if not trainable_ids:
+        raise ValueError("the model has no fully connected (nn.Linear) layer to fine-tune")
+    trainable = []
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable_ids)
+        if id(param) in trainable_ids:
+            trainable.append(param)
+    return trainable
+
+
+@contextmanager
+def frozen_statistics(model: nn.Module) -> Iterator[None]:
+    """Keep the running statistics of normalisation layers fixed while fine-tuning.
+
+    Everything outside the ``nn.Linear`` layers is frozen, and frozen features must stay the same
+    function; train mode would otherwise keep updating BatchNorm running means. Momentum 0 leaves
+    them unchanged.
+    """
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
+def prune_to(layers: dict[str, nn.Module], sparsity: float) -> None:
+    """Raise each layer's weight mask to ``sparsity`` by weight magnitude (never lowers it).
+
+    The amount is a count of weights, so each layer ends with exactly ``round(sparsity * numel)``
+    masked weights.
+    """
+    _check_sparsity("sparsity", sparsity)
+    for layer in layers.values():
+        mask = getattr(layer, "weight_mask", None)
+        masked = 0 if mask is None else int((mask == 0).sum())
+        extra = int(round(sparsity * layer.weight.numel())) - masked
+        if mask is None or extra > 0:
+            # amount=0 still installs the (all-ones) mask, so every layer in scope is parametrised alike.
+            prune.l1_unstructured(layer, "weight", amount=max(extra, 0))
+
+
+def measured_sparsity(layers: dict[str, nn.Module]) -> dict[str, float]:
+    """The fraction of exactly-zero weights in each layer (with any mask applied)."""
+    out = {}
+    for name, layer in layers.items():
+        if hasattr(layer, "weight_mask"):
+            # ``layer.weight`` is only refreshed by a forward pass; the mask and the original are current.
+            weight = layer.weight_orig.detach() * layer.weight_mask
+        else:
+            weight = layer.weight.detach()
+        out[name] = float((weight == 0).sum()) / weight.numel()
+    return out
+
+
+def make_permanent(layers: dict[str, nn.Module]) -> None:
+    """Fold the masks into the weights (``prune.remove``) so the state_dict is the plain layout."""
+    for layer in layers.values():
+        if hasattr(layer, "weight_mask"):
+            prune.remove(layer, "weight")
+
+
+def gradual_prune(model: nn.Module, scope: str, sparsity: float, epochs: int,
+                  run_epoch: Callable[[int], dict], initial: float = 0.0,
+                  on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Prune ``model`` in place on the cubic schedule while fine-tuning, then make the masks permanent.
+
+    ``run_epoch(epoch)`` fine-tunes one epoch and returns its metrics; the caller builds it with the
+    trainable parameters of :func:`freeze_all_but_fc` (call that first). ``on_epoch`` receives one
+    record per epoch (metrics plus the scheduled and measured sparsity).
+    Returns ``{"sparsity": {layer: measured}, "target": sparsity, "history": [records]}``.
+    """
+    check_scope(scope)
+    _check_sparsity("sparsity", sparsity)
+    if epochs < 1:
+        raise ValueError(f"epochs: expected at least one fine-tuning epoch, got {epochs!r}")
+    layers = layers_in_scope(model, scope)
+    history = []
+    for epoch in range(epochs):
+        target = epoch_sparsity(epoch, epochs, sparsity, initial)
+        prune_to(layers, target)
+        with frozen_statistics(model):
+            metrics = dict(run_epoch(epoch) or {})
+        record = {"epoch": epoch, "target_sparsity": target,
+                  "sparsity": measured_sparsity(layers), **metrics}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    make_permanent(layers)
+    return {"scope": scope, "target": sparsity, "sparsity": measured_sparsity(layers), "history": history}

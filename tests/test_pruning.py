@@ -1,0 +1,166 @@
+"""Gradual magnitude pruning: the cubic schedule, per-layer masks by scope, frozen features, zeros that stay."""
+
+import pytest
+import torch
+from torch import nn
+
+from topkconv import pruning
+
+
+class TinyNet(nn.Module):
+    """The library's model layout in miniature: features -> flatten -> classifier."""
+
+    def __init__(self, batchnorm: bool = False):
+        super().__init__()
+        norm = [nn.BatchNorm2d(6)] if batchnorm else []
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), *norm, nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(8 * 2 * 2, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _zhu_gupta(t, s_i, s_f, t0, n, dt):
+    return s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt)) ** 3
+
+
+@pytest.mark.parametrize("s_i,s_f,t0,n,dt", [(0.0, 0.9, 0, 3, 1), (0.1, 0.75, 5, 4, 10)])
+def test_schedule_start_middle_end(s_i, s_f, t0, n, dt):
+    end = t0 + n * dt
+    middle = t0 + n * dt / 2
+    kw = dict(final=s_f, initial=s_i, start=t0, n_steps=n, interval=dt)
+    assert pruning.cubic_sparsity(t0, **kw) == pytest.approx(s_i)
+    assert pruning.cubic_sparsity(middle, **kw) == pytest.approx(_zhu_gupta(middle, s_i, s_f, t0, n, dt))
+    # (1 - 1/2)^3 = 1/8 of the way back from s_f
+    assert pruning.cubic_sparsity(middle, **kw) == pytest.approx(s_f + (s_i - s_f) / 8)
+    assert pruning.cubic_sparsity(end, **kw) == pytest.approx(s_f)
+    # outside [t0, t0 + n dt] the schedule holds its end values
+    assert pruning.cubic_sparsity(t0 - 3, **kw) == pytest.approx(s_i)
+    assert pruning.cubic_sparsity(end + 7, **kw) == pytest.approx(s_f)
+
+
+def test_epoch_schedule_rises_to_target_before_last_epoch():
+    values = [pruning.epoch_sparsity(e, 3, 0.9) for e in range(3)]
+    assert values == pytest.approx([_zhu_gupta(t, 0.0, 0.9, 0, 3, 1) for t in (1, 2, 3)])
+    assert values[0] < values[1] < values[2] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_schedule_rejects_bad_sparsity(bad):
+    with pytest.raises(ValueError, match="final sparsity"):
+        pruning.cubic_sparsity(0, final=bad)
+
+
+@pytest.mark.parametrize("scope,expected", [
+    ("final", ["classifier.2"]),
+    ("final2", ["classifier.0", "classifier.2"]),
+    ("all", ["features.0", "features.3", "classifier.0", "classifier.2"]),
+])
+def test_scope_selects_layers(scope, expected):
+    assert list(pruning.layers_in_scope(TinyNet(), scope)) == expected
+
+
+def test_bad_scope_is_named():
+    with pytest.raises(ValueError, match="'last'"):
+        pruning.layers_in_scope(TinyNet(), "last")
+    with pytest.raises(ValueError, match="final2.*needs 2.*has 1"):
+        pruning.layers_in_scope(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)), "final2")
+
+
+@pytest.mark.parametrize("scope", pruning.PRUNE_SCOPES)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_measured_sparsity_equals_target(scope, sparsity):
+    torch.manual_seed(0)
+    model = TinyNet()
+    layers = pruning.layers_in_scope(model, scope)
+    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    pruning.prune_to(layers, sparsity * 0.5)
+    pruning.prune_to(layers, sparsity)
+    measured = pruning.measured_sparsity(layers)
+    for name, layer in layers.items():
+        numel = layer.weight.numel()
+        assert measured[name] == pytest.approx(sparsity, abs=1 / numel)
+        # magnitude pruning: every kept weight is at least as large as every pruned one
+        kept = layer.weight_mask.bool()
+        assert before[name][kept].abs().min() >= before[name][~kept].abs().max()
+    # layers outside the scope are untouched
+    others = set(pruning.layers_in_scope(model, "all")) - set(layers)
+    for name in others:
+        assert not hasattr(model.get_submodule(name), "weight_mask")
+
+
+def test_masks_only_grow():
+    torch.manual_seed(0)
+    layers = pruning.layers_in_scope(TinyNet(), "final2")
+    pruning.prune_to(layers, 0.6)
+    first = {name: layer.weight_mask.clone() for name, layer in layers.items()}
+    pruning.prune_to(layers, 0.3)  # a lower target never un-prunes
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight_mask, first[name])
+    with torch.no_grad():  # a pruned weight that grows large again is still pruned at the next step
+        layers["classifier.2"].weight_orig[first["classifier.2"] == 0] = 100.0
+    pruning.prune_to(layers, 0.8)
+    assert (layers["classifier.2"].weight_mask[first["classifier.2"] == 0] == 0).all()
+
+
+def _sgd_epochs(model, params, steps=5):
+    """A stand-in fine-tuning epoch on random data, so the mechanics are tested without the trainer."""
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(1)
+
+    def run_epoch(epoch):
+        model.train()
+        total = 0.0
+        for _ in range(steps):
+            x = torch.rand(16, 1, 8, 8, generator=gen)
+            y = torch.randint(0, 10, (16,), generator=gen)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        return {"loss": total / steps}
+
+    return run_epoch
+
+
+@pytest.mark.parametrize("scope", pruning.PRUNE_SCOPES)
+def test_fine_tuning_freezes_convs_and_keeps_pruned_weights_zero(scope):
+    torch.manual_seed(0)
+    model = TinyNet(batchnorm=True)
+    model.eval()
+    probe = torch.rand(4, 1, 8, 8)
+    features_before = model.features(probe).detach()
+    convs_before = {n: p.detach().clone() for n, p in model.features.named_parameters()}
+    fc_before = {n: p.detach().clone() for n, p in model.classifier.named_parameters()}
+
+    trainable = pruning.freeze_all_but_fc(model)
+    assert {id(p) for p in trainable} == {id(p) for p in model.classifier.parameters()}
+    records = []
+    summary = pruning.gradual_prune(model, scope, 0.8, 3, _sgd_epochs(model, trainable), on_epoch=records.append)
+
+    assert [r["target_sparsity"] for r in records] == pytest.approx(
+        [pruning.epoch_sparsity(e, 3, 0.8) for e in range(3)])
+    layers = pruning.layers_in_scope(model, scope)
+    for name, layer in layers.items():
+        assert not hasattr(layer, "weight_mask"), "masks must be made permanent"
+        assert summary["sparsity"][name] == pytest.approx(0.8, abs=1 / layer.weight.numel())
+        assert float((layer.weight == 0).float().mean()) == pytest.approx(summary["sparsity"][name])
+    # the masks of each epoch only grew, and every weight pruned early is still exactly zero at the end
+    for earlier, later in zip(records, records[1:]):
+        for name in layers:
+            assert later["sparsity"][name] >= earlier["sparsity"][name]
+
+    model.eval()
+    for name, param in model.features.named_parameters():
+        if scope == "all" and name.endswith("weight") and param.dim() == 4:
+            # pruned but frozen: the kept weights are the originals
+            kept = param != 0
+            assert torch.equal(param[kept], convs_before[name][kept])
+        else:
+            assert torch.equal(param, convs_before[name]), name
+    if scope != "all":
+        assert torch.equal(model.features(probe), features_before), "frozen features changed (BatchNorm stats?)"
+    assert any(not torch.equal(p, fc_before[n]) for n, p in model.classifier.named_parameters()), \
+        "fine-tuning did not update the FC layers"
