@@ -1,0 +1,363 @@
+"""Figures 3 and 4 of the paper, and routing statistics beyond it.
+
+* Figure 3 (:func:`figure3_feature_maps`): the feature maps a TopKConv layer with the ``max`` criterion
+  outputs, against the same layer of a model trained with ``sum``, for a few test images.
+* Figure 4 (:func:`figure4_gradcam`): GradCAM (captum's ``LayerGradCam`` on the last convolution) for
+  the true class, on each model's own adversarial images.
+* Routing statistics (:func:`routing_statistics`): for every routing layer, which inputs each output
+  really selects across the test set, per true class, and how much the classes' routes overlap.
+  The selections are recomputed from the layer's weights and its input (captured with a forward hook)
+  through the same :mod:`topkconv.functional` helpers the layers use, so they are the layer's own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as TF
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .layers import TopKConv2d, TopKLinear, TopKNeuronConv2d
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path) -> str:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    buffer = __import__("io").BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    _matplotlib().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return str(path)
+
+
+def _show(ax, image: torch.Tensor, title: str = "", cmap: Optional[str] = None) -> None:
+    image = image.detach().float().cpu()
+    if image.dim() == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() == 3:
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    else:
+        ax.imshow(image.numpy(), cmap=cmap or "gray")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+# ---------------------------------------------------------------- routing selections
+
+def selection_mask(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Boolean routes of ``layer`` on input ``x``: (B, outputs, inputs).
+
+    TopKLinear: the k (weight, input) products summed per output unit. TopKConv2d: the k input
+    channels summed per output channel. TKC-neuron selects output channels only, so it has a single
+    "output" whose inputs are the layer's output channels: (B, 1, out_channels).
+    """
+    with torch.no_grad():
+        if isinstance(layer, TopKLinear):
+            products = x.reshape(x.shape[0], -1).unsqueeze(1) * layer.weight.unsqueeze(0)
+            if layer.positive_only:
+                # only positive products count under |R| <= k; zero ones are never a real route
+                products = products.clamp(min=0)
+            chosen = products.topk(layer.k, dim=-1, sorted=False).indices
+            mask = torch.zeros(products.shape, dtype=torch.bool, device=x.device).scatter_(-1, chosen, True)
+            return mask & (products > 0) if layer.positive_only else mask
+        if isinstance(layer, TopKConv2d):
+            maps = TF.channel_maps(x, layer.weight, layer.stride, layer.padding, layer.dilation)
+            chosen = TF.channel_scores(maps, layer.criterion).topk(layer.k, dim=2, sorted=False).indices
+            return torch.zeros(maps.shape[:3], dtype=torch.bool, device=x.device).scatter_(2, chosen, True)
+        if isinstance(layer, TopKNeuronConv2d):
+            dense = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+            return TF.topk_channel_mask(dense, layer.k, layer.criterion).bool().unsqueeze(1)
+    raise ValueError(f"selection_mask: {type(layer).__name__} is not a routing layer")
+
+
+def routing_layers(model: nn.Module) -> dict:
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (TopKLinear, TopKConv2d, TopKNeuronConv2d))}
+
+
+@dataclass
+class LayerRoutes:
+    """Selection counts of one routing layer: ``counts[c, o, i]`` = test examples of true class c
+    for which output o summed input i."""
+    name: str
+    kind: str
+    k: int
+    counts: torch.Tensor
+    examples_per_class: torch.Tensor
+    summary: dict = field(default_factory=dict)
+
+
+def collect_routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                   batch_size: int = 64) -> dict:
+    """Run the test set through ``model`` and count every routing layer's selections per class."""
+    layers = routing_layers(model)
+    counts: dict = {}
+    current: dict = {}
+
+    def hook(name):
+        def record(module, inputs, _output):
+            mask = selection_mask(module, inputs[0]).to(torch.int32)
+            if name not in counts:
+                counts[name] = torch.zeros((num_classes,) + tuple(mask.shape[1:]), dtype=torch.int32)
+            counts[name].index_add_(0, current["y"].cpu(), mask.cpu())
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                current["y"] = y[start:start + batch_size]
+                model(x[start:start + batch_size].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    per_class = torch.bincount(y.cpu(), minlength=num_classes)
+    routes = {}
+    for name, layer in layers.items():
+        if name not in counts:
+            continue  # a layer the forward pass never reached
+        kind = {TopKLinear: "dynamic_k", TopKConv2d: "topk_conv", TopKNeuronConv2d: "tkc_neuron"}[type(layer)]
+        route = LayerRoutes(name, kind, layer.k, counts[name], per_class)
+        route.summary = summarize_routes(route)
+        routes[name] = route
+    return routes
+
+
+def jaccard_matrix(sets: torch.Tensor) -> torch.Tensor:
+    """Pairwise Jaccard index of boolean rows (classes x elements); 1 where both rows are empty."""
+    sets = sets.reshape(sets.shape[0], -1).float()
+    inter = sets @ sets.T
+    sizes = sets.sum(1)
+    union = sizes[:, None] + sizes[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+
+
+def summarize_routes(route: LayerRoutes, core_share: float = 0.5) -> dict:
+    """Distinct inputs used per output (all test examples, and per class), and the overlap of the
+    classes' routes: Jaccard of the sets of (output, input) pairs a class ever uses ("any"), and of
+    those a class uses in at least ``core_share`` of its examples ("core")."""
+    counts = route.counts
+    classes_present = route.examples_per_class > 0
+    used_any = counts.sum(0) > 0                                  # (outputs, inputs)
+    distinct_per_output = used_any.sum(-1).float()
+    per_class_used = counts > 0                                   # (classes, outputs, inputs)
+    per_class_distinct = per_class_used.sum(-1).float().mean(-1)  # mean over outputs, per class
+    share = counts.float() / route.examples_per_class.clamp_min(1).view(-1, 1, 1).float()
+    core = share >= core_share
+    present = classes_present.nonzero().flatten()
+    jac_any = jaccard_matrix(per_class_used[present])
+    jac_core = jaccard_matrix(core[present])
+    off = ~torch.eye(len(present), dtype=torch.bool)
+    mean_off = lambda m: float(m[off].mean()) if len(present) > 1 else float("nan")  # noqa: E731
+    return {
+        "layer": route.name,
+        "kind": route.kind,
+        "k": route.k,
+        "outputs": int(counts.shape[1]),
+        "fan_in": int(counts.shape[2]),
+        "distinct_per_output_mean": float(distinct_per_output.mean()),
+        "distinct_per_output_min": int(distinct_per_output.min()),
+        "distinct_per_output_max": int(distinct_per_output.max()),
+        "inputs_never_used": int((~used_any.any(0)).sum()),
+        "distinct_per_output_per_class": {int(c): float(per_class_distinct[c]) for c in present},
+        "jaccard_any_mean": mean_off(jac_any),
+        "jaccard_core_mean": mean_off(jac_core),
+        "jaccard_core": jac_core.tolist(),
+        "classes": [int(c) for c in present],
+        "core_share": core_share,
+    }
+
+
+def routing_report(routes_by_model: dict, reports_dir, class_names: Optional[list] = None,
+                   meta: Optional[dict] = None) -> dict:
+    """Write ``routing.md``, ``routing.json`` and ``routing.png`` for ``{model label: collect_routes(...)}``."""
+    reports_dir = Path(reports_dir)
+    lines = ["# Routing statistics", ""]
+    for key, value in (meta or {}).items():
+        lines.append(f"- **{key}**: {value}")
+    lines += [
+        "- *distinct/output*: how many different inputs an output really sums across the test set "
+        "(k of them per example); *per class*: the same within one true class, averaged over outputs.",
+        "- *Jaccard any*: mean overlap, over pairs of classes, of the (output, input) pairs a class ever "
+        "uses; *Jaccard core*: of the pairs a class uses in at least half of its examples.",
+        "- TKC-neuron routes output channels, so it has one \"output\" whose inputs are its channels.", "",
+        "| model | layer | kind | k | fan-in | outputs | distinct/output mean (min-max) | "
+        "per class mean | inputs never used | Jaccard any | Jaccard core |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    stats = {}
+    for label, routes in routes_by_model.items():
+        stats[label] = {}
+        for name, route in routes.items():
+            s = route.summary
+            stats[label][name] = s
+            per_class = s["distinct_per_output_per_class"]
+            class_mean = sum(per_class.values()) / max(1, len(per_class))
+            lines.append(
+                f"| {label} | {name} | {s['kind']} | {s['k']} | {s['fan_in']} | {s['outputs']} | "
+                f"{s['distinct_per_output_mean']:.1f} ({s['distinct_per_output_min']}-"
+                f"{s['distinct_per_output_max']}) | {class_mean:.1f} | {s['inputs_never_used']} | "
+                f"{s['jaccard_any_mean']:.3f} | {s['jaccard_core_mean']:.3f} |")
+    if not stats or not any(stats.values()):
+        lines.append("| (no routing layers) | | | | | | | | | | |")
+    atomic_write_text(reports_dir / "routing.md", "\n".join(lines) + "\n")
+    atomic_write_json(reports_dir / "routing.json", stats)
+    png = plot_routing(routes_by_model, reports_dir / "routing.png", class_names)
+    return {"md": str(reports_dir / "routing.md"), "json": str(reports_dir / "routing.json"), "png": png}
+
+
+def plot_routing(routes_by_model: dict, path, class_names: Optional[list] = None) -> str:
+    """Per routing layer: distinct inputs used per class (against k), and the classes' core Jaccard."""
+    plt = _matplotlib()
+    items = [(label, route) for label, routes in routes_by_model.items() for route in routes.values()]
+    rows = max(1, len(items))
+    fig, axes = plt.subplots(rows, 2, figsize=(8, 2.6 * rows), squeeze=False)
+    if not items:
+        axes[0, 0].text(0.5, 0.5, "no routing layers", ha="center")
+    for row, (label, route) in enumerate(items):
+        s = route.summary
+        classes = s["classes"]
+        names = [str(class_names[c]) if class_names else str(c) for c in classes]
+        ax = axes[row, 0]
+        ax.bar(range(len(classes)), [s["distinct_per_output_per_class"][c] for c in classes], color="tab:blue")
+        ax.axhline(s["k"], color="tab:red", linestyle="--", label=f"k = {s['k']}")
+        ax.axhline(s["distinct_per_output_mean"], color="tab:green", linestyle=":", label="all classes")
+        ax.set_xticks(range(len(classes)), names, fontsize=6)
+        ax.set_ylabel("distinct inputs / output", fontsize=7)
+        ax.set_title(f"{label}: {route.name} ({s['kind']}, fan-in {s['fan_in']})", fontsize=8)
+        ax.legend(fontsize=6)
+        ax = axes[row, 1]
+        image = ax.imshow(torch.tensor(s["jaccard_core"]).numpy(), vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(classes)), names, fontsize=6)
+        ax.set_yticks(range(len(classes)), names, fontsize=6)
+        ax.set_title(f"core-route Jaccard between classes (mean {s['jaccard_core_mean']:.2f})", fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- Figure 3
+
+def _first_layer(model: nn.Module, cls) -> tuple:
+    for name, module in model.named_modules():
+        if isinstance(module, cls):
+            return name, module
+    raise ValueError(f"model has no {cls.__name__} layer")
+
+
+def _capture_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    captured = {}
+    handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o.detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x.to(next(model.parameters()).device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return captured["out"].cpu()
+
+
+def figure3_feature_maps(model_max: nn.Module, model_sum: nn.Module, x: torch.Tensor, path,
+                         channels: int = 4) -> str:
+    """Feature maps of the first TopKConv layer of a ``max`` model (left) and a ``sum`` model (right).
+
+    For each image the ``channels`` maps with the highest spatial max are shown, ReLU applied as in
+    the network that follows the layer.
+    """
+    plt = _matplotlib()
+    panels = []
+    for model in (model_max, model_sum):
+        name, layer = _first_layer(model, TopKConv2d)
+        panels.append((name, layer.criterion, F.relu(_capture_output(model, layer, x))))
+    n = len(x)
+    fig, axes = plt.subplots(n, 1 + 2 * channels, figsize=(1.2 * (1 + 2 * channels), 1.3 * n), squeeze=False)
+    for i in range(n):
+        _show(axes[i, 0], x[i], "input" if i == 0 else "")
+        for p, (name, criterion, maps) in enumerate(panels):
+            top = maps[i].amax(dim=(-2, -1)).topk(min(channels, maps.shape[1])).indices
+            for j in range(channels):
+                ax = axes[i, 1 + p * channels + j]
+                if j < len(top):
+                    _show(ax, maps[i, top[j]], f"{criterion}: {name} ch{int(top[j])}" if i == 0 else "",
+                          cmap="magma")
+                else:
+                    ax.axis("off")
+    fig.suptitle("Figure 3: TopKConv feature maps, max criterion (left) vs sum criterion (right)", fontsize=9)
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- Figure 4
+
+def last_conv(model: nn.Module) -> nn.Module:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("model has no convolution for GradCAM")
+    return convs[-1]
+
+
+def gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """captum LayerGradCam on the last convolution for class ``target``, upsampled to the image: (B, H, W)."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    was_training = model.training
+    model.eval()
+    try:
+        cam = LayerGradCam(model, last_conv(model)).attribute(x, target=target, relu_attributions=True)
+    finally:
+        model.train(was_training)
+    cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    cam = cam[:, 0]
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    return (cam / peak).cpu()
+
+
+def figure4_gradcam(models: dict, x: torch.Tensor, y: torch.Tensor, adversarial: dict, path,
+                    class_names: Optional[list] = None) -> str:
+    """GradCAM for the true class on each model's own adversarial images.
+
+    ``models`` and ``adversarial`` map a label (e.g. "Baseline", "Dynamic-k") to the model and to its
+    adversarial version of ``x``. The title of every panel gives the model's prediction.
+    """
+    plt = _matplotlib()
+    labels = list(models)
+    n = len(x)
+    fig, axes = plt.subplots(n, 1 + len(labels), figsize=(1.8 * (1 + len(labels)), 1.8 * n), squeeze=False)
+    name = (lambda c: str(class_names[c])) if class_names else (lambda c: str(c))
+    columns = []
+    for label in labels:
+        model, x_adv = models[label], adversarial[label]
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model.eval()
+            predicted = model(x_adv.to(device)).argmax(1).cpu()
+        columns.append((label, x_adv.cpu(), gradcam(model, x_adv.to(device), y.to(device)), predicted))
+    for i in range(n):
+        _show(axes[i, 0], x[i], f"clean, true {name(int(y[i]))}")
+        for j, (label, x_adv, cam, predicted) in enumerate(columns):
+            ax = axes[i, 1 + j]
+            _show(ax, x_adv[i], f"{label}: pred {name(int(predicted[i]))}")
+            ax.imshow(cam[i].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    fig.suptitle("Figure 4: GradCAM for the true class on adversarial images", fontsize=9)
+    return save_figure(fig, path)

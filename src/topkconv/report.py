@@ -1,0 +1,231 @@
+"""The paper's tables with our numbers beside the paper's: Markdown, CSV and console text.
+
+The paper's numbers are the published constants in :data:`PAPER` (CINIC-10, VGG16, eps = 8/255),
+always shown in columns labelled "paper". Ours come from the ``eval.json`` dicts that
+:func:`topkconv.evaluate.evaluate` returns: the clean accuracy, the paper's FGSM and PGD, the same at
+any larger eps of the spec, the strong-suite worst case and the gradient-masking flags.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .io import atomic_write_text
+
+# The paper's published numbers. Tables I and III: accuracy as a fraction; Table II: percent.
+PAPER: dict[str, dict[tuple[str, str], Optional[float]]] = {
+    "table1": {
+        ("None", "Baseline"): 0.895, ("None", "SAP"): 0.896, ("None", "Dropout"): 0.858,
+        ("None", "Pruning"): 0.884, ("None", "Pruning + LogitAug"): 0.884, ("None", "Dynamic-k"): 0.921,
+        ("FGSM", "Baseline"): 0.192, ("FGSM", "SAP"): 0.207, ("FGSM", "Dropout"): 0.233,
+        ("FGSM", "Pruning"): 0.340, ("FGSM", "Pruning + LogitAug"): 0.369, ("FGSM", "Dynamic-k"): 0.388,
+        ("PGD", "Baseline"): 0.084, ("PGD", "SAP"): None, ("PGD", "Dropout"): 0.108,
+        ("PGD", "Pruning"): 0.223, ("PGD", "Pruning + LogitAug"): 0.245, ("PGD", "Dynamic-k"): 0.324,
+    },
+    "table2": {
+        ("Pruning", "Final layer only"): 15.2, ("Pruning", "Final two layers"): 16.1,
+        ("Pruning", "All layers"): 19.8,
+        ("Dynamic-K", "Final layer only"): 27.8, ("Dynamic-K", "Final two layers"): 31.1,
+    },
+    "table3": {
+        ("None", "Baseline"): 0.895, ("None", "Dynamic-k"): 0.921, ("None", "TKC-neuron"): 0.912,
+        ("None", "TKC-max"): 0.903, ("None", "TKC-sum"): 0.895,
+        ("FGSM", "Baseline"): 0.192, ("FGSM", "Dynamic-k"): 0.388, ("FGSM", "TKC-neuron"): 0.398,
+        ("FGSM", "TKC-max"): 0.401, ("FGSM", "TKC-sum"): 0.398,
+        ("PGD", "Baseline"): 0.084, ("PGD", "Dynamic-k"): 0.324, ("PGD", "TKC-neuron"): 0.385,
+        ("PGD", "TKC-max"): 0.421, ("PGD", "TKC-sum"): 0.296,
+    },
+}
+PAPER_SETTING = "paper: CINIC-10, VGG16 at 224 px (pretrained init), L-inf eps = 8/255, PGD 16 x 0.75/255"
+PAPER_EPS = 8.0
+TABLE2_SEPARATOR = " / "  # Table II entries are labelled "<Method> / <Layers affected>"
+
+MISSING = "–"
+
+
+@dataclass
+class Table:
+    """A rendered-agnostic table: a header and rows of cells (str, float or None)."""
+    name: str
+    title: str
+    header: list
+    rows: list
+    notes: list = field(default_factory=list)
+    decimals: int = 3
+
+
+# ---------------------------------------------------------------- reading eval dicts
+
+def _eps255(value: float) -> float:
+    # evaluate() records eps as a fraction of 1; specs and the CLI use 0-255 units.
+    return value * 255.0 if value <= 1.0 else value
+
+
+def attack_accuracy(result: dict, attack: str, eps: float) -> Optional[float]:
+    """Accuracy under ``attack`` ("fgsm", "pgd", ...) at ``eps`` (0-255 units), or None if not run."""
+    for name, entry in (result.get("attacks") or {}).items():
+        params = entry.get("params") or {}
+        kind = str(params.get("attack", name)).lower()
+        if not (kind == attack or name.lower() == attack or name.lower().startswith(attack + "@")
+                or name.lower().startswith(attack + "_")):
+            continue
+        if "eps" in params and not math.isclose(_eps255(float(params["eps"])), eps, abs_tol=1e-3):
+            continue
+        return float(entry["accuracy"])
+    return None
+
+
+def worst_case(result: dict, eps: float) -> Optional[float]:
+    """The per-example worst case over every attack run at ``eps`` (the strong suite's number)."""
+    worst = result.get("worst_case")
+    if worst is None:
+        return None
+    if isinstance(worst, (int, float)):
+        return float(worst) if math.isclose(eps, PAPER_EPS) else None
+    if "accuracy" in worst and "eps" in worst:
+        return float(worst["accuracy"]) if math.isclose(_eps255(float(worst["eps"])), eps, abs_tol=1e-3) else None
+    for key, value in worst.items():
+        try:
+            key_eps = float(str(key).split("@")[-1])
+        except ValueError:
+            continue
+        if math.isclose(_eps255(key_eps), eps, abs_tol=1e-3):
+            return float(value["accuracy"] if isinstance(value, dict) else value)
+    return None
+
+
+def masking_flags(result: dict) -> list:
+    """Names of the gradient-masking checks that raised a flag."""
+    flagged = []
+    for name, check in (result.get("masking_checks") or {}).items():
+        status = check if isinstance(check, str) else (check.get("status") or check.get("result"))
+        if isinstance(check, dict) and "flag" in check and isinstance(check["flag"], bool):
+            status = "flag" if check["flag"] else "pass"
+        if isinstance(check, dict) and "passed" in check and isinstance(check["passed"], bool):
+            status = "pass" if check["passed"] else "flag"
+        if str(status).lower() not in ("pass", "passed", "ok", "skip", "skipped", "n/a"):
+            flagged.append(name)
+    return sorted(flagged)
+
+
+# ---------------------------------------------------------------- building tables
+
+def attack_table(name: str, title: str, labels: list, results: dict, eps_list: list,
+                 not_reproduced: Optional[dict] = None, notes: Optional[list] = None) -> Table:
+    """Tables I and III: rows are attacks, each column has "<label> ours" and "<label> paper".
+
+    ``results`` maps a label to its eval dict (None while missing). ``eps_list`` holds the radii in
+    0-255 units; the first must be the paper's.
+    """
+    not_reproduced = not_reproduced or {}
+    paper = PAPER.get(name, {})
+    header = ["Attack"]
+    for label in labels:
+        header += [f"{label} ours", f"{label} paper"]
+    rows = []
+
+    def row(row_name, paper_row, ours):
+        cells = [row_name]
+        for label in labels:
+            result = results.get(label)
+            if label in not_reproduced:
+                cells.append("not reproduced")
+            else:
+                cells.append(ours(result) if result is not None else None)
+            cells.append(paper.get((paper_row, label)) if paper_row else None)
+        rows.append(cells)
+
+    row("None", "None", lambda r: r.get("clean"))
+    for i, eps in enumerate(eps_list):
+        suffix = "" if i == 0 and math.isclose(eps, PAPER_EPS) else f" (eps={eps:g})"
+        paper_row = i == 0 and math.isclose(eps, PAPER_EPS)
+        row(f"FGSM{suffix}", "FGSM" if paper_row else None, lambda r, e=eps: attack_accuracy(r, "fgsm", e))
+        row(f"PGD{suffix}", "PGD" if paper_row else None, lambda r, e=eps: attack_accuracy(r, "pgd", e))
+    for eps in eps_list:
+        row(f"Strong-suite worst case (eps={eps:g})", None, lambda r, e=eps: worst_case(r, e))
+    row("Gradient-masking flags", None, lambda r: ", ".join(masking_flags(r)) or "none")
+    notes = list(notes or [])
+    for label, reason in not_reproduced.items():
+        notes.append(f"{label}: not reproduced: {reason}.")
+    return Table(name, title, header, rows, notes)
+
+
+def pruning_table(title: str, labels: list, results: dict, eps: float,
+                  notes: Optional[list] = None) -> Table:
+    """Table II: adversarial accuracy (percent) under PGD, per method and layers affected."""
+    paper = PAPER["table2"]
+    header = ["Method", "Layers Affected", "Adv Acc ours", "Adv Acc paper", "Clean ours",
+              f"Worst case ours (eps={eps:g})", "Gradient-masking flags"]
+    rows = []
+    for label in labels:
+        method, _, layers = label.partition(TABLE2_SEPARATOR)
+        result = results.get(label)
+        percent = lambda v: None if v is None else 100.0 * v  # noqa: E731 - Table II is in percent
+        rows.append([method, layers,
+                     percent(attack_accuracy(result, "pgd", eps)) if result else None,
+                     paper.get((method, layers)),
+                     percent(result.get("clean")) if result else None,
+                     percent(worst_case(result, eps)) if result else None,
+                     (", ".join(masking_flags(result)) or "none") if result else None])
+    return Table("table2", title, header, rows, list(notes or []), decimals=1)
+
+
+# ---------------------------------------------------------------- rendering
+
+def _cell(value: Any, decimals: int) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.{decimals}f}"
+    return str(value)
+
+
+def render_markdown(table: Table, meta: dict) -> str:
+    lines = [f"# {table.title}", ""]
+    for key, value in meta.items():
+        lines.append(f"- **{key}**: {value}")
+    lines += [f"- **paper columns**: {PAPER_SETTING}", ""]
+    cells = [[_cell(v, table.decimals) for v in row] for row in table.rows]
+    lines.append("| " + " | ".join(table.header) + " |")
+    lines.append("|" + "|".join("---" for _ in table.header) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    if table.notes:
+        lines.append("")
+        lines += [f"- {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(table: Table) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(table.header)
+    for row in table.rows:
+        writer.writerow(["" if v is None else (round(v, 6) if isinstance(v, float) else v) for v in row])
+    return buffer.getvalue()
+
+
+def render_console(table: Table) -> str:
+    cells = [table.header] + [[_cell(v, table.decimals) for v in row] for row in table.rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(table.header))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths)))
+    lines = [table.title, fmt(cells[0]), "  ".join("-" * w for w in widths)]
+    lines += [fmt(row) for row in cells[1:]]
+    lines += [f"  {note}" for note in table.notes]
+    lines.append(f"  ({PAPER_SETTING})")
+    return "\n".join(lines)
+
+
+def write_table(reports_dir, table: Table, meta: dict) -> dict:
+    """Write ``<reports_dir>/<name>.md`` and ``.csv``; returns their paths."""
+    reports_dir = Path(reports_dir)
+    md = reports_dir / f"{table.name}.md"
+    csv_path = reports_dir / f"{table.name}.csv"
+    atomic_write_text(md, render_markdown(table, meta))
+    atomic_write_text(csv_path, render_csv(table))
+    return {"md": str(md), "csv": str(csv_path)}
