@@ -198,3 +198,22 @@ def gradual_prune(model: nn.Module, scope: str, sparsity: float, epochs: int,
             on_epoch(record)
     make_permanent(layers)
     return {"scope": scope, "target": sparsity, "sparsity": measured_sparsity(layers), "history": history}
+
+
+def seed_stochastic_layers(model: nn.Module, seed: int) -> torch.Generator:
+    """Give every SAP layer of ``model`` one shared generator seeded with ``seed``; returns it.
+
+    SAP draws fresh activations on every eval forward pass; with a seeded generator the sequence of
+    draws, and so every output, repeats exactly. The generator lives on the model's device.
+    """
+    from .layers import StochasticActivationPruning
+
+    saps = [m for m in model.modules() if isinstance(m, StochasticActivationPruning)]
+    if not saps:
+        raise ValueError("the model has no StochasticActivationPruning layer to seed")
+    tensor = next(iter(model.parameters()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    for layer in saps:
+        layer.generator = generator
+    return generator
