@@ -1,0 +1,91 @@
+"""AutoAttack and Square through the ``pyautoattack`` package (0.2.0 API: ``attacks=``, ``batch_size=``,
+``device`` defaulting to the CPU, and ``run_standard_evaluation`` returning ``(x_adv, y_adv)``).
+
+pyautoattack seeds torch's global generator; the calls here run inside ``torch.random.fork_rng`` so the
+caller's random stream is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .common import attack_mode, check_inputs
+
+AA_VERSIONS = ("standard", "rand", "plus")
+
+
+def _isolated_rng(device: torch.device):
+    devices = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+@contextlib.contextmanager
+def _quiet_logger():
+    # pyautoattack logs its progress and its sanity warnings at DEBUG/WARNING level on "auto-attack";
+    # the evaluation reports its own checks, so keep the console clean unless the user asks.
+    logger = logging.getLogger("auto-attack")
+    level = logger.level
+    if level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _set_iterations(apgd, n_iter: int) -> None:
+    # APGD derives its step-size checkpoints from n_iter in __init__, so they are updated together.
+    apgd.n_iter = apgd.n_iter_orig = n_iter
+    apgd.n_iter_2 = max(int(0.22 * n_iter), 1)
+    apgd.n_iter_min = max(int(0.06 * n_iter), 1)
+    apgd.size_decr = max(int(0.03 * n_iter), 1)
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
+               attacks: Optional[list] = None, n_iter: int = 100, square_queries: int = 5000,
+               seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """AutoAttack (Croce and Hein 2020), L-inf, ``eps`` a fraction of 1; returns the adversarial images.
+
+    ``version``: ``standard`` (APGD-CE, APGD-T, FAB-T, Square) for deterministic models, ``rand``
+    (APGD-CE and APGD-DLR with 20 EOT iterations) for randomised ones. ``attacks`` (a list of
+    pyautoattack names such as ``["apgd-ce"]``) runs a custom subset instead. ``n_iter`` and
+    ``square_queries`` below the defaults (100 and 5000) give a cheaper, weaker run for quick presets.
+    """
+    check_inputs(x, y, eps)
+    if attacks is None and version not in AA_VERSIONS:
+        raise ValueError(f"version: expected one of {AA_VERSIONS}, got {version!r}")
+    if n_iter < 1 or square_queries < 1:
+        raise ValueError(f"n_iter and square_queries: expected >= 1, got {n_iter} and {square_queries}")
+    from pyautoattack import AutoAttack
+
+    with attack_mode(model) as device, _isolated_rng(device), _quiet_logger():
+        runner = AutoAttack(model, attacks=attacks, device=device, eps=eps, norm="Linf", seed=seed,
+                            version="custom" if attacks is not None else version)
+        runner.verbose = False
+        for apgd in (runner.apgd, runner.apgd_targeted):
+            _set_iterations(apgd, n_iter)
+        runner.fab.n_iter = n_iter
+        runner.square.n_queries = square_queries
+        x_adv, _ = runner.run_standard_evaluation(x.detach().to(device), y.to(device), batch_size=batch_size)
+    return x_adv.detach()
+
+
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_queries: int = 5000,
+           seed: int = 0, p_init: float = 0.8, loss: str = "margin") -> torch.Tensor:
+    """Square Attack (Andriushchenko et al. 2020), a score-based black-box attack: it uses the model's
+    outputs only, so gradient masking does not blunt it. ``eps`` is a fraction of 1."""
+    check_inputs(x, y, eps)
+    if n_queries < 1:
+        raise ValueError(f"n_queries: expected >= 1, got {n_queries}")
+    from pyautoattack.square import SquareAttack
+
+    with attack_mode(model) as device, _isolated_rng(device), torch.no_grad():
+        attack = SquareAttack(model, norm="Linf", n_queries=n_queries, eps=eps, p_init=p_init, n_restarts=1,
+                              seed=seed, verbose=False, loss=loss, resc_schedule=True, device=device)
+        x_adv = attack.perturb(x.detach().to(device), y.to(device))
+    return x_adv.detach()

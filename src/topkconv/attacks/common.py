@@ -1,0 +1,98 @@
+"""What every attack shares: eval mode for the duration of an attack, the model's device, and accuracy.
+
+Conventions (torchattacks, foolbox, RobustBench): inputs are images in [0, 1] with normalisation inside
+the model; the model is in eval mode during an attack and every module's mode is restored afterwards,
+even when the attack raises; tensors follow the device of the model's parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..layers import ROUTING_LAYERS, StochasticActivationPruning
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[torch.device]:
+    """Eval mode inside the block; each module's own train/eval flag restored on the way out.
+
+    Restoring per module (not ``model.train(previous)``) keeps mixed states intact, e.g. a frozen,
+    eval-mode backbone inside a model that is otherwise training.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model_device(model)
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def check_inputs(x: torch.Tensor, y: torch.Tensor, eps: Optional[float] = None) -> None:
+    """Clear errors for the mistakes that otherwise give silently wrong robust accuracies."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor of images in [0, 1], got {type(x).__name__}"
+                         + (f" of {x.dtype}" if torch.is_tensor(x) else ""))
+    if not torch.is_tensor(y) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y: expected a 1-D label tensor of length {x.shape[0]} (the batch of x), "
+                         f"got {tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"x: expected images in [0, 1] (normalise inside the model), "
+                         f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
+    if eps is not None and not (0.0 <= eps <= 1.0):
+        raise ValueError(f"eps: expected a fraction of the [0, 1] range in [0, 1] "
+                         f"(the API takes 8/255, not 8), got {eps}")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+    """Predicted labels, on the model's device, in eval mode, in batches of ``batch_size``."""
+    with attack_mode(model) as device:
+        step = batch_size or max(1, x.shape[0])
+        labels = [model(x[i:i + step].to(device)).argmax(1) for i in range(0, x.shape[0], step)]
+    return torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
+
+
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+    """Boolean mask: which examples the model classifies correctly."""
+    labels = predict(model, x, batch_size)
+    return labels == y.to(labels.device)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: Optional[int] = None) -> float:
+    """Fraction of ``x`` classified as ``y`` (eval mode, model's device)."""
+    mask = correct(model, x, y, batch_size)
+    return mask.float().mean().item() if mask.numel() else float("nan")
+
+
+def has_routing(model: nn.Module) -> bool:
+    """Whether the model contains a top-k routing layer (the BPDA attack applies)."""
+    return any(isinstance(module, ROUTING_LAYERS) for module in model.modules())
+
+
+def is_stochastic(model: nn.Module, x_probe: Optional[torch.Tensor] = None) -> bool:
+    """Whether the model's eval-mode forward pass is random (EOT applies).
+
+    SAP layers count by type; any other randomness is caught by running ``x_probe`` twice, as
+    AutoAttack's ``check_randomized`` does.
+    """
+    if any(isinstance(module, StochasticActivationPruning) for module in model.modules()):
+        return True
+    if x_probe is None or x_probe.numel() == 0:
+        return False
+    with torch.no_grad(), attack_mode(model) as device:
+        probe = x_probe.to(device)
+        return not torch.equal(model(probe), model(probe))

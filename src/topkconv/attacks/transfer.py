@@ -1,0 +1,24 @@
+"""Transfer attack: PGD crafted on a surrogate (the undefended baseline), then shown to the defended model.
+
+If these examples fool the defence more often than white-box PGD on the defence itself, the defence's
+own gradients are uninformative: a sign of gradient masking (Athalye et al. 2018).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .common import model_device
+from .gradient import pgd
+
+
+def transfer(surrogate: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+             step_size: float, steps: int, random_start: bool = True, restarts: int = 1, loss: str = "ce",
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Adversarial images crafted by :func:`pgd` on ``surrogate``, returned on ``model``'s device."""
+    x_adv = pgd(surrogate, x, y, eps, step_size, steps, random_start=random_start, restarts=restarts,
+                loss=loss, generator=generator)
+    return x_adv.to(model_device(model))
