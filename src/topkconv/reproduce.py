@@ -47,6 +47,8 @@ class FiguresSpec:
     n_images: int = 4                     # test images shown in Figures 3 and 4
     gradcam_eps: Optional[float] = None   # eps (0-255) of the PGD images in Figure 4; None: largest in the spec
     routing: list = field(default_factory=list)  # columns whose routing layers get statistics
+    routing_examples: Optional[int] = None  # test examples for the routing statistics; None: all
+    routing_batch_size: int = 64          # Dynamic-k selections materialise batch x out x in products
 
 
 @dataclass
@@ -162,3 +164,372 @@ def load_table_spec(path) -> TableSpec:
             if label not in labels:
                 raise ValueError(f"{path}: key 'figures' names column {label!r}, which is not one of {labels}")
     return spec
+
+
+# ---------------------------------------------------------------- training and evaluation, cached
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _log(message: str) -> None:
+    if _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def cli_overrides(data: Optional[str] = None, pretrained: Optional[str] = None) -> dict:
+    """RunSpec overrides from ``--data`` and ``--pretrained``: they change the hash, as they should."""
+    overrides: dict = {}
+    if data is not None:
+        overrides["data"] = {"root": str(data)}
+    if pretrained is not None:
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"--pretrained: {pretrained} is not a file (expected torchvision's "
+                                    f"vgg16-397923af.pth)")
+        overrides["model"] = {"pretrained": str(pretrained)}
+    return overrides
+
+
+def run_dir_for(spec: RunSpec, runs_dir) -> Path:
+    return Path(runs_dir) / spec.hash()
+
+
+def is_trained(run_dir: Path) -> bool:
+    return (run_dir / "model.safetensors").is_file() and (run_dir / "run.json").is_file()
+
+
+def train_column(table: TableSpec, label: str, runs_dir, overrides: dict, force: bool,
+                 progress: bool, log: list) -> Optional[Path]:
+    """Train column ``label`` unless ``runs/<hash>/`` already holds it; returns its run folder."""
+    column = table.column(label)
+    if column.not_reproduced is not None:
+        return None
+    spec = table.run_spec(label, overrides)
+    run_dir = run_dir_for(spec, runs_dir)
+    if is_trained(run_dir) and not force:
+        log.append({"column": label, "run": run_dir.name, "action": "cached"})
+        _log(f"[{table.table}] {label}: cached model {run_dir}")
+        return run_dir
+    start = time.perf_counter()
+    if column.prune_from is not None:
+        from . import pruning
+
+        source_dir = train_column(table, column.prune_from, runs_dir, overrides, False, progress, log)
+        _log(f"[{table.table}] {label}: pruning {source_dir.name} -> {run_dir}")
+        pruning.prune_run(source_dir, spec, run_dir, progress=progress)
+    else:
+        from . import train
+
+        _log(f"[{table.table}] {label}: training -> {run_dir}")
+        train.fit(spec, run_dir, progress=progress)
+    log.append({"column": label, "run": run_dir.name, "action": "trained",
+                "seconds": round(time.perf_counter() - start, 1)})
+    return run_dir
+
+
+def _attack_key(spec: RunSpec, surrogate_dir: Optional[Path]) -> dict:
+    return {"attack": dataclasses.asdict(spec.attack), "surrogate": surrogate_dir.name if surrogate_dir else None,
+            "data": dataclasses.asdict(spec.data)}
+
+
+def evaluate_column(spec: RunSpec, run_dir: Path, test: tuple, surrogate_dir: Optional[Path],
+                    force: bool, progress: bool, log: list, label: str) -> dict:
+    """Attack one trained model; ``eval.json`` is reused when it was made with the same attack config."""
+    from .checkpoint import load_checkpoint
+    from .io import atomic_write_json
+
+    eval_path = run_dir / "eval.json"
+    key = _attack_key(spec, surrogate_dir)
+    if eval_path.is_file() and not force:
+        try:
+            cached = json.loads(eval_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            cached = {}
+        if cached.get("reproduce_key") == key:
+            log.append({"column": label, "run": run_dir.name, "action": "eval cached"})
+            _log(f"  {label}: cached evaluation {eval_path}")
+            return cached
+    from .evaluate import evaluate
+
+    model, _ = load_checkpoint(run_dir)
+    surrogate = load_checkpoint(surrogate_dir)[0] if surrogate_dir is not None else None
+    _log(f"  {label}: attacking ({spec.attack.suite} suite)")
+    start = time.perf_counter()
+    result = evaluate(model, test[0], test[1], spec.attack, surrogate=surrogate, progress=progress)
+    result = dict(result)
+    result["reproduce_key"] = key
+    atomic_write_json(eval_path, result)
+    log.append({"column": label, "run": run_dir.name, "action": "evaluated",
+                "seconds": round(time.perf_counter() - start, 1)})
+    return result
+
+
+_TEST_CACHE: dict = {}
+
+
+def test_tensors(spec: RunSpec) -> tuple:
+    """The test set as tensors in [0, 1], loaded once per data config within a process."""
+    key = json.dumps(dataclasses.asdict(spec.data), sort_keys=True)
+    if key not in _TEST_CACHE:
+        from .data import load_data
+
+        splits = load_data(spec.data)
+        _TEST_CACHE[key] = (splits.test_tensors(), splits)
+    (x, y), splits = _TEST_CACHE[key]
+    return x, y, splits
+
+
+def report_meta(table: TableSpec, spec: RunSpec, n_test: int, seconds: float, log: list) -> dict:
+    from .io import environment_info
+
+    env = environment_info()
+    data = spec.data.name + (f" ({spec.data.root})" if spec.data.root else " (embedded)")
+    trained = sum(1 for entry in log if entry["action"] == "trained")
+    hardware = f"{env['device']}, {env['cpu_count']} CPU cores, {env['torch_threads']} torch threads"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        hardware += f", {world} processes (torchrun)"
+    attack = spec.attack
+    strong = f"first {attack.n_examples}" if attack.n_examples else "all"
+    return {
+        "preset": f"{table.preset} (spec {table.path})",
+        "data": f"{data}, {spec.data.image_size} px, {n_test} test images",
+        "model": f"{spec.model.arch}, width {spec.model.width}, hidden {spec.model.hidden}, "
+                 f"{spec.train.epochs} epochs",
+        "attacks": f"L-inf eps {', '.join(f'{e:g}' for e in [attack.eps, *attack.extra_eps])} /255; "
+                   f"FGSM and PGD {attack.pgd_steps} x {attack.pgd_step_size:g}/255 on all test images; "
+                   f"strong suite ({attack.suite}) on the {strong} test images",
+        "seeds": f"train {spec.train.seed}, data split {spec.data.split_seed}, attacks {attack.seed}",
+        "hardware": f"{hardware}; torch {env['torch']}; {env['platform']}",
+        "commit": env.get("git_commit") or "unknown",
+        "wall time": f"{seconds:.0f} s ({trained} models trained, the rest cached)",
+    }
+
+
+def eps_list(spec: RunSpec) -> list:
+    return [spec.attack.eps, *spec.attack.extra_eps]
+
+
+def build_report_table(table: TableSpec, results: dict, spec: RunSpec):
+    from . import report
+
+    labels = [c.label for c in table.columns]
+    not_reproduced = {c.label: c.not_reproduced for c in table.columns if c.not_reproduced is not None}
+    notes = [table.note] if table.note else []
+    if table.table == "table2":
+        return report.pruning_table(table.title or "Table II", labels, results, spec.attack.eps, notes)
+    return report.attack_table(table.table, table.title or table.table, labels, results, eps_list(spec),
+                               not_reproduced, notes)
+
+
+def run_table(table: TableSpec, out, overrides: dict, force: bool, progress: bool = True) -> dict:
+    """Train (all ranks), then attack and report (rank 0) every column of one table."""
+    from . import report
+
+    start = time.perf_counter()
+    runs_dir = Path(out) / "runs"
+    reports_dir = Path(out) / "reports"
+    log: list = []
+    run_dirs = {}
+    for column in table.columns:
+        run_dirs[column.label] = train_column(table, column.label, runs_dir, overrides, force, progress, log)
+    if _rank() != 0:
+        return {"table": table.table, "log": log}
+    first = next(c.label for c in table.columns if c.not_reproduced is None)
+    first_spec = table.run_spec(first, overrides)
+    x, y, _ = test_tensors(first_spec)
+    surrogate_label = "Baseline" if run_dirs.get("Baseline") is not None else None
+    results = {}
+    for column in table.columns:
+        run_dir = run_dirs[column.label]
+        if run_dir is None:
+            continue
+        spec = table.run_spec(column.label, overrides)
+        surrogate = run_dirs[surrogate_label] if surrogate_label and surrogate_label != column.label else None
+        results[column.label] = evaluate_column(spec, run_dir, (x, y), surrogate, force, progress, log,
+                                                column.label)
+    seconds = time.perf_counter() - start
+    table_out = build_report_table(table, results, first_spec)
+    meta = report_meta(table, first_spec, len(x), seconds, log)
+    paths = report.write_table(reports_dir, table_out, meta)
+    from .io import atomic_write_json
+
+    atomic_write_json(reports_dir / f"{table.table}.json",
+                      {"meta": meta, "log": log, "runs": {k: (v.name if v else None) for k, v in run_dirs.items()},
+                       "results": results})
+    print(report.render_console(table_out), flush=True)
+    return {"table": table.table, "paths": paths, "log": log, "results": results, "seconds": seconds}
+
+
+def run_figures(table: TableSpec, out, overrides: dict, force: bool, progress: bool = True) -> dict:
+    """Figures 3 and 4 and the routing statistics, from the models of ``table`` (Table III's spec)."""
+    from . import figures
+    from .checkpoint import load_checkpoint
+
+    if table.figures is None:
+        raise ValueError(f"{table.path}: has no [figures] section; figures need Table III's spec")
+    fig = table.figures_spec()
+    runs_dir = Path(out) / "runs"
+    reports_dir = Path(out) / "reports"
+    log: list = []
+    needed = list(dict.fromkeys([fig.feature_max, fig.feature_sum, *fig.gradcam, *fig.routing]))
+    run_dirs = {label: train_column(table, label, runs_dir, overrides, force, progress, log) for label in needed}
+    if _rank() != 0:
+        return {"log": log}
+    models = {label: load_checkpoint(run_dirs[label])[0].eval() for label in needed}
+    spec = table.run_spec(needed[0], overrides)
+    x, y, splits = test_tensors(spec)
+    names = list(getattr(splits, "classes", None) or []) or None
+    paths = {}
+    n = min(fig.n_images, len(x))
+    _log("[figures] Figure 3: feature maps")
+    paths["figure3"] = figures.figure3_feature_maps(models[fig.feature_max], models[fig.feature_sum], x[:n],
+                                                    reports_dir / "figure3.png")
+    _log("[figures] Figure 4: GradCAM on adversarial images")
+    paths["figure4"] = figure4(fig, spec, models, x, y, reports_dir / "figure4.png", names)
+    _log("[figures] routing statistics")
+    limit = fig.routing_examples or len(x)
+    routes = {label: figures.collect_routes(models[label], x[:limit], y[:limit], spec.model.num_classes,
+                                            batch_size=fig.routing_batch_size)
+              for label in fig.routing}
+    meta = {"preset": f"{table.preset} (spec {table.path})",
+            "data": f"{spec.data.name}, {min(limit, len(x))} test images",
+            "models": ", ".join(f"{label} = runs/{run_dirs[label].name}" for label in fig.routing)}
+    paths["routing"] = figures.routing_report(routes, reports_dir, names, meta)
+    for name, path in paths.items():
+        print(f"{name}: {path}", flush=True)
+    return {"paths": paths, "log": log}
+
+
+def figure4(fig: FiguresSpec, spec: RunSpec, models: dict, x, y, path, class_names) -> str:
+    """PGD each GradCAM model on its own; show images the first model (the baseline) gets wrong."""
+    import torch
+
+    from . import figures
+    from .attacks import pgd
+
+    eps = (fig.gradcam_eps if fig.gradcam_eps is not None else max(eps_list(spec))) / 255.0
+    # the paper's step (0.75 at eps 8) scaled with eps, so a larger radius is reached as the paper's is
+    step = spec.attack.pgd_step_size / 255.0 * (eps * 255.0 / spec.attack.eps)
+    pool = min(len(x), max(64, fig.n_images))
+    xs, ys = x[:pool], y[:pool]
+    generator = torch.Generator().manual_seed(spec.attack.seed)
+    adversarial = {label: pgd(models[label], xs, ys, eps, step, spec.attack.pgd_steps, generator=generator)
+                   for label in fig.gradcam}
+    first = models[fig.gradcam[0]]
+    with torch.no_grad():
+        fooled = (first(adversarial[fig.gradcam[0]]).argmax(1) != ys).nonzero().flatten()
+    chosen = torch.tensor(list(dict.fromkeys(fooled.tolist() + list(range(pool))))[:fig.n_images])
+    return figures.figure4_gradcam({label: models[label] for label in fig.gradcam}, xs[chosen], ys[chosen],
+                                   {label: adv[chosen] for label, adv in adversarial.items()}, path, class_names)
+
+
+
+def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str] = None,
+              pretrained: Optional[str] = None, out=".", force: bool = False, progress: bool = True,
+              spec_file: Optional[str] = None) -> dict:
+    """``topkconv reproduce``: one table, the figures, or ``all``. Returns what each step did.
+
+    ``spec_file`` replaces ``experiments/<table>-<preset>.toml`` (for one table, or for the figures,
+    which use Table III's models).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    overrides = cli_overrides(data, pretrained)
+    steps = list(TABLES) + ["figures"] if target == "all" else [target]
+    done = {}
+    for step in steps:
+        source = spec_file if spec_file is not None else spec_path("table3" if step == "figures" else step, preset)
+        table = load_table_spec(source)
+        if step == "figures":
+            done[step] = run_figures(table, out, overrides, force, progress)
+        else:
+            if table.table != step:
+                raise ValueError(f"{source}: key 'table' is {table.table!r}, but {step!r} was asked for")
+            done[step] = run_table(table, out, overrides, force, progress)
+        force = False  # --force retrains once; later steps of `all` share those models
+    return done
+
+
+# ---------------------------------------------------------------- k sweep
+
+SWEEP_TARGETS = {"conv": ("TKC-max", "conv_k"), "fc": ("Dynamic-k", "fc_k")}
+
+
+def sweep(ks: list, layer: str = "conv", preset: str = "quick", column: Optional[str] = None,
+          data: Optional[str] = None, pretrained: Optional[str] = None, out=".", force: bool = False,
+          progress: bool = True, spec_file: Optional[str] = None) -> dict:
+    """Train and attack one Table III column for every k; report clean and robust accuracy against k.
+
+    ``layer="conv"`` sets ``defense.conv_k`` (default column TKC-max); ``layer="fc"`` sets every
+    Dynamic-k layer's k (``defense.fc_k``, default column Dynamic-k). A k is a count or a fraction.
+    """
+    from . import report
+    from .figures import save_figure, _matplotlib
+    from .io import atomic_write_json
+
+    if layer not in SWEEP_TARGETS:
+        raise ValueError(f"--layer must be one of {sorted(SWEEP_TARGETS)}, got {layer!r}")
+    if not ks:
+        raise ValueError("--k: give at least one k value")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or k <= 0:
+            raise ValueError(f"--k: expected positive counts or fractions in (0, 1], got {k!r}")
+    default_column, key = SWEEP_TARGETS[layer]
+    column = column or default_column
+    table = load_table_spec(spec_file if spec_file is not None else spec_path("table3", preset))
+    base_overrides = cli_overrides(data, pretrained)
+    runs_dir = Path(out) / "runs"
+    start = time.perf_counter()
+    log: list = []
+    points = []
+    for k in ks:
+        fc_layers = len(table.run_spec(column, base_overrides).model.defense.fc_k)
+        value = k if layer == "conv" else [k] * fc_layers
+        overrides = merge(base_overrides, {"model": {"defense": {key: value}}})
+        spec = table.run_spec(column, overrides)
+        run_dir = run_dir_for(spec, runs_dir)
+        if force or not is_trained(run_dir):
+            from . import train
+
+            _log(f"[sweep] {column} {key}={value}: training -> {run_dir}")
+            train.fit(spec, run_dir, progress=progress)
+            log.append({"k": k, "run": run_dir.name, "action": "trained"})
+        points.append((k, spec, run_dir))
+    if _rank() != 0:
+        return {"log": log}
+    x, y, _ = test_tensors(points[0][1])
+    rows = []
+    eps = points[0][1].attack.eps
+    extra = points[0][1].attack.extra_eps
+    for k, spec, run_dir in points:
+        result = evaluate_column(spec, run_dir, (x, y), None, force, progress, log, f"k={k}")
+        row = {"k": k, "run": run_dir.name, "clean": result.get("clean")}
+        for e in [eps, *extra]:
+            row[f"fgsm@{e:g}"] = report.attack_accuracy(result, "fgsm", e)
+            row[f"pgd@{e:g}"] = report.attack_accuracy(result, "pgd", e)
+            row[f"worst@{e:g}"] = report.worst_case(result, e)
+        row["masking flags"] = ", ".join(report.masking_flags(result)) or "none"
+        rows.append(row)
+    header = list(rows[0])
+    table_out = report.Table(f"sweep-{layer}", f"k sweep: {column}, {key} (preset {table.preset})",
+                             header, [[row[h] for h in header] for row in rows])
+    meta = report_meta(table, points[0][1], len(x), time.perf_counter() - start, log)
+    reports_dir = Path(out) / "reports"
+    paths = report.write_table(reports_dir, table_out, meta)
+    atomic_write_json(reports_dir / f"sweep-{layer}.json", {"meta": meta, "rows": rows})
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ks_axis = [row["k"] for row in rows]
+    for name in [h for h in header if h == "clean" or "@" in h]:
+        values = [row[name] for row in rows]
+        if any(v is not None for v in values):
+            ax.plot(ks_axis, [float("nan") if v is None else v for v in values], marker="o", label=name)
+    ax.set_xlabel(f"k ({key})")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(table_out.title, fontsize=9)
+    ax.legend(fontsize=7)
+    paths["png"] = save_figure(fig, reports_dir / f"sweep-{layer}.png")
+    print(report.render_console(table_out), flush=True)
+    return {"paths": paths, "rows": rows, "log": log}
