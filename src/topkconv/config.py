@@ -71,6 +71,8 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False                 # bf16 autocast, CUDA only
     device: str = "auto"              # auto | cpu | cuda
+    warmup_epochs: float = 0.0        # linear learning-rate warm-up before the schedule (VGG has no BatchNorm)
+    eval_examples: Optional[int] = None  # test images scored after each epoch (None: the whole test split)
 
 
 @dataclass
