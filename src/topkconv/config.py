@@ -88,6 +88,8 @@ class AttackConfig:
     n_examples: Optional[int] = None  # attack only the first N test examples
     batch_size: int = 256
     seed: int = 0
+    apgd_iters: int = 100             # AutoAttack's APGD/FAB iterations (100 = AutoAttack; lower = quick preset)
+    square_queries: int = 5000        # Square's query budget (5000 = AutoAttack; lower = quick preset)
 
 
 @dataclass

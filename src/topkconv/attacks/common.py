@@ -96,3 +96,26 @@ def is_stochastic(model: nn.Module, x_probe: Optional[torch.Tensor] = None) -> b
     with torch.no_grad(), attack_mode(model) as device:
         probe = x_probe.to(device)
         return not torch.equal(model(probe), model(probe))
+
+
+@contextlib.contextmanager
+def seeded(model: nn.Module, seed: int) -> Iterator[torch.Generator]:
+    """Fix every random draw of an attack to ``seed``; yields a generator on the model's device.
+
+    Inside the block torch's global generators are seeded (and restored afterwards) and every SAP layer
+    draws from its own generator seeded with ``seed`` (its previous generator is put back), so an attack
+    on the same examples gives the same numbers wherever and in whatever order it runs.
+    """
+    device = model_device(model)
+    saps = [module for module in model.modules() if isinstance(module, StochasticActivationPruning)]
+    previous = [layer.generator for layer in saps]
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for index, layer in enumerate(saps):  # distinct streams, so layers do not drop alike
+            layer.generator = torch.Generator(device=device).manual_seed(seed + 1 + index)
+        try:
+            yield torch.Generator(device=device).manual_seed(seed)
+        finally:
+            for layer, generator in zip(saps, previous):
+                layer.generator = generator

@@ -1,0 +1,98 @@
+"""Automated gradient-masking checks (Athalye, Carlini and Wagner 2018; Carlini et al. 2019).
+
+Each check turns the accuracies of one evaluation into a verdict, ``pass``, ``flag`` or ``n/a`` (the
+attacks it needs were not run, or do not apply), with the numbers it was decided on. A flag does not
+prove masking; it says the white-box numbers of that model should not be trusted as they are.
+
+Tolerance: accuracies are compared with a slack of ``max(1 point, 1 example)``, so a single example
+never flips a verdict on small evaluations. The chance check allows 5 points above chance.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+CHANCE_SLACK = 0.05
+CHECKS = ("pgd_beats_fgsm", "falls_to_chance", "blackbox_not_stronger", "steps_restarts_converged",
+          "bpda_not_stronger")
+
+
+def tolerance(n: int) -> float:
+    return max(0.01, 1.0 / max(n, 1))
+
+
+def _verdict(ok: bool) -> str:
+    return "pass" if ok else "flag"
+
+
+def _na(reason: str) -> dict:
+    return {"verdict": "n/a", "reason": reason}
+
+
+def check_pgd_beats_fgsm(acc: dict, tol: float) -> dict:
+    """(1) An iterative attack is at least as strong as a one-step one: PGD accuracy <= FGSM accuracy."""
+    if "pgd" not in acc or "fgsm" not in acc:
+        return _na("needs fgsm and pgd")
+    return {"verdict": _verdict(acc["pgd"] <= acc["fgsm"] + tol), "pgd": acc["pgd"], "fgsm": acc["fgsm"],
+            "tolerance": tol}
+
+
+def check_falls_to_chance(curve: list, num_classes: int, tol: float) -> dict:
+    """(2) Accuracy under the white-box attack falls to chance (1 / classes) at the largest eps of the curve,
+    and never rises (beyond the tolerance) as eps grows: an unbounded attack must win."""
+    if len(curve) < 2:
+        return _na("needs an eps curve (full suite)")
+    points = sorted(curve, key=lambda p: p["eps"])
+    chance = 1.0 / num_classes
+    last = points[-1]
+    rises = [p["eps"] for before, p in zip(points, points[1:]) if p["accuracy"] > before["accuracy"] + tol]
+    ok = last["accuracy"] <= chance + CHANCE_SLACK and not rises
+    return {"verdict": _verdict(ok), "max_eps": last["eps"], "accuracy_at_max_eps": last["accuracy"],
+            "chance": chance, "chance_slack": CHANCE_SLACK, "rises_at_eps": rises, "tolerance": tol}
+
+
+def check_blackbox_not_stronger(acc: dict, whitebox: str, tol: float) -> dict:
+    """(3) Square (black-box) and transfer attacks do not beat white-box PGD on the model itself."""
+    others = {name: acc[name] for name in ("square", "transfer") if name in acc}
+    if whitebox not in acc or not others:
+        return _na("needs square or transfer (full suite; transfer needs --surrogate)")
+    stronger = [name for name, value in others.items() if value < acc[whitebox] - tol]
+    return {"verdict": _verdict(not stronger), "whitebox": whitebox, whitebox: acc[whitebox], **others,
+            "stronger_than_whitebox": stronger, "tolerance": tol}
+
+
+def check_steps_restarts_converged(acc: dict, tol: float) -> dict:
+    """(4) Doubling the PGD steps, or the restarts, moves PGD accuracy by at most the tolerance."""
+    variants = {name: acc[name] for name in ("pgd_2x_steps", "pgd_2x_restarts") if name in acc}
+    if "pgd" not in acc or not variants:
+        return _na("needs pgd_2x_steps / pgd_2x_restarts (full suite)")
+    moves = {name: acc["pgd"] - value for name, value in variants.items()}
+    ok = all(abs(move) <= tol for move in moves.values())
+    return {"verdict": _verdict(ok), "pgd": acc["pgd"], **variants,
+            "drops": moves, "tolerance": tol}
+
+
+def check_bpda_not_stronger(acc: dict, routing: bool, tol: float) -> dict:
+    """(5) PGD through the dense stand-in of every top-k layer (BPDA) does not beat plain PGD."""
+    if not routing:
+        return _na("the model has no top-k routing layer")
+    if "pgd" not in acc or "bpda_pgd" not in acc:
+        return _na("needs bpda_pgd (full suite)")
+    return {"verdict": _verdict(acc["bpda_pgd"] >= acc["pgd"] - tol), "pgd": acc["pgd"],
+            "bpda_pgd": acc["bpda_pgd"], "tolerance": tol}
+
+
+def masking_checks(acc: dict, n: int, num_classes: int, curve: Optional[list] = None, routing: bool = False,
+                   whitebox: str = "pgd") -> dict:
+    """All five checks from a ``{attack name: accuracy}`` dict; ``curve`` is ``[{eps, accuracy}, ...]``.
+
+    ``whitebox`` names the strongest plain white-box attack for check 3 (``eot_pgd`` for stochastic models).
+    """
+    tol = tolerance(n)
+    return {
+        "pgd_beats_fgsm": check_pgd_beats_fgsm(acc, tol),
+        "falls_to_chance": check_falls_to_chance(curve or [], num_classes, tol),
+        "blackbox_not_stronger": check_blackbox_not_stronger(acc, whitebox, tol),
+        "steps_restarts_converged": check_steps_restarts_converged(acc, tol),
+        "bpda_not_stronger": check_bpda_not_stronger(acc, routing, tol),
+    }
