@@ -11,7 +11,7 @@ from reference import (naive_selection_conv, naive_tkc_neuron, naive_topk_conv2d
 from topkconv import functional as TF
 from topkconv.layers import StochasticActivationPruning, TopKConv2d, TopKLinear, TopKNeuronConv2d, dense_gradients
 
-IMPLS = ["reference", "auto"]
+IMPLS = ["reference", "auto", "fast"]
 
 
 def _min_gap(scores: torch.Tensor, k: int) -> float:

@@ -5,7 +5,10 @@ and an ``impl`` switch:
 
 * ``"reference"``: the paper's formula, written directly. It materialises the full product tensor
   (Dynamic-k) or the per-input-channel maps A (TopKConv) and lets autograd do the rest.
-* ``"auto"``: the default, the fastest exact implementation available for the inputs.
+* ``"fast"``: custom autograd kernels (``layers/_linear_kernel.py``, ``layers/_conv_kernel.py``) that
+  never build those tensors. They work in chunks bounded by :func:`set_memory_budget` and save only
+  the inputs and the selected indices for backward. Same selection (ties aside) and same values.
+* ``"auto"``: the default, the fastest exact implementation available for the inputs (the fast one).
 
 Inside :func:`topkconv.layers.dense_gradients` every routing function returns its own forward value
 but the gradient of the dense layer with the same weights (BPDA).
@@ -13,15 +16,23 @@ but the gradient of the dense layer with the same weights (BPDA).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .layers._args import check_criterion, check_frac, resolve_k
+from .layers._budget import get_memory_budget, memory_budget, set_memory_budget
+from .layers._conv_kernel import TopKConv2dFunction
+from .layers._linear_kernel import TopKLinearFunction
 from .layers.bpda import bpda_enabled, straight_through
 
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "fast")
+
+__all__ = ["topk_linear", "topk_conv2d", "topk_neuron_conv2d", "stochastic_activation_pruning",
+           "channel_maps", "channel_scores", "topk_channel_mask", "IMPLS",
+           "get_memory_budget", "set_memory_budget", "memory_budget"]
 
 
 def _check_impl(impl: str) -> str:
@@ -34,8 +45,8 @@ def _check_impl(impl: str) -> str:
 
 def _topk_linear_reference(x, weight, bias, k, positive_only):
     products = x.unsqueeze(1) * weight.unsqueeze(0)  # (B, out, in): the tensor the fast path avoids
-    if positive_only:
-        products = products.clamp(min=0)
+    if positive_only:  # a zero product is not positive: no gradient through it (unlike clamp's)
+        products = torch.where(products > 0, products, torch.zeros_like(products))
     out = products.topk(k, dim=-1, sorted=False).values.sum(-1)
     return out if bias is None else out + bias
 
@@ -50,7 +61,13 @@ def topk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     k = resolve_k(k, weight.shape[1])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    out = _topk_linear_reference(x2, weight, bias, k, positive_only)
+    if impl == "reference":
+        out = _topk_linear_reference(x2, weight, bias, k, positive_only)
+    elif k == weight.shape[1] and not positive_only:
+        out = F.linear(x2, weight, bias)  # every product is kept
+    else:
+        with torch.no_grad() if bpda_enabled() else contextlib.nullcontext():
+            out = TopKLinearFunction.apply(x2.contiguous(), weight.contiguous(), bias, k, positive_only)
     if bpda_enabled():
         out = straight_through(out, F.linear(x2, weight, bias))
     return out.reshape(*lead, weight.shape[0])
@@ -84,7 +101,14 @@ def topk_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     _check_impl(impl)
     check_criterion(criterion)
     k = resolve_k(k, weight.shape[1])
-    out = _topk_conv2d_reference(x, weight, bias, k, criterion, stride, padding, dilation)
+    if impl == "reference" or isinstance(padding, str):  # string padding: only the reference handles it
+        out = _topk_conv2d_reference(x, weight, bias, k, criterion, stride, padding, dilation)
+    elif k == weight.shape[1]:
+        out = F.conv2d(x, weight, bias, stride, padding, dilation)  # every map is kept
+    else:
+        with torch.no_grad() if bpda_enabled() else contextlib.nullcontext():
+            out = TopKConv2dFunction.apply(x.contiguous(), weight.contiguous(), bias, k, criterion,
+                                           stride, padding, dilation)
     if bpda_enabled():
         out = straight_through(out, F.conv2d(x, weight, bias, stride, padding, dilation))
     return out
@@ -106,8 +130,14 @@ def topk_neuron_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     check_criterion(criterion)
     k = resolve_k(k, weight.shape[0])
     dense = F.conv2d(x, weight, bias, stride, padding, dilation)
-    out = dense * topk_channel_mask(dense, k, criterion)[..., None, None]
-    return straight_through(out, dense) if bpda_enabled() else out
+    mask = topk_channel_mask(dense, k, criterion)[..., None, None]
+    if bpda_enabled():
+        return straight_through(dense * mask, dense)
+    if impl == "reference":
+        return dense * mask
+    # In place: the convolution's backward does not need its output, and the product saves only the
+    # (B, out) mask, so no second output-sized tensor is kept or even allocated.
+    return dense.mul_(mask)
 
 
 # ---------------------------------------------------------------- SAP
