@@ -104,25 +104,26 @@ def test_masks_only_grow():
     assert (layers["classifier.2"].weight_mask[first["classifier.2"] == 0] == 0).all()
 
 
-def _sgd_epochs(model, params, steps=5):
-    """A stand-in fine-tuning epoch on random data, so the mechanics are tested without the trainer."""
+def _sgd_fine_tune(model, params, epochs, steps=5):
+    """A stand-in fine-tuning loop on random data, so the mechanics are tested without the trainer."""
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(1)
 
-    def run_epoch(epoch):
+    def fine_tune(after_epoch):
         model.train()
-        total = 0.0
-        for _ in range(steps):
-            x = torch.rand(16, 1, 8, 8, generator=gen)
-            y = torch.randint(0, 10, (16,), generator=gen)
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        return {"loss": total / steps}
+        for epoch in range(epochs):
+            total = 0.0
+            for _ in range(steps):
+                x = torch.rand(16, 1, 8, 8, generator=gen)
+                y = torch.randint(0, 10, (16,), generator=gen)
+                loss = nn.functional.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+            after_epoch({"epoch": epoch + 1, "loss": total / steps})
 
-    return run_epoch
+    return fine_tune
 
 
 @pytest.mark.parametrize("scope", pruning.PRUNE_SCOPES)
@@ -138,7 +139,8 @@ def test_fine_tuning_freezes_convs_and_keeps_pruned_weights_zero(scope):
     trainable = pruning.freeze_all_but_fc(model)
     assert {id(p) for p in trainable} == {id(p) for p in model.classifier.parameters()}
     records = []
-    summary = pruning.gradual_prune(model, scope, 0.8, 3, _sgd_epochs(model, trainable), on_epoch=records.append)
+    summary = pruning.gradual_prune(model, scope, 0.8, 3, _sgd_fine_tune(model, trainable, 3),
+                                    on_epoch=records.append)
 
     assert [r["target_sparsity"] for r in records] == pytest.approx(
         [pruning.epoch_sparsity(e, 3, 0.8) for e in range(3)])
@@ -164,3 +166,10 @@ def test_fine_tuning_freezes_convs_and_keeps_pruned_weights_zero(scope):
         assert torch.equal(model.features(probe), features_before), "frozen features changed (BatchNorm stats?)"
     assert any(not torch.equal(p, fc_before[n]) for n, p in model.classifier.named_parameters()), \
         "fine-tuning did not update the FC layers"
+
+
+def test_fine_tuning_that_stops_early_is_an_error():
+    model = TinyNet()
+    trainable = pruning.freeze_all_but_fc(model)
+    with pytest.raises(RuntimeError, match="ran 2 epochs, the schedule has 3"):
+        pruning.gradual_prune(model, "final", 0.5, 3, _sgd_fine_tune(model, trainable, 2))

@@ -21,7 +21,37 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_prune(sub) -> None:
-    pass  # filled in by the baselines issue
+    p = sub.add_parser(
+        "prune", help="gradual magnitude pruning of a trained standard model, fine-tuning its FC layers",
+        description="Prune a trained standard checkpoint by weight magnitude (per layer) on Zhu and Gupta's cubic "
+                    "schedule over the fine-tuning epochs, with the conv kernels frozen and only the FC layers "
+                    "updated; then make the masks permanent and save a checkpoint whose run.json reports the "
+                    "measured sparsity of each pruned layer.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder (or its model.safetensors) of a standard model")
+    p.add_argument("--scope", default="final", choices=("final", "final2", "all"),
+                   help="layers pruned: the last FC layer, both FC layers, or every conv and FC layer (default final)")
+    p.add_argument("--sparsity", type=float, default=0.9,
+                   help="final fraction of zero weights in each pruned layer, in [0, 1) (default 0.9)")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs the schedule runs over (default 3)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: a tenth of the "
+                                                          "source run's train.lr)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the pruned run")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_prune)
+
+
+def _run_prune(args) -> int:
+    import json
+
+    from .checkpoint import read_run_json
+    from .config import spec_from_dict
+    from .pruning import prune_run, pruned_spec
+
+    source = spec_from_dict(read_run_json(args.checkpoint)["spec"])
+    spec = pruned_spec(source, args.scope, args.sparsity, args.epochs, lr=args.lr)
+    _, summary = prune_run(args.checkpoint, spec, args.out, progress=not args.no_progress)
+    print(json.dumps({k: summary[k] for k in ("scope", "sparsity", "test_acc_before", "test_acc")}, indent=2))
+    return 0
 
 
 def _add_reproduce(sub) -> None:

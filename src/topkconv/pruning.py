@@ -30,12 +30,19 @@ reproduced, and :data:`NOT_REPRODUCED` carries the note the reports print for it
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
+import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
+
+from .config import RunSpec
 
 NOT_REPRODUCED = {"Pruning + LogitAug": "not reproduced: undefined in the paper"}
 
@@ -171,33 +178,144 @@ def make_permanent(layers: dict[str, nn.Module]) -> None:
 
 
 def gradual_prune(model: nn.Module, scope: str, sparsity: float, epochs: int,
-                  run_epoch: Callable[[int], dict], initial: float = 0.0,
+                  fine_tune: Callable[[Callable[[dict], None]], object], initial: float = 0.0,
                   on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Prune ``model`` in place on the cubic schedule while fine-tuning, then make the masks permanent.
 
-    ``run_epoch(epoch)`` fine-tunes one epoch and returns its metrics; the caller builds it with the
-    trainable parameters of :func:`freeze_all_but_fc` (call that first). ``on_epoch`` receives one
-    record per epoch (metrics plus the scheduled and measured sparsity).
-    Returns ``{"sparsity": {layer: measured}, "target": sparsity, "history": [records]}``.
+    ``fine_tune(after_epoch)`` runs ``epochs`` fine-tuning epochs and calls ``after_epoch(metrics)`` after
+    each, e.g. ``lambda hook: train.train_epochs(..., epochs=epochs, on_epoch=hook)``; it is built on the
+    trainable parameters of :func:`freeze_all_but_fc` (call that first). One optimizer and learning-rate
+    schedule thus span all epochs, and the hook raises the masks before the next epoch starts.
+    ``on_epoch`` receives one record per epoch: the metrics plus the scheduled and measured sparsity.
+    Returns ``{"scope", "target", "sparsity": {layer: measured}, "history": [records]}``.
     """
     check_scope(scope)
     _check_sparsity("sparsity", sparsity)
-    if epochs < 1:
+    if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: expected at least one fine-tuning epoch, got {epochs!r}")
     layers = layers_in_scope(model, scope)
-    history = []
-    for epoch in range(epochs):
-        target = epoch_sparsity(epoch, epochs, sparsity, initial)
-        prune_to(layers, target)
-        with frozen_statistics(model):
-            metrics = dict(run_epoch(epoch) or {})
-        record = {"epoch": epoch, "target_sparsity": target,
-                  "sparsity": measured_sparsity(layers), **metrics}
+    history: list[dict] = []
+
+    def after_epoch(metrics: dict) -> None:
+        epoch = len(history)
+        record = {**metrics, "target_sparsity": epoch_sparsity(epoch, epochs, sparsity, initial),
+                  "sparsity": measured_sparsity(layers)}
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+        if epoch + 1 < epochs:
+            prune_to(layers, epoch_sparsity(epoch + 1, epochs, sparsity, initial))
+
+    prune_to(layers, epoch_sparsity(0, epochs, sparsity, initial))
+    with frozen_statistics(model):
+        fine_tune(after_epoch)
+    if len(history) != epochs:
+        raise RuntimeError(f"fine-tuning ran {len(history)} epochs, the schedule has {epochs}")
     make_permanent(layers)
     return {"scope": scope, "target": sparsity, "sparsity": measured_sparsity(layers), "history": history}
+
+
+def pruned_spec(source: RunSpec, scope: str, sparsity: float, epochs: int,
+                lr: Optional[float] = None, name: Optional[str] = None) -> RunSpec:
+    """The spec of a pruned copy of the standard run ``source``: its data, model and training, plus pruning."""
+    check_scope(scope)
+    _check_sparsity("sparsity", sparsity)
+    defense = dataclasses.replace(source.model.defense, kind="pruned", prune_scope=scope,
+                                  prune_sparsity=float(sparsity), prune_epochs=epochs, prune_lr=lr)
+    model = dataclasses.replace(source.model, defense=defense)
+    return dataclasses.replace(source, model=model, name=name or f"{source.name}-pruned-{scope}")
+
+
+def _model_without_defense(spec: RunSpec) -> dict:
+    fields = dataclasses.asdict(spec.model)
+    fields.pop("defense")
+    return fields
+
+
+def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Prune the trained standard run ``source`` as ``spec.model.defense`` says, into ``out_dir``.
+
+    ``spec`` is the pruned run's spec (``defense.kind == "pruned"``; :func:`pruned_spec` makes one from the
+    source's). Fine-tuning reuses :func:`topkconv.train.train_epochs` on ``spec.train``'s optimizer
+    settings (no warm-up, cosine or step over the pruning epochs). Writes ``out_dir/model.safetensors``,
+    ``run.json`` (``extra["sparsity"]``: measured sparsity per pruned layer; ``extra["prune"]``: the
+    summary) and ``metrics.jsonl``; returns ``(model in eval mode, summary)``.
+    """
+    from . import distributed, train
+    from .checkpoint import load_checkpoint, read_run_json, save_checkpoint
+    from .data import load_data
+    from .io import append_jsonl
+
+    defense = spec.model.defense
+    if defense.kind != "pruned":
+        raise ValueError(f"spec {spec.name!r}: model.defense.kind must be 'pruned' to prune, got {defense.kind!r}")
+    check_scope(defense.prune_scope)
+    _check_sparsity("model.defense.prune_sparsity", defense.prune_sparsity)
+    if not isinstance(defense.prune_epochs, int) or defense.prune_epochs < 1:
+        raise ValueError(f"model.defense.prune_epochs: expected a positive int, got {defense.prune_epochs!r}")
+    if defense.prune_lr is not None and not defense.prune_lr > 0:
+        raise ValueError(f"model.defense.prune_lr: expected a positive learning rate, got {defense.prune_lr!r}")
+    train.check_train_config(spec.train)
+    out_dir = Path(out_dir)
+    source_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+    if out_dir.resolve() == source_dir.resolve():
+        raise ValueError(f"--out {out_dir}: the pruned run needs its own folder, not the source run's")
+
+    source_record = read_run_json(source_dir)
+    model, source_spec = load_checkpoint(source_dir)
+    if source_spec.model.defense.kind != "standard":
+        raise ValueError(f"{source_dir}: pruning starts from a standard model; this run's defense is "
+                         f"{source_spec.model.defense.kind!r}")
+    splits = load_data(spec.data)
+    resolved = train.resolve_spec(spec, splits)
+    if _model_without_defense(resolved) != _model_without_defense(source_spec):
+        raise ValueError(f"{source_dir}: its model ({_model_without_defense(source_spec)}) differs from the "
+                         f"one spec {spec.name!r} describes ({_model_without_defense(resolved)})")
+
+    device = distributed.pick_device(spec.train.device)
+    model.to(device)
+    writes = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank computes the same; one writes
+    if writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        train._clear_run(out_dir)
+    start = time.perf_counter()
+    eval_limit = spec.train.eval_examples
+    acc_before = train.evaluate_accuracy(model, splits.test, batch_size=spec.train.batch_size, device=device,
+                                         limit=eval_limit)
+    lr = defense.prune_lr if defense.prune_lr is not None else FINE_TUNE_LR_SCALE * spec.train.lr
+    fine_tune_cfg = dataclasses.replace(spec.train, warmup_epochs=0.0)
+    trainable = freeze_all_but_fc(model)
+
+    def fine_tune(after_epoch):
+        # Epochs continue the source run's seeded stream, so fine-tuning sees fresh shuffles.
+        return train.train_epochs(model, splits, fine_tune_cfg, params=trainable, lr=lr,
+                                  epochs=defense.prune_epochs, augment=spec.data.augment, device=device,
+                                  progress=progress, eval_limit=eval_limit, on_epoch=after_epoch,
+                                  first_epoch=source_spec.train.epochs)
+
+    def log_epoch(record):
+        if writes:
+            append_jsonl(out_dir / train.METRICS_FILE, record)
+        if progress:
+            mean = sum(record["sparsity"].values()) / len(record["sparsity"])
+            print(f"prune epoch {record['epoch']}/{defense.prune_epochs}: sparsity {mean:.3f}, loss "
+                  f"{record['loss']:.4f}, test acc {record['test_acc']:.4f}", file=sys.stderr)
+
+    result = gradual_prune(model, defense.prune_scope, defense.prune_sparsity, defense.prune_epochs, fine_tune,
+                           on_epoch=log_epoch)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    summary = {
+        "source": {"run_dir": str(source_dir), "hash": source_record.get("hash")},
+        "scope": defense.prune_scope, "target_sparsity": defense.prune_sparsity, "epochs": defense.prune_epochs,
+        "lr": lr, "sparsity": result["sparsity"], "test_acc_before": acc_before,
+        "test_acc": result["history"][-1]["test_acc"], "seconds": round(time.perf_counter() - start, 3),
+        "device": str(device), "complete": True,
+    }
+    if writes:
+        save_checkpoint(out_dir, model, resolved, extra={"sparsity": result["sparsity"], "prune": summary},
+                        requested_hash=spec.hash())
+    return model.eval(), summary
 
 
 def seed_stochastic_layers(model: nn.Module, seed: int) -> torch.Generator:
