@@ -173,3 +173,88 @@ def test_fine_tuning_that_stops_early_is_an_error():
     trainable = pruning.freeze_all_but_fc(model)
     with pytest.raises(RuntimeError, match="ran 2 epochs, the schedule has 3"):
         pruning.gradual_prune(model, "final", 0.5, 3, _sgd_fine_tune(model, trainable, 2))
+
+
+# ---------------------------------------------------------------- prune_run on digits (a tiny VGG)
+
+def _tiny_spec(**defense):
+    from topkconv.config import DataConfig, DefenseConfig, ModelConfig, RunSpec, TrainConfig
+
+    return RunSpec(name="tiny", data=DataConfig(limit_train=64, limit_test=32, image_size=16, augment=False),
+                   model=ModelConfig(width=0.125, hidden=16, defense=DefenseConfig(**defense)),
+                   train=TrainConfig(epochs=1, batch_size=32, lr=0.05))
+
+
+@pytest.fixture(scope="module")
+def standard_run(tmp_path_factory):
+    """A standard checkpoint as the trainer leaves it (weights freshly initialised: pruning needs no accuracy)."""
+    from topkconv.checkpoint import save_checkpoint
+    from topkconv.data import load_data
+    from topkconv.models import build_model
+    from topkconv.train import resolve_spec
+
+    spec = _tiny_spec()
+    resolved = resolve_spec(spec, load_data(spec.data))
+    torch.manual_seed(0)
+    run_dir = tmp_path_factory.mktemp("standard")
+    save_checkpoint(run_dir, build_model(resolved.model), resolved, requested_hash=spec.hash())
+    return run_dir
+
+
+@pytest.mark.parametrize("scope", ["final2", "all"])
+def test_prune_run_writes_a_sparse_checkpoint_that_reloads(standard_run, tmp_path, scope):
+    import json
+
+    from topkconv.checkpoint import load_checkpoint
+
+    source, source_spec = load_checkpoint(standard_run)
+    spec = pruning.pruned_spec(source_spec, scope, 0.75, 2)
+    model, summary = pruning.prune_run(standard_run, spec, tmp_path / "pruned", progress=False)
+
+    record = json.loads((tmp_path / "pruned" / "run.json").read_text())
+    assert record["spec"]["model"]["defense"]["kind"] == "pruned"
+    assert record["spec"]["model"]["defense"]["prune_scope"] == scope
+    assert record["hash"] == spec.hash()
+    lines = (tmp_path / "pruned" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["target_sparsity"] for line in lines] == pytest.approx(
+        [pruning.epoch_sparsity(e, 2, 0.75) for e in range(2)])
+
+    reloaded, reloaded_spec = load_checkpoint(tmp_path / "pruned")
+    assert reloaded_spec.model.defense.kind == "pruned"
+    layers = pruning.layers_in_scope(reloaded, scope)
+    assert set(record["extra"]["sparsity"]) == set(layers)
+    for name, layer in layers.items():
+        numel = layer.weight.numel()
+        measured = float((layer.weight == 0).sum()) / numel
+        assert measured == pytest.approx(0.75, abs=1 / numel), name
+        assert record["extra"]["sparsity"][name] == pytest.approx(measured)
+        # the reloaded zeros are exactly the fine-tuned model's zeros
+        assert torch.equal(layer.weight == 0, model.get_submodule(name).weight == 0)
+    # convs frozen: outside the scope identical to the source, inside it the kept weights are the source's
+    for (name, param), before in zip(reloaded.features.named_parameters(), source.features.parameters()):
+        if scope == "all" and name.endswith("weight"):
+            kept = param != 0
+            assert torch.equal(param[kept], before[kept]), name
+        else:
+            assert torch.equal(param, before), name
+    assert not torch.equal(reloaded.classifier[0].bias, source.classifier[0].bias), "FC layers were not fine-tuned"
+
+
+def test_prune_run_refuses_a_non_standard_source_and_its_own_folder(standard_run, tmp_path):
+    from topkconv.checkpoint import load_checkpoint, save_checkpoint
+
+    _, source_spec = load_checkpoint(standard_run)
+    spec = pruning.pruned_spec(source_spec, "final", 0.5, 1)
+    with pytest.raises(ValueError, match="own folder"):
+        pruning.prune_run(standard_run, spec, standard_run, progress=False)
+    with pytest.raises(ValueError, match="kind must be 'pruned'"):
+        pruning.prune_run(standard_run, source_spec, tmp_path / "out", progress=False)
+    dropout_dir = tmp_path / "dropout"
+    model, _ = load_checkpoint(standard_run)
+    dropout_spec = pruning.pruned_spec(source_spec, "final", 0.5, 1)
+    dropout_spec.model.defense.kind = "dropout"
+    save_checkpoint(dropout_dir, model, dropout_spec)
+    with pytest.raises(ValueError, match="starts from a standard model.*'dropout'"):
+        pruning.prune_run(dropout_dir, spec, tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError):
+        pruning.prune_run(tmp_path / "missing", spec, tmp_path / "out", progress=False)
