@@ -1,0 +1,93 @@
+"""The non-adversarial baselines as models: SAP-80, dropout, Dynamic-k scopes (Tables I and II)."""
+
+import pytest
+import torch
+from torch import nn
+
+from topkconv.config import DefenseConfig, ModelConfig
+from topkconv.layers import StochasticActivationPruning, TopKLinear, resolve_k
+from topkconv.models import build_model
+from topkconv.pruning import NOT_REPRODUCED, seed_stochastic_layers
+
+
+def _tiny(kind: str, **defense) -> nn.Module:
+    cfg = ModelConfig(arch="vgg-small", width=0.125, hidden=16, in_channels=1, mean=[0.5], std=[0.25],
+                      image_size=16, defense=DefenseConfig(kind=kind, **defense))
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def _images(n=4):
+    return torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def test_sap_follows_every_relu_with_frac_80():
+    model = _tiny("sap")
+    relus = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    saps = [m for m in model.modules() if isinstance(m, StochasticActivationPruning)]
+    assert relus > 0 and len(saps) == relus
+    assert all(s.frac == 0.8 for s in saps)
+
+
+def test_sap_is_stochastic_in_eval_and_the_identity_in_training():
+    model = _tiny("sap")
+    x = _images()
+    model.eval()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        # in training SAP is the identity: the standard model with the same weights gives the same output
+        standard = _tiny("standard")
+        standard.load_state_dict(model.state_dict())
+        standard.train()
+        assert torch.equal(model(x), standard(x))
+
+
+def test_sap_is_deterministic_under_a_fixed_generator():
+    model = _tiny("sap").eval()
+    x = _images()
+    with torch.no_grad():
+        seed_stochastic_layers(model, 7)
+        first = model(x)
+        seed_stochastic_layers(model, 7)
+        again = model(x)
+        seed_stochastic_layers(model, 8)
+        other = model(x)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_seeding_a_model_without_sap_is_an_error():
+    with pytest.raises(ValueError, match="StochasticActivationPruning"):
+        seed_stochastic_layers(_tiny("standard"), 0)
+
+
+def test_dropout_sits_between_the_fc_layers():
+    model = _tiny("dropout", dropout_p=0.3)
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 1 and drops[0].p == 0.3
+    assert drops[0] in list(model.classifier)
+    x = _images()
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("scope,routed", [("final", [False, True]), ("final2", [True, True])])
+def test_dynamic_k_scopes_route_the_intended_fc_layers(scope, routed):
+    model = _tiny("dynamic_k", fc_scope=scope, fc_k=[0.1, 2])
+    fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    assert [isinstance(m, TopKLinear) for m in fcs] == routed
+    assert fcs[-1].k == 2
+    if routed[0]:
+        assert fcs[0].k == resolve_k(0.1, fcs[0].in_features)
+    # the standard model's weights load into every scope: Table II compares like with like
+    model.load_state_dict(_tiny("standard").state_dict())
+
+
+def test_pruning_with_logitaug_is_documented_not_invented():
+    assert NOT_REPRODUCED == {"Pruning + LogitAug": "not reproduced: undefined in the paper"}
