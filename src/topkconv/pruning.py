@@ -26,6 +26,9 @@ of every pruned layer under ``extra["sparsity"]``.
 
 "Pruning + LogitAug" (Table I) is neither defined nor cited by the paper; it is deliberately not
 reproduced, and :data:`NOT_REPRODUCED` carries the note the reports print for it.
+
+:func:`seed_stochastic_layers` serves the other test-time baseline, SAP-80 (Stochastic Activation
+*Pruning*): it seeds a model's SAP layers so its random draws repeat.
 """
 
 from __future__ import annotations
@@ -272,7 +275,7 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn
         raise ValueError(f"{source_dir}: its model ({_model_without_defense(source_spec)}) differs from the "
                          f"one spec {spec.name!r} describes ({_model_without_defense(resolved)})")
 
-    device = distributed.pick_device(spec.train.device)
+    device = distributed.pick_device(spec.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     model.to(device)
     writes = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank computes the same; one writes
     if writes:
