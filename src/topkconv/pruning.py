@@ -26,9 +26,6 @@ of every pruned layer under ``extra["sparsity"]``.
 
 "Pruning + LogitAug" (Table I) is neither defined nor cited by the paper; it is deliberately not
 reproduced, and :data:`NOT_REPRODUCED` carries the note the reports print for it.
-
-:func:`seed_stochastic_layers` serves the other test-time baseline, SAP-80 (Stochastic Activation
-*Pruning*): it seeds a model's SAP layers so its random draws repeat.
 """
 
 from __future__ import annotations
@@ -320,21 +317,3 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn
                         requested_hash=spec.hash())
     return model.eval(), summary
 
-
-def seed_stochastic_layers(model: nn.Module, seed: int) -> torch.Generator:
-    """Give every SAP layer of ``model`` one shared generator seeded with ``seed``; returns it.
-
-    SAP draws fresh activations on every eval forward pass; with a seeded generator the sequence of
-    draws, and so every output, repeats exactly. The generator lives on the model's device.
-    """
-    from .layers import StochasticActivationPruning
-
-    saps = [m for m in model.modules() if isinstance(m, StochasticActivationPruning)]
-    if not saps:
-        raise ValueError("the model has no StochasticActivationPruning layer to seed")
-    tensor = next(iter(model.parameters()), None)
-    device = tensor.device if tensor is not None else torch.device("cpu")
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    for layer in saps:
-        layer.generator = generator
-    return generator
