@@ -90,6 +90,7 @@ class AttackConfig:
     seed: int = 0
     apgd_iters: int = 100             # AutoAttack's APGD/FAB iterations (100 = AutoAttack; lower = quick preset)
     square_queries: int = 5000        # Square's query budget (5000 = AutoAttack; lower = quick preset)
+    autoattack_attacks: list = field(default_factory=list)  # [] = the version's own; e.g. ["apgd-ce", "apgd-t"] (quick)
 
 
 @dataclass

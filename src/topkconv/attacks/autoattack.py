@@ -17,6 +17,7 @@ from torch import nn
 from .common import attack_mode, check_inputs
 
 AA_VERSIONS = ("standard", "rand", "plus")
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
 def _isolated_rng(device: torch.device):
@@ -53,19 +54,23 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
 
     ``version``: ``standard`` (APGD-CE, APGD-T, FAB-T, Square) for deterministic models, ``rand``
     (APGD-CE and APGD-DLR with 20 EOT iterations) for randomised ones. ``attacks`` (a list of
-    pyautoattack names such as ``["apgd-ce"]``) runs a custom subset instead. ``n_iter`` and
+    pyautoattack names such as ``["apgd-ce"]``) runs only those, with the version's parameters. ``n_iter`` and
     ``square_queries`` below the defaults (100 and 5000) give a cheaper, weaker run for quick presets.
     """
     check_inputs(x, y, eps)
-    if attacks is None and version not in AA_VERSIONS:
+    if version not in AA_VERSIONS:
         raise ValueError(f"version: expected one of {AA_VERSIONS}, got {version!r}")
+    unknown = sorted(set(attacks or ()) - set(AA_ATTACKS))
+    if unknown:
+        raise ValueError(f"attacks: unknown AutoAttack attacks {unknown}; expected names from {AA_ATTACKS}")
     if n_iter < 1 or square_queries < 1:
         raise ValueError(f"n_iter and square_queries: expected >= 1, got {n_iter} and {square_queries}")
     from pyautoattack import AutoAttack
 
     with attack_mode(model) as device, _isolated_rng(device), _quiet_logger():
-        runner = AutoAttack(model, attacks=attacks, device=device, eps=eps, norm="Linf", seed=seed,
-                            version="custom" if attacks is not None else version)
+        runner = AutoAttack(model, device=device, eps=eps, norm="Linf", seed=seed, version=version)
+        if attacks is not None:  # after the version set its parameters (rand: 20 EOT iterations)
+            runner.attacks_to_run = list(attacks)
         runner.verbose = False
         for apgd in (runner.apgd, runner.apgd_targeted):
             _set_iterations(apgd, n_iter)
