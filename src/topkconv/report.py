@@ -61,66 +61,61 @@ class Table:
 
 # ---------------------------------------------------------------- reading eval dicts
 
-def _eps255(value: float) -> float:
-    # evaluate() records eps as a fraction of 1; specs and the CLI use 0-255 units.
-    return value * 255.0 if value <= 1.0 else value
+def _parts(result: dict) -> tuple:
+    """(paper-suite result, [strong-suite results]) of a column result.
+
+    :mod:`topkconv.reproduce` stores ``{"paper": eval dict, "strong": {eps: eval dict}}``; a plain
+    ``eval.json`` (``topkconv evaluate``) serves as both.
+    """
+    if "paper" in result and "strong" in result:
+        return result["paper"], list(result["strong"].values())
+    return result, [result]
+
+
+def clean_accuracy(result: dict) -> Optional[float]:
+    return _parts(result)[0].get("clean")
 
 
 def attack_accuracy(result: dict, attack: str, eps: float) -> Optional[float]:
-    """Accuracy under ``attack`` ("fgsm", "pgd", ...) at ``eps`` (0-255 units), or None if not run."""
-    for name, entry in (result.get("attacks") or {}).items():
-        params = entry.get("params") or {}
-        kind = str(params.get("attack", name)).lower()
-        if not (kind == attack or name.lower() == attack or name.lower().startswith(attack + "@")
-                or name.lower().startswith(attack + "_")):
+    """Accuracy under the paper's ``attack`` ("fgsm" or "pgd") at ``eps`` (0-255 units), or None."""
+    paper, _ = _parts(result)
+    for name, entry in (paper.get("attacks") or {}).items():
+        if name.split("@")[0] != attack:
             continue
-        if "eps" in params and not math.isclose(_eps255(float(params["eps"])), eps, abs_tol=1e-3):
-            continue
-        return float(entry["accuracy"])
+        if math.isclose(float(entry.get("params", {}).get("eps", float("nan"))), eps, abs_tol=1e-6):
+            return float(entry["accuracy"])
     return None
 
 
 def worst_case(result: dict, eps: float) -> Optional[float]:
-    """The per-example worst case over every attack run at ``eps`` (the strong suite's number)."""
-    worst = result.get("worst_case")
-    if worst is None:
-        return None
-    if isinstance(worst, (int, float)):
-        return float(worst) if math.isclose(eps, PAPER_EPS) else None
-    if "accuracy" in worst and "eps" in worst:
-        return float(worst["accuracy"]) if math.isclose(_eps255(float(worst["eps"])), eps, abs_tol=1e-3) else None
-    for key, value in worst.items():
-        try:
-            key_eps = float(str(key).split("@")[-1])
-        except ValueError:
-            continue
-        if math.isclose(_eps255(key_eps), eps, abs_tol=1e-3):
-            return float(value["accuracy"] if isinstance(value, dict) else value)
+    """The strong suite's per-example worst case at ``eps``: robust only if every attack fails."""
+    for part in _parts(result)[1]:
+        worst = part.get("worst_case") or {}
+        if part.get("suite") == "full" and math.isclose(float(worst.get("eps", float("nan"))), eps, abs_tol=1e-6):
+            return float(worst["accuracy"])
     return None
 
 
 def masking_flags(result: dict) -> list:
-    """Names of the gradient-masking checks that raised a flag."""
+    """The gradient-masking checks whose verdict is ``flag``, as ``name@eps``."""
     flagged = []
-    for name, check in (result.get("masking_checks") or {}).items():
-        status = check if isinstance(check, str) else (check.get("status") or check.get("result"))
-        if isinstance(check, dict) and "flag" in check and isinstance(check["flag"], bool):
-            status = "flag" if check["flag"] else "pass"
-        if isinstance(check, dict) and "passed" in check and isinstance(check["passed"], bool):
-            status = "pass" if check["passed"] else "flag"
-        if str(status).lower() not in ("pass", "passed", "ok", "skip", "skipped", "n/a"):
-            flagged.append(name)
-    return sorted(flagged)
+    for part in _parts(result)[1]:
+        eps = (part.get("worst_case") or {}).get("eps")
+        for name, check in (part.get("masking_checks") or {}).items():
+            if isinstance(check, dict) and check.get("verdict") == "flag":
+                flagged.append(f"{name}@{eps:g}" if isinstance(eps, (int, float)) else name)
+    return sorted(set(flagged))
 
 
 # ---------------------------------------------------------------- building tables
 
 def attack_table(name: str, title: str, labels: list, results: dict, eps_list: list,
-                 not_reproduced: Optional[dict] = None, notes: Optional[list] = None) -> Table:
+                 not_reproduced: Optional[dict] = None, notes: Optional[list] = None,
+                 strong_eps: Optional[list] = None) -> Table:
     """Tables I and III: rows are attacks, each column has "<label> ours" and "<label> paper".
 
-    ``results`` maps a label to its eval dict (None while missing). ``eps_list`` holds the radii in
-    0-255 units; the first must be the paper's.
+    ``results`` maps a label to its column result (None while missing). ``eps_list`` holds the radii
+    of the paper's attacks in 0-255 units, the paper's first; ``strong_eps`` those of the strong suite.
     """
     not_reproduced = not_reproduced or {}
     paper = PAPER.get(name, {})
@@ -140,13 +135,13 @@ def attack_table(name: str, title: str, labels: list, results: dict, eps_list: l
             cells.append(paper.get((paper_row, label)) if paper_row else None)
         rows.append(cells)
 
-    row("None", "None", lambda r: r.get("clean"))
+    row("None", "None", clean_accuracy)
     for i, eps in enumerate(eps_list):
         suffix = "" if i == 0 and math.isclose(eps, PAPER_EPS) else f" (eps={eps:g})"
         paper_row = i == 0 and math.isclose(eps, PAPER_EPS)
         row(f"FGSM{suffix}", "FGSM" if paper_row else None, lambda r, e=eps: attack_accuracy(r, "fgsm", e))
         row(f"PGD{suffix}", "PGD" if paper_row else None, lambda r, e=eps: attack_accuracy(r, "pgd", e))
-    for eps in eps_list:
+    for eps in (eps_list if strong_eps is None else strong_eps):
         row(f"Strong-suite worst case (eps={eps:g})", None, lambda r, e=eps: worst_case(r, e))
     row("Gradient-masking flags", None, lambda r: ", ".join(masking_flags(r)) or "none")
     notes = list(notes or [])
@@ -169,7 +164,7 @@ def pruning_table(title: str, labels: list, results: dict, eps: float,
         rows.append([method, layers,
                      percent(attack_accuracy(result, "pgd", eps)) if result else None,
                      paper.get((method, layers)),
-                     percent(result.get("clean")) if result else None,
+                     percent(clean_accuracy(result)) if result else None,
                      percent(worst_case(result, eps)) if result else None,
                      (", ".join(masking_flags(result)) or "none") if result else None])
     return Table("table2", title, header, rows, list(notes or []), decimals=1)

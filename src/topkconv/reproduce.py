@@ -57,6 +57,8 @@ class TableSpec:
     preset: str = ""                      # quick | paper
     title: str = ""
     note: str = ""                        # printed under the table (e.g. why a larger eps is reported)
+    eval_examples: Optional[int] = None   # test images for the paper's FGSM and PGD (None: the whole test set)
+    strong_eps: Optional[list] = None     # radii (0-255) of the strong suite on attack.n_examples; None: attack.eps
     base: dict = field(default_factory=dict)
     columns: list = field(default_factory=list)
     figures: Optional[dict] = None
@@ -227,54 +229,98 @@ def train_column(table: TableSpec, label: str, runs_dir, overrides: dict, force:
     return run_dir
 
 
-def _attack_key(spec: RunSpec, surrogate_dir: Optional[Path]) -> dict:
-    return {"attack": dataclasses.asdict(spec.attack), "surrogate": surrogate_dir.name if surrogate_dir else None,
-            "data": dataclasses.asdict(spec.data)}
+def strong_radii(table: TableSpec, spec: RunSpec) -> list:
+    return list(table.strong_eps) if table.strong_eps is not None else [spec.attack.eps]
 
 
-def evaluate_column(spec: RunSpec, run_dir: Path, test: tuple, surrogate_dir: Optional[Path],
+def attack_configs(table: TableSpec, spec: RunSpec) -> dict:
+    """The evaluations of one column: the paper's FGSM and PGD (at every eps) on ``eval_examples`` test
+    images, and the strong suite at each of ``strong_eps`` on the first ``attack.n_examples``."""
+    configs = {"paper": dataclasses.replace(spec.attack, suite="paper", n_examples=table.eval_examples)}
+    if spec.attack.suite == "full":
+        for eps in strong_radii(table, spec):
+            configs[f"strong@{eps:g}"] = dataclasses.replace(spec.attack, eps=float(eps), extra_eps=[])
+    return configs
+
+
+def evaluate_column(table: TableSpec, spec: RunSpec, run_dir: Path, test: tuple, surrogate_dir: Optional[Path],
                     force: bool, progress: bool, log: list, label: str) -> dict:
-    """Attack one trained model; ``eval.json`` is reused when it was made with the same attack config."""
+    """Attack one trained model: ``{"paper": eval dict, "strong": {eps: eval dict}}``.
+
+    The paper suite goes to ``eval.json`` (with ``acc-vs-eps.png``), each strong suite to
+    ``eval-strong-<eps>.json``; a file made with the same attack config, data and surrogate is reused.
+    """
     from .checkpoint import load_checkpoint
+    from .evaluate import evaluate, write_results
     from .io import atomic_write_json
 
-    eval_path = run_dir / "eval.json"
-    key = _attack_key(spec, surrogate_dir)
-    if eval_path.is_file() and not force:
-        try:
-            cached = json.loads(eval_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            cached = {}
-        if cached.get("reproduce_key") == key:
-            log.append({"column": label, "run": run_dir.name, "action": "eval cached"})
-            _log(f"  {label}: cached evaluation {eval_path}")
-            return cached
-    from .evaluate import evaluate
+    model = surrogate = None
+    out: dict = {"paper": None, "strong": {}}
+    for name, cfg in attack_configs(table, spec).items():
+        path = run_dir / ("eval.json" if name == "paper" else f"eval-{name.replace('@', '-')}.json")
+        key = {"attack": dataclasses.asdict(cfg), "data": dataclasses.asdict(spec.data),
+               "surrogate": surrogate_dir.name if surrogate_dir is not None and name != "paper" else None}
+        cached = _read_json(path) if not force else None
+        if cached is not None and cached.get("reproduce_key") == key:
+            result = cached
+            log.append({"column": label, "run": run_dir.name, "action": f"{name} cached"})
+        else:
+            if model is None:
+                device = _device(spec)
+                model = load_checkpoint(run_dir, device=device)[0]
+                if surrogate_dir is not None:
+                    surrogate = load_checkpoint(surrogate_dir, device=device)[0]
+            _log(f"  {label}: {name} attacks (n = {cfg.n_examples or len(test[0])})")
+            start = time.perf_counter()
+            result = evaluate(model, test[0], test[1], cfg, surrogate=surrogate if name != "paper" else None,
+                              progress=progress)
+            result["reproduce_key"] = key
+            result["run"] = {"dir": str(run_dir), "name": spec.name, "hash": spec.hash(), "column": label}
+            if _rank() == 0:
+                if name == "paper":
+                    write_results(result, path, title=f"{label} ({table.table}, {table.preset})")
+                else:
+                    atomic_write_json(path, result)
+            log.append({"column": label, "run": run_dir.name, "action": f"{name} evaluated",
+                        "seconds": round(time.perf_counter() - start, 1)})
+        if name == "paper":
+            out["paper"] = result
+        else:
+            out["strong"][name.split("@", 1)[1]] = result
+    return out
 
-    model, _ = load_checkpoint(run_dir)
-    surrogate = load_checkpoint(surrogate_dir)[0] if surrogate_dir is not None else None
-    _log(f"  {label}: attacking ({spec.attack.suite} suite)")
-    start = time.perf_counter()
-    result = evaluate(model, test[0], test[1], spec.attack, surrogate=surrogate, progress=progress)
-    result = dict(result)
-    result["reproduce_key"] = key
-    atomic_write_json(eval_path, result)
-    log.append({"column": label, "run": run_dir.name, "action": "evaluated",
-                "seconds": round(time.perf_counter() - start, 1)})
-    return result
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _device(spec: RunSpec) -> str:
+    from .distributed import pick_device
+
+    return str(pick_device(spec.train.device, int(os.environ.get("LOCAL_RANK", "0"))))
 
 
 _TEST_CACHE: dict = {}
 
 
-def test_tensors(spec: RunSpec) -> tuple:
-    """The test set as tensors in [0, 1], loaded once per data config within a process."""
-    key = json.dumps(dataclasses.asdict(spec.data), sort_keys=True)
+def test_limit(table: TableSpec, spec: RunSpec) -> Optional[int]:
+    """How many test images the evaluations need: big test sets at 224 px do not fit in memory whole."""
+    if table.eval_examples is None:
+        return None
+    return max(table.eval_examples, spec.attack.n_examples or 0)
+
+
+def test_tensors(spec: RunSpec, limit: Optional[int] = None) -> tuple:
+    """The first ``limit`` test images as tensors in [0, 1], loaded once per data config and limit."""
+    key = (json.dumps(dataclasses.asdict(spec.data), sort_keys=True), limit)
     if key not in _TEST_CACHE:
         from .data import load_data
 
         splits = load_data(spec.data)
-        _TEST_CACHE[key] = (splits.test_tensors(), splits)
+        _TEST_CACHE[key] = (splits.test_tensors(limit=limit), splits)
     (x, y), splits = _TEST_CACHE[key]
     return x, y, splits
 
@@ -319,7 +365,7 @@ def build_report_table(table: TableSpec, results: dict, spec: RunSpec):
     if table.table == "table2":
         return report.pruning_table(table.title or "Table II", labels, results, spec.attack.eps, notes)
     return report.attack_table(table.table, table.title or table.table, labels, results, eps_list(spec),
-                               not_reproduced, notes)
+                               not_reproduced, notes, strong_radii(table, spec) if spec.attack.suite == "full" else [])
 
 
 def run_table(table: TableSpec, out, overrides: dict, force: bool, progress: bool = True) -> dict:
@@ -333,21 +379,28 @@ def run_table(table: TableSpec, out, overrides: dict, force: bool, progress: boo
     run_dirs = {}
     for column in table.columns:
         run_dirs[column.label] = train_column(table, column.label, runs_dir, overrides, force, progress, log)
-    if _rank() != 0:
-        return {"table": table.table, "log": log}
     first = next(c.label for c in table.columns if c.not_reproduced is None)
     first_spec = table.run_spec(first, overrides)
-    x, y, _ = test_tensors(first_spec)
-    surrogate_label = "Baseline" if run_dirs.get("Baseline") is not None else None
-    results = {}
-    for column in table.columns:
-        run_dir = run_dirs[column.label]
-        if run_dir is None:
-            continue
-        spec = table.run_spec(column.label, overrides)
-        surrogate = run_dirs[surrogate_label] if surrogate_label and surrogate_label != column.label else None
-        results[column.label] = evaluate_column(spec, run_dir, (x, y), surrogate, force, progress, log,
-                                                column.label)
+    from . import distributed
+
+    # Under torchrun every rank attacks its share of the examples (evaluate gathers the results).
+    ctx = distributed.setup(first_spec.train.device)
+    try:
+        x, y, _ = test_tensors(first_spec, test_limit(table, first_spec))
+        surrogate_label = "Baseline" if run_dirs.get("Baseline") is not None else None
+        results = {}
+        for column in table.columns:
+            run_dir = run_dirs[column.label]
+            if run_dir is None:
+                continue
+            spec = table.run_spec(column.label, overrides)
+            surrogate = run_dirs[surrogate_label] if surrogate_label and surrogate_label != column.label else None
+            results[column.label] = evaluate_column(table, spec, run_dir, (x, y), surrogate, force, progress,
+                                                    log, column.label)
+    finally:
+        distributed.teardown(ctx)
+    if _rank() != 0:
+        return {"table": table.table, "log": log}
     seconds = time.perf_counter() - start
     table_out = build_report_table(table, results, first_spec)
     meta = report_meta(table, first_spec, len(x), seconds, log)
@@ -376,9 +429,11 @@ def run_figures(table: TableSpec, out, overrides: dict, force: bool, progress: b
     run_dirs = {label: train_column(table, label, runs_dir, overrides, force, progress, log) for label in needed}
     if _rank() != 0:
         return {"log": log}
-    models = {label: load_checkpoint(run_dirs[label])[0].eval() for label in needed}
     spec = table.run_spec(needed[0], overrides)
-    x, y, splits = test_tensors(spec)
+    device = _device(spec)
+    models = {label: load_checkpoint(run_dirs[label], device=device)[0].eval() for label in needed}
+    limit = None if fig.routing_examples is None else max(fig.routing_examples, 64, fig.n_images)
+    x, y, splits = test_tensors(spec, limit)
     names = list(getattr(splits, "classes", None) or []) or None
     paths = {}
     n = min(fig.n_images, len(x))
@@ -412,30 +467,32 @@ def figure4(fig: FiguresSpec, spec: RunSpec, models: dict, x, y, path, class_nam
     # the paper's step (0.75 at eps 8) scaled with eps, so a larger radius is reached as the paper's is
     step = spec.attack.pgd_step_size / 255.0 * (eps * 255.0 / spec.attack.eps)
     pool = min(len(x), max(64, fig.n_images))
-    xs, ys = x[:pool], y[:pool]
+    device = next(models[fig.gradcam[0]].parameters()).device
+    xs, ys = x[:pool].to(device), y[:pool].to(device)
     generator = torch.Generator().manual_seed(spec.attack.seed)
     adversarial = {label: pgd(models[label], xs, ys, eps, step, spec.attack.pgd_steps, generator=generator)
                    for label in fig.gradcam}
     first = models[fig.gradcam[0]]
     with torch.no_grad():
         fooled = (first(adversarial[fig.gradcam[0]]).argmax(1) != ys).nonzero().flatten()
-    chosen = torch.tensor(list(dict.fromkeys(fooled.tolist() + list(range(pool))))[:fig.n_images])
-    return figures.figure4_gradcam({label: models[label] for label in fig.gradcam}, xs[chosen], ys[chosen],
-                                   {label: adv[chosen] for label, adv in adversarial.items()}, path, class_names)
+    chosen = torch.tensor(list(dict.fromkeys(fooled.tolist() + list(range(pool))))[:fig.n_images], device=device)
+    return figures.figure4_gradcam({label: models[label] for label in fig.gradcam}, xs[chosen].cpu(),
+                                   ys[chosen].cpu(), {label: adv[chosen] for label, adv in adversarial.items()},
+                                   path, class_names)
 
 
 
 def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str] = None,
               pretrained: Optional[str] = None, out=".", force: bool = False, progress: bool = True,
-              spec_file: Optional[str] = None) -> dict:
+              spec_file: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
     """``topkconv reproduce``: one table, the figures, or ``all``. Returns what each step did.
 
     ``spec_file`` replaces ``experiments/<table>-<preset>.toml`` (for one table, or for the figures,
-    which use Table III's models).
+    which use Table III's models). ``overrides`` (a RunSpec dict) is merged into every column.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    overrides = cli_overrides(data, pretrained)
+    overrides = merge(cli_overrides(data, pretrained), overrides or {})
     steps = list(TABLES) + ["figures"] if target == "all" else [target]
     done = {}
     for step in steps:
@@ -458,7 +515,7 @@ SWEEP_TARGETS = {"conv": ("TKC-max", "conv_k"), "fc": ("Dynamic-k", "fc_k")}
 
 def sweep(ks: list, layer: str = "conv", preset: str = "quick", column: Optional[str] = None,
           data: Optional[str] = None, pretrained: Optional[str] = None, out=".", force: bool = False,
-          progress: bool = True, spec_file: Optional[str] = None) -> dict:
+          progress: bool = True, spec_file: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
     """Train and attack one Table III column for every k; report clean and robust accuracy against k.
 
     ``layer="conv"`` sets ``defense.conv_k`` (default column TKC-max); ``layer="fc"`` sets every
@@ -478,7 +535,7 @@ def sweep(ks: list, layer: str = "conv", preset: str = "quick", column: Optional
     default_column, key = SWEEP_TARGETS[layer]
     column = column or default_column
     table = load_table_spec(spec_file if spec_file is not None else spec_path("table3", preset))
-    base_overrides = cli_overrides(data, pretrained)
+    base_overrides = merge(cli_overrides(data, pretrained), overrides or {})
     runs_dir = Path(out) / "runs"
     start = time.perf_counter()
     log: list = []
@@ -496,18 +553,26 @@ def sweep(ks: list, layer: str = "conv", preset: str = "quick", column: Optional
             train.fit(spec, run_dir, progress=progress)
             log.append({"k": k, "run": run_dir.name, "action": "trained"})
         points.append((k, spec, run_dir))
+    from . import distributed
+
+    ctx = distributed.setup(points[0][1].train.device)
+    try:
+        x, y, _ = test_tensors(points[0][1], test_limit(table, points[0][1]))
+        results = [evaluate_column(table, spec, run_dir, (x, y), None, force, progress, log, f"k={k}")
+                   for k, spec, run_dir in points]
+    finally:
+        distributed.teardown(ctx)
     if _rank() != 0:
         return {"log": log}
-    x, y, _ = test_tensors(points[0][1])
     rows = []
     eps = points[0][1].attack.eps
     extra = points[0][1].attack.extra_eps
-    for k, spec, run_dir in points:
-        result = evaluate_column(spec, run_dir, (x, y), None, force, progress, log, f"k={k}")
-        row = {"k": k, "run": run_dir.name, "clean": result.get("clean")}
+    for (k, spec, run_dir), result in zip(points, results):
+        row = {"k": k, "run": run_dir.name, "clean": report.clean_accuracy(result)}
         for e in [eps, *extra]:
             row[f"fgsm@{e:g}"] = report.attack_accuracy(result, "fgsm", e)
             row[f"pgd@{e:g}"] = report.attack_accuracy(result, "pgd", e)
+        for e in strong_radii(table, spec):
             row[f"worst@{e:g}"] = report.worst_case(result, e)
         row["masking flags"] = ", ".join(report.masking_flags(result)) or "none"
         rows.append(row)
