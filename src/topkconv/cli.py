@@ -13,7 +13,106 @@ from . import __version__
 
 
 def _add_train(sub) -> None:
-    pass  # filled in by the pipeline issue
+    p = sub.add_parser(
+        "train", help="train a model (a RunSpec from --spec and/or flags) into a run folder",
+        description="Train a VGG with a defence on a data set. Flags override the --spec file's values. The run "
+                    "folder gets model.safetensors and the training state after every epoch, metrics.jsonl, and "
+                    "run.json when the run is complete. Under torchrun it trains data-parallel "
+                    "(torchrun --nproc_per_node=N -m topkconv.cli train ...).")
+    p.add_argument("--spec", metavar="TOML", help="a RunSpec as TOML ([data], [model], [model.defense], [train])")
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<spec hash>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=("digits", "cifar10", "cinic10", "imagefolder"), help="data.name")
+    data.add_argument("--data-root", metavar="DIR", help="data.root: the folder of a local data set")
+    data.add_argument("--image-size", type=int, help="data.image_size: resize to this many pixels (paper: 224)")
+    data.add_argument("--no-augment", action="store_true", help="no random crop and flip")
+    data.add_argument("--limit-train", type=int, help="use only the first N training images")
+    data.add_argument("--limit-test", type=int, help="use only the first N test images")
+    data.add_argument("--workers", type=int, help="loader workers for streamed data sets")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", dest="arch", choices=("vgg-small", "vgg16"), help="model.arch")
+    model.add_argument("--width", type=float, help="vgg-small channel width multiplier")
+    model.add_argument("--hidden", type=int, help="width of the penultimate FC layer")
+    model.add_argument("--pretrained", metavar="FILE", help="torchvision's vgg16-397923af.pth for `features`")
+    model.add_argument("--defense", choices=("standard", "dropout", "dynamic_k", "topk_conv", "tkc_neuron", "sap",
+                                             "pruned"), help="model.defense.kind")
+    model.add_argument("--fc-k", type=_k_value, nargs="+", metavar="K",
+                       help="Dynamic-k: k per FC layer, a count or a fraction (paper: 250 10)")
+    model.add_argument("--fc-scope", choices=("final", "final2"), help="Dynamic-k in the last FC layer or both")
+    model.add_argument("--conv-layers", type=int, help="topk_conv/tkc_neuron: how many of the last convs are routed")
+    model.add_argument("--conv-k", type=_k_value, help="topk_conv/tkc_neuron: k (fraction of channels, or a count)")
+    model.add_argument("--criterion", choices=("max", "sum"), help="topk_conv channel score")
+    model.add_argument("--dropout-p", type=float, help="dropout: p in the FC layers")
+    model.add_argument("--sap-frac", type=float, help="sap: fraction of activations drawn")
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="global batch (split across torchrun processes)")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--schedule", choices=("cosine", "step"))
+    train.add_argument("--warmup-epochs", type=float)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.set_defaults(func=_run_train)
+
+
+def _k_value(text: str):
+    """A k on the command line: ``250`` is a count, ``0.01`` a fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+
+
+_TRAIN_FLAGS = {  # CLI destination -> (spec section, key)
+    "dataset": ("data", "name"), "data_root": ("data", "root"), "image_size": ("data", "image_size"),
+    "limit_train": ("data", "limit_train"), "limit_test": ("data", "limit_test"), "workers": ("data", "workers"),
+    "arch": ("model", "arch"), "width": ("model", "width"), "hidden": ("model", "hidden"),
+    "pretrained": ("model", "pretrained"), "defense": ("model.defense", "kind"), "fc_k": ("model.defense", "fc_k"),
+    "fc_scope": ("model.defense", "fc_scope"), "conv_layers": ("model.defense", "conv_layers"),
+    "conv_k": ("model.defense", "conv_k"), "criterion": ("model.defense", "criterion"),
+    "dropout_p": ("model.defense", "dropout_p"), "sap_frac": ("model.defense", "sap_frac"),
+    "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+    "weight_decay": ("train", "weight_decay"), "schedule": ("train", "schedule"),
+    "warmup_epochs": ("train", "warmup_epochs"), "seed": ("train", "seed"), "device": ("train", "device"),
+}
+
+
+def _run_train(args) -> int:
+    import os
+
+    from .config import spec_from_dict
+    from .io import read_toml
+    from .train import fit
+
+    spec = read_toml(args.spec, "spec file") if args.spec else {}
+    for dest, (section, key) in _TRAIN_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            table = spec
+            for part in section.split("."):
+                table = table.setdefault(part, {})
+            table[key] = value
+    if args.no_augment:
+        spec.setdefault("data", {})["augment"] = False
+    if args.amp:
+        spec.setdefault("train", {})["amp"] = True
+    try:
+        run_spec = spec_from_dict(spec)
+    except ValueError as err:
+        raise ValueError(f"{args.spec}: {err}" if args.spec else str(err)) from None
+    out = args.out or f"runs/{run_spec.hash()}"
+    _, summary = fit(run_spec, out, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {run_spec.model.arch} ({run_spec.model.defense.kind}) on {run_spec.data.name}: "
+              f"test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs -> {out}")
+    return 0
 
 
 def _add_evaluate(sub) -> None:

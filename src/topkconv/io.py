@@ -73,6 +73,30 @@ def append_jsonl(path: PathLike, obj: Any) -> None:
         os.fsync(handle.fileno())
 
 
+def read_json(path: PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing file or invalid JSON is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_toml(path: PathLike, what: str = "file") -> dict:
+    """Parse a TOML file; a missing file or invalid TOML is an error naming the file."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from None
+
+
 def environment_info() -> dict:
     """What produced a result: torch version, git commit (or None), device, CPU count, platform.
 

@@ -25,19 +25,28 @@ class BatchPlan:
 
 
 def plan_epoch(n: int, batch_size: int, *, shuffle: bool, augment: bool, image_size: int, flip: bool,
-               generator: Optional[torch.Generator], rank: int = 0, world_size: int = 1) -> list[BatchPlan]:
-    """The batches of one epoch for ``rank``. The last, short batch is cut to a multiple of ``world_size``."""
+               generator: Optional[torch.Generator], rank: int = 0, world_size: int = 1,
+               even: bool = True) -> list[BatchPlan]:
+    """The batches of one epoch for ``rank``.
+
+    With ``even`` (training) the last, short batch is cut to a multiple of ``world_size`` so every rank
+    holds the same number of images and averaging gradients over ranks equals the global mean; for
+    evaluation (``even=False``) nothing is dropped and a rank may get a smaller, even empty, share.
+    """
     if batch_size < world_size or batch_size % world_size:
         raise ValueError(f"train.batch_size={batch_size} must be a multiple of the number of processes ({world_size})")
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     plans = []
     for start in range(0, n, batch_size):
         batch = order[start:start + batch_size]
-        batch = batch[:len(batch) - len(batch) % world_size]
+        if even:
+            batch = batch[:len(batch) - len(batch) % world_size]
         if len(batch) == 0:
             continue
         params = AugmentParams(len(batch), image_size, generator, flip) if augment else None
         mine = torch.arange(rank, len(batch), world_size)
+        if len(mine) == 0:
+            continue
         plans.append(BatchPlan(batch[mine], params.select(mine) if params is not None else None))
     return plans
 
@@ -57,10 +66,10 @@ class TensorSplit:
         return len(self.labels)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
-                generator: Optional[torch.Generator] = None, rank: int = 0, world_size: int = 1
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                generator: Optional[torch.Generator] = None, rank: int = 0, world_size: int = 1,
+                even: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for plan in plan_epoch(len(self), batch_size, shuffle=shuffle, augment=augment, image_size=self.image_size,
-                               flip=self.flip, generator=generator, rank=rank, world_size=world_size):
+                               flip=self.flip, generator=generator, rank=rank, world_size=world_size, even=even):
             x = resize(to_float(self.images[plan.indices]), self.image_size)
             if plan.augment is not None:
                 x = plan.augment.apply(x)
@@ -128,10 +137,10 @@ class FileSplit:
                                            pin_memory=torch.cuda.is_available())
 
     def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
-                generator: Optional[torch.Generator] = None, rank: int = 0, world_size: int = 1
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                generator: Optional[torch.Generator] = None, rank: int = 0, world_size: int = 1,
+                even: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plans = plan_epoch(len(self), batch_size, shuffle=shuffle, augment=augment, image_size=self.image_size,
-                           flip=self.flip, generator=generator, rank=rank, world_size=world_size)
+                           flip=self.flip, generator=generator, rank=rank, world_size=world_size, even=even)
         for plan, (x, y) in zip(plans, self._loader([p.indices for p in plans])):
             yield (plan.augment.apply(x) if plan.augment is not None else x), y
 

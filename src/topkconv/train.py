@@ -1,0 +1,424 @@
+"""Training: ``fit(spec, run_dir)`` and the pieces it is built from, for reuse (pruning's fine-tuning).
+
+High level
+    :func:`fit` trains ``spec`` into ``run_dir`` and returns ``(model, summary)``. It writes
+    ``model.safetensors`` and the training state after every epoch, ``metrics.jsonl`` (one line per
+    epoch: loss, train and test accuracy, lr, seconds) and, when the last epoch is done, ``run.json``
+    (:mod:`topkconv.checkpoint`). ``resume=True`` continues a killed run from its last finished epoch and
+    ends with the same weights as an uninterrupted run. Under ``torchrun`` it trains data-parallel
+    (:mod:`topkconv.distributed`); only rank 0 writes.
+
+Reusable pieces
+    * :func:`resolve_spec` fills the model fields the data decides (channels, classes, size, mean/std).
+    * :func:`make_optimizer` (SGD, momentum, weight decay) and :func:`make_scheduler` (cosine or step,
+      stepped once per batch) from a :class:`~topkconv.config.TrainConfig`.
+    * :func:`epoch_generator` gives the seeded generator that shuffles and augments one epoch.
+    * :func:`train_one_epoch` runs one pass over an iterable of ``(x, y)`` batches and returns
+      ``{"loss", "train_acc", "n", "steps"}``; it raises :class:`NonFiniteLossError` on a NaN/inf loss.
+    * :func:`evaluate_accuracy` scores a split (or ``(x, y)`` tensors) in eval mode.
+    * :func:`train_epochs` is the checkpoint-free loop (e.g. fine-tuning selected parameters):
+      ``train_epochs(model, splits, train_cfg, params=..., lr=..., epochs=..., augment=...)``.
+
+Determinism and resume
+    Nothing draws from hidden random state across epochs: epoch ``e`` shuffles and augments with
+    ``epoch_generator(seed, e)`` and reseeds the global generator (dropout) from ``(seed, e, rank)``.
+    So the random state at an epoch boundary is a function of the seed and the epoch, and the saved
+    state (weights, optimizer, scheduler, epoch) is all a resume needs. The state is stored without
+    pickle: tensors in ``state/epoch-NNNN.safetensors``, the rest in ``train_state.json``, which is
+    written last and so commits the epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+from .checkpoint import MODEL_FILE, RUN_FILE, STATE_FILE, save_checkpoint, unwrap
+from .config import RunSpec, TrainConfig
+from .io import append_jsonl, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+
+STATE_DIR = "state"
+METRICS_FILE = "metrics.jsonl"
+SCHEDULES = ("cosine", "step")
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+# ---------------------------------------------------------------- building blocks
+
+def resolve_spec(spec: RunSpec, splits) -> RunSpec:
+    """``spec`` with the model fields that the data decides: in_channels, num_classes, image_size, mean, std."""
+    model = dataclasses.replace(spec.model, in_channels=splits.in_channels, num_classes=splits.num_classes,
+                                image_size=splits.image_size, mean=list(splits.mean), std=list(splits.std))
+    return dataclasses.replace(spec, model=model)
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    for key in ("epochs", "batch_size"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"train.{key} must be a positive int, got {value!r}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise ValueError(f"train.lr must be a positive number, got {cfg.lr!r}")
+    if cfg.schedule == "step" and cfg.step_size < 1:
+        raise ValueError(f"train.step_size must be at least 1, got {cfg.step_size!r}")
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: Optional[float] = None) -> torch.optim.SGD:
+    """SGD with the config's momentum and weight decay (``lr`` overrides ``cfg.lr``)."""
+    return torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=False)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int, epochs: Optional[int] = None) -> float:
+    """The learning-rate multiplier at batch ``step``: linear warm-up, then cosine to 0 or step decay."""
+    epochs = cfg.epochs if epochs is None else epochs
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: Optional[int] = None):
+    """A per-batch LambdaLR following :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, epochs))
+
+
+def epoch_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed derived from ``seed`` and ``parts``; independent streams for different epochs and ranks."""
+    digest = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator that shuffles and augments epoch ``epoch`` (the same on every rank)."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
+
+
+def _criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer, scheduler=None, *, device="cpu",
+                    amp: bool = False, epoch: int = 0, ctx: Optional[distributed.Context] = None,
+                    progress: bool = False, total: Optional[int] = None, desc: str = "train") -> dict:
+    """One pass of SGD over ``batches`` (``(x, y)`` pairs); returns ``{"loss", "train_acc", "n", "steps"}``.
+
+    The scheduler, when given, steps after every batch. ``epoch`` only labels errors and the progress bar.
+    Under DDP the loss and accuracy are summed over all processes every step, so every rank sees a
+    non-finite loss at the same step and stops together.
+    """
+    from tqdm import tqdm
+
+    ctx = ctx or distributed.Context(device=torch.device(device))
+    device = torch.device(device)
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    steps = 0
+    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr)
+    for step, (x, y) in enumerate(bar):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = _criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats = torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                             torch.tensor(float(len(y)), dtype=torch.float64, device=loss.device)])
+        stats = distributed.all_reduce_sum(stats.to(ctx.device), ctx).cpu()
+        if not torch.isfinite(stats[0]):
+            raise NonFiniteLossError(f"epoch {epoch + 1}, step {step + 1}: the training loss is "
+                                     f"{float(stats[0] / stats[2])}; stopping (lower train.lr?)")
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        totals += stats
+        steps += 1
+        if progress:
+            bar.set_postfix(loss=f"{float(totals[0] / totals[2]):.3f}", acc=f"{float(totals[1] / totals[2]):.3f}")
+    if steps == 0:
+        raise ValueError("no training batches: the training split is empty or smaller than the number of processes")
+    return {"loss": float(totals[0] / totals[2]), "train_acc": float(totals[1] / totals[2]),
+            "n": int(totals[2]), "steps": steps}
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, data, *, batch_size: int = 256, device="cpu", limit: Optional[int] = None,
+                      ctx: Optional[distributed.Context] = None, amp: bool = False) -> float:
+    """Accuracy of ``model`` (in eval mode; its mode is restored) on a split or on ``(x, y)`` tensors.
+
+    Under DDP each process scores its share of every batch and the counts are summed.
+    """
+    ctx = ctx or distributed.Context(device=torch.device(device))
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    if isinstance(data, (tuple, list)):
+        x_all, y_all = data
+        n = len(y_all) if limit is None else min(limit, len(y_all))
+        shares = (x_all[:n][ctx.rank::ctx.world_size], y_all[:n][ctx.rank::ctx.world_size])
+        batches = zip(shares[0].split(batch_size), shares[1].split(batch_size))
+    else:
+        if limit is not None and limit < len(data):
+            batches = _limited(data, limit, batch_size, ctx)
+        else:
+            per_rank = max(ctx.world_size, batch_size - batch_size % ctx.world_size)
+            batches = data.batches(per_rank, rank=ctx.rank, world_size=ctx.world_size, even=False)
+    counts = torch.zeros(2, dtype=torch.float64)
+    for x, y in batches:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x.to(device))
+        counts += torch.tensor([float((logits.argmax(1).cpu() == y).sum()), float(len(y))], dtype=torch.float64)
+    counts = distributed.all_reduce_sum(counts.to(ctx.device), ctx).cpu()
+    model.train(was_training)
+    if counts[1] == 0:
+        raise ValueError("no test images to evaluate")
+    return float(counts[0] / counts[1])
+
+
+def _limited(split, limit: int, batch_size: int, ctx: distributed.Context):
+    x, y = split.tensors(limit)
+    x, y = x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]
+    return zip(x.split(batch_size), y.split(batch_size))
+
+
+def train_epochs(model: nn.Module, splits, cfg: TrainConfig, *, params=None, lr: Optional[float] = None,
+                 epochs: Optional[int] = None, augment: bool = True, device="cpu", progress: bool = False,
+                 eval_limit: Optional[int] = None, on_epoch=None, first_epoch: int = 0) -> list[dict]:
+    """A plain loop without checkpoints: SGD + schedule from ``cfg`` over ``params`` (default: all).
+
+    Epoch ``e`` uses ``epoch_generator(cfg.seed, first_epoch + e)``. Returns one metrics dict per epoch
+    (``loss``, ``train_acc``, ``test_acc``, ``lr``, ``seconds``); ``on_epoch(record)`` is called after each.
+    """
+    check_train_config(cfg)
+    epochs = cfg.epochs if epochs is None else epochs
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    optimizer = make_optimizer(params, cfg, lr)
+    steps = splits.train.num_batches(cfg.batch_size)
+    scheduler = make_scheduler(optimizer, cfg, steps, epochs)
+    history = []
+    for e in range(epochs):
+        start = time.perf_counter()
+        generator = epoch_generator(cfg.seed, first_epoch + e)
+        torch.manual_seed(epoch_seed(cfg.seed, first_epoch + e, 0))
+        lr_now = optimizer.param_groups[0]["lr"]
+        batches = splits.train.batches(cfg.batch_size, shuffle=True, augment=augment, generator=generator)
+        stats = train_one_epoch(model, batches, optimizer, scheduler, device=device, epoch=e, progress=progress,
+                                total=steps, desc=f"epoch {e + 1}/{epochs}")
+        stats["test_acc"] = evaluate_accuracy(model, splits.test, batch_size=cfg.batch_size, device=device,
+                                              limit=eval_limit)
+        record = {"epoch": e + 1, "lr": lr_now, "seconds": round(time.perf_counter() - start, 3), **stats}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return history
+
+
+# ---------------------------------------------------------------- the training state on disk
+
+def _encode(obj, prefix: str, tensors: dict):
+    """JSON-able form of a nested state dict; tensors go to ``tensors`` under a path-like key."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        # JSON keys are strings; optimizer state is keyed by int parameter ids, so keep the key types.
+        return {"__items__": [[k, _encode(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix!r} in the training state")
+
+
+def _decode(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def save_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler, epoch: int, spec: RunSpec,
+                        requested_hash: str, extra: dict) -> None:
+    """Commit epoch ``epoch`` (1-based count of finished epochs): tensors first, then the JSON that names them."""
+    tensors: dict = {}
+    model_state = _encode(unwrap(model).state_dict(), "model", tensors)
+    optimizer_state = _encode(optimizer.state_dict(), "optimizer", tensors)
+    tensor_file = f"{STATE_DIR}/epoch-{epoch:04d}.safetensors"
+    atomic_save_safetensors(run_dir / tensor_file, tensors)
+    atomic_write_json(run_dir / STATE_FILE, {
+        "epoch": epoch, "hash": requested_hash, "spec": spec.to_dict(), "tensors": tensor_file,
+        "model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **extra})
+    for old in (run_dir / STATE_DIR).glob("epoch-*.safetensors"):
+        if old.name != Path(tensor_file).name:
+            old.unlink(missing_ok=True)
+
+
+def load_training_state(run_dir: Path) -> Optional[dict]:
+    """The committed state of ``run_dir`` with tensors filled in, or None when no epoch was committed."""
+    from safetensors.torch import load_file
+
+    state_file = run_dir / STATE_FILE
+    if not state_file.is_file():
+        return None
+    state = read_json(state_file)
+    tensor_file = run_dir / state["tensors"]
+    if not tensor_file.is_file():
+        raise FileNotFoundError(f"{tensor_file} not found (named by {state_file})")
+    tensors = load_file(tensor_file)
+    state["model"] = _decode(state["model"], tensors)
+    state["optimizer"] = _decode(state["optimizer"], tensors)
+    return state
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric lines of epochs after the committed one (a run killed between the two writes)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if record.get("epoch", 0) <= epochs_done:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+# ---------------------------------------------------------------- fit
+
+def fit(spec: RunSpec, run_dir, resume: bool = False, progress: bool = True, splits=None) -> tuple[nn.Module, dict]:
+    """Train ``spec`` into ``run_dir``; returns ``(model, summary)``. See the module docstring.
+
+    ``splits`` (a :class:`~topkconv.data.DataSplits`) skips loading the data again when the caller has it.
+    """
+    from .data import load_data
+    from .models import build_model, load_pretrained_vgg16
+
+    check_train_config(spec.train)
+    run_dir = Path(run_dir)
+    ctx = distributed.setup(spec.train.device)
+    try:
+        amp = spec.train.amp and ctx.device.type == "cuda"
+        if spec.train.amp and not amp:
+            warnings.warn("train.amp (bf16 autocast) needs CUDA; training in float32 on the CPU", stacklevel=2)
+        splits = splits if splits is not None else load_data(spec.data)
+        resolved = resolve_spec(spec, splits)
+        requested_hash = spec.hash()
+
+        torch.manual_seed(epoch_seed(spec.train.seed, -1))  # the initial weights
+        model = build_model(resolved.model)
+        state = load_training_state(run_dir) if resume else None
+        if state is not None and state["hash"] != requested_hash:
+            raise ValueError(f"{run_dir / STATE_FILE}: this run folder holds spec {state['hash']}, not "
+                             f"{requested_hash}; use another --out or drop --resume")
+        if state is None and resolved.model.pretrained:
+            load_pretrained_vgg16(model, resolved.model.pretrained)
+        model.to(ctx.device)
+        ddp_model = distributed.wrap(model, ctx)
+        optimizer = make_optimizer(model.parameters(), spec.train)
+        steps = splits.train.num_batches(spec.train.batch_size, ctx.world_size)
+        scheduler = make_scheduler(optimizer, spec.train, steps)
+        first_epoch, elapsed = 0, 0.0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            first_epoch, elapsed = state["epoch"], state.get("seconds", 0.0)
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if state is None:
+                _clear_run(run_dir)
+            else:
+                _truncate_metrics(run_dir / METRICS_FILE, first_epoch)
+        distributed.barrier(ctx)
+
+        record: dict = {}
+        for epoch in range(first_epoch, spec.train.epochs):
+            start = time.perf_counter()
+            generator = epoch_generator(spec.train.seed, epoch)
+            torch.manual_seed(epoch_seed(spec.train.seed, epoch, ctx.rank))  # dropout masks
+            lr_now = optimizer.param_groups[0]["lr"]
+            batches = splits.train.batches(spec.train.batch_size, shuffle=True, augment=spec.data.augment,
+                                           generator=generator, rank=ctx.rank, world_size=ctx.world_size)
+            stats = train_one_epoch(ddp_model, batches, optimizer, scheduler, device=ctx.device, amp=amp,
+                                    epoch=epoch, ctx=ctx, progress=progress and ctx.is_main, total=steps,
+                                    desc=f"epoch {epoch + 1}/{spec.train.epochs}")
+            _check_finite_weights(model, epoch)
+            test_acc = evaluate_accuracy(model, splits.test, batch_size=spec.train.batch_size, device=ctx.device,
+                                         limit=spec.train.eval_examples, ctx=ctx, amp=amp)
+            seconds = time.perf_counter() - start
+            elapsed += seconds
+            record = {"epoch": epoch + 1, "loss": stats["loss"], "train_acc": stats["train_acc"],
+                      "test_acc": test_acc, "lr": lr_now, "seconds": round(seconds, 3), "steps": stats["steps"],
+                      "images": stats["n"]}
+            if ctx.is_main:
+                append_jsonl(run_dir / METRICS_FILE, record)
+                save_training_state(run_dir, model, optimizer, scheduler, epoch + 1, resolved, requested_hash,
+                                    {"seconds": elapsed, "metrics": record})
+                save_checkpoint_weights(run_dir, model)
+                if progress:
+                    print(f"epoch {epoch + 1}/{spec.train.epochs}: loss {record['loss']:.4f}, train acc "
+                          f"{record['train_acc']:.4f}, test acc {test_acc:.4f}, {seconds:.1f} s", file=sys.stderr)
+            distributed.barrier(ctx)
+
+        if not record and state is not None:
+            record = state.get("metrics", {})
+        summary = {"epochs": spec.train.epochs, "resumed_from_epoch": first_epoch if state is not None else None,
+                   "final": record, "test_acc": record.get("test_acc"), "seconds": round(elapsed, 3),
+                   "world_size": ctx.world_size, "device": str(ctx.device), "amp": amp, "seed": spec.train.seed,
+                   "complete": True}
+        if ctx.is_main:
+            save_checkpoint(run_dir, model, resolved, extra={"train": summary}, requested_hash=requested_hash)
+        distributed.barrier(ctx)
+        return model.eval(), summary
+    finally:
+        distributed.teardown(ctx)
+
+
+def save_checkpoint_weights(run_dir: Path, model: nn.Module) -> None:
+    """The current weights as ``model.safetensors`` (``run.json`` follows once the run is complete)."""
+    atomic_save_safetensors(run_dir / MODEL_FILE, unwrap(model).state_dict())
+
+
+def _check_finite_weights(model: nn.Module, epoch: int) -> None:
+    for name, param in unwrap(model).named_parameters():
+        if not torch.isfinite(param).all():
+            raise NonFiniteLossError(f"epoch {epoch + 1}: parameter {name!r} is no longer finite; stopping")
+
+
+def _clear_run(run_dir: Path) -> None:
+    """A fresh run replaces whatever a previous one left, so no stale file passes for this run's output."""
+    for name in (RUN_FILE, MODEL_FILE, STATE_FILE, METRICS_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    for old in (run_dir / STATE_DIR).glob("epoch-*.safetensors"):
+        old.unlink()

@@ -1,0 +1,187 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from topkconv.config import DataConfig
+from topkconv.data import AugmentParams, load_data, plan_epoch
+from topkconv.data.folders import CINIC_CLASSES
+
+
+# ---------------------------------------------------------------- digits
+
+def test_digits_split_is_fixed_stratified_and_in_unit_range():
+    a = load_data(DataConfig(name="digits"))
+    b = load_data(DataConfig(name="digits"))
+    c = load_data(DataConfig(name="digits", split_seed=1))
+    assert (len(a.train), len(a.test)) == (1437, 360)
+    assert (a.num_classes, a.in_channels, a.image_size) == (10, 1, 32)
+    x, y = a.test_tensors()
+    assert x.shape == (360, 1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.9
+    assert torch.equal(y, b.test_tensors()[1]) and not torch.equal(y, c.test_tensors()[1])
+    counts = torch.bincount(y, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # 20% of ~180 per class
+    assert len(a.mean) == len(a.std) == 1 and 0.1 < a.mean[0] < 0.5
+    small = load_data(DataConfig(name="digits", image_size=16, limit_train=100, limit_test=7))
+    assert small.test_tensors()[0].shape == (7, 1, 16, 16) and len(small.train) == 100
+
+
+def test_batches_cover_the_split_and_shuffle_by_generator():
+    data = load_data(DataConfig(name="digits", limit_train=200))
+    seen = []
+    for x, y in data.train.batches(64, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        assert x.shape[1:] == (1, 32, 32)
+        seen.append(y)
+    again = torch.cat([y for _, y in data.train.batches(64, shuffle=True,
+                                                         generator=torch.Generator().manual_seed(0))])
+    assert torch.equal(torch.cat(seen), again)
+    assert sorted(torch.cat(seen).tolist()) == sorted(data.train.labels.tolist())
+
+
+def test_rank_shares_rebuild_the_global_batches():
+    one = plan_epoch(10, 4, shuffle=True, augment=True, image_size=8, flip=True,
+                     generator=torch.Generator().manual_seed(3))
+    shares = [plan_epoch(10, 4, shuffle=True, augment=True, image_size=8, flip=True,
+                         generator=torch.Generator().manual_seed(3), rank=r, world_size=2) for r in range(2)]
+    assert [len(p.indices) for p in one] == [4, 4, 2]
+    for whole, r0, r1 in zip(one, *shares):
+        assert sorted(whole.indices.tolist()) == sorted(r0.indices.tolist() + r1.indices.tolist())
+        assert torch.equal(whole.augment.dy[0::2], r0.augment.dy) and torch.equal(whole.augment.dx[1::2], r1.augment.dx)
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_epoch(10, 3, shuffle=False, augment=False, image_size=8, flip=True, generator=None, world_size=2)
+
+
+def test_augmentation_crops_and_flips_each_image_by_its_own_draw():
+    x = torch.rand(3, 2, 8, 8)
+    params = AugmentParams(3, 8, torch.Generator().manual_seed(0))
+    params.dy[:] = torch.tensor([1, 0, 2])  # pad is 1 at 8 px: offset 1 is the identity
+    params.dx[:] = torch.tensor([1, 2, 1])
+    params.flip[:] = torch.tensor([False, False, True])
+    out = params.apply(x)
+    torch.testing.assert_close(out[0], x[0])
+    torch.testing.assert_close(out[1, :, 1:, :-1], x[1, :, :-1, 1:])  # moved down-left by one pixel
+    torch.testing.assert_close(out[2, :, :-1], x[2, :, 1:].flip(-1))
+    same = AugmentParams(3, 8, torch.Generator().manual_seed(5)).apply(x)
+    torch.testing.assert_close(same, AugmentParams(3, 8, torch.Generator().manual_seed(5)).apply(x))
+
+
+def test_unknown_data_set_and_bad_limits_are_named():
+    with pytest.raises(ValueError, match="data.name"):
+        load_data(DataConfig(name="mnist"))
+    with pytest.raises(ValueError, match="limit_train"):
+        load_data(DataConfig(limit_train=0))
+
+
+# ---------------------------------------------------------------- CIFAR-10 pickles
+
+def write_cifar(root, per_file=6, bytes_keys=True):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        labels = list(rng.integers(0, 10, per_file))
+        batch = {b"data": data, b"labels": labels} if bytes_keys else {"data": data, "labels": labels}
+        (root / name).write_bytes(pickle.dumps(batch))
+        files[name] = (data, labels)
+    return files
+
+
+@pytest.mark.parametrize("bytes_keys", [True, False])
+def test_cifar10_loads_channel_major_pickles(tmp_path, bytes_keys):
+    files = write_cifar(tmp_path / "cifar", bytes_keys=bytes_keys)
+    data = load_data(DataConfig(name="cifar10", root=str(tmp_path / "cifar")))
+    assert (len(data.train), len(data.test), data.in_channels, data.classes[0]) == (30, 6, 3, "airplane")
+    x, y = data.test_tensors()
+    raw, labels = files["test_batch"]
+    expected = torch.from_numpy(raw.reshape(-1, 3, 32, 32)).float() / 255
+    torch.testing.assert_close(x, expected)
+    assert y.tolist() == [int(v) for v in labels]
+    all_train = np.concatenate([files[f"data_batch_{i}"][0] for i in range(1, 6)]).reshape(-1, 3, 1024)
+    assert data.mean == pytest.approx((all_train / 255).mean(axis=(0, 2)).tolist(), abs=1e-5)
+    resized = load_data(DataConfig(name="cifar10", root=str(tmp_path / "cifar"), image_size=48))
+    assert resized.test_tensors(2)[0].shape == (2, 3, 48, 48)
+
+
+def test_cifar10_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        load_data(DataConfig(name="cifar10", root=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match="data.root"):
+        load_data(DataConfig(name="cifar10"))
+    root = tmp_path / "cifar"
+    write_cifar(root)
+    (root / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        load_data(DataConfig(name="cifar10", root=str(root)))
+    (root / "data_batch_3").write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(ValueError, match="data_batch_3.*dict"):
+        load_data(DataConfig(name="cifar10", root=str(root)))
+    (root / "data_batch_3").write_bytes(b"garbage, not a pickle")
+    with pytest.raises(ValueError, match="data_batch_3.*not a CIFAR-10 pickle"):
+        load_data(DataConfig(name="cifar10", root=str(root)))
+    (root / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(ValueError, match=r"data_batch_3.*\(N, 3072\)"):
+        load_data(DataConfig(name="cifar10", root=str(root)))
+
+
+# ---------------------------------------------------------------- CINIC-10 and image folders
+
+def write_tree(root, classes, per_class=2, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    pixels = {}
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            array = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            path = root / name / f"img{i}.png"
+            Image.fromarray(array).save(path)
+            pixels[path] = array
+    return pixels
+
+
+def test_cinic10_streams_png_trees_with_workers(tmp_path):
+    pixels = write_tree(tmp_path / "cinic" / "test", CINIC_CLASSES, per_class=1)
+    write_tree(tmp_path / "cinic" / "train", CINIC_CLASSES, per_class=2, seed=1)
+    data = load_data(DataConfig(name="cinic10", root=str(tmp_path / "cinic"), workers=1))
+    assert (len(data.train), len(data.test), data.num_classes) == (20, 10, 10)
+    assert data.mean[0] == pytest.approx(0.47889522)
+    x, y = data.test_tensors()
+    assert x.shape == (10, 3, 32, 32)
+    for image, label, path in zip(x, y, data.test.dataset.files):
+        assert CINIC_CLASSES[label] == path.parent.name
+        torch.testing.assert_close(image, torch.from_numpy(pixels[path]).permute(2, 0, 1).float() / 255)
+    batches = list(data.train.batches(8, shuffle=True, augment=True, generator=torch.Generator().manual_seed(0)))
+    assert [len(b[1]) for b in batches] == [8, 8, 4] and batches[0][0].shape == (8, 3, 32, 32)
+
+
+def test_cinic10_errors_name_the_folder_or_file(tmp_path):
+    root = tmp_path / "cinic"
+    with pytest.raises(FileNotFoundError, match="cinic"):
+        load_data(DataConfig(name="cinic10", root=str(root)))
+    write_tree(root / "train", CINIC_CLASSES, per_class=1)
+    write_tree(root / "test", CINIC_CLASSES[:-1], per_class=1)
+    with pytest.raises(FileNotFoundError, match="test/truck"):
+        load_data(DataConfig(name="cinic10", root=str(root)))
+    (root / "test" / "truck").mkdir()
+    with pytest.raises(ValueError, match="empty.*test/truck"):
+        load_data(DataConfig(name="cinic10", root=str(root)))
+    (root / "test" / "truck" / "broken.png").write_bytes(b"\x89PNG not really")
+    data = load_data(DataConfig(name="cinic10", root=str(root), workers=0))
+    with pytest.raises(ValueError, match="broken.png"):
+        data.test_tensors()
+
+
+def test_imagefolder_splits_a_class_tree_and_resizes(tmp_path):
+    write_tree(tmp_path / "pets", ["cat", "dog", "eel"], per_class=5, size=20)
+    data = load_data(DataConfig(name="imagefolder", root=str(tmp_path / "pets"), image_size=24, workers=0))
+    assert data.classes == ["cat", "dog", "eel"]
+    assert (len(data.train), len(data.test)) == (12, 3)
+    x, y = data.test_tensors()
+    assert x.shape == (3, 3, 24, 24) and sorted(y.tolist()) == [0, 1, 2]
+    assert 0.3 < data.mean[0] < 0.7
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="no class folders"):
+        load_data(DataConfig(name="imagefolder", root=str(tmp_path / "none")))

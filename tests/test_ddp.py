@@ -1,0 +1,58 @@
+"""Data-parallel training under torchrun (2 CPU processes, gloo) matches one process at the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from topkconv.config import DataConfig, DefenseConfig, ModelConfig, RunSpec, TrainConfig
+from topkconv.data import load_data
+from topkconv.models import build_model
+from topkconv.train import epoch_seed, fit, resolve_spec
+
+FLAGS = ["--dataset", "digits", "--image-size", "16", "--limit-train", "80", "--limit-test", "20",
+         "--model", "vgg-small", "--width", "0.25", "--hidden", "32", "--defense", "dynamic_k",
+         "--fc-k", "0.1", "0.5", "--batch-size", "32", "--epochs", "2", "--lr", "0.02", "--seed", "3",
+         "--device", "cpu", "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this torch build has no gloo backend")
+def test_two_processes_match_one_process(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "-m", "topkconv.cli", "train", *FLAGS, "--out", str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # The same run in this process: augmentation on, 80 images = batches of 32, 32 and 16 per epoch.
+    spec = RunSpec(data=DataConfig(name="digits", image_size=16, limit_train=80, limit_test=20),
+                   model=ModelConfig(arch="vgg-small", width=0.25, hidden=32,
+                                     defense=DefenseConfig(kind="dynamic_k", fc_k=[0.1, 0.5])),
+                   train=TrainConfig(epochs=2, batch_size=32, lr=0.02, seed=3, device="cpu"))
+    single, summary = fit(spec, tmp_path / "single", progress=False)
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["hash"] == spec.hash() and run["extra"]["train"]["world_size"] == 2
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in metrics] == [1, 2]  # only rank 0 wrote
+    assert json.loads(metrics[-1])["images"] == 80
+    distributed = load_file(out / "model.safetensors")
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=2e-5, msg=key)
+    torch.manual_seed(epoch_seed(3, -1))  # how fit seeds the initial weights
+    initial = build_model(resolve_spec(spec, load_data(spec.data)).model).state_dict()
+    assert (distributed["classifier.0.weight"] - initial["classifier.0.weight"]).abs().max() > 1e-4  # it trained
+    assert json.loads(metrics[-1])["test_acc"] == pytest.approx(summary["test_acc"])
