@@ -239,3 +239,45 @@ def test_bad_configs_raise_clear_errors(change, match):
     x, y = eval_data()
     with pytest.raises(ValueError, match=match):
         evaluate(trained_mlp(), x, y, dataclasses.replace(FULL, **change), progress=False)
+
+
+# ---------------------------------------------------------------- checkpoint + CLI (pipeline code) integration
+
+def _tiny_checkpoint(folder, defense="dynamic_k"):
+    from topkconv.checkpoint import save_checkpoint
+    from topkconv.config import DataConfig, DefenseConfig, ModelConfig, RunSpec
+    from topkconv.models import build_model
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(arch="vgg-small", num_classes=10, in_channels=1, image_size=32, hidden=16, width=0.125,
+                            mean=[0.3], std=[0.3], defense=DefenseConfig(kind=defense, fc_k=[0.5, 0.5]))
+    spec = RunSpec(name=f"tiny-{defense}", data=DataConfig(name="digits", augment=False), model=model_cfg)
+    save_checkpoint(folder, build_model(model_cfg).eval(), spec)
+    return folder
+
+
+def test_cli_evaluate_writes_eval_json_and_plot_for_a_checkpoint(tmp_path, capsys):
+    from topkconv.cli import main
+
+    run = _tiny_checkpoint(tmp_path / "run")
+    baseline = _tiny_checkpoint(tmp_path / "baseline", defense="standard")
+    code = main(["evaluate", str(run), "--suite", "full", "--surrogate", str(baseline), "--n", "24",
+                 "--eps", "8", "--steps", "3", "--eps-curve", "0", "8", "64", "--apgd-iters", "3",
+                 "--square-queries", "10", "--autoattack-attacks", "apgd-ce", "--batch-size", "16",
+                 "--no-progress"])
+    assert code == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert (run / "acc-vs-eps.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["n"] == 24 and result["config"]["eps"] == 8 and result["config"]["pgd_steps"] == 3
+    assert {"fgsm", "pgd", "autoattack", "square", "transfer", "bpda_pgd"} <= set(result["attacks"])
+    assert result["model"]["routing"] is True
+    assert set(result["masking_checks"]) == set(CHECKS)
+    assert result["run"]["name"] == "tiny-dynamic_k" and "env" in result
+    assert "worst case" in capsys.readouterr().out
+
+
+def test_cli_evaluate_names_a_missing_checkpoint(tmp_path, capsys):
+    from topkconv.cli import main
+
+    assert main(["evaluate", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    assert "nowhere" in capsys.readouterr().err

@@ -42,20 +42,21 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
 
     Only the input gradient is requested, so autograd skips the weight gradients.
     """
-    grad = torch.zeros_like(x)
-    logits_sum = None
+    grad, logits_sum = None, None
     for _ in range(eot_samples):
         x_var = x.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x_var)
             value = attack_loss(logits, y, loss, targeted).sum()
-            if value.requires_grad:
-                grad += torch.autograd.grad(value, x_var)[0]
-        # A model that cuts the graph (e.g. one that detaches its input) has a zero gradient; that is
-        # gradient masking for the checks to report, not an error.
+            # A model that cuts the graph (e.g. one that detaches its input) has a zero gradient; that is
+            # gradient masking for the checks to report, not an error.
+            draw = torch.autograd.grad(value, x_var)[0] if value.requires_grad else torch.zeros_like(x)
         logits = logits.detach()
-        logits_sum = logits if logits_sum is None else logits_sum + logits
-    return grad / eot_samples, logits_sum / eot_samples
+        grad = draw if grad is None else grad.add_(draw)
+        logits_sum = logits if logits_sum is None else logits_sum.add_(logits)
+    if eot_samples == 1:
+        return grad, logits_sum
+    return grad.div_(eot_samples), logits_sum.div_(eot_samples)
 
 
 def _fooled(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
@@ -117,7 +118,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
             if random_start and eps > 0:
                 gen_device = generator.device if generator is not None else device
                 noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
-                x_adv = torch.min(torch.max(x + (2 * noise.to(device) - 1) * eps, low), high)
+                x_adv = torch.clamp(x + (2 * noise.to(device) - 1) * eps, low, high)
             for step in range(steps + 1):
                 if step < steps:
                     grad, logits = input_gradient(model, x_adv, y, loss, targeted, eot_samples)
@@ -128,5 +129,5 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
                 best = torch.where(_per_example(fooled & ~found, x), x_adv, best)
                 found |= fooled
                 if step < steps:
-                    x_adv = torch.min(torch.max(x_adv + step_size * grad.sign(), low), high)
+                    x_adv = torch.clamp(x_adv.add(grad.sign_(), alpha=step_size), low, high)
         return torch.where(_per_example(found, x), best, x_adv).detach()
