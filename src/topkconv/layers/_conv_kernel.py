@@ -1,18 +1,20 @@
 """Fast exact TopKConv kernel (Algorithm 2) that never builds the B x out x in x H x W maps A.
 
-Per chunk of samples (sized by the memory budget) the input is unfolded once into patch columns
-(n, in * kh * kw, L). From them:
+Per chunk of samples (the chunk sized by the memory budget) the input is unfolded into patch
+columns (n, kh * kw * in, L), tap-major so that per-sample masks over ``in`` broadcast along
+contiguous memory, in a workspace reused across chunks. From them:
 
-* ``sum`` score: the spatial sum of A[b, c, i] is ``sum_j W[c, i, j] S[b, i, j]`` with S the window
-  sums of the columns, a tiny batched matmul.
-* ``max`` score: for each sample and a cache-sized block of input channels, the maps of all output
-  channels at once, ``patches_i (L, kh*kw) @ W[:, i]^T (kh*kw, out)``, reduced by a max over L
-  before the next block. Only (n, out, in) scores leave the block.
-* Output: the per-sample masked weight ``W * mask[b]`` (n, out, in * kh * kw) times the columns.
+* ``sum`` score: the spatial sum of A[b, c, i] is ``sum_j W[c, i, j] S[b, i, j]``, with S the window
+  sums (the columns summed over L); the contraction is a tiny batched matmul.
+* ``max`` score: per input channel one matmul ``(samples * L, kh*kw) @ (kh*kw, out)`` gives that
+  channel's maps for a cache-sized group of samples and every output channel, reduced by a max
+  over L at once. Only the (n, out, in) scores leave the block.
+* Output: the per-sample masked weight (n, out, in * kh * kw), unselected input channels zeroed,
+  times the columns (one batched matmul).
 
-Backward recomputes the columns chunk by chunk from the saved input and rebuilds the mask from the
-saved (B, out, k) indices: ``grad_x`` folds ``(W * mask)^T @ g``; ``grad_w`` sums the masked
-per-sample outer products ``(g @ cols^T) * mask`` over the batch.
+Backward rebuilds the columns and masked weights chunk by chunk from the saved input and the saved
+(B, out, k) indices: ``grad_x`` folds ``masked^T @ g`` back onto the input; ``grad_w`` adds the
+per-sample weight gradients ``g @ cols^T`` times each sample's mask.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from torch.autograd.function import once_differentiable
 
 from ._budget import chunks, units_per_chunk
 
-# One block of maps for the max score is meant to stay in cache.
-_CACHE_BLOCK_BYTES = 4 * 2**20
+# One block of maps for the max score is meant to stay in the L2 cache.
+_CACHE_BLOCK_BYTES = 2**19
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -37,33 +39,104 @@ def _pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _max_scores(cols: torch.Tensor, weight_t: torch.Tensor, in_ch: int, taps: int) -> torch.Tensor:
-    """(n, out, in) spatial maxima of the maps A from the columns (n, in * taps, L)."""
+class _Columns:
+    """Reusable workspace that unfolds chunks of samples into tap-major patch columns
+    (n, kh * kw * in, L), and folds column gradients back.
+
+    ``F.unfold`` allocates (and page-faults) a fresh tensor for every chunk; copying through a
+    strided view of a padded buffer that lives for the whole call costs a fraction of that."""
+
+    def __init__(self, x: torch.Tensor, chunk: int, kernel, stride, padding, dilation):
+        (self.kh, self.kw), self.stride, self.padding, self.dilation = kernel, stride, padding, dilation
+        _, self.in_ch, self.height, self.width = x.shape
+        self.oh = conv_output_size(self.height, self.kh, stride[0], padding[0], dilation[0])
+        self.ow = conv_output_size(self.width, self.kw, stride[1], padding[1], dilation[1])
+        ph, pw = padding
+        self.padded = x.new_zeros(chunk, self.in_ch, self.height + 2 * ph, self.width + 2 * pw)
+        self.cols = None
+
+    def _interior(self, n: int) -> torch.Tensor:
+        ph, pw = self.padding
+        return self.padded[:n, :, ph:ph + self.height, pw:pw + self.width]
+
+    def _windows(self, n: int) -> torch.Tensor:
+        """(n, kh, kw, in, oh, ow) view of the padded buffer: what every tap sees at every position."""
+        padded = self.padded[:n]
+        s_b, s_c, s_h, s_w = padded.stride()
+        return padded.as_strided(
+            (n, self.kh, self.kw, self.in_ch, self.oh, self.ow),
+            (s_b, self.dilation[0] * s_h, self.dilation[1] * s_w, s_c, self.stride[0] * s_h, self.stride[1] * s_w))
+
+    def unfold(self, xs: torch.Tensor) -> torch.Tensor:
+        n = xs.shape[0]
+        if self.cols is None:
+            self.cols = xs.new_empty(self.padded.shape[0], self.kh * self.kw * self.in_ch, self.oh * self.ow)
+        self._interior(n).copy_(xs)
+        cols = self.cols[:n]
+        cols.view(n, self.kh, self.kw, self.in_ch, self.oh, self.ow).copy_(self._windows(n))
+        return cols
+
+    def fold(self, grad_cols: torch.Tensor) -> torch.Tensor:
+        """Adjoint of :meth:`unfold`: sum every column gradient back onto the input position it came from."""
+        n = grad_cols.shape[0]
+        self.padded[:n].zero_()
+        windows = self._windows(n)
+        per_tap = grad_cols.view(n, self.kh, self.kw, self.in_ch, self.oh, self.ow)
+        for u in range(self.kh):  # taps may overlap: add them one at a time
+            for v in range(self.kw):
+                windows[:, u, v].add_(per_tap[:, u, v])
+        out = self._interior(n).clone()
+        self.padded[:n].zero_()  # the borders must be zero again for the next unfold
+        return out
+
+
+class _MaskedWeights:
+    """Reusable per-sample weights with the unselected input channels zeroed, (n, out, taps * in),
+    and the (n, out, in) masks they come from. One buffer serves every chunk of a call."""
+
+    def __init__(self, weight_tap_major: torch.Tensor, chunk: int):
+        out_ch, taps, in_ch = weight_tap_major.shape
+        self.weight = weight_tap_major
+        self.masks = weight_tap_major.new_empty(chunk, out_ch, in_ch)
+        self.buffer = weight_tap_major.new_empty(chunk, out_ch, taps, in_ch)
+
+    def fill(self, indices: torch.Tensor) -> torch.Tensor:
+        n = indices.shape[0]
+        masks = self.masks[:n].zero_().scatter_(2, indices.long(), 1.0)
+        masked = torch.mul(self.weight, masks[:, :, None, :], out=self.buffer[:n])
+        return masked.view(n, masked.shape[1], -1)
+
+
+def _max_scores(cols: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """(n, out, in) spatial maxima of the maps A, from the tap-major columns (n, taps * in, L).
+
+    Per input channel one matmul ``(samples * L, taps) @ (taps, out)`` gives that channel's maps for
+    a cache-sized group of samples and every output channel, reduced by a max over L at once."""
     n, _, positions = cols.shape
-    out_ch = weight_t.shape[2]
-    patches = cols.view(n, in_ch, taps, positions).transpose(2, 3)  # (n, in, L, taps)
-    scores = cols.new_empty(n, in_ch, out_ch)
-    per_channel = positions * out_ch * cols.element_size()
-    block = units_per_chunk(per_channel, in_ch, _CACHE_BLOCK_BYTES if cols.device.type == "cpu" else None)
-    for b in range(n):
-        for i0, i1 in chunks(in_ch, block):
-            maps = torch.matmul(patches[b, i0:i1], weight_t[i0:i1])  # (block, L, out)
-            torch.amax(maps, dim=1, out=scores[b, i0:i1])
-    return scores.transpose(1, 2)
+    in_ch, taps, out_ch = weight_t.shape
+    scores = cols.new_empty(in_ch, n, out_ch)
+    per_sample = positions * out_ch * cols.element_size()
+    group = units_per_chunk(per_sample, n, _CACHE_BLOCK_BYTES if cols.device.type == "cpu" else None)
+    maps = cols.new_empty(group * positions, out_ch)
+    for s0, s1 in chunks(n, group):
+        # (in, samples * L, taps): one contiguous patch matrix per input channel
+        patches = cols[s0:s1].view(s1 - s0, taps, in_ch, positions).permute(2, 0, 3, 1).reshape(in_ch, -1, taps)
+        block = maps[: patches.shape[1]]
+        for i in range(in_ch):
+            torch.mm(patches[i], weight_t[i], out=block)
+            torch.amax(block.view(s1 - s0, positions, out_ch), dim=1, out=scores[i, s0:s1])
+    return scores.permute(1, 2, 0)
 
 
-def _sum_scores(cols: torch.Tensor, weight_3: torch.Tensor, in_ch: int, taps: int) -> torch.Tensor:
+def _sum_scores(cols: torch.Tensor, weight_tap_major: torch.Tensor) -> torch.Tensor:
     """(n, out, in) spatial sums of the maps A: window sums contracted with the filter taps."""
     n = cols.shape[0]
-    window_sums = cols.view(n, in_ch, taps, -1).sum(-1)  # (n, in, taps)
-    # per input channel: (n, taps) @ (taps, out)
-    per_channel = torch.bmm(window_sums.transpose(0, 1), weight_3.permute(1, 2, 0))  # (in, n, out)
-    return per_channel.permute(1, 2, 0)
-
-
-def _masks(indices: torch.Tensor, in_ch: int, dtype) -> torch.Tensor:
-    n, out_ch, _ = indices.shape
-    return torch.zeros(n, out_ch, in_ch, dtype=dtype, device=indices.device).scatter_(2, indices.long(), 1.0)
+    out_ch, taps, in_ch = weight_tap_major.shape
+    sums = cols.view(n, taps, in_ch, -1).sum(-1)  # S[b, j, i]: what tap j of channel i sees, summed
+    scores = cols.new_zeros(n, out_ch, in_ch)
+    for j in range(taps):  # a few long vectorised multiply-adds beat a batch of tiny matmuls
+        scores.addcmul_(sums[:, None, j, :], weight_tap_major[None, :, j, :])
+    return scores
 
 
 class TopKConv2dFunction(torch.autograd.Function):
@@ -74,31 +147,30 @@ class TopKConv2dFunction(torch.autograd.Function):
         batch, in_ch, height, width = x.shape
         out_ch, _, kh, kw = weight.shape
         taps = kh * kw
-        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-        oh = conv_output_size(height, kh, stride[0], padding[0], dilation[0])
-        ow = conv_output_size(width, kw, stride[1], padding[1], dilation[1])
-        positions = oh * ow
-        out = x.new_empty(batch, out_ch, positions)
-        indices = torch.empty(batch, out_ch, k, dtype=torch.int32, device=x.device)
-        weight_3 = weight.reshape(out_ch, in_ch, taps)
-        weight_t = weight_3.permute(1, 2, 0).contiguous() if criterion == "max" else None  # (in, taps, out)
+        geometry = ((kh, kw), _pair(stride), _pair(padding), _pair(dilation))
         elem = x.element_size()
-        # Per sample: columns, masked weight, scores and mask.
-        per_sample = (in_ch * taps * positions + out_ch * in_ch * taps + 3 * out_ch * in_ch) * elem
-        for b0, b1 in chunks(batch, units_per_chunk(per_sample, batch)):
-            cols = F.unfold(x[b0:b1], (kh, kw), dilation, padding, stride)  # (n, in * taps, L)
-            if criterion == "max":
-                scores = _max_scores(cols, weight_t, in_ch, taps)
-            else:
-                scores = _sum_scores(cols, weight_3, in_ch, taps)
+        oh = conv_output_size(height, kh, geometry[1][0], geometry[2][0], geometry[3][0])
+        ow = conv_output_size(width, kw, geometry[1][1], geometry[2][1], geometry[3][1])
+        # Per sample: padded input, columns, their per-channel copy (max), scores, mask, masked weight.
+        per_sample = (x[0].numel() * 2 + in_ch * taps * oh * ow * 2 + out_ch * in_ch * (taps + 2)) * elem
+        chunk = units_per_chunk(per_sample, batch)
+        weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()  # (out, taps, in)
+        weight_t = weight_tm.permute(2, 1, 0).contiguous() if criterion == "max" else None  # (in, taps, out)
+        columns = _Columns(x, chunk, *geometry)
+        masked = _MaskedWeights(weight_tm, chunk)
+        out = x.new_empty(batch, out_ch, oh * ow)
+        indices = torch.empty(batch, out_ch, k, dtype=torch.int32, device=x.device)
+        for b0, b1 in chunks(batch, chunk):
+            cols = columns.unfold(x[b0:b1])
+            scores = _max_scores(cols, weight_t) if criterion == "max" else _sum_scores(cols, weight_tm)
             idx = scores.topk(k, dim=2, sorted=False).indices
+            del scores
             indices[b0:b1] = idx
-            masked = (weight_3 * _masks(idx, in_ch, x.dtype)[..., None]).view(b1 - b0, out_ch, in_ch * taps)
-            torch.bmm(masked, cols, out=out[b0:b1])
+            torch.bmm(masked.fill(idx), cols, out=out[b0:b1])
         if bias is not None:
-            out += bias[:, None]
+            out += bias.view(1, -1, 1)
         ctx.save_for_backward(x, weight, indices)
-        ctx.geometry = (stride, padding, dilation)
+        ctx.geometry = geometry
         ctx.has_bias = bias is not None
         return out.view(batch, out_ch, oh, ow)
 
@@ -106,31 +178,35 @@ class TopKConv2dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight, indices = ctx.saved_tensors
-        stride, padding, dilation = ctx.geometry
+        geometry = ctx.geometry
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        batch, in_ch, height, width = x.shape
+        batch, in_ch = x.shape[:2]
         out_ch, _, kh, kw = weight.shape
         taps = kh * kw
         g_all = grad_out.reshape(batch, out_ch, -1)
         positions = g_all.shape[2]
-        weight_3 = weight.reshape(out_ch, in_ch, taps)
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros(out_ch, in_ch, taps, dtype=weight.dtype, device=weight.device) if need_w else None
         elem = x.element_size()
-        # Per sample: columns and their gradient, masked weight, weight gradient and mask.
-        per_sample = (2 * in_ch * taps * positions + 2 * out_ch * in_ch * taps + out_ch * in_ch) * elem
-        for b0, b1 in chunks(batch, units_per_chunk(per_sample, batch)):
+        # Per sample: padded input, columns, column gradient, mask, masked weight, per-sample weight gradient.
+        per_sample = (x[0].numel() + in_ch * taps * positions * 2 + out_ch * in_ch * (taps * 2 + 1)) * elem
+        chunk = units_per_chunk(per_sample, batch)
+        weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()
+        columns = _Columns(x, chunk, *geometry)
+        masked = _MaskedWeights(weight_tm, chunk)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_tm = torch.zeros_like(weight_tm) if need_w else None  # (out, taps, in)
+        grad_cols = x.new_empty(chunk, taps * in_ch, positions) if need_x else None
+        per_sample_grad = x.new_empty(chunk, out_ch, taps * in_ch) if need_w else None
+        for b0, b1 in chunks(batch, chunk):
             n = b1 - b0
-            mask = _masks(indices[b0:b1], in_ch, x.dtype)[..., None]  # (n, out, in, 1)
+            masked_weight = masked.fill(indices[b0:b1])
             g = g_all[b0:b1]
+            if need_w:  # unfold first: fold below reuses the padded buffer
+                torch.bmm(g, columns.unfold(x[b0:b1]).transpose(1, 2), out=per_sample_grad[:n])
+                for b in range(n):  # in place: only the selected slices of each sample's gradient count
+                    grad_tm.addcmul_(per_sample_grad[b].view(out_ch, taps, in_ch), masked.masks[b, :, None, :])
             if need_x:
-                masked = (weight_3 * mask).view(n, out_ch, in_ch * taps)
-                grad_cols = torch.bmm(masked.transpose(1, 2), g)
-                grad_x[b0:b1] = F.fold(grad_cols, (height, width), (kh, kw), dilation, padding, stride)
-            if need_w:
-                cols = F.unfold(x[b0:b1], (kh, kw), dilation, padding, stride)
-                per_sample_grad = torch.bmm(g, cols.transpose(1, 2)).view(n, out_ch, in_ch, taps)
-                grad_w += (per_sample_grad * mask).sum(0)
+                torch.bmm(masked_weight.transpose(1, 2), g, out=grad_cols[:n])
+                grad_x[b0:b1] = columns.fold(grad_cols[:n])
+        grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
         grad_b = g_all.sum((0, 2)) if (ctx.has_bias and need_b) else None
-        grad_w = grad_w.view_as(weight) if need_w else None
         return grad_x, grad_w, grad_b, None, None, None, None, None

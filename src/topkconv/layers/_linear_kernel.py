@@ -43,10 +43,10 @@ def select_topk(products: torch.Tensor, k: int, g: int):
     """Exact top-k along the last dim of ``products`` (rows, g * G), as (values, indices).
 
     Columns past the real fan-in must hold -inf so they are never chosen."""
-    if g == 1:
-        return products.topk(k, dim=1, sorted=False)
     rows, width = products.shape
     n_groups = width // g
+    if g == 1 or n_groups <= k:  # grouping cannot shrink the search
+        return products.topk(k, dim=1, sorted=False)
     grouped = products.view(rows, g, n_groups)  # group j = columns {j, j + G, j + 2G, ...}
     best_groups = grouped.amax(1).topk(k, dim=1, sorted=False).indices
     candidates = grouped.gather(2, best_groups[:, None, :].expand(rows, g, k)).view(rows, g * k)

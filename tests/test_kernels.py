@@ -1,0 +1,257 @@
+"""The fast kernels against impl="reference": larger float32 shapes, chunking edge cases, what
+backward keeps alive, and the device they run on. Speed lives in benchmarks/, never here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from topkconv import functional as TF
+from topkconv.layers import TopKConv2d, TopKLinear, TopKNeuronConv2d, dense_gradients
+from topkconv.layers._linear_kernel import group_size, select_topk
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _rel_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
+    ours, ref = ours.detach(), ref.detach()
+    scale = ref.abs().max().clamp_min(1e-12)
+    err = float((ours - ref).abs().max() / scale)
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def _run(fn, inputs, grad_out_seed=1):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out)
+    out.backward(g)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _compare(fn_fast, fn_ref, inputs, tol=1e-5):
+    out_f, grads_f = _run(fn_fast, inputs)
+    out_r, grads_r = _run(fn_ref, inputs)
+    _rel_close(out_f, out_r, tol)
+    for gf, gr in zip(grads_f, grads_r):
+        _rel_close(gf, gr, tol)
+
+
+def _conv_inputs(batch, cin, cout, size, kernel=3, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, size, size, generator=g)
+    w = torch.randn(cout, cin, kernel, kernel, generator=g) / (cin * kernel * kernel) ** 0.5
+    b = torch.randn(cout, generator=g)
+    return x.to(device), w.to(device), b.to(device)
+
+
+def _linear_inputs(batch, fan_in, fan_out, seed=0, relu=True, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, fan_in, generator=g)
+    x = x.relu() if relu else x
+    w = torch.randn(fan_out, fan_in, generator=g) / fan_in ** 0.5
+    b = torch.randn(fan_out, generator=g)
+    return x.to(device), w.to(device), b.to(device)
+
+
+# ------------------------------------------------------------------ float32 equivalence, larger shapes
+
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+@pytest.mark.parametrize("batch,cin,cout,size,kernel,stride,padding,dilation,k", [
+    (6, 48, 40, 10, 3, 1, 1, 1, 5),
+    (3, 32, 24, 13, 3, 2, 1, 1, 7),
+    (2, 20, 16, 12, 5, 1, 2, 2, 3),
+    (4, 16, 8, 9, 1, 1, 0, 1, 4),
+])
+def test_conv_float32_matches_reference(criterion, batch, cin, cout, size, kernel, stride, padding, dilation, k):
+    x, w, b = _conv_inputs(batch, cin, cout, size, kernel)
+    _compare(lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, stride, padding, dilation, impl="fast"),
+             lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, stride, padding, dilation, impl="reference"),
+             (x, w, b))
+
+
+@pytest.mark.parametrize("positive_only", [False, True])
+@pytest.mark.parametrize("batch,fan_in,fan_out,k", [(8, 3000, 64, 30), (5, 512, 10, 10), (3, 97, 33, 50)])
+def test_linear_float32_matches_reference(positive_only, batch, fan_in, fan_out, k):
+    x, w, b = _linear_inputs(batch, fan_in, fan_out, relu=not positive_only)
+    _compare(lambda x, w, b: TF.topk_linear(x, w, b, k, positive_only, impl="fast"),
+             lambda x, w, b: TF.topk_linear(x, w, b, k, positive_only, impl="reference"), (x, w, b))
+
+
+def test_linear_positive_only_with_few_positive_products():
+    # most products negative: fewer than k positive ones, the rest of the top k are clamped zeros
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 40, generator=g)
+    w = -torch.rand(6, 40, generator=g)
+    w[:, :3] *= -1
+    b = torch.zeros(6)
+    _compare(lambda x, w, b: TF.topk_linear(x, w, b, 10, True, impl="fast"),
+             lambda x, w, b: TF.topk_linear(x, w, b, 10, True, impl="reference"), (x, w, b))
+    out = TF.topk_linear(x, w, b, 10, True, impl="fast")
+    torch.testing.assert_close(out, (x[:, None, :3] * w[None, :, :3]).sum(-1))
+
+
+def test_select_topk_equals_torch_topk_on_every_group_size():
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(1000, 7), (1000, 100), (257, 3), (64, 64)]:
+        for gs in {1, 2, 3, group_size(n, k)}:
+            width = gs * -(-n // gs)
+            rows = torch.full((20, width), float("-inf"))
+            rows[:, :n] = torch.randn(20, n, generator=g)
+            values, idx = select_topk(rows, k, gs)
+            want = rows.topk(k, dim=1).values
+            torch.testing.assert_close(values.sort(1, descending=True).values, want)
+            torch.testing.assert_close(rows.gather(1, idx), values)
+            assert int(idx.max()) < n
+
+
+# ------------------------------------------------------------------ chunking edge cases
+
+@pytest.mark.parametrize("budget", [1, 3000, 1 << 30])
+def test_chunking_does_not_change_results(budget):
+    x, w, b = _conv_inputs(5, 12, 10, 7)
+    xl, wl, bl = _linear_inputs(7, 300, 23)
+    ref_conv = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "max", 1, 1, impl="reference"), (x, w, b))
+    ref_sum = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "sum", 2, 0, impl="reference"), (x, w, b))
+    ref_lin = _run(lambda x, w, b: TF.topk_linear(x, w, b, 9, impl="reference"), (xl, wl, bl))
+    with TF.memory_budget(budget):
+        conv = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "max", 1, 1, impl="fast"), (x, w, b))
+        summed = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "sum", 2, 0, impl="fast"), (x, w, b))
+        lin = _run(lambda x, w, b: TF.topk_linear(x, w, b, 9, impl="fast"), (xl, wl, bl))
+    for ours, ref in [(conv, ref_conv), (summed, ref_sum), (lin, ref_lin)]:
+        _rel_close(ours[0], ref[0])
+        for a, r in zip(ours[1], ref[1]):
+            _rel_close(a, r)
+
+
+def test_memory_budget_setting_and_errors():
+    before = TF.get_memory_budget()
+    with TF.memory_budget(1234):
+        assert TF.get_memory_budget() == 1234
+    assert TF.get_memory_budget() == before
+    for bad in (0, -5, 1.5, True, "1MB"):
+        with pytest.raises(ValueError, match="memory budget"):
+            TF.set_memory_budget(bad)
+
+
+def test_batch_of_one_and_rows_not_dividing_blocks():
+    x, w, b = _linear_inputs(1, 1001, 37, seed=4)
+    with TF.memory_budget(10_000):  # a few rows per block, the last block partial
+        _compare(lambda x, w, b: TF.topk_linear(x, w, b, 11, impl="fast"),
+                 lambda x, w, b: TF.topk_linear(x, w, b, 11, impl="reference"), (x, w, b))
+    xc, wc, bc = _conv_inputs(1, 9, 5, 6)
+    _compare(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="fast"),
+             lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="reference"), (xc, wc, bc))
+
+
+# ------------------------------------------------------------------ what backward keeps
+
+def _saved_sizes(fn, *inputs):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*leaves)
+    out.sum().backward()  # the saved tensors must suffice for backward
+    return sizes
+
+
+def test_conv_saves_no_channel_maps():
+    batch, cin, cout, size, k = 4, 16, 12, 6, 3
+    x, w, b = _conv_inputs(batch, cin, cout, size)
+    a_size = batch * cout * cin * size * size  # A, the maps the paper's formula builds
+    for criterion in ("max", "sum"):
+        fast = _saved_sizes(lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, 1, 1, impl="fast"), x, w, b)
+        assert fast and max(fast) <= max(x.numel(), w.numel(), batch * cout * k)
+        assert sum(fast) <= x.numel() + w.numel() + batch * cout * k
+    # the check can fail: a graph that keeps A is seen
+    keeps_a = _saved_sizes(lambda x, w, b: TF.channel_maps(x, w, 1, 1).square().sum(2) + b[:, None, None], x, w, b)
+    assert max(keeps_a) >= a_size
+
+
+def test_linear_saves_no_products():
+    batch, fan_in, fan_out, k = 6, 200, 30, 5
+    x, w, b = _linear_inputs(batch, fan_in, fan_out)
+    fast = _saved_sizes(lambda x, w, b: TF.topk_linear(x, w, b, k, impl="fast"), x, w, b)
+    assert sum(fast) <= x.numel() + w.numel() + batch * fan_out * k
+    keeps_products = _saved_sizes(lambda x, w, b: (x[:, None, :] * w).square().sum(2) + b, x, w, b)
+    assert max(keeps_products) >= batch * fan_out * fan_in  # the check can fail
+
+
+def test_tkc_neuron_saves_only_inputs_and_mask():
+    x, w, b = _conv_inputs(4, 6, 10, 7)
+    fast = _saved_sizes(lambda x, w, b: TF.topk_neuron_conv2d(x, w, b, 3, "max", 1, 1, impl="fast"), x, w, b)
+    # the convolution keeps x and w; the masking keeps the (B, out, 1, 1) mask, never the output
+    assert sorted(fast) == sorted([x.numel(), w.numel(), 4 * 10])
+
+
+# ------------------------------------------------------------------ layers, BPDA and devices
+
+def test_layers_default_to_the_fast_path_and_match_reference():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 9, 9)
+    for make in (lambda impl: TopKConv2d(8, 6, 3, 2, padding=1, impl=impl),
+                 lambda impl: TopKConv2d(8, 6, 3, 2, "sum", stride=2, impl=impl),
+                 lambda impl: TopKNeuronConv2d(8, 6, 3, 2, padding=1, impl=impl)):
+        fast, ref = make("auto"), make("reference")
+        ref.load_state_dict(fast.state_dict())
+        _rel_close(fast(x), ref(x))
+    lin, lin_ref = TopKLinear(40, 7, 4), TopKLinear(40, 7, 4, impl="reference")
+    lin_ref.load_state_dict(lin.state_dict())
+    xl = torch.randn(2, 5, 40)  # extra leading dims are kept
+    assert lin(xl).shape == (2, 5, 7)
+    _rel_close(lin(xl), lin_ref(xl))
+
+
+def test_bpda_gradients_are_the_dense_layers_on_the_fast_path():
+    x, w, b = _conv_inputs(2, 6, 5, 6)
+    with dense_gradients():
+        out, grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="fast"), (x, w, b))
+    _rel_close(out, TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="reference"))
+    _, dense_grads = _run(lambda x, w, b: F.conv2d(x, w, b, 1, 1), (x, w, b))
+    for g, d in zip(grads, dense_grads):
+        _rel_close(g, d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_stay_on_the_input_device(device):
+    x, w, b = _conv_inputs(2, 8, 6, 7, device=device)
+    xl, wl, bl = _linear_inputs(3, 120, 9, device=device)
+    for fn, inputs in [(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="fast"), (x, w, b)),
+                       (lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "sum", 1, 1, impl="fast"), (x, w, b)),
+                       (lambda x, w, b: TF.topk_linear(x, w, b, 5, impl="fast"), (xl, wl, bl))]:
+        out, grads = _run(fn, inputs)
+        assert out.device.type == device and all(g.device.type == device for g in grads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the only skip in this file)")
+def test_cuda_matches_cpu_reference():
+    x, w, b = _conv_inputs(4, 32, 24, 9)
+    for criterion in ("max", "sum"):
+        out, grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 4, criterion, 1, 1, impl="fast"),
+                          [t.cuda() for t in (x, w, b)])
+        ref, ref_grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 4, criterion, 1, 1, impl="reference"),
+                              (x, w, b))
+        _rel_close(out.cpu(), ref, 1e-4)
+        for g, r in zip(grads, ref_grads):
+            _rel_close(g.cpu(), r, 1e-4)
+    xl, wl, bl = _linear_inputs(6, 2000, 40)
+    out, grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 20, impl="fast"), [t.cuda() for t in (xl, wl, bl)])
+    ref, ref_grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 20, impl="reference"), (xl, wl, bl))
+    _rel_close(out.cpu(), ref, 1e-4)
+    for g, r in zip(grads, ref_grads):
+        _rel_close(g.cpu(), r, 1e-4)
+
+
+def test_kernel_sources_never_move_data_to_the_host():
+    import inspect
+
+    from topkconv.layers import _conv_kernel, _linear_kernel
+    for module in (_conv_kernel, _linear_kernel):
+        source = inspect.getsource(module)
+        for banned in (".cpu()", ".item()", ".tolist()", ".numpy()", 'device="cpu"', "device='cpu'"):
+            assert banned not in source, f"{module.__name__} uses {banned}"
