@@ -97,3 +97,54 @@ def test_dynamic_k_scopes_route_the_intended_fc_layers(scope, routed):
 
 def test_pruning_with_logitaug_is_documented_not_invented():
     assert NOT_REPRODUCED == {"Pruning + LogitAug": "not reproduced: undefined in the paper"}
+
+
+# ---------------------------------------------------------------- end to end from the command line
+
+TINY_TRAIN = ["--dataset", "digits", "--image-size", "16", "--limit-train", "96", "--limit-test", "16",
+              "--no-augment", "--width", "0.125", "--hidden", "16", "--epochs", "1", "--batch-size", "32",
+              "--no-progress"]
+DEFENSE_FLAGS = {
+    "standard": [],
+    "sap": ["--defense", "sap"],
+    "dropout": ["--defense", "dropout"],
+    "dynamic_k": ["--defense", "dynamic_k", "--fc-scope", "final", "--fc-k", "4"],
+}
+
+
+# A few images and a short PGD: this checks the plumbing, not robustness. SAP also gets the full suite,
+# whose EOT-PGD is the attack that counts for a stochastic defence (Athalye et al. 2018).
+EVALUATE = ["--n", "8", "--steps", "4", "--device", "cpu", "--no-progress"]
+SAP_FULL = ["--suite", "full", "--eot-samples", "2", "--autoattack-attacks", "apgd-ce", "--apgd-iters", "2",
+            "--square-queries", "5", "--eps-curve", "0", "8"]
+
+
+def test_each_baseline_trains_or_prunes_and_evaluates_from_the_cli(tmp_path, capsys):
+    import json
+
+    from topkconv.cli import main
+
+    runs = {}
+    for kind, flags in DEFENSE_FLAGS.items():
+        runs[kind] = tmp_path / kind
+        assert main(["train", *TINY_TRAIN, *flags, "--out", str(runs[kind])]) == 0
+    capsys.readouterr()
+    runs["pruned"] = tmp_path / "pruned"
+    assert main(["prune", str(runs["standard"]), "--scope", "final2", "--sparsity", "0.8", "--epochs", "2",
+                 "--out", str(runs["pruned"]), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["sparsity"]) == {"classifier.0", "classifier.3"}
+    assert all(abs(value - 0.8) < 0.01 for value in printed["sparsity"].values())
+
+    for kind, run_dir in runs.items():
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["spec"]["model"]["defense"]["kind"] == kind
+        if kind == "standard":
+            continue  # not a baseline here: only the source of the pruned model
+        assert main(["evaluate", str(run_dir), *EVALUATE, *(SAP_FULL if kind == "sap" else [])]) == 0
+        result = json.loads((run_dir / "eval.json").read_text())
+        assert result["n"] == 8 and 0.0 <= result["clean"] <= 1.0
+        assert {"fgsm", "pgd"} <= set(result["attacks"])
+        assert result["model"]["stochastic"] == (kind == "sap"), kind
+    sap = json.loads((runs["sap"] / "eval.json").read_text())
+    assert "eot_pgd" in sap["attacks"]
