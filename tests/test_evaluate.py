@@ -281,3 +281,46 @@ def test_cli_evaluate_names_a_missing_checkpoint(tmp_path, capsys):
 
     assert main(["evaluate", str(tmp_path / "nowhere"), "--no-progress"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- sharding across processes
+
+SHARD_MODELS = ("mlp", "sap")   # deterministic, and stochastic (SAP draws seeded per chunk)
+
+
+def _sharded_worker(rank, world, init_file, out_dir, cfg_dict):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = eval_data()
+        for name in SHARD_MODELS:
+            result = evaluate(_named_model(name), x, y, AttackConfig(**cfg_dict), progress=False)
+            (out_dir / f"{name}-rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _named_model(name):
+    from test_attacks import trained_sap
+
+    return {"mlp": trained_mlp, "sap": trained_sap}[name]()
+
+
+def test_two_processes_give_the_numbers_of_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    # 3 chunks of 50: rank 0 attacks chunks 0 and 2, rank 1 chunk 1
+    cfg = dataclasses.replace(FULL, suite="paper", extra_eps=[32], eot_samples=2, n_examples=150, batch_size=50)
+    mp.spawn(_sharded_worker, args=(2, tmp_path / "init", tmp_path, dataclasses.asdict(cfg)), nprocs=2, join=True)
+    x, y = eval_data()
+    for name in SHARD_MODELS:
+        single = evaluate(_named_model(name), x, y, cfg, progress=False)
+        for rank in range(2):
+            sharded = json.loads((tmp_path / f"{name}-rank{rank}.json").read_text())
+            assert sharded["timings"]["world_size"] == 2
+            assert sharded["clean"] == single["clean"]
+            assert {k: v["accuracy"] for k, v in sharded["attacks"].items()} == \
+                {k: v["accuracy"] for k, v in single["attacks"].items()}
+            assert sharded["worst_case"]["accuracy"] == single["worst_case"]["accuracy"]

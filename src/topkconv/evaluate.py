@@ -5,9 +5,11 @@
 
 Suites (eps and step sizes in 0-255 units in the config and in the output, fractions of 1 in the attacks):
 
-* ``paper``: clean, FGSM and PGD-16 (step 0.75) at ``eps`` (and at each of ``extra_eps``).
+* ``paper``: clean, FGSM and PGD-16 (step 0.75) at ``eps`` (and at each of ``extra_eps``); for a
+  stochastic model (e.g. SAP) also EOT-PGD, the same PGD with the gradient averaged over
+  ``eot_samples`` draws of the randomness.
 * ``full``: the paper suite plus AutoAttack (``standard``, or ``rand`` for stochastic models), Square,
-  transfer from a surrogate (if one is given), EOT-PGD (stochastic models), BPDA-PGD (models with
+  transfer from a surrogate (if one is given), BPDA-PGD (models with
   top-k routing layers), PGD with doubled steps and doubled restarts, an accuracy-vs-eps curve, and
   the five gradient-masking checks of :mod:`topkconv.attacks.masking`.
 
@@ -87,6 +89,8 @@ def plan_attacks(model: nn.Module, cfg: AttackConfig, stochastic: bool, routing:
     eps, step, steps = cfg.eps, cfg.pgd_step_size, cfg.pgd_steps
     ratio = step / eps if eps > 0 else 0.0   # other radii keep the paper's step/eps ratio
     plan = [_fgsm_attack("fgsm", model, eps), _pgd_attack("pgd", model, eps, step, steps, cfg.restarts)]
+    if stochastic:  # without EOT a randomised defence looks stronger than it is (Athalye et al. 2018)
+        plan.append(_pgd_attack("eot_pgd", model, eps, step, steps, cfg.restarts, eot=cfg.eot_samples))
     for extra in cfg.extra_eps:
         if extra != eps:
             plan.append(_fgsm_attack(f"fgsm@{_fmt(extra)}", model, extra, worst_case=False))
@@ -95,8 +99,6 @@ def plan_attacks(model: nn.Module, cfg: AttackConfig, stochastic: bool, routing:
     curve: list[tuple[float, str]] = []
     if cfg.suite == "full":
         whitebox = "eot_pgd" if stochastic else "pgd"
-        if stochastic:
-            plan.append(_pgd_attack("eot_pgd", model, eps, step, steps, cfg.restarts, eot=cfg.eot_samples))
         version = "rand" if stochastic else "standard"
         subset = list(cfg.autoattack_attacks) or None
         plan.append(PlannedAttack(
