@@ -204,9 +204,29 @@ def render_csv(table: Table) -> str:
     return buffer.getvalue()
 
 
+def _paired(table: Table) -> tuple:
+    """Header and text rows with each "<X> ours" / "<X> paper" pair merged into one "ours / paper" cell,
+    so a five-column table fits a terminal."""
+    header, index, i = [], [], 0
+    while i < len(table.header):
+        name = table.header[i]
+        if (name.endswith(" ours") and i + 1 < len(table.header)
+                and table.header[i + 1] == name[:-len(" ours")] + " paper"):
+            header.append(name[:-len(" ours")] + " (ours / paper)")
+            index.append((i, i + 1))
+            i += 2
+        else:
+            header.append(name)
+            index.append((i,))
+            i += 1
+    rows = [[" / ".join(_cell(row[j], table.decimals) for j in group) for group in index] for row in table.rows]
+    return header, rows
+
+
 def render_console(table: Table) -> str:
-    cells = [table.header] + [[_cell(v, table.decimals) for v in row] for row in table.rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(table.header))]
+    header, rows = _paired(table)
+    cells = [header] + rows
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                 for i, (c, w) in enumerate(zip(row, widths)))
     lines = [table.title, fmt(cells[0]), "  ".join("-" * w for w in widths)]

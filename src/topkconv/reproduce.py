@@ -239,7 +239,10 @@ def attack_configs(table: TableSpec, spec: RunSpec) -> dict:
     configs = {"paper": dataclasses.replace(spec.attack, suite="paper", n_examples=table.eval_examples)}
     if spec.attack.suite == "full":
         for eps in strong_radii(table, spec):
-            configs[f"strong@{eps:g}"] = dataclasses.replace(spec.attack, eps=float(eps), extra_eps=[])
+            # the paper's step/eps ratio (0.75 at 8), so PGD reaches the larger radius as it does 8/255
+            step = spec.attack.pgd_step_size * float(eps) / spec.attack.eps
+            configs[f"strong@{eps:g}"] = dataclasses.replace(spec.attack, eps=float(eps), extra_eps=[],
+                                                            pgd_step_size=step)
     return configs
 
 

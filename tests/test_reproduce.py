@@ -1,0 +1,212 @@
+"""`topkconv reproduce`: the experiment specs, every report and figure, the cache, and spec errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from topkconv import reproduce as R
+from topkconv.cli import main
+from topkconv.models import build_model
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+# Merged into every column of the real quick specs: the same tables, shrunk to seconds.
+TINY = {"data": {"limit_train": 48, "limit_test": 20, "image_size": 16},
+        "model": {"width": 0.125, "hidden": 16},
+        "train": {"epochs": 1, "batch_size": 24, "warmup_epochs": 0},
+        "attack": {"pgd_steps": 2, "n_examples": 6, "apgd_iters": 2, "square_queries": 5,
+                   "autoattack_attacks": ["apgd-ce"], "eps_curve": [0, 64], "eot_samples": 2, "batch_size": 64}}
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_experiment_spec_parses_and_builds(path):
+    from topkconv.data import load_data
+    from topkconv.train import resolve_spec
+
+    table = R.load_table_spec(path)
+    assert path.name == f"{table.table}-{table.preset}.toml"
+    for column in table.columns:
+        if column.not_reproduced is None:
+            spec = table.run_spec(column.label)
+            if table.preset == "quick":  # VGG16 at 224 px is too big to build in a unit test
+                build_model(resolve_spec(spec, load_data(spec.data)).model)  # k values fit the layers
+
+
+def test_paper_preset_follows_the_paper():
+    table = R.load_table_spec(EXPERIMENTS / "table3-paper.toml")
+    base = table.run_spec("Baseline")
+    assert (base.data.name, base.data.image_size, base.model.arch) == ("cinic10", 224, "vgg16")
+    assert (base.attack.eps, base.attack.pgd_steps, base.attack.pgd_step_size) == (8.0, 16, 0.75)
+    assert table.run_spec("Dynamic-k").model.defense.fc_k == [250, 10]
+    tkc = table.run_spec("TKC-max").model.defense
+    assert (tkc.conv_layers, tkc.conv_k, tkc.criterion) == (2, 0.1, "max")
+    table1 = R.load_table_spec(EXPERIMENTS / "table1-paper.toml")
+    assert table1.column("Pruning + LogitAug").not_reproduced
+    assert table1.run_spec("SAP").model.defense.sap_frac == 0.8
+
+
+def test_quick_preset_reports_a_larger_eps():
+    table = R.load_table_spec(EXPERIMENTS / "table3-quick.toml")
+    spec = table.run_spec("Baseline")
+    assert spec.attack.eps == 8.0 and spec.attack.extra_eps and max(spec.attack.extra_eps) > 8.0
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+GOOD = """
+table = "table3"
+preset = "quick"
+[base.model]
+arch = "vgg-small"
+[[columns]]
+label = "Baseline"
+"""
+
+
+@pytest.mark.parametrize("text, key", [
+    (GOOD.replace('arch = "vgg-small"', 'arch = "vgg-small"\nwidht = 0.5'), "model.widht"),
+    (GOOD + '[columns.spec.model.defense]\nkind = "dynamic_k"\nfc_kk = [1, 2]\n', "model.defense.fc_kk"),
+    (GOOD + "bogus = 1\n", "columns[0].bogus"),
+    (GOOD.replace('preset = "quick"', 'preset = "quick"\ncolums = []'), "colums"),
+    (GOOD.replace('table = "table3"', 'table = "table9"'), "table"),
+    (GOOD + '[columns.spec.train]\nepochs = "ten"\n', "train.epochs"),
+    (GOOD + '[figures]\nfeature_max = "Nope"\n', "figures"),
+])
+def test_malformed_spec_names_the_key(tmp_path, text, key):
+    path = _write(tmp_path / "bad.toml", text)
+    with pytest.raises(ValueError) as err:
+        R.load_table_spec(path)
+    assert key in str(err.value) and "bad.toml" in str(err.value)
+
+
+def test_malformed_spec_on_the_command_line(tmp_path, capsys):
+    path = _write(tmp_path / "bad.toml", GOOD.replace('arch = "vgg-small"', 'arch = "vgg-small"\nwidht = 0.5'))
+    assert main(["reproduce", "--spec", str(path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.widht" in err and "bad.toml" in err
+    assert main(["reproduce", "--spec", str(tmp_path / "missing.toml"), "--out", str(tmp_path)]) == 2
+    assert "missing.toml" in capsys.readouterr().err
+
+
+def test_merge_is_deep_and_leaves_inputs_alone():
+    base = {"model": {"arch": "vgg-small", "defense": {"kind": "standard", "fc_k": [1, 2]}}}
+    merged = R.merge(base, {"model": {"defense": {"kind": "dynamic_k"}}})
+    assert merged["model"] == {"arch": "vgg-small", "defense": {"kind": "dynamic_k", "fc_k": [1, 2]}}
+    assert base["model"]["defense"]["kind"] == "standard"
+
+
+def test_reproduce_all_writes_every_report_and_figure_then_hits_the_cache(tmp_path, monkeypatch, capsys):
+    done = R.reproduce("all", "quick", out=tmp_path, overrides=TINY, progress=False)
+    reports = tmp_path / "reports"
+    for name in ("table1", "table2", "table3"):
+        assert (reports / f"{name}.md").is_file() and (reports / f"{name}.csv").is_file()
+    for name in ("figure3.png", "figure4.png", "routing.png", "routing.md", "routing.json"):
+        assert (reports / name).stat().st_size > 0, name
+    assert (reports / "figure3.png").read_bytes()[:4] == b"\x89PNG"
+
+    table3 = (reports / "table3.md").read_text()
+    for needle in ("| Attack | Baseline ours | Baseline paper |", "TKC-sum paper", "| PGD |", "0.421",
+                   "Strong-suite worst case (eps=", "Gradient-masking flags", "**preset**", "**seeds**",
+                   "**hardware**", "**data**"):
+        assert needle in table3, needle
+    table1 = (reports / "table1.md").read_text()
+    assert "not reproduced" in table1 and "undefined in the paper" in table1
+    table2 = (reports / "table2.csv").read_text().splitlines()
+    assert table2[0].startswith("Method,Layers Affected,Adv Acc ours,Adv Acc paper")
+    assert any(line.startswith("Pruning,All layers,") and ",19.8," in line for line in table2)
+    console = capsys.readouterr().out
+    assert "TKC-max (ours / paper)" in console and "PGD" in console
+
+    routing = json.loads((reports / "routing.json").read_text())
+    assert set(routing) == {"Dynamic-k", "TKC-neuron", "TKC-max", "TKC-sum"}
+    assert any(s["kind"] == "topk_conv" for s in routing["TKC-max"].values())
+
+    trained = {entry["run"] for step in done.values() for entry in step["log"] if entry["action"] == "trained"}
+    assert len(trained) >= 8  # shared columns (Baseline, Dynamic-k) train once across the tables
+    weights = {run: (tmp_path / "runs" / run / "model.safetensors").stat().st_mtime_ns for run in trained}
+    evals = {run: (tmp_path / "runs" / run / "eval.json").stat().st_mtime_ns
+             for run in trained if (tmp_path / "runs" / run / "eval.json").is_file()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cache should have been hit")
+
+    from topkconv import pruning, train
+
+    monkeypatch.setattr(train, "fit", no_training)
+    monkeypatch.setattr(pruning, "prune_run", no_training)
+    import topkconv.evaluate
+
+    monkeypatch.setattr(topkconv.evaluate, "evaluate", no_training)
+    again = R.reproduce("table3", "quick", out=tmp_path, overrides=TINY, progress=False)
+    actions = {entry["action"] for entry in again["table3"]["log"]}
+    assert actions <= {"cached", "paper cached", "strong@8 cached", "strong@48 cached"}, actions
+    assert {run: (tmp_path / "runs" / run / "model.safetensors").stat().st_mtime_ns for run in trained} == weights
+    assert {run: (tmp_path / "runs" / run / "eval.json").stat().st_mtime_ns for run in evals} == evals
+
+
+def test_sweep_reports_accuracy_against_k(tmp_path):
+    out = R.sweep([0.25, 1.0], layer="conv", out=tmp_path, overrides=dict(TINY, attack=dict(TINY["attack"],
+                                                                                            suite="paper")),
+                  progress=False)
+    reports = tmp_path / "reports"
+    assert (reports / "sweep-conv.png").read_bytes()[:4] == b"\x89PNG"
+    lines = (reports / "sweep-conv.csv").read_text().splitlines()
+    assert lines[0].startswith("k,run,clean,fgsm@8,pgd@8")
+    assert [row["k"] for row in out["rows"]] == [0.25, 1.0]
+    assert len({row["run"] for row in out["rows"]}) == 2  # each k is its own cached run
+    assert all(0.0 <= row["clean"] <= 1.0 for row in out["rows"])
+
+
+def test_sweep_rejects_bad_k(tmp_path):
+    with pytest.raises(ValueError, match="--k"):
+        R.sweep([0], out=tmp_path)
+    with pytest.raises(ValueError, match="--layer"):
+        R.sweep([0.5], layer="attention", out=tmp_path)
+
+
+def test_routing_selections_are_the_layers_own():
+    """Summing what selection_mask says each layer selected gives back the layer's output."""
+    from topkconv import functional as TF
+    from topkconv.figures import selection_mask
+    from topkconv.layers import TopKConv2d, TopKLinear, TopKNeuronConv2d
+
+    torch.manual_seed(0)
+    linear = TopKLinear(12, 5, k=3)
+    x = torch.randn(4, 12)
+    mask = selection_mask(linear, x)
+    assert mask.shape == (4, 5, 12) and (mask.sum(-1) == 3).all()
+    products = x.unsqueeze(1) * linear.weight.unsqueeze(0)
+    torch.testing.assert_close((products * mask).sum(-1) + linear.bias, linear(x))
+
+    conv = TopKConv2d(6, 4, 3, k=2, criterion="max", padding=1)
+    x = torch.randn(3, 6, 5, 5)
+    mask = selection_mask(conv, x)
+    assert mask.shape == (3, 4, 6) and (mask.sum(-1) == 2).all()
+    maps = TF.channel_maps(x, conv.weight, conv.stride, conv.padding, conv.dilation)
+    torch.testing.assert_close((maps * mask[..., None, None]).sum(2) + conv.bias.view(1, -1, 1, 1), conv(x))
+
+    neuron = TopKNeuronConv2d(6, 8, 3, k=3, padding=1)
+    mask = selection_mask(neuron, x)
+    assert mask.shape == (3, 1, 8) and (mask.sum(-1) == 3).all()
+    out = neuron(x)
+    assert (out.abs().amax(dim=(-2, -1)) > 0).le(mask[:, 0]).all()  # unselected channels are zero
+
+
+def test_routing_statistics_count_and_overlap():
+    """Two classes routed through disjoint inputs have Jaccard 0; identical routes have Jaccard 1."""
+    from topkconv.figures import LayerRoutes, summarize_routes
+
+    counts = torch.zeros(2, 1, 4, dtype=torch.int32)
+    counts[0, 0, :2] = 5   # class 0 always uses inputs 0 and 1
+    counts[1, 0, 2:] = 5   # class 1 always uses inputs 2 and 3
+    s = summarize_routes(LayerRoutes("fc", "dynamic_k", 2, counts, torch.tensor([5, 5])))
+    assert s["jaccard_core_mean"] == 0.0 and s["jaccard_any_mean"] == 0.0
+    assert s["distinct_per_output_mean"] == 4 and s["distinct_per_output_per_class"] == {0: 2.0, 1: 2.0}
+    counts[1] = counts[0]
+    s = summarize_routes(LayerRoutes("fc", "dynamic_k", 2, counts, torch.tensor([5, 5])))
+    assert s["jaccard_core_mean"] == 1.0 and s["inputs_never_used"] == 2
