@@ -134,6 +134,7 @@ def test_fine_tuning_freezes_convs_and_keeps_pruned_weights_zero(scope):
     probe = torch.rand(4, 1, 8, 8)
     features_before = model.features(probe).detach()
     convs_before = {n: p.detach().clone() for n, p in model.features.named_parameters()}
+    buffers_before = {n: b.clone() for n, b in model.features.named_buffers()}
     fc_before = {n: p.detach().clone() for n, p in model.classifier.named_parameters()}
 
     trainable = pruning.freeze_all_but_fc(model)
@@ -167,10 +168,26 @@ def test_fine_tuning_freezes_convs_and_keeps_pruned_weights_zero(scope):
             assert torch.equal(param[kept], convs_before[name][kept])
         else:
             assert torch.equal(param, convs_before[name]), name
+    for name, buffer in model.features.named_buffers():  # BatchNorm ran in eval mode: statistics unchanged
+        assert torch.equal(buffer, buffers_before[name]), name
     if scope != "all":
         assert torch.equal(model.features(probe), features_before), "frozen features changed (BatchNorm stats?)"
     assert any(not torch.equal(p, fc_before[n]) for n, p in model.classifier.named_parameters()), \
         "fine-tuning did not update the FC layers"
+
+
+def test_batchnorm_runs_in_eval_mode_while_frozen():
+    torch.manual_seed(0)
+    model = TinyNet(batchnorm=True)
+    with torch.no_grad():
+        model.features[1].running_mean.uniform_(-1, 1)  # statistics that differ from any batch's
+    probe = torch.rand(4, 1, 8, 8)
+    expected = model.eval().features(probe)
+    with pruning.frozen_normalisation(model):
+        model.train()
+        assert torch.equal(model.features(probe), expected)
+    model.train()
+    assert not torch.equal(model.features(probe), expected), "the hooks must be removed afterwards"
 
 
 def test_fine_tuning_that_stops_early_is_an_error():
@@ -242,6 +259,8 @@ def test_prune_run_writes_a_sparse_checkpoint_that_reloads(standard_run, tmp_pat
             assert torch.equal(param[kept], before[kept]), name
         else:
             assert torch.equal(param, before), name
+    for (name, buffer), before in zip(reloaded.named_buffers(), source.buffers()):
+        assert torch.equal(buffer, before), name
     assert not torch.equal(reloaded.classifier[0].bias, source.classifier[0].bias), "FC layers were not fine-tuned"
 
 

@@ -2,7 +2,8 @@
 
 Han et al. (2015) prune the weights of smallest magnitude; Zhu and Gupta (2017) raise the sparsity
 gradually on the cubic schedule :func:`cubic_sparsity` while the network is fine-tuned. As in the
-paper, fine-tuning updates only the fully connected layers; every other parameter is frozen.
+paper, fine-tuning updates only the fully connected layers; every other parameter is frozen, and
+BatchNorm layers (vgg-small has them) run in eval mode, so the frozen features stay the same function.
 
 Choices the paper leaves open, made here:
 
@@ -122,23 +123,24 @@ def freeze_all_but_fc(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextmanager
-def frozen_statistics(model: nn.Module) -> Iterator[None]:
-    """Keep the running statistics of normalisation layers fixed while fine-tuning.
+def frozen_normalisation(model: nn.Module) -> Iterator[None]:
+    """Run every BatchNorm layer in eval mode while fine-tuning, whatever mode the trainer sets.
 
     Everything outside the ``nn.Linear`` layers is frozen, and frozen features must stay the same
-    function; train mode would otherwise keep updating BatchNorm running means. Momentum 0 leaves
-    them unchanged.
+    function: in train mode BatchNorm would normalise with batch statistics and keep updating its
+    running ones. A forward pre-hook switches each one back to eval mode before it runs.
     """
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
+    handles = [m.register_forward_pre_hook(_to_eval_mode) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
         yield
     finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
+        for handle in handles:
+            handle.remove()
+
+
+def _to_eval_mode(module: nn.Module, args) -> None:
+    module.train(False)
 
 
 def prune_to(layers: dict[str, nn.Module], sparsity: float) -> None:
@@ -207,7 +209,7 @@ def gradual_prune(model: nn.Module, scope: str, sparsity: float, epochs: int,
             prune_to(layers, epoch_sparsity(epoch + 1, epochs, sparsity, initial))
 
     prune_to(layers, epoch_sparsity(0, epochs, sparsity, initial))
-    with frozen_statistics(model):
+    with frozen_normalisation(model):
         fine_tune(after_epoch)
     if len(history) != epochs:
         raise RuntimeError(f"fine-tuning ran {len(history)} epochs, the schedule has {epochs}")
