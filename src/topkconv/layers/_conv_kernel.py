@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._budget import chunks, units_per_chunk
+from ._budget import chunks, get_memory_budget, units_per_chunk
 
 # One block of maps for the max score is meant to stay in the L2 cache.
 _CACHE_BLOCK_BYTES = 2**19
@@ -91,20 +91,31 @@ class _Columns:
 
 
 class _MaskedWeights:
-    """Reusable per-sample weights with the unselected input channels zeroed, (n, out, taps * in),
-    and the (n, out, in) masks they come from. One buffer serves every chunk of a call."""
+    """Reusable per-sample weights with the unselected input channels zeroed, (n, out block, taps * in),
+    and the (n, out block, in) masks they come from. One buffer serves every chunk of a call."""
 
-    def __init__(self, weight_tap_major: torch.Tensor, chunk: int):
-        out_ch, taps, in_ch = weight_tap_major.shape
+    def __init__(self, weight_tap_major: torch.Tensor, chunk: int, block: int):
+        _, taps, in_ch = weight_tap_major.shape
         self.weight = weight_tap_major
-        self.masks = weight_tap_major.new_empty(chunk, out_ch, in_ch)
-        self.buffer = weight_tap_major.new_empty(chunk, out_ch, taps, in_ch)
+        self.masks = weight_tap_major.new_empty(chunk, block, in_ch)
+        self.buffer = weight_tap_major.new_empty(chunk, block, taps, in_ch)
 
-    def fill(self, indices: torch.Tensor) -> torch.Tensor:
-        n = indices.shape[0]
-        masks = self.masks[:n].zero_().scatter_(2, indices.long(), 1.0)
-        masked = torch.mul(self.weight, masks[:, :, None, :], out=self.buffer[:n])
-        return masked.view(n, masked.shape[1], -1)
+    def fill(self, indices: torch.Tensor, o0: int, o1: int) -> torch.Tensor:
+        """Masked weights of output channels o0:o1 for the samples whose (n, o1 - o0, k) indices are given."""
+        n, rows = indices.shape[0], o1 - o0
+        masks = self.masks[:n, :rows].zero_().scatter_(2, indices.long(), 1.0)
+        masked = torch.mul(self.weight[o0:o1], masks[:, :, None, :], out=self.buffer[:n, :rows])
+        return masked.view(n, rows, -1)
+
+
+def _plan(batch: int, out_ch: int, fixed_per_sample: int, per_sample_per_output: int):
+    """(samples per chunk, output channels per block) whose temporaries fit the memory budget.
+
+    Whole samples first; when one sample does not fit, its output channels are split into blocks."""
+    whole = fixed_per_sample + out_ch * per_sample_per_output
+    if whole <= get_memory_budget():
+        return units_per_chunk(whole, batch), out_ch
+    return 1, max(1, min(out_ch, (get_memory_budget() - fixed_per_sample) // per_sample_per_output))
 
 
 def _max_scores(cols: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -151,13 +162,14 @@ class TopKConv2dFunction(torch.autograd.Function):
         elem = x.element_size()
         oh = conv_output_size(height, kh, geometry[1][0], geometry[2][0], geometry[3][0])
         ow = conv_output_size(width, kw, geometry[1][1], geometry[2][1], geometry[3][1])
-        # Per sample: padded input, columns, their per-channel copy (max), scores, mask, masked weight.
-        per_sample = (x[0].numel() * 2 + in_ch * taps * oh * ow * 2 + out_ch * in_ch * (taps + 2)) * elem
-        chunk = units_per_chunk(per_sample, batch)
+        # Per sample: padded input, columns, their per-channel copy (max) and scores; per sample and
+        # output channel: mask and masked weight.
+        chunk, block = _plan(batch, out_ch, (x[0].numel() * 2 + in_ch * taps * oh * ow * 2 + out_ch * in_ch) * elem,
+                             in_ch * (taps + 1) * elem)
         weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()  # (out, taps, in)
         weight_t = weight_tm.permute(2, 1, 0).contiguous() if criterion == "max" else None  # (in, taps, out)
         columns = _Columns(x, chunk, *geometry)
-        masked = _MaskedWeights(weight_tm, chunk)
+        masked = _MaskedWeights(weight_tm, chunk, block)
         out = x.new_empty(batch, out_ch, oh * ow)
         indices = torch.empty(batch, out_ch, k, dtype=torch.int32, device=x.device)
         for b0, b1 in chunks(batch, chunk):
@@ -166,7 +178,9 @@ class TopKConv2dFunction(torch.autograd.Function):
             idx = scores.topk(k, dim=2, sorted=False).indices
             del scores
             indices[b0:b1] = idx
-            torch.bmm(masked.fill(idx), cols, out=out[b0:b1])
+            for o0, o1 in chunks(out_ch, block):
+                product = torch.bmm(masked.fill(idx[:, o0:o1], o0, o1), cols)
+                out[b0:b1, o0:o1] = product
         if bias is not None:
             out += bias.view(1, -1, 1)
         ctx.save_for_backward(x, weight, indices)
@@ -186,26 +200,33 @@ class TopKConv2dFunction(torch.autograd.Function):
         g_all = grad_out.reshape(batch, out_ch, -1)
         positions = g_all.shape[2]
         elem = x.element_size()
-        # Per sample: padded input, columns, column gradient, mask, masked weight, per-sample weight gradient.
-        per_sample = (x[0].numel() + in_ch * taps * positions * 2 + out_ch * in_ch * (taps * 2 + 1)) * elem
-        chunk = units_per_chunk(per_sample, batch)
+        # Per sample: padded input, columns and column gradient; per sample and output channel: mask,
+        # masked weight and the per-sample weight gradient.
+        chunk, block = _plan(batch, out_ch, (x[0].numel() + in_ch * taps * positions * 2) * elem,
+                             in_ch * (2 * taps + 1) * elem)
         weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()
         columns = _Columns(x, chunk, *geometry)
-        masked = _MaskedWeights(weight_tm, chunk)
+        masked = _MaskedWeights(weight_tm, chunk, block)
         grad_x = torch.empty_like(x) if need_x else None
         grad_tm = torch.zeros_like(weight_tm) if need_w else None  # (out, taps, in)
         grad_cols = x.new_empty(chunk, taps * in_ch, positions) if need_x else None
-        per_sample_grad = x.new_empty(chunk, out_ch, taps * in_ch) if need_w else None
+        per_sample_grad = x.new_empty(chunk, block, taps * in_ch) if need_w else None
         for b0, b1 in chunks(batch, chunk):
             n = b1 - b0
-            masked_weight = masked.fill(indices[b0:b1])
-            g = g_all[b0:b1]
-            if need_w:  # unfold first: fold below reuses the padded buffer
-                torch.bmm(g, columns.unfold(x[b0:b1]).transpose(1, 2), out=per_sample_grad[:n])
-                for b in range(n):  # in place: only the selected slices of each sample's gradient count
-                    grad_tm.addcmul_(per_sample_grad[b].view(out_ch, taps, in_ch), masked.masks[b, :, None, :])
-            if need_x:
-                torch.bmm(masked_weight.transpose(1, 2), g, out=grad_cols[:n])
+            cols = columns.unfold(x[b0:b1]) if need_w else None
+            for o0, o1 in chunks(out_ch, block):
+                masked_weight = masked.fill(indices[b0:b1, o0:o1], o0, o1)
+                g = g_all[b0:b1, o0:o1]
+                if need_w:
+                    psg = torch.bmm(g, cols.transpose(1, 2), out=per_sample_grad[:n, : o1 - o0])
+                    for b in range(n):  # in place: only the selected slices of each sample's gradient count
+                        grad_tm[o0:o1].addcmul_(psg[b].view(o1 - o0, taps, in_ch), masked.masks[b, : o1 - o0, None, :])
+                if need_x:
+                    if o0 == 0:
+                        torch.bmm(masked_weight.transpose(1, 2), g, out=grad_cols[:n])
+                    else:
+                        grad_cols[:n].baddbmm_(masked_weight.transpose(1, 2), g)
+            if need_x:  # after the columns are used: fold reuses the padded buffer
                 grad_x[b0:b1] = columns.fold(grad_cols[:n])
         grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
         grad_b = g_all.sum((0, 2)) if (ctx.has_bias and need_b) else None
