@@ -200,7 +200,25 @@ def is_trained(run_dir: Path) -> bool:
     return (run_dir / "model.safetensors").is_file() and (run_dir / "run.json").is_file()
 
 
-def train_column(table: TableSpec, label: str, runs_dir, overrides: dict, force: bool,
+class Refresh:
+    """``--force``: redo each run (or evaluation) once per invocation, however many tables share it."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = bool(enabled)
+        self.done: set = set()
+
+    def __call__(self, key) -> bool:
+        if not self.enabled or str(key) in self.done:
+            return False
+        self.done.add(str(key))
+        return True
+
+
+def _refresh(force) -> Refresh:
+    return force if isinstance(force, Refresh) else Refresh(force)
+
+
+def train_column(table: TableSpec, label: str, runs_dir, overrides: dict, force: Refresh,
                  progress: bool, log: list) -> Optional[Path]:
     """Train column ``label`` unless ``runs/<hash>/`` already holds it; returns its run folder."""
     column = table.column(label)
@@ -208,7 +226,7 @@ def train_column(table: TableSpec, label: str, runs_dir, overrides: dict, force:
         return None
     spec = table.run_spec(label, overrides)
     run_dir = run_dir_for(spec, runs_dir)
-    if is_trained(run_dir) and not force:
+    if is_trained(run_dir) and not force(run_dir):
         log.append({"column": label, "run": run_dir.name, "action": "cached"})
         _log(f"[{table.table}] {label}: cached model {run_dir}")
         return run_dir
@@ -216,7 +234,7 @@ def train_column(table: TableSpec, label: str, runs_dir, overrides: dict, force:
     if column.prune_from is not None:
         from . import pruning
 
-        source_dir = train_column(table, column.prune_from, runs_dir, overrides, False, progress, log)
+        source_dir = train_column(table, column.prune_from, runs_dir, overrides, force, progress, log)
         _log(f"[{table.table}] {label}: pruning {source_dir.name} -> {run_dir}")
         pruning.prune_run(source_dir, spec, run_dir, progress=progress)
     else:
@@ -224,6 +242,7 @@ def train_column(table: TableSpec, label: str, runs_dir, overrides: dict, force:
 
         _log(f"[{table.table}] {label}: training -> {run_dir}")
         train.fit(spec, run_dir, progress=progress)
+    force.done.add(str(run_dir))  # fresh now: later tables of this invocation reuse it
     log.append({"column": label, "run": run_dir.name, "action": "trained",
                 "seconds": round(time.perf_counter() - start, 1)})
     return run_dir
@@ -247,7 +266,7 @@ def attack_configs(table: TableSpec, spec: RunSpec) -> dict:
 
 
 def evaluate_column(table: TableSpec, spec: RunSpec, run_dir: Path, test: tuple, surrogate_dir: Optional[Path],
-                    force: bool, progress: bool, log: list, label: str) -> dict:
+                    force: Refresh, progress: bool, log: list, label: str) -> dict:
     """Attack one trained model: ``{"paper": eval dict, "strong": {eps: eval dict}}``.
 
     The paper suite goes to ``eval.json`` (with ``acc-vs-eps.png``), each strong suite to
@@ -263,7 +282,7 @@ def evaluate_column(table: TableSpec, spec: RunSpec, run_dir: Path, test: tuple,
         path = run_dir / ("eval.json" if name == "paper" else f"eval-{name.replace('@', '-')}.json")
         key = {"attack": dataclasses.asdict(cfg), "data": dataclasses.asdict(spec.data),
                "surrogate": surrogate_dir.name if surrogate_dir is not None and name != "paper" else None}
-        cached = _read_json(path) if not force else None
+        cached = None if force(path) else _read_json(path)
         if cached is not None and cached.get("reproduce_key") == key:
             result = cached
             log.append({"column": label, "run": run_dir.name, "action": f"{name} cached"})
@@ -371,8 +390,9 @@ def build_report_table(table: TableSpec, results: dict, spec: RunSpec):
                                not_reproduced, notes, strong_radii(table, spec) if spec.attack.suite == "full" else [])
 
 
-def run_table(table: TableSpec, out, overrides: dict, force: bool, progress: bool = True) -> dict:
+def run_table(table: TableSpec, out, overrides: dict, force=False, progress: bool = True) -> dict:
     """Train (all ranks), then attack and report (rank 0) every column of one table."""
+    force = _refresh(force)
     from . import report
 
     start = time.perf_counter()
@@ -417,8 +437,9 @@ def run_table(table: TableSpec, out, overrides: dict, force: bool, progress: boo
     return {"table": table.table, "paths": paths, "log": log, "results": results, "seconds": seconds}
 
 
-def run_figures(table: TableSpec, out, overrides: dict, force: bool, progress: bool = True) -> dict:
+def run_figures(table: TableSpec, out, overrides: dict, force=False, progress: bool = True) -> dict:
     """Figures 3 and 4 and the routing statistics, from the models of ``table`` (Table III's spec)."""
+    force = _refresh(force)
     from . import figures
     from .checkpoint import load_checkpoint
 
@@ -496,6 +517,7 @@ def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str]
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     overrides = merge(cli_overrides(data, pretrained), overrides or {})
+    force = Refresh(force)
     steps = list(TABLES) + ["figures"] if target == "all" else [target]
     done = {}
     for step in steps:
@@ -507,7 +529,6 @@ def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str]
             if table.table != step:
                 raise ValueError(f"{source}: key 'table' is {table.table!r}, but {step!r} was asked for")
             done[step] = run_table(table, out, overrides, force, progress)
-        force = False  # --force retrains once; later steps of `all` share those models
     return done
 
 
@@ -536,6 +557,7 @@ def sweep(ks: list, layer: str = "conv", preset: str = "quick", column: Optional
         if isinstance(k, bool) or not isinstance(k, (int, float)) or k <= 0:
             raise ValueError(f"--k: expected positive counts or fractions in (0, 1], got {k!r}")
     default_column, key = SWEEP_TARGETS[layer]
+    force = Refresh(force)
     column = column or default_column
     table = load_table_spec(spec_file if spec_file is not None else spec_path("table3", preset))
     base_overrides = merge(cli_overrides(data, pretrained), overrides or {})
@@ -549,7 +571,7 @@ def sweep(ks: list, layer: str = "conv", preset: str = "quick", column: Optional
         overrides = merge(base_overrides, {"model": {"defense": {key: value}}})
         spec = table.run_spec(column, overrides)
         run_dir = run_dir_for(spec, runs_dir)
-        if force or not is_trained(run_dir):
+        if force(run_dir) or not is_trained(run_dir):
             from . import train
 
             _log(f"[sweep] {column} {key}={value}: training -> {run_dir}")
