@@ -280,5 +280,5 @@ def test_prune_run_refuses_a_non_standard_source_and_its_own_folder(standard_run
     save_checkpoint(dropout_dir, model, dropout_spec)
     with pytest.raises(ValueError, match="starts from a standard model.*'dropout'"):
         pruning.prune_run(dropout_dir, spec, tmp_path / "out", progress=False)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing"):
         pruning.prune_run(tmp_path / "missing", spec, tmp_path / "out", progress=False)

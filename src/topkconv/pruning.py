@@ -258,13 +258,12 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn
     if defense.prune_lr is not None and not defense.prune_lr > 0:
         raise ValueError(f"model.defense.prune_lr: expected a positive learning rate, got {defense.prune_lr!r}")
     train.check_train_config(spec.train)
-    out_dir = Path(out_dir)
+    model, source_spec = load_checkpoint(source)  # errors name the missing or broken file
     source_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+    source_record = read_run_json(source_dir)
+    out_dir = Path(out_dir)
     if out_dir.resolve() == source_dir.resolve():
         raise ValueError(f"--out {out_dir}: the pruned run needs its own folder, not the source run's")
-
-    source_record = read_run_json(source_dir)
-    model, source_spec = load_checkpoint(source_dir)
     if source_spec.model.defense.kind != "standard":
         raise ValueError(f"{source_dir}: pruning starts from a standard model; this run's defense is "
                          f"{source_spec.model.defense.kind!r}")
