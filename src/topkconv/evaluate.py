@@ -224,7 +224,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
             seconds[name] = max(seconds[name], value)
     merged = {name: torch.cat([masks[i][name] for i in range(len(chunks))])
               for name in ["clean"] + [a.name for a in plan]}
-    acc = {name: mask.float().mean().item() for name, mask in merged.items()}
+    acc = {name: mask.sum().item() / n for name, mask in merged.items()}  # exact counts, in double
 
     attacks = {a.name: {"accuracy": acc[a.name], "params": a.params, "n": n, "seconds": seconds[a.name]}
                for a in plan}
@@ -248,7 +248,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
         "seed": cfg.seed,
         "clean": acc["clean"],
         "attacks": attacks,
-        "worst_case": {"accuracy": worst.float().mean().item(), "attacks": worst_names, "eps": cfg.eps,
+        "worst_case": {"accuracy": worst.sum().item() / n, "attacks": worst_names, "eps": cfg.eps,
                        "n": n},
         "masking_checks": checks,
         "eps_curve": eps_curve,
@@ -293,12 +293,19 @@ def plot_accuracy_vs_eps(result: dict, title: str = "") -> bytes:
     return buffer.getvalue()
 
 
+def plot_path(out: Path) -> Path:
+    """acc-vs-eps.png beside eval.json; ``<stem>-acc-vs-eps.png`` beside any other name, so two suites
+    written to one folder keep their own plots."""
+    out = Path(out)
+    return out.parent / (PLOT_FILE if out.name == EVAL_FILE else f"{out.stem}-{PLOT_FILE}")
+
+
 def write_results(result: dict, out: Path, title: str = "") -> None:
-    """``out`` (eval.json) and acc-vs-eps.png beside it, both atomically."""
+    """``out`` (eval.json) and its accuracy-vs-eps plot beside it (:func:`plot_path`), both atomically."""
     from .io import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(out, result)
-    atomic_write_bytes(out.parent / PLOT_FILE, plot_accuracy_vs_eps(result, title))
+    atomic_write_bytes(plot_path(out), plot_accuracy_vs_eps(result, title))
 
 
 def evaluate_run(run_dir, suite: str = "paper", surrogate_dir=None, n_examples: Optional[int] = None,

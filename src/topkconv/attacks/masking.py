@@ -17,6 +17,9 @@ CHECKS = ("pgd_beats_fgsm", "falls_to_chance", "blackbox_not_stronger", "steps_r
           "bpda_not_stronger")
 
 
+_ROUNDING = 1e-9   # accuracies are ratios of counts; keep float noise from deciding a verdict
+
+
 def tolerance(n: int) -> float:
     return max(0.01, 1.0 / max(n, 1))
 
@@ -33,7 +36,7 @@ def check_pgd_beats_fgsm(acc: dict, tol: float) -> dict:
     """(1) An iterative attack is at least as strong as a one-step one: PGD accuracy <= FGSM accuracy."""
     if "pgd" not in acc or "fgsm" not in acc:
         return _na("needs fgsm and pgd")
-    return {"verdict": _verdict(acc["pgd"] <= acc["fgsm"] + tol), "pgd": acc["pgd"], "fgsm": acc["fgsm"],
+    return {"verdict": _verdict(acc["pgd"] <= acc["fgsm"] + tol + _ROUNDING), "pgd": acc["pgd"], "fgsm": acc["fgsm"],
             "tolerance": tol}
 
 
@@ -45,8 +48,8 @@ def check_falls_to_chance(curve: list, num_classes: int, tol: float) -> dict:
     points = sorted(curve, key=lambda p: p["eps"])
     chance = 1.0 / num_classes
     last = points[-1]
-    rises = [p["eps"] for before, p in zip(points, points[1:]) if p["accuracy"] > before["accuracy"] + tol]
-    ok = last["accuracy"] <= chance + CHANCE_SLACK and not rises
+    rises = [p["eps"] for before, p in zip(points, points[1:]) if p["accuracy"] > before["accuracy"] + tol + _ROUNDING]
+    ok = last["accuracy"] <= chance + CHANCE_SLACK + _ROUNDING and not rises
     return {"verdict": _verdict(ok), "max_eps": last["eps"], "accuracy_at_max_eps": last["accuracy"],
             "chance": chance, "chance_slack": CHANCE_SLACK, "rises_at_eps": rises, "tolerance": tol}
 
@@ -56,7 +59,7 @@ def check_blackbox_not_stronger(acc: dict, whitebox: str, tol: float) -> dict:
     others = {name: acc[name] for name in ("square", "transfer") if name in acc}
     if whitebox not in acc or not others:
         return _na("needs square or transfer (full suite; transfer needs --surrogate)")
-    stronger = [name for name, value in others.items() if value < acc[whitebox] - tol]
+    stronger = [name for name, value in others.items() if value < acc[whitebox] - tol - _ROUNDING]
     return {"verdict": _verdict(not stronger), "whitebox": whitebox, whitebox: acc[whitebox], **others,
             "stronger_than_whitebox": stronger, "tolerance": tol}
 
@@ -67,7 +70,7 @@ def check_steps_restarts_converged(acc: dict, tol: float) -> dict:
     if "pgd" not in acc or not variants:
         return _na("needs pgd_2x_steps / pgd_2x_restarts (full suite)")
     moves = {name: acc["pgd"] - value for name, value in variants.items()}
-    ok = all(abs(move) <= tol for move in moves.values())
+    ok = all(abs(move) <= tol + _ROUNDING for move in moves.values())
     return {"verdict": _verdict(ok), "pgd": acc["pgd"], **variants,
             "drops": moves, "tolerance": tol}
 
@@ -78,7 +81,7 @@ def check_bpda_not_stronger(acc: dict, routing: bool, tol: float) -> dict:
         return _na("the model has no top-k routing layer")
     if "pgd" not in acc or "bpda_pgd" not in acc:
         return _na("needs bpda_pgd (full suite)")
-    return {"verdict": _verdict(acc["bpda_pgd"] >= acc["pgd"] - tol), "pgd": acc["pgd"],
+    return {"verdict": _verdict(acc["bpda_pgd"] >= acc["pgd"] - tol - _ROUNDING), "pgd": acc["pgd"],
             "bpda_pgd": acc["bpda_pgd"], "tolerance": tol}
 
 
