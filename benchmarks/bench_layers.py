@@ -157,7 +157,10 @@ def peak_memory_mb(case: Case) -> dict:
     peaks = {}
     for impl in IMPLS:
         chunk = case.naive_chunk if impl == "reference" else None
-        _step(modules[impl], x, grad_out, chunk)  # warm-up: parameter gradients and caches exist after it
+        _step(modules[impl], x, grad_out, chunk)  # warm-up: one-time allocations and caches
+        for p in modules[impl].parameters():
+            p.grad = None  # the measured step's gradients count as its own memory
+        x.grad = None
         gc.collect()
         before = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as fh:
