@@ -275,3 +275,18 @@ def test_bpda_switch_changes_gradients_not_outputs_for_the_attack():
     torch.testing.assert_close(outputs_bpda, outputs_plain)
     assert not torch.equal(x_adv_plain, x_adv_bpda)  # the attack followed a different gradient
     assert accuracy(model, x_adv_bpda, y) < accuracy(model, x, y) - 0.1
+
+
+def test_autoattack_standard_runs_on_a_model_with_few_classes():
+    torch.manual_seed(0)
+    x, y = eval_data()
+    keep = y < 4
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    x_adv = autoattack(model, x[keep][:16], y[keep][:16], EPS, n_iter=2, square_queries=5, seed=0)
+    assert (x_adv - x[keep][:16]).abs().max() <= EPS + 1e-6
+
+
+def test_autoattack_rejects_unknown_attack_names():
+    x, y = eval_data()
+    with pytest.raises(ValueError, match="apgd-xx"):
+        autoattack(trained_mlp(), x[:4], y[:4], EPS, attacks=["apgd-xx"])

@@ -199,6 +199,40 @@ def test_full_result_reports_every_attack_and_the_per_example_worst_case():
     assert result["config"]["suite"] == "full" and result["seed"] == 0 and result["n"] == N
 
 
+def test_full_suite_on_a_stochastic_model_uses_eot_and_autoattack_rand():
+    from test_attacks import trained_sap
+
+    x, y = eval_data()
+    result = evaluate(trained_sap(), x, y, dataclasses.replace(FULL, eps_curve=[0, 64], n_examples=100),
+                      progress=False)
+    assert result["model"]["stochastic"] is True
+    assert result["attacks"]["autoattack"]["params"]["version"] == "rand"
+    assert result["attacks"]["eot_pgd"]["params"]["eot_samples"] == FULL.eot_samples
+    assert [p["attack"] for p in result["eps_curve"]] == ["clean", "eot_pgd", "eot_pgd@64"]
+    assert result["masking_checks"]["blackbox_not_stronger"]["whitebox"] == "eot_pgd"
+
+
+class NoisyLogits(nn.Module):
+    """Randomised in eval mode without any SAP layer: detected by running it twice."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        return self.base(x) + 0.01 * torch.randn(x.shape[0], 10)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: trained_mlp(), False),
+    (lambda: NoisyLogits(trained_mlp()), True),
+])
+def test_randomness_is_detected_by_behaviour_too(make, expected):
+    from topkconv.attacks import is_stochastic
+
+    assert is_stochastic(make(), eval_data()[0][:8]) is expected
+
+
 def test_paper_suite_is_fgsm_and_pgd_at_each_eps():
     x, y = eval_data()
     cfg = AttackConfig(suite="paper", eps=8, extra_eps=[16], n_examples=100)

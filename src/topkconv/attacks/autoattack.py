@@ -76,6 +76,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
             _set_iterations(apgd, n_iter)
         runner.fab.n_iter = n_iter
         runner.square.n_queries = square_queries
+        with torch.no_grad():  # 9 target classes assume 10 or more classes; fewer would index past the logits
+            targets = min(9, model(x[:1].to(device)).shape[1] - 1)
+        runner.apgd_targeted.n_target_classes = runner.fab.n_target_classes = targets
         x_adv, _ = runner.run_standard_evaluation(x.detach().to(device), y.to(device), batch_size=batch_size)
     return x_adv.detach()
 

@@ -47,7 +47,8 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
         x_var = x.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x_var)
-            value = attack_loss(logits, y, loss, targeted).sum()
+            value = (F.cross_entropy(logits, y, reduction="sum") if loss == "ce" and not targeted
+                     else attack_loss(logits, y, loss, targeted).sum())  # one kernel for the common case
             # A model that cuts the graph (e.g. one that detaches its input) has a zero gradient; that is
             # gradient masking for the checks to report, not an error.
             draw = torch.autograd.grad(value, x_var)[0] if value.requires_grad else torch.zeros_like(x)
@@ -126,7 +127,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
                     with torch.no_grad():
                         logits = model(x_adv)
                 fooled = _fooled(logits, y, targeted)
-                best = torch.where(_per_example(fooled & ~found, x), x_adv, best)
+                best = torch.where(_per_example(fooled > found, x), x_adv, best)  # newly fooled
                 found |= fooled
                 if step < steps:
                     x_adv = torch.clamp(x_adv.add(grad.sign_(), alpha=step_size), low, high)
