@@ -144,7 +144,7 @@ def test_reproduce_all_writes_every_report_and_figure_then_hits_the_cache(tmp_pa
     monkeypatch.setattr(topkconv.evaluate, "evaluate", no_training)
     again = R.reproduce("table3", "quick", out=tmp_path, overrides=TINY, progress=False)
     actions = {entry["action"] for entry in again["table3"]["log"]}
-    assert actions <= {"cached", "paper cached", "strong@8 cached", "strong@48 cached"}, actions
+    assert actions and all(action.endswith("cached") for action in actions), actions
     assert {run: (tmp_path / "runs" / run / "model.safetensors").stat().st_mtime_ns for run in trained} == weights
     assert {run: (tmp_path / "runs" / run / "eval.json").stat().st_mtime_ns for run in evals} == evals
 
