@@ -127,7 +127,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder (or its model.safetensors)")
     p.add_argument("--suite", default="paper", choices=("paper", "full"), help="attack suite (default paper)")
     p.add_argument("--surrogate", metavar="BASELINE_RUN_DIR", help="undefended model for the transfer attack")
-    p.add_argument("--n", type=int, metavar="N", help="attack only the first N test examples")
+    p.add_argument("--n", "--n-examples", dest="n", type=int, metavar="N",
+                   help="attack only the first N test examples (under torchrun spell it --n-examples: "
+                        "torchrun reads --n as one of its own options)")
     p.add_argument("--eps", type=float, help="L-inf radius in 0-255 units (default: the run's, 8)")
     p.add_argument("--extra-eps", type=float, nargs="+", metavar="EPS", help="more radii (0-255) for FGSM/PGD")
     p.add_argument("--steps", type=int, dest="pgd_steps", help="PGD steps (default 16)")
