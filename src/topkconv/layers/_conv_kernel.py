@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from ._budget import chunks, get_memory_budget, units_per_chunk
 
 # One block of maps for the max score is meant to stay in the L2 cache.
-_CACHE_BLOCK_BYTES = 2**19
+_CACHE_BLOCK_BYTES = 2**20
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -121,21 +121,24 @@ def _plan(batch: int, out_ch: int, fixed_per_sample: int, per_sample_per_output:
 def _max_scores(cols: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """(n, out, in) spatial maxima of the maps A, from the tap-major columns (n, taps * in, L).
 
-    Per input channel one matmul ``(samples * L, taps) @ (taps, out)`` gives that channel's maps for
-    a cache-sized group of samples and every output channel, reduced by a max over L at once."""
+    Per input channel a matmul ``(samples * L, taps) @ (taps, out)`` gives that channel's maps for a
+    group of samples and every output channel; a few channels at once (one batched matmul) fill a
+    cache-sized block, reduced by a max over L before the next block."""
     n, _, positions = cols.shape
     in_ch, taps, out_ch = weight_t.shape
     scores = cols.new_empty(in_ch, n, out_ch)
+    cap = _CACHE_BLOCK_BYTES if cols.device.type == "cpu" else None
     per_sample = positions * out_ch * cols.element_size()
-    group = units_per_chunk(per_sample, n, _CACHE_BLOCK_BYTES if cols.device.type == "cpu" else None)
-    maps = cols.new_empty(group * positions, out_ch)
+    group = units_per_chunk(per_sample, n, cap)
+    channels = units_per_chunk(group * per_sample, in_ch, cap)
+    maps = cols.new_empty(channels, group * positions, out_ch)
     for s0, s1 in chunks(n, group):
         # (in, samples * L, taps): one contiguous patch matrix per input channel
         patches = cols[s0:s1].view(s1 - s0, taps, in_ch, positions).permute(2, 0, 3, 1).reshape(in_ch, -1, taps)
-        block = maps[: patches.shape[1]]
-        for i in range(in_ch):
-            torch.mm(patches[i], weight_t[i], out=block)
-            torch.amax(block.view(s1 - s0, positions, out_ch), dim=1, out=scores[i, s0:s1])
+        rows = patches.shape[1]
+        for i0, i1 in chunks(in_ch, channels):
+            block = torch.bmm(patches[i0:i1], weight_t[i0:i1], out=maps[: i1 - i0, :rows])
+            torch.amax(block.view(i1 - i0, s1 - s0, positions, out_ch), dim=2, out=scores[i0:i1, s0:s1])
     return scores.permute(1, 2, 0)
 
 

@@ -13,6 +13,9 @@ class TopKConv2d(nn.Conv2d):
     For each sample and output channel c, the map ``A[c, i] = conv(x[i], weight[c, i])`` of every
     input channel i is scored by its spatial max (``criterion="max"``) or sum (``"sum"``); the ``k``
     best maps are summed and the bias added. With ``k = in_channels`` it equals ``nn.Conv2d``.
+
+    ``impl``: ``"auto"`` (default) and ``"fast"`` use the chunked exact kernels, bounded by
+    :func:`topkconv.functional.set_memory_budget`; ``"reference"`` is the materialising formula.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, k: KSpec, criterion: str = "max",

@@ -14,6 +14,9 @@ class TopKLinear(nn.Linear):
     plus the bias. ``k`` is a count in 1..in_features or a fraction in (0, 1]. Exactly ``k`` products
     are summed, as in the original code; ``positive_only=True`` keeps only positive ones (``|R| <= k``).
     Parameters are those of ``nn.Linear``, so a dense state_dict loads as it is.
+
+    ``impl``: ``"auto"`` (default) and ``"fast"`` use the chunked exact kernels, bounded by
+    :func:`topkconv.functional.set_memory_budget`; ``"reference"`` is the materialising formula.
     """
 
     def __init__(self, in_features: int, out_features: int, k: KSpec, bias: bool = True,

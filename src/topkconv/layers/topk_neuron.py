@@ -9,7 +9,10 @@ from ._args import KSpec, check_criterion, resolve_k
 
 class TopKNeuronConv2d(nn.Conv2d):
     """TKC-neuron: a dense convolution that keeps, per sample, only the ``k`` output channels with the
-    largest spatial max (or sum) and zeroes the rest. ``k`` counts output channels."""
+    largest spatial max (or sum) and zeroes the rest. ``k`` counts output channels.
+
+    ``impl``: ``"auto"``/``"fast"`` mask the convolution's output in place (only the mask is saved
+    for backward); ``"reference"`` multiplies out of place."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, k: KSpec, criterion: str = "max",
                  stride=1, padding=0, dilation=1, bias: bool = True, impl: str = "auto",
