@@ -290,3 +290,23 @@ def test_autoattack_rejects_unknown_attack_names():
     x, y = eval_data()
     with pytest.raises(ValueError, match="apgd-xx"):
         autoattack(trained_mlp(), x[:4], y[:4], EPS, attacks=["apgd-xx"])
+
+
+def test_seeded_fixes_sap_draws_and_puts_the_generators_back():
+    from topkconv.attacks.common import seeded
+
+    model = trained_sap()
+    x, _ = eval_data()
+    own = torch.Generator().manual_seed(123)
+    model[3].generator = own
+    try:
+        with seeded(model, 7):
+            first = model(x)
+        with seeded(model, 7):
+            second = model(x)
+        with seeded(model, 8):
+            other = model(x)
+        assert torch.equal(first, second) and not torch.equal(first, other)
+        assert model[3].generator is own
+    finally:
+        model[3].generator = None

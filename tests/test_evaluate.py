@@ -247,6 +247,16 @@ def test_paper_suite_is_fgsm_and_pgd_at_each_eps():
     assert result["eps_curve"] == []
 
 
+def test_evaluate_leaves_the_model_in_its_mode():
+    model = trained_mlp().train()
+    x, y = eval_data()
+    try:
+        evaluate(model, x, y, dataclasses.replace(FULL, suite="paper", n_examples=20), progress=False)
+        assert all(m.training for m in model.modules())
+    finally:
+        model.eval()
+
+
 def test_evaluation_is_reproducible_and_independent_of_the_chunking_order():
     x, y = eval_data()
     cfg = dataclasses.replace(FULL, suite="paper", extra_eps=[32], n_examples=150, batch_size=50)

@@ -96,6 +96,9 @@ def plan_attacks(model: nn.Module, cfg: AttackConfig, stochastic: bool, routing:
             plan.append(_fgsm_attack(f"fgsm@{_fmt(extra)}", model, extra, worst_case=False))
             plan.append(_pgd_attack(f"pgd@{_fmt(extra)}", model, extra, ratio * extra, steps, cfg.restarts,
                                     worst_case=False))
+            if stochastic:
+                plan.append(_pgd_attack(f"eot_pgd@{_fmt(extra)}", model, extra, ratio * extra, steps,
+                                        cfg.restarts, eot=cfg.eot_samples, worst_case=False))
     curve: list[tuple[float, str]] = []
     if cfg.suite == "full":
         whitebox = "eot_pgd" if stochastic else "pgd"
