@@ -1,4 +1,8 @@
-"""Data-parallel training under torchrun (2 CPU processes, gloo) matches one process at the same global batch."""
+"""Data-parallel training under torchrun (2 CPU processes, gloo) matches one process at the same global batch.
+
+The model has no BatchNorm: on the CPU each process would normalise with its own half of the batch
+(SyncBatchNorm, used on CUDA, has no CPU kernel), and the two runs would rightly differ.
+"""
 
 import json
 import os
@@ -16,7 +20,7 @@ from topkconv.models import build_model
 from topkconv.train import epoch_seed, fit, resolve_spec
 
 FLAGS = ["--dataset", "digits", "--image-size", "16", "--limit-train", "80", "--limit-test", "20",
-         "--model", "vgg-small", "--width", "0.25", "--hidden", "32", "--defense", "dynamic_k",
+         "--model", "vgg-small", "--no-batch-norm", "--width", "0.25", "--hidden", "32", "--defense", "dynamic_k",
          "--fc-k", "0.1", "0.5", "--batch-size", "32", "--epochs", "2", "--lr", "0.02", "--seed", "3",
          "--device", "cpu", "--no-progress"]
 
@@ -39,7 +43,7 @@ def test_two_processes_match_one_process(tmp_path):
 
     # The same run in this process: augmentation on, 80 images = batches of 32, 32 and 16 per epoch.
     spec = RunSpec(data=DataConfig(name="digits", image_size=16, limit_train=80, limit_test=20),
-                   model=ModelConfig(arch="vgg-small", width=0.25, hidden=32,
+                   model=ModelConfig(arch="vgg-small", width=0.25, hidden=32, batch_norm=False,
                                      defense=DefenseConfig(kind="dynamic_k", fc_k=[0.1, 0.5])),
                    train=TrainConfig(epochs=2, batch_size=32, lr=0.02, seed=3, device="cpu"))
     single, summary = fit(spec, tmp_path / "single", progress=False)

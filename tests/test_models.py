@@ -172,3 +172,10 @@ def test_paper_vgg16_forward_and_backward_at_224px(kind):
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert model.features[0].weight.grad is not None and model.classifier[0].weight.grad.abs().sum() > 0
+
+
+def test_batch_norm_defaults_follow_the_arch():
+    assert any(isinstance(m, nn.BatchNorm2d) for m in build_model(small()).modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in build_model(ModelConfig(arch="vgg16", image_size=32)).modules())
+    plain = ModelConfig(arch="vgg-small", in_channels=1, mean=[0.3], std=[0.3], batch_norm=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in build_model(plain).modules())

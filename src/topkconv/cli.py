@@ -35,6 +35,8 @@ def _add_train(sub) -> None:
     model.add_argument("--model", dest="arch", choices=("vgg-small", "vgg16"), help="model.arch")
     model.add_argument("--width", type=float, help="vgg-small channel width multiplier")
     model.add_argument("--hidden", type=int, help="width of the penultimate FC layer")
+    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                       help="BatchNorm after each conv (default: on for vgg-small, off for vgg16)")
     model.add_argument("--pretrained", metavar="FILE", help="torchvision's vgg16-397923af.pth for `features`")
     model.add_argument("--defense", choices=("standard", "dropout", "dynamic_k", "topk_conv", "tkc_neuron", "sap",
                                              "pruned"), help="model.defense.kind")
@@ -73,7 +75,7 @@ def _k_value(text: str):
 _TRAIN_FLAGS = {  # CLI destination -> (spec section, key)
     "dataset": ("data", "name"), "data_root": ("data", "root"), "image_size": ("data", "image_size"),
     "limit_train": ("data", "limit_train"), "limit_test": ("data", "limit_test"), "workers": ("data", "workers"),
-    "arch": ("model", "arch"), "width": ("model", "width"), "hidden": ("model", "hidden"),
+    "arch": ("model", "arch"), "width": ("model", "width"), "hidden": ("model", "hidden"), "batch_norm": ("model", "batch_norm"),
     "pretrained": ("model", "pretrained"), "defense": ("model.defense", "kind"), "fc_k": ("model.defense", "fc_k"),
     "fc_scope": ("model.defense", "fc_scope"), "conv_layers": ("model.defense", "conv_layers"),
     "conv_k": ("model.defense", "conv_k"), "criterion": ("model.defense", "criterion"),

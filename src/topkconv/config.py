@@ -52,6 +52,7 @@ class ModelConfig:
     image_size: int = 32
     hidden: int = 512                 # width of the penultimate FC layer
     width: float = 1.0                # vgg-small: channel width multiplier
+    batch_norm: Optional[bool] = None  # BatchNorm after each conv; None: the arch's default (vgg-small yes, vgg16 no)
     pretrained: Optional[str] = None  # local torchvision vgg16-397923af.pth for `features`
     mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # normalisation inside the model
     std: list = field(default_factory=lambda: [0.25, 0.25, 0.25])

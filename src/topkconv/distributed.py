@@ -67,11 +67,18 @@ def teardown(ctx: Context) -> None:
 
 
 def wrap(model: nn.Module, ctx: Context) -> nn.Module:
-    """DistributedDataParallel around ``model`` when there are several processes; else ``model`` itself."""
+    """DistributedDataParallel around ``model`` when there are several processes; else ``model`` itself.
+
+    On CUDA, BatchNorm becomes SyncBatchNorm, so batch statistics span the global batch as in one
+    process. SyncBatchNorm has no CPU kernel: on the CPU each process normalises with its own share's
+    statistics, a (small) difference from a one-process run.
+    """
     if not ctx.distributed:
         return model
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index])
+    return nn.parallel.DistributedDataParallel(model)
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -84,12 +91,3 @@ def all_reduce_sum(values: torch.Tensor, ctx: Context) -> torch.Tensor:
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
-
-
-def broadcast_flag(flag: bool, ctx: Context) -> bool:
-    """Rank 0's ``flag`` on every process (e.g. whether resuming found a state to load)."""
-    if not ctx.distributed:
-        return flag
-    value = torch.tensor([int(flag)], device=ctx.device if dist.get_backend() == "nccl" else "cpu")
-    dist.broadcast(value, src=0)
-    return bool(value.item())

@@ -1,7 +1,7 @@
 """Build a model from a :class:`~topkconv.config.ModelConfig`: one branch per defence.
 
 A defence only swaps layers; the key names stay those of the standard model (convs at torchvision's
-``features`` indices, FC layers at ``classifier.0`` and ``classifier.3``), so dense weights, pretrained
+``features`` indices when there is no BatchNorm, FC layers at ``classifier.0`` and ``classifier.3``), so dense weights, pretrained
 weights and pruning masks load into every variant.
 """
 
@@ -30,14 +30,24 @@ def build_model(cfg: ModelConfig) -> VGG:
                          f"got {cfg.mean} and {cfg.std}")
     plan = PLANS[cfg.arch] if cfg.arch == "vgg16" else scale_plan(PLANS[cfg.arch], cfg.width)
     channels, height, width = feature_shape(plan, cfg.image_size)
-    features = _features(plan, cfg.in_channels, defense)
+    features = _features(plan, cfg.in_channels, defense, uses_batch_norm(cfg))
     classifier = _classifier(channels * height * width, cfg.hidden, cfg.num_classes, defense)
     model = VGG(Normalize(cfg.mean, cfg.std), features, classifier)
     init_weights(model)
     return model
 
 
-def _features(plan, in_channels: int, defense: DefenseConfig) -> nn.Sequential:
+def uses_batch_norm(cfg: ModelConfig) -> bool:
+    """vgg16 follows torchvision's BatchNorm-free VGG16 (its ImageNet weights); vgg-small, trained from
+    scratch, has BatchNorm, without which SGD sits on a plateau for epochs and Dynamic-k barely learns."""
+    if cfg.batch_norm is None:
+        return cfg.arch == "vgg-small"
+    if not isinstance(cfg.batch_norm, bool):
+        raise ValueError(f"model.batch_norm must be true, false or unset, got {cfg.batch_norm!r}")
+    return cfg.batch_norm
+
+
+def _features(plan, in_channels: int, defense: DefenseConfig, batch_norm: bool) -> nn.Sequential:
     conv_count = sum(1 for v in plan if v != "M")
     routed_from = conv_count  # index (among convs) of the first routed conv
     if defense.kind in ("topk_conv", "tkc_neuron"):
@@ -54,6 +64,8 @@ def _features(plan, in_channels: int, defense: DefenseConfig) -> nn.Sequential:
             layers.append(_routed_conv(in_channels, v, defense))
         else:
             layers.append(nn.Conv2d(in_channels, v, kernel_size=3, padding=1))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(v))
         layers.append(_relu(defense))
         in_channels = v
         conv_index += 1

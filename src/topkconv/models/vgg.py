@@ -65,7 +65,7 @@ class VGG(nn.Module):
 def init_weights(model: nn.Module) -> None:
     """He init (fan-in, ReLU gain) for every conv and the hidden FC layer, PyTorch's default for the last.
 
-    This VGG has no BatchNorm, so the init alone keeps the signal alive through the depth. torchvision's
+    Without BatchNorm (vgg16) the init alone keeps the signal alive through the depth. torchvision's
     fan-out conv init with N(0, 0.01) FC layers shrinks the logits of a 32 px digits model to ~0.05 and
     SGD barely moves it; Dynamic-k's sparse sums shrink them further.
     """
