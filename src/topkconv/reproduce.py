@@ -281,7 +281,8 @@ def evaluate_column(table: TableSpec, spec: RunSpec, run_dir: Path, test: tuple,
     for name, cfg in attack_configs(table, spec).items():
         path = run_dir / ("eval.json" if name == "paper" else f"eval-{name.replace('@', '-')}.json")
         key = {"attack": dataclasses.asdict(cfg), "data": dataclasses.asdict(spec.data),
-               "surrogate": surrogate_dir.name if surrogate_dir is not None and name != "paper" else None}
+               "surrogate": _weights_id(surrogate_dir) if surrogate_dir is not None and name != "paper" else None,
+               "model": _weights_id(run_dir)}
         cached = None if force(path) else _read_json(path)
         if cached is not None and cached.get("reproduce_key") == key:
             result = cached
@@ -310,6 +311,12 @@ def evaluate_column(table: TableSpec, spec: RunSpec, run_dir: Path, test: tuple,
         else:
             out["strong"][name.split("@", 1)[1]] = result
     return out
+
+
+def _weights_id(run_dir: Path) -> list:
+    """Which weights were attacked: a retrained model (``--force``) invalidates its evaluations."""
+    stat = (Path(run_dir) / "model.safetensors").stat()
+    return [Path(run_dir).name, stat.st_size, stat.st_mtime_ns]
 
 
 def _read_json(path: Path) -> Optional[dict]:
