@@ -175,16 +175,12 @@ def evaluate_accuracy(model: nn.Module, data, *, batch_size: int = 256, device="
     was_training = model.training
     model.eval()
     if isinstance(data, (tuple, list)):
-        x_all, y_all = data
-        n = len(y_all) if limit is None else min(limit, len(y_all))
-        shares = (x_all[:n][ctx.rank::ctx.world_size], y_all[:n][ctx.rank::ctx.world_size])
-        batches = zip(shares[0].split(batch_size), shares[1].split(batch_size))
-    else:
-        if limit is not None and limit < len(data):
-            batches = _limited(data, limit, batch_size, ctx)
-        else:
-            per_rank = max(ctx.world_size, batch_size - batch_size % ctx.world_size)
-            batches = data.batches(per_rank, rank=ctx.rank, world_size=ctx.world_size, even=False)
+        batches = _shares(data[0], data[1], limit, batch_size, ctx)
+    elif limit is not None and limit < len(data):
+        batches = _shares(*data.tensors(limit), None, batch_size, ctx)
+    else:  # stream the split (it may not fit in memory); each process takes its share of every batch
+        global_batch = max(ctx.world_size, batch_size - batch_size % ctx.world_size)
+        batches = data.batches(global_batch, rank=ctx.rank, world_size=ctx.world_size, even=False)
     counts = torch.zeros(2, dtype=torch.float64)
     for x, y in batches:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
@@ -197,9 +193,9 @@ def evaluate_accuracy(model: nn.Module, data, *, batch_size: int = 256, device="
     return float(counts[0] / counts[1])
 
 
-def _limited(split, limit: int, batch_size: int, ctx: distributed.Context):
-    x, y = split.tensors(limit)
-    x, y = x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]
+def _shares(x: torch.Tensor, y: torch.Tensor, limit: Optional[int], batch_size: int, ctx: distributed.Context):
+    """This process's share (every world_size-th image) of the first ``limit`` images, in batches."""
+    x, y = x[:limit][ctx.rank::ctx.world_size], y[:limit][ctx.rank::ctx.world_size]
     return zip(x.split(batch_size), y.split(batch_size))
 
 
