@@ -14,6 +14,7 @@ rank waits in a collective while rank 0 attacks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -59,6 +60,7 @@ class TableSpec:
     note: str = ""                        # printed under the table (e.g. why a larger eps is reported)
     eval_examples: Optional[int] = None   # test images for the paper's FGSM and PGD (None: the whole test set)
     strong_eps: Optional[list] = None     # radii (0-255) of the strong suite on attack.n_examples; None: attack.eps
+    threads: Optional[int] = None         # torch intra-op threads while this table runs; None: torch's default
     base: dict = field(default_factory=dict)
     columns: list = field(default_factory=list)
     figures: Optional[dict] = None
@@ -157,6 +159,8 @@ def load_table_spec(path) -> TableSpec:
                              f"{column.prune_from!r}, which is not a column ({labels})")
         if column.not_reproduced is None:
             spec.run_spec(column.label)  # validates the merged RunSpec now, not mid-run
+    if spec.threads is not None and (not isinstance(spec.threads, int) or spec.threads < 1):
+        raise ValueError(f"{path}: key 'threads' must be a positive int, got {spec.threads!r}")
     if spec.figures is not None:
         try:
             figures = spec.figures_spec()
@@ -530,13 +534,31 @@ def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str]
     for step in steps:
         source = spec_file if spec_file is not None else spec_path("table3" if step == "figures" else step, preset)
         table = load_table_spec(source)
-        if step == "figures":
-            done[step] = run_figures(table, out, overrides, force, progress)
-        else:
-            if table.table != step:
-                raise ValueError(f"{source}: key 'table' is {table.table!r}, but {step!r} was asked for")
-            done[step] = run_table(table, out, overrides, force, progress)
+        if step != "figures" and table.table != step:
+            raise ValueError(f"{source}: key 'table' is {table.table!r}, but {step!r} was asked for")
+        with torch_threads(table.threads):
+            if step == "figures":
+                done[step] = run_figures(table, out, overrides, force, progress)
+            else:
+                done[step] = run_table(table, out, overrides, force, progress)
     return done
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]):
+    """Run with ``threads`` intra-op threads, then restore. The quick preset's models are so small that
+    a second thread barely helps, and on a shared machine idle-spinning threads cost several times more."""
+    import torch
+
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- k sweep
@@ -552,10 +574,6 @@ def sweep(ks: list, layer: str = "conv", preset: str = "quick", column: Optional
     ``layer="conv"`` sets ``defense.conv_k`` (default column TKC-max); ``layer="fc"`` sets every
     Dynamic-k layer's k (``defense.fc_k``, default column Dynamic-k). A k is a count or a fraction.
     """
-    from . import report
-    from .figures import save_figure, _matplotlib
-    from .io import atomic_write_json
-
     if layer not in SWEEP_TARGETS:
         raise ValueError(f"--layer must be one of {sorted(SWEEP_TARGETS)}, got {layer!r}")
     if not ks:
@@ -568,6 +586,16 @@ def sweep(ks: list, layer: str = "conv", preset: str = "quick", column: Optional
     column = column or default_column
     table = load_table_spec(spec_file if spec_file is not None else spec_path("table3", preset))
     base_overrides = merge(cli_overrides(data, pretrained), overrides or {})
+    with torch_threads(table.threads):
+        return _sweep(table, ks, layer, column, key, base_overrides, out, force, progress)
+
+
+def _sweep(table: TableSpec, ks: list, layer: str, column: str, key: str, base_overrides: dict, out,
+           force: Refresh, progress: bool) -> dict:
+    from . import report
+    from .figures import _matplotlib, save_figure
+    from .io import atomic_write_json
+
     runs_dir = Path(out) / "runs"
     start = time.perf_counter()
     log: list = []
