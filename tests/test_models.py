@@ -179,3 +179,14 @@ def test_batch_norm_defaults_follow_the_arch():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in build_model(ModelConfig(arch="vgg16", image_size=32)).modules())
     plain = ModelConfig(arch="vgg-small", in_channels=1, mean=[0.3], std=[0.3], batch_norm=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in build_model(plain).modules())
+
+
+def test_dynamic_k_starts_at_a_dense_layers_output_scale():
+    """Without the gain, the top 5% of 1024 products sum to ~3x a dense output and training diverges."""
+    torch.manual_seed(0)
+    cfg = dict(arch="vgg-small", in_channels=1, mean=[0.3], std=[0.3], batch_norm=False)
+    dense = build_model(ModelConfig(**cfg)).classifier[0]
+    routed = build_model(ModelConfig(**cfg, defense=DefenseConfig(kind="dynamic_k", fc_k=[0.05, 0.2]))).classifier[0]
+    features = torch.relu(torch.randn(256, dense.in_features))
+    ratio = routed(features).pow(2).mean().sqrt() / dense(features).pow(2).mean().sqrt()
+    assert 0.5 < ratio < 2.0, ratio
