@@ -300,11 +300,11 @@ def figure3_feature_maps(model_max: nn.Module, model_sum: nn.Module, x: torch.Te
             for j in range(channels):
                 ax = axes[i, 1 + p * channels + j]
                 if j < len(top):
-                    _show(ax, maps[i, top[j]], f"{criterion}: {name} ch{int(top[j])}" if i == 0 else "",
-                          cmap="magma")
+                    _show(ax, maps[i, top[j]], f"{criterion} ch{int(top[j])}", cmap="magma")
                 else:
                     ax.axis("off")
-    fig.suptitle("Figure 3: TopKConv feature maps, max criterion (left) vs sum criterion (right)", fontsize=9)
+    fig.suptitle(f"Figure 3: TopKConv feature maps ({panels[0][0]}, the {channels} strongest channels per image), "
+                 f"max criterion (left) vs sum criterion (right)", fontsize=9)
     return save_figure(fig, path)
 
 

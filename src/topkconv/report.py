@@ -219,7 +219,12 @@ def _paired(table: Table) -> tuple:
             header.append(name)
             index.append((i,))
             i += 1
-    rows = [[" / ".join(_cell(row[j], table.decimals) for j in group) for group in index] for row in table.rows]
+    def merged(row, group):
+        if len(group) == 2 and row[group[1]] is None and isinstance(row[group[0]], str):
+            return row[group[0]]  # a text cell (flags, "not reproduced") has no paper counterpart
+        return " / ".join(_cell(row[j], table.decimals) for j in group)
+
+    rows = [[merged(row, group) for group in index] for row in table.rows]
     return header, rows
 
 
