@@ -5,11 +5,16 @@ A table spec (``experiments/<table>-<preset>.toml``) names the table, a ``base``
 column says only how it differs. A column may instead be marked ``not_reproduced`` with the reason,
 or be a pruned copy of another column (``prune_from``).
 
-:func:`reproduce` trains every column (cached by ``RunSpec.hash()`` under ``<out>/runs/<hash>/``),
-attacks it (cached as ``eval.json`` next to the weights, keyed by the attack config), and writes the
-reports through :mod:`topkconv.report`. Under ``torchrun`` every rank trains (the trainer shards the
-batches with DDP) and rank 0 alone evaluates and writes reports, after all training is done, so no
-rank waits in a collective while rank 0 attacks.
+:func:`reproduce` trains every column (cached by ``RunSpec.hash()`` under ``<out>/runs/<hash>/``;
+``--force`` retrains), then attacks it twice: the paper's FGSM and PGD at every eps on the test set
+(``eval.json``, or its first ``eval_examples`` images), and the strong suite at each of ``strong_eps``
+on the first ``attack.n_examples`` (``eval-strong-<eps>.json``). An evaluation is reused when its file
+was made with the same attack config, data and weights. :mod:`topkconv.report` then writes
+``<out>/reports/<table>.md``, ``.csv`` and ``.json`` and prints the table.
+
+Under ``torchrun`` every rank trains (the trainer shards the batches with DDP), then every rank attacks
+its share of the examples (:func:`topkconv.evaluate.evaluate` gathers them); rank 0 alone writes.
+Figures and routing statistics (:func:`run_figures`) run on rank 0 from Table III's models.
 """
 
 from __future__ import annotations
