@@ -418,8 +418,7 @@ def run_table(table: TableSpec, out, overrides: dict, force=False, progress: boo
     run_dirs = {}
     for column in table.columns:
         run_dirs[column.label] = train_column(table, column.label, runs_dir, overrides, force, progress, log)
-    first = next(c.label for c in table.columns if c.not_reproduced is None)
-    first_spec = table.run_spec(first, overrides)
+    first_spec = table.run_spec(first_label(table), overrides)
     from . import distributed
 
     # Under torchrun every rank attacks its share of the examples (evaluate gathers the results).
@@ -541,12 +540,29 @@ def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str]
         table = load_table_spec(source)
         if step != "figures" and table.table != step:
             raise ValueError(f"{source}: key 'table' is {table.table!r}, but {step!r} was asked for")
-        with torch_threads(table.threads):
+        with torch_threads(table.threads), process_group(table.run_spec(first_label(table), overrides)):
             if step == "figures":
                 done[step] = run_figures(table, out, overrides, force, progress)
             else:
                 done[step] = run_table(table, out, overrides, force, progress)
     return done
+
+
+def first_label(table: TableSpec) -> str:
+    return next(c.label for c in table.columns if c.not_reproduced is None)
+
+
+@contextlib.contextmanager
+def process_group(spec: RunSpec):
+    """Under torchrun, join the process group once for a whole table: every fit, prune and evaluation
+    inside then shares it (one rendezvous per run, not one per model)."""
+    from . import distributed
+
+    ctx = distributed.setup(spec.train.device)
+    try:
+        yield ctx
+    finally:
+        distributed.teardown(ctx)
 
 
 @contextlib.contextmanager
@@ -591,7 +607,7 @@ def sweep(ks: list, layer: str = "conv", preset: str = "quick", column: Optional
     column = column or default_column
     table = load_table_spec(spec_file if spec_file is not None else spec_path("table3", preset))
     base_overrides = merge(cli_overrides(data, pretrained), overrides or {})
-    with torch_threads(table.threads):
+    with torch_threads(table.threads), process_group(table.run_spec(column, base_overrides)):
         return _sweep(table, ks, layer, column, key, base_overrides, out, force, progress)
 
 
