@@ -379,7 +379,10 @@ def report_meta(table: TableSpec, spec: RunSpec, n_test: int, seconds: float, lo
         "preset": f"{table.preset} (spec {table.path})",
         "data": f"{data}, {spec.data.image_size} px, {n_test} test images",
         "model": f"{spec.model.arch}, width {spec.model.width}, hidden {spec.model.hidden}, "
-                 f"{spec.train.epochs} epochs",
+                 f"{spec.train.epochs} epochs, "
+                 + (f"features initialised from {spec.model.pretrained}" if spec.model.pretrained
+                    else "random init (the paper started from ImageNet weights)" if spec.model.arch == "vgg16"
+                    else "random init"),
         "attacks": f"L-inf eps {', '.join(f'{e:g}' for e in [attack.eps, *attack.extra_eps])} /255; "
                    f"FGSM and PGD {attack.pgd_steps} x {attack.pgd_step_size:g}/255 on all test images; "
                    f"strong suite ({attack.suite}) on the {strong} test images",
