@@ -41,7 +41,7 @@ PAPER: dict[str, dict[tuple[str, str], Optional[float]]] = {
         ("PGD", "TKC-max"): 0.421, ("PGD", "TKC-sum"): 0.296,
     },
 }
-PAPER_SETTING = "paper: CINIC-10, VGG16 at 224 px (pretrained init), L-inf eps = 8/255, PGD 16 x 0.75/255"
+PAPER_SETTING = "CINIC-10, VGG16 at 224 px (pretrained init), L-inf eps = 8/255, PGD 16 x 0.75/255"
 PAPER_EPS = 8.0
 TABLE2_SEPARATOR = " / "  # Table II entries are labelled "<Method> / <Layers affected>"
 
@@ -237,7 +237,7 @@ def render_console(table: Table) -> str:
     lines = [table.title, fmt(cells[0]), "  ".join("-" * w for w in widths)]
     lines += [fmt(row) for row in cells[1:]]
     lines += [f"  {note}" for note in table.notes]
-    lines.append(f"  ({PAPER_SETTING})")
+    lines.append(f"  (paper: {PAPER_SETTING})")
     return "\n".join(lines)
 
 

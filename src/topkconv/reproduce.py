@@ -384,7 +384,8 @@ def report_meta(table: TableSpec, spec: RunSpec, n_test: int, seconds: float, lo
                     else "random init (the paper started from ImageNet weights)" if spec.model.arch == "vgg16"
                     else "random init"),
         "attacks": f"L-inf eps {', '.join(f'{e:g}' for e in [attack.eps, *attack.extra_eps])} /255; "
-                   f"FGSM and PGD {attack.pgd_steps} x {attack.pgd_step_size:g}/255 on all test images; "
+                   f"FGSM and PGD {attack.pgd_steps} x {attack.pgd_step_size:g}/255 (the step scaled with eps) on "
+                   f"{f'the first {table.eval_examples}' if table.eval_examples else 'all'} test images; "
                    f"strong suite ({attack.suite}) on the {strong} test images",
         "seeds": f"train {spec.train.seed}, data split {spec.data.split_seed}, attacks {attack.seed}",
         "hardware": f"{hardware}; torch {env['torch']}; {env['platform']}",
