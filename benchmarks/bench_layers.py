@@ -44,7 +44,7 @@ from topkconv.layers import TopKConv2d, TopKLinear, TopKNeuronConv2d
 IMPLS = ("dense", "auto", "reference")
 _MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
-MB = 2**20
+MB = 2**20  # the table's "MB" are MiB
 # Above this size the naive Dynamic-k layer runs a few samples at a time (same formula, honestly
 # labelled): the full 25088 -> 512 product tensor at batch 64 is 3.3 GB, twice over with its gradient.
 NAIVE_TENSOR_LIMIT = 512 * MB
