@@ -19,6 +19,17 @@ Reusable pieces
     * :func:`train_epochs` is the checkpoint-free loop (e.g. fine-tuning selected parameters):
       ``train_epochs(model, splits, train_cfg, params=..., lr=..., epochs=..., augment=...)``.
 
+Scale-out
+    One machine, N GPUs (or N CPU processes with gloo)::
+
+        torchrun --nproc_per_node=N -m topkconv.cli train --spec experiments/... --out runs/x
+
+    Several machines: the same on every node, with ``--nnodes=M --node_rank=i
+    --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT`` (the run folder on a shared file system for
+    ``--resume``). ``train.batch_size`` is the global batch; each process takes every N-th image of
+    each global batch (and its crop and flip), so with a BatchNorm-free model N processes reproduce a
+    one-process run; on CUDA BatchNorm becomes SyncBatchNorm. ``train.amp`` turns on bf16 autocast (CUDA).
+
 Determinism and resume
     Nothing draws from hidden random state across epochs: epoch ``e`` shuffles and augments with
     ``epoch_generator(seed, e)`` and reseeds the global generator (dropout) from ``(seed, e, rank)``.
