@@ -17,7 +17,8 @@ Choices the paper leaves open, made here:
   current (fine-tuned) magnitudes, so a pruned weight never returns.
 * **Scopes** (Table II), in the model's module order: ``final`` is the last ``nn.Linear``; ``final2``
   the last two; ``all`` every ``nn.Conv2d`` and ``nn.Linear``. With ``all`` the convolution kernels
-  are pruned but stay frozen.
+  are pruned but stay frozen, so nothing can compensate for the lost conv weights: on vgg-small/digits
+  (clean 0.994) all layers at 0.9 fell to 0.10 and at 0.5 kept 0.967, while ``final2`` at 0.9 kept 0.989.
 * The fine-tuning learning rate defaults to a tenth of the training one
   (``DefenseConfig.prune_lr`` overrides it).
 
