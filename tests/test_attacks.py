@@ -21,14 +21,6 @@ STEPS = 16
 STEP = 2.5 * EPS / STEPS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: one intra-op thread is as fast, and on a shared, loaded machine two
-    # spinning threads were measured 50x slower (0.6 s vs 37 s for the same training loop).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------- tiny offline models (shared helpers)

@@ -11,13 +11,6 @@ from topkconv.attacks.common import seeded
 from topkconv.pruning import NOT_REPRODUCED
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread only adds synchronisation, which costs 100x on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny(kind: str, **defense) -> nn.Module:

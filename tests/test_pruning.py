@@ -7,13 +7,6 @@ from torch import nn
 from topkconv import pruning
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread only adds synchronisation, which costs 100x on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyNet(nn.Module):
