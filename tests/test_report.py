@@ -93,13 +93,18 @@ def test_not_reproduced_column_and_missing_results():
 def test_table2_in_percent_with_paper_numbers():
     results = {"Pruning / All layers": _column(0.9, 0.5, 0.25, 0.2, 0.1, 0.2, 0.05),
                "Dynamic-K / Final two layers": _column(0.95, 0.6, 0.5, 0.3, 0.2, 0.45, 0.1)}
-    table = report.pruning_table("Table II", list(results), results, 8.0)
-    assert table.header[:4] == ["Method", "Layers Affected", "Adv Acc ours", "Adv Acc paper"]
+    table = report.pruning_table("Table II", list(results), results, 8.0, eps_list=[8.0, 48.0],
+                                 strong_eps=[8.0, 48.0])
+    assert table.header[:5] == ["Method", "Layers Affected", "Adv Acc ours", "Adv Acc paper",
+                                "Adv Acc ours (eps=48)"]
+    col = {name: i for i, name in enumerate(table.header)}
     rows = {(r[0], r[1]): r for r in table.rows}
-    assert rows[("Pruning", "All layers")][2] == pytest.approx(25.0)
-    assert rows[("Pruning", "All layers")][3] == 19.8
-    assert rows[("Dynamic-K", "Final two layers")][3] == 31.1
-    assert rows[("Dynamic-K", "Final two layers")][5] == pytest.approx(45.0)  # worst case at eps 8
+    assert rows[("Pruning", "All layers")][col["Adv Acc ours"]] == pytest.approx(25.0)
+    assert rows[("Pruning", "All layers")][col["Adv Acc paper"]] == 19.8
+    assert rows[("Pruning", "All layers")][col["Adv Acc ours (eps=48)"]] == pytest.approx(10.0)
+    assert rows[("Dynamic-K", "Final two layers")][col["Adv Acc paper"]] == 31.1
+    assert rows[("Dynamic-K", "Final two layers")][col["Worst case ours (eps=8)"]] == pytest.approx(45.0)
+    assert rows[("Dynamic-K", "Final two layers")][col["Worst case ours (eps=48)"]] == pytest.approx(10.0)
 
 
 def test_plain_eval_json_reads_as_both_suites():

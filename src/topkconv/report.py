@@ -151,22 +151,32 @@ def attack_table(name: str, title: str, labels: list, results: dict, eps_list: l
 
 
 def pruning_table(title: str, labels: list, results: dict, eps: float,
-                  notes: Optional[list] = None) -> Table:
-    """Table II: adversarial accuracy (percent) under PGD, per method and layers affected."""
+                  notes: Optional[list] = None, eps_list: Optional[list] = None,
+                  strong_eps: Optional[list] = None) -> Table:
+    """Table II: adversarial accuracy (percent) under PGD, per method and layers affected.
+
+    The paper's column is PGD at ``eps``; any larger radius of ``eps_list`` and the strong-suite worst
+    case at each of ``strong_eps`` get columns of their own (ours only).
+    """
     paper = PAPER["table2"]
-    header = ["Method", "Layers Affected", "Adv Acc ours", "Adv Acc paper", "Clean ours",
-              f"Worst case ours (eps={eps:g})", "Gradient-masking flags"]
+    extra = [e for e in (eps_list or [eps]) if not math.isclose(e, eps)]
+    strong = list(strong_eps if strong_eps is not None else [eps])
+    header = (["Method", "Layers Affected", "Adv Acc ours", "Adv Acc paper"]
+              + [f"Adv Acc ours (eps={e:g})" for e in extra] + ["Clean ours"]
+              + [f"Worst case ours (eps={e:g})" for e in strong] + ["Gradient-masking flags"])
+    percent = lambda v: None if v is None else 100.0 * v  # noqa: E731 - Table II is in percent
     rows = []
     for label in labels:
         method, _, layers = label.partition(TABLE2_SEPARATOR)
         result = results.get(label)
-        percent = lambda v: None if v is None else 100.0 * v  # noqa: E731 - Table II is in percent
-        rows.append([method, layers,
-                     percent(attack_accuracy(result, "pgd", eps)) if result else None,
-                     paper.get((method, layers)),
-                     percent(clean_accuracy(result)) if result else None,
-                     percent(worst_case(result, eps)) if result else None,
-                     (", ".join(masking_flags(result)) or "none") if result else None])
+        if result is None:
+            rows.append([method, layers, None, paper.get((method, layers))] + [None] * (len(header) - 4))
+            continue
+        rows.append([method, layers, percent(attack_accuracy(result, "pgd", eps)), paper.get((method, layers))]
+                    + [percent(attack_accuracy(result, "pgd", e)) for e in extra]
+                    + [percent(clean_accuracy(result))]
+                    + [percent(worst_case(result, e)) for e in strong]
+                    + [", ".join(masking_flags(result)) or "none"])
     return Table("table2", title, header, rows, list(notes or []), decimals=1)
 
 

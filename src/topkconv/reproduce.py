@@ -405,7 +405,8 @@ def build_report_table(table: TableSpec, results: dict, spec: RunSpec):
     not_reproduced = {c.label: c.not_reproduced for c in table.columns if c.not_reproduced is not None}
     notes = [table.note] if table.note else []
     if table.table == "table2":
-        return report.pruning_table(table.title or "Table II", labels, results, spec.attack.eps, notes)
+        return report.pruning_table(table.title or "Table II", labels, results, spec.attack.eps, notes,
+                                    eps_list(spec), strong_radii(table, spec) if spec.attack.suite == "full" else [])
     return report.attack_table(table.table, table.title or table.table, labels, results, eps_list(spec),
                                not_reproduced, notes, strong_radii(table, spec) if spec.attack.suite == "full" else [])
 
