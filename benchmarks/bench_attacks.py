@@ -19,7 +19,6 @@ a core (meaningful with --threads 1 on the CPU; on CUDA it measures the host sid
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

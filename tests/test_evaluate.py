@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_attacks import eval_data, one_thread, trained_mlp, trained_surrogate  # noqa: F401 (fixture)
+from test_attacks import eval_data, trained_mlp, trained_surrogate  # noqa: F401 (fixtures)
 from topkconv.attacks.masking import CHECKS, masking_checks
 from topkconv.config import AttackConfig
 from topkconv.evaluate import evaluate, write_results

@@ -235,18 +235,6 @@ def _run_reproduce(args) -> int:
     return 0
 
 
-def _k_value(text: str):
-    """A k on the command line: an int count ("10") or a fraction ("0.1")."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count (10) or a fraction (0.1), got {text!r}") from None
-
-
 def _add_sweep(sub) -> None:
     p = sub.add_parser(
         "sweep", help="train and attack a grid of k values; clean and robust accuracy against k",

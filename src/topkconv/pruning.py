@@ -40,7 +40,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import torch
 from torch import nn
 from torch.nn.utils import prune
 

@@ -28,9 +28,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from .config import AttackConfig, RunSpec, from_dict, spec_from_dict
+from .config import RunSpec, from_dict, spec_from_dict
 
 TABLES = ("table1", "table2", "table3")
 TARGETS = TABLES + ("figures", "all")

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._budget import chunks, get_memory_budget, units_per_chunk
