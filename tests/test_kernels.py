@@ -228,19 +228,19 @@ def test_kernels_stay_on_the_input_device(device):
         assert out.device.type == device and all(g.device.type == device for g in grads)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the only skip in this file)")
-def test_cuda_matches_cpu_reference():
+@pytest.mark.parametrize("device", DEVICES)  # CUDA joins the table whenever a GPU is present
+def test_device_matches_cpu_reference(device):
     x, w, b = _conv_inputs(4, 32, 24, 9)
     for criterion in ("max", "sum"):
         out, grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 4, criterion, 1, 1, impl="fast"),
-                          [t.cuda() for t in (x, w, b)])
+                          [t.to(device) for t in (x, w, b)])
         ref, ref_grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 4, criterion, 1, 1, impl="reference"),
                               (x, w, b))
         _rel_close(out.cpu(), ref, 1e-4)
         for g, r in zip(grads, ref_grads):
             _rel_close(g.cpu(), r, 1e-4)
     xl, wl, bl = _linear_inputs(6, 2000, 40)
-    out, grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 20, impl="fast"), [t.cuda() for t in (xl, wl, bl)])
+    out, grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 20, impl="fast"), [t.to(device) for t in (xl, wl, bl)])
     ref, ref_grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 20, impl="reference"), (xl, wl, bl))
     _rel_close(out.cpu(), ref, 1e-4)
     for g, r in zip(grads, ref_grads):
