@@ -172,3 +172,18 @@ def test_training_reaches_a_sensible_digits_accuracy(tmp_path):
                    train=TrainConfig(epochs=4, batch_size=64))  # the default lr, 0.05
     _, summary = fit(spec, tmp_path / "digits", progress=False)
     assert summary["test_acc"] >= 0.75, summary
+
+
+def test_cli_resume_with_only_the_run_folder_continues_its_own_spec(straight_run, tmp_path, monkeypatch, capsys):
+    _, trained, _ = straight_run
+    run_dir = tmp_path / "killed-cli"
+    fail_after(monkeypatch, 4, lambda loss: (_ for _ in ()).throw(Interrupt()))  # dies in epoch 2
+    with pytest.raises(Interrupt):
+        fit(tiny_spec(), run_dir, progress=False)
+    monkeypatch.undo()
+    assert main(["train", "--out", str(run_dir), "--resume", "--no-progress"]) == 0
+    model, _ = load_checkpoint(run_dir)
+    assert json.loads((run_dir / "run.json").read_text())["hash"] == tiny_spec().hash()
+    assert_same_weights(weights(model), trained, atol=1e-6)
+    assert main(["train", "--out", str(tmp_path / "never-started"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err

@@ -94,6 +94,9 @@ def _run_train(args) -> int:
     from .train import fit
 
     spec = read_toml(args.spec, "spec file") if args.spec else {}
+    flags_given = any(getattr(args, dest) is not None for dest in _TRAIN_FLAGS) or args.no_augment or args.amp
+    if args.resume and args.out and not args.spec and not flags_given:
+        spec = _spec_of_unfinished_run(args.out)  # `train --out DIR --resume` alone continues DIR's own run
     for dest, (section, key) in _TRAIN_FLAGS.items():
         value = getattr(args, dest)
         if value is not None:
@@ -115,6 +118,23 @@ def _run_train(args) -> int:
         print(f"trained {run_spec.model.arch} ({run_spec.model.defense.kind}) on {run_spec.data.name}: "
               f"test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs -> {out}")
     return 0
+
+
+def _spec_of_unfinished_run(out: str) -> dict:
+    from pathlib import Path
+
+    from .io import read_json
+    from .checkpoint import STATE_FILE
+
+    state_file = Path(out) / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: nothing to resume (no finished epoch in {out}); "
+                                f"give the run's flags or --spec to start it")
+    state = read_json(state_file)
+    if "requested_spec" not in state:
+        raise ValueError(f"{state_file}: written by an older version without its spec; "
+                         f"give the run's flags or --spec together with --resume")
+    return state["requested_spec"]
 
 
 def _add_evaluate(sub) -> None:

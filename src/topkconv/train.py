@@ -391,7 +391,7 @@ def fit(spec: RunSpec, run_dir, resume: bool = False, progress: bool = True, spl
             if ctx.is_main:
                 append_jsonl(run_dir / METRICS_FILE, record)
                 save_training_state(run_dir, model, optimizer, scheduler, epoch + 1, resolved, requested_hash,
-                                    {"seconds": elapsed, "metrics": record})
+                                    {"seconds": elapsed, "metrics": record, "requested_spec": spec.to_dict()})
                 save_checkpoint_weights(run_dir, model)
                 if progress:
                     print(f"epoch {epoch + 1}/{spec.train.epochs}: loss {record['loss']:.4f}, train acc "
