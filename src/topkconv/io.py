@@ -86,7 +86,10 @@ def read_json(path: PathLike, what: str = "file") -> Any:
 
 def read_toml(path: PathLike, what: str = "file") -> dict:
     """Parse a TOML file; a missing file or invalid TOML is an error naming the file."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
+        import tomli as tomllib
 
     path = Path(path)
     if not path.is_file():

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import RunSpec, from_dict, spec_from_dict
+from .io import atomic_write_json, environment_info, read_toml
 
 TABLES = ("table1", "table2", "table3")
 TARGETS = TABLES + ("figures", "all")
@@ -123,15 +124,8 @@ def spec_path(table: str, preset: str) -> Path:
 
 def load_table_spec(path) -> TableSpec:
     """Read and check a table spec; every error names the file and the offending key."""
-    import tomllib
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"experiment spec {path} not found")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML: {err}") from None
+    raw = read_toml(path, "experiment spec")
     try:
         spec = from_dict(TableSpec, raw)
     except ValueError as err:
@@ -283,7 +277,6 @@ def evaluate_column(table: TableSpec, spec: RunSpec, run_dir: Path, test: tuple,
     """
     from .checkpoint import load_checkpoint
     from .evaluate import evaluate, write_results
-    from .io import atomic_write_json
 
     model = surrogate = None
     out: dict = {"paper": None, "strong": {}}
@@ -364,7 +357,6 @@ def test_tensors(spec: RunSpec, limit: Optional[int] = None) -> tuple:
 
 
 def report_meta(table: TableSpec, spec: RunSpec, n_test: int, seconds: float, log: list) -> dict:
-    from .io import environment_info
 
     env = environment_info()
     data = spec.data.name + (f" ({spec.data.root})" if spec.data.root else " (embedded)")
@@ -448,7 +440,6 @@ def run_table(table: TableSpec, out, overrides: dict, force=False, progress: boo
     table_out = build_report_table(table, results, first_spec)
     meta = report_meta(table, first_spec, len(x), seconds, log)
     paths = report.write_table(reports_dir, table_out, meta)
-    from .io import atomic_write_json
 
     atomic_write_json(reports_dir / f"{table.table}.json",
                       {"meta": meta, "log": log, "runs": {k: (v.name if v else None) for k, v in run_dirs.items()},
@@ -620,7 +611,6 @@ def _sweep(table: TableSpec, ks: list, layer: str, column: str, key: str, base_o
            force: Refresh, progress: bool) -> dict:
     from . import report
     from .figures import _matplotlib, save_figure
-    from .io import atomic_write_json
 
     runs_dir = Path(out) / "runs"
     start = time.perf_counter()
