@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as TF
+from .attacks.common import attack_mode
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .layers import TopKConv2d, TopKLinear, TopKNeuronConv2d
 
@@ -118,18 +119,14 @@ def collect_routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
         return record
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with attack_mode(model) as device, torch.no_grad():
             for start in range(0, len(x), batch_size):
                 current["y"] = y[start:start + batch_size]
                 model(x[start:start + batch_size].to(device))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     per_class = torch.bincount(y.cpu(), minlength=num_classes)
     routes = {}
     for name, layer in layers.items():
@@ -267,14 +264,11 @@ def _first_layer(model: nn.Module, cls) -> tuple:
 def _capture_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     captured = {}
     handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o.detach()))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(x.to(next(model.parameters()).device))
+        with attack_mode(model) as device, torch.no_grad():
+            model(x.to(device))
     finally:
         handle.remove()
-        model.train(was_training)
     return captured["out"].cpu()
 
 
@@ -320,12 +314,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Te
     """captum LayerGradCam on the last convolution for class ``target``, upsampled to the image: (B, H, W)."""
     from captum.attr import LayerAttribution, LayerGradCam
 
-    was_training = model.training
-    model.eval()
-    try:
+    with attack_mode(model):
         cam = LayerGradCam(model, last_conv(model)).attribute(x, target=target, relu_attributions=True)
-    finally:
-        model.train(was_training)
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
     cam = cam[:, 0]
     peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
@@ -347,9 +337,7 @@ def figure4_gradcam(models: dict, x: torch.Tensor, y: torch.Tensor, adversarial:
     columns = []
     for label in labels:
         model, x_adv = models[label], adversarial[label]
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model.eval()
+        with attack_mode(model) as device, torch.no_grad():
             predicted = model(x_adv.to(device)).argmax(1).cpu()
         columns.append((label, x_adv.cpu(), gradcam(model, x_adv.to(device), y.to(device)), predicted))
     for i in range(n):
