@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .splits import DataSplits, TensorSplit, channel_stats
+from .splits import DataSplits, TensorSplit, channel_stats, require_root
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -17,7 +17,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 def load_cifar10(cfg: DataConfig) -> DataSplits:
-    root = _root(cfg)
+    root = require_root(cfg, "CIFAR-10 (cifar-10-batches-py)", "data_batch_1..5 and test_batch")
     train_x, train_y = _read_batches([root / name for name in TRAIN_FILES])
     test_x, test_y = _read_batches([root / TEST_FILE])
     train_x, train_y = train_x[:cfg.limit_train], train_y[:cfg.limit_train]
@@ -26,15 +26,6 @@ def load_cifar10(cfg: DataConfig) -> DataSplits:
     return DataSplits(name="cifar10", classes=_class_names(root), in_channels=3, mean=mean, std=std,
                       image_size=cfg.image_size, train=TensorSplit(train_x, train_y, cfg.image_size),
                       test=TensorSplit(test_x, test_y, cfg.image_size))
-
-
-def _root(cfg: DataConfig) -> Path:
-    if not cfg.root:
-        raise ValueError("data.root is required for cifar10: the local 'cifar-10-batches-py' folder")
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"CIFAR-10 folder not found: {root} (expected data_batch_1..5 and test_batch)")
-    return root
 
 
 def _read_batches(paths) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 from ..config import DataConfig
 from .cifar10 import CLASSES as CINIC_CLASSES
-from .splits import DataSplits, FileSplit, channel_stats
+from .splits import DataSplits, FileSplit, channel_stats, require_root
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # BayesWatch/cinic-10 (see REFERENCE.md).
@@ -20,7 +20,7 @@ STATS_SAMPLE = 256  # images read to estimate mean and std of an arbitrary folde
 
 def load_cinic10(cfg: DataConfig) -> DataSplits:
     """``root/{train,test}/<10 classes>/*.png`` (``valid/`` is not used). Mean and std are CINIC-10's own."""
-    root = _root(cfg, "CINIC-10")
+    root = require_root(cfg, "CINIC-10", "train/, valid/ and test/ with the class folders")
     train = _split(cfg, scan(root / "train", CINIC_CLASSES), cfg.limit_train)
     test = _split(cfg, scan(root / "test", CINIC_CLASSES), cfg.limit_test)
     return DataSplits(name="cinic10", classes=list(CINIC_CLASSES), in_channels=3, mean=list(CINIC_MEAN),
@@ -29,7 +29,7 @@ def load_cinic10(cfg: DataConfig) -> DataSplits:
 
 def load_imagefolder(cfg: DataConfig) -> DataSplits:
     """``root/train/<class>`` + ``root/test/<class>``, or ``root/<class>`` split 80/20 (stratified, seeded)."""
-    root = _root(cfg, "image folder")
+    root = require_root(cfg, "image folder")
     if (root / "train").is_dir() and (root / "test").is_dir():
         classes = class_folders(root / "train")
         train_files = scan(root / "train", classes)
@@ -52,14 +52,6 @@ def load_imagefolder(cfg: DataConfig) -> DataSplits:
     return DataSplits(name="imagefolder", classes=classes, in_channels=3, mean=mean, std=std,
                       image_size=cfg.image_size, train=train, test=test)
 
-
-def _root(cfg: DataConfig, what: str) -> Path:
-    if not cfg.root:
-        raise ValueError(f"data.root is required for {cfg.name}: the {what} folder")
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{what} folder not found: {root}")
-    return root
 
 
 def class_folders(folder: Path) -> list:

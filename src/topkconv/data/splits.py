@@ -199,3 +199,13 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list, list]:
     mean = total / count
     std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
     return [round(v, 6) for v in mean.tolist()], [round(max(v, 1e-3), 6) for v in std.tolist()]
+
+
+def require_root(cfg, what: str, expected: str = "") -> Path:
+    """``cfg.root`` as a Path; a missing setting or folder is an error naming it and what belongs there."""
+    if not cfg.root:
+        raise ValueError(f"data.root is required for {cfg.name}: the {what} folder")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what} folder not found: {root}" + (f" (expected {expected})" if expected else ""))
+    return root
