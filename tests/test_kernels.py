@@ -12,6 +12,8 @@ from topkconv.layers import TopKConv2d, TopKLinear, TopKNeuronConv2d, dense_grad
 from topkconv.layers._linear_kernel import group_size, select_topk
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The two exact kernels: torch-level blocks (any device) and the numba CPU loops.
+KERNELS = ["fast", "numba"]
 
 
 def _rel_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
@@ -63,31 +65,49 @@ def _linear_inputs(batch, fan_in, fan_out, seed=0, relu=True, device="cpu"):
     (2, 20, 16, 12, 5, 1, 2, 2, 3),
     (4, 16, 8, 9, 1, 1, 0, 1, 4),
 ])
-def test_conv_float32_matches_reference(criterion, batch, cin, cout, size, kernel, stride, padding, dilation, k):
+@pytest.mark.parametrize("impl", KERNELS)
+def test_conv_float32_matches_reference(impl, criterion, batch, cin, cout, size, kernel, stride, padding, dilation, k):
     x, w, b = _conv_inputs(batch, cin, cout, size, kernel)
-    _compare(lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, stride, padding, dilation, impl="fast"),
+    _compare(lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, stride, padding, dilation, impl=impl),
              lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, stride, padding, dilation, impl="reference"),
              (x, w, b))
 
 
 @pytest.mark.parametrize("positive_only", [False, True])
 @pytest.mark.parametrize("batch,fan_in,fan_out,k", [(8, 3000, 64, 30), (5, 512, 10, 10), (3, 97, 33, 50)])
-def test_linear_float32_matches_reference(positive_only, batch, fan_in, fan_out, k):
-    x, w, b = _linear_inputs(batch, fan_in, fan_out, relu=not positive_only)
-    _compare(lambda x, w, b: TF.topk_linear(x, w, b, k, positive_only, impl="fast"),
+@pytest.mark.parametrize("impl", KERNELS)
+def test_linear_float32_matches_reference(impl, positive_only, batch, fan_in, fan_out, k):
+    # ReLU inputs only where the k largest products are all positive: with k above the number of
+    # positive products the choice among the tied zeros, and so grad_x, is arbitrary (next test)
+    x, w, b = _linear_inputs(batch, fan_in, fan_out, relu=not positive_only and k < fan_in // 4)
+    _compare(lambda x, w, b: TF.topk_linear(x, w, b, k, positive_only, impl=impl),
              lambda x, w, b: TF.topk_linear(x, w, b, k, positive_only, impl="reference"), (x, w, b))
 
 
-def test_linear_positive_only_with_few_positive_products():
+@pytest.mark.parametrize("impl", KERNELS)
+def test_linear_ties_at_zero_give_the_same_output_and_weight_gradient(impl):
+    # ReLU inputs, k above the number of positive products: the top k include tied zero products.
+    # Which zeros are chosen is arbitrary, but it changes neither the output nor grad_w (x is 0 there).
+    x, w, b = _linear_inputs(3, 97, 33, relu=True)
+    out, grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 60, impl=impl), (x, w, b))
+    ref, ref_grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 60, impl="reference"), (x, w, b))
+    assert int((x > 0).sum(1).max()) < 60
+    _rel_close(out, ref)
+    _rel_close(grads[1], ref_grads[1])
+    _rel_close(grads[2], ref_grads[2])
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_linear_positive_only_with_few_positive_products(impl):
     # most products negative: fewer than k positive ones, the rest of the top k are clamped zeros
     g = torch.Generator().manual_seed(3)
     x = torch.rand(4, 40, generator=g)
     w = -torch.rand(6, 40, generator=g)
     w[:, :3] *= -1
     b = torch.zeros(6)
-    _compare(lambda x, w, b: TF.topk_linear(x, w, b, 10, True, impl="fast"),
+    _compare(lambda x, w, b: TF.topk_linear(x, w, b, 10, True, impl=impl),
              lambda x, w, b: TF.topk_linear(x, w, b, 10, True, impl="reference"), (x, w, b))
-    out = TF.topk_linear(x, w, b, 10, True, impl="fast")
+    out = TF.topk_linear(x, w, b, 10, True, impl=impl)
     torch.testing.assert_close(out, (x[:, None, :3] * w[None, :, :3]).sum(-1))
 
 
@@ -105,19 +125,84 @@ def test_select_topk_equals_torch_topk_on_every_group_size():
             assert int(idx.max()) < n
 
 
+def _rows_with_hard_cases(generator):
+    """(name, rows) pairs that stress a selection: random rows, exact ties (ReLU zeros, a constant
+    row), rows whose largest entries cluster in one region, and rows with infinities."""
+    random = torch.randn(30, 3000, generator=generator)
+    relu = random.relu()  # about half the entries exactly 0
+    clustered = random.clone()
+    clustered[:, 1000:1400] += 10  # the top k all in one stretch
+    infinite = random.clone()
+    infinite[:, 7] = float("inf")
+    infinite[:, 11] = float("-inf")
+    return [("random", random), ("relu", relu), ("constant", torch.ones(4, 3000)),
+            ("clustered", clustered), ("infinite", infinite), ("float64", random.double())]
+
+
+@pytest.mark.parametrize("k", [1, 2, 13, 250, 1500, 2999, 3000])
+def test_compiled_selection_equals_torch_topk(k):
+    from topkconv.layers import _numba_kernels as compiled
+
+    for name, rows in _rows_with_hard_cases(torch.Generator().manual_seed(k)):
+        idx = torch.empty(rows.shape[0], k, dtype=torch.int32)
+        compiled.topk_rows(rows, k, idx)
+        assert idx.unique(dim=1).shape == idx.shape or k == 1, name  # no position chosen twice
+        assert all(len(set(r)) == k for r in idx.tolist()), name
+        chosen = rows.gather(1, idx.long()).sort(1, descending=True).values
+        torch.testing.assert_close(chosen, rows.topk(k, dim=1).values, msg=name)
+
+
+def test_compiled_selection_orders_nan_first_like_torch():
+    from topkconv.layers import _numba_kernels as compiled
+
+    rows = torch.randn(3, 500)
+    rows[0, 5] = float("nan")
+    rows[2, [1, 2]] = float("nan")
+    idx = torch.empty(3, 4, dtype=torch.int32)
+    compiled.topk_rows(rows, 4, idx)
+    assert 5 in idx[0].tolist() and {1, 2} <= set(idx[2].tolist())
+
+
+def test_auto_picks_the_compiled_loops_on_cpu_float(monkeypatch):
+    from topkconv.layers import _numba_kernels as compiled
+
+    calls = []
+    for name in ("linear_forward", "conv_output"):
+        original = getattr(compiled, name)
+        monkeypatch.setattr(compiled, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    x, w, b = _linear_inputs(2, 50, 4)
+    TF.topk_linear(x, w, b, 5)
+    xc, wc, bc = _conv_inputs(2, 6, 4, 5)
+    TF.topk_conv2d(xc, wc, bc, 2, "sum", 1, 1)
+    assert calls == ["linear_forward", "conv_output"]
+    calls.clear()
+    TF.topk_linear(x, w, b, 5, impl="fast")
+    TF.topk_linear(x.bfloat16(), w.bfloat16(), None, 5)  # auto: bfloat16 takes the torch-level kernel
+    assert calls == []
+
+
+def test_numba_impl_rejects_what_it_cannot_run():
+    x, w, b = _linear_inputs(2, 50, 4)
+    with pytest.raises(ValueError, match="impl='numba'.*float16"):
+        TF.topk_linear(x.half(), w.half(), None, 5, impl="numba")
+    with pytest.raises(ValueError, match="impl='numba'"):
+        TF.topk_linear(x.double(), w, None, 5, impl="numba")
+
+
 # ------------------------------------------------------------------ chunking edge cases
 
 @pytest.mark.parametrize("budget", [1, 3000, 1 << 30])
-def test_chunking_does_not_change_results(budget):
+@pytest.mark.parametrize("impl", KERNELS)
+def test_chunking_does_not_change_results(impl, budget):
     x, w, b = _conv_inputs(5, 12, 10, 7)
     xl, wl, bl = _linear_inputs(7, 300, 23)
     ref_conv = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "max", 1, 1, impl="reference"), (x, w, b))
     ref_sum = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "sum", 2, 0, impl="reference"), (x, w, b))
     ref_lin = _run(lambda x, w, b: TF.topk_linear(x, w, b, 9, impl="reference"), (xl, wl, bl))
     with TF.memory_budget(budget):
-        conv = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "max", 1, 1, impl="fast"), (x, w, b))
-        summed = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "sum", 2, 0, impl="fast"), (x, w, b))
-        lin = _run(lambda x, w, b: TF.topk_linear(x, w, b, 9, impl="fast"), (xl, wl, bl))
+        conv = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "max", 1, 1, impl=impl), (x, w, b))
+        summed = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "sum", 2, 0, impl=impl), (x, w, b))
+        lin = _run(lambda x, w, b: TF.topk_linear(x, w, b, 9, impl=impl), (xl, wl, bl))
     for ours, ref in [(conv, ref_conv), (summed, ref_sum), (lin, ref_lin)]:
         _rel_close(ours[0], ref[0])
         for a, r in zip(ours[1], ref[1]):
@@ -134,13 +219,14 @@ def test_memory_budget_setting_and_errors():
             TF.set_memory_budget(bad)
 
 
-def test_batch_of_one_and_rows_not_dividing_blocks():
+@pytest.mark.parametrize("impl", KERNELS)
+def test_batch_of_one_and_rows_not_dividing_blocks(impl):
     x, w, b = _linear_inputs(1, 1001, 37, seed=4)
     with TF.memory_budget(10_000):  # a few rows per block, the last block partial
-        _compare(lambda x, w, b: TF.topk_linear(x, w, b, 11, impl="fast"),
+        _compare(lambda x, w, b: TF.topk_linear(x, w, b, 11, impl=impl),
                  lambda x, w, b: TF.topk_linear(x, w, b, 11, impl="reference"), (x, w, b))
     xc, wc, bc = _conv_inputs(1, 9, 5, 6)
-    _compare(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="fast"),
+    _compare(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl=impl),
              lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="reference"), (xc, wc, bc))
 
 
@@ -160,12 +246,13 @@ def _saved_sizes(fn, *inputs):
     return sizes
 
 
-def test_conv_saves_no_channel_maps():
+@pytest.mark.parametrize("impl", KERNELS)
+def test_conv_saves_no_channel_maps(impl):
     batch, cin, cout, size, k = 4, 16, 12, 6, 3
     x, w, b = _conv_inputs(batch, cin, cout, size)
     a_size = batch * cout * cin * size * size  # A, the maps the paper's formula builds
     for criterion in ("max", "sum"):
-        fast = _saved_sizes(lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, 1, 1, impl="fast"), x, w, b)
+        fast = _saved_sizes(lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, 1, 1, impl=impl), x, w, b)
         assert fast and max(fast) <= max(x.numel(), w.numel(), batch * cout * k)
         assert sum(fast) <= x.numel() + w.numel() + batch * cout * k
     # the check can fail: a graph that keeps A is seen
@@ -173,10 +260,11 @@ def test_conv_saves_no_channel_maps():
     assert max(keeps_a) >= a_size
 
 
-def test_linear_saves_no_products():
+@pytest.mark.parametrize("impl", KERNELS)
+def test_linear_saves_no_products(impl):
     batch, fan_in, fan_out, k = 6, 200, 30, 5
     x, w, b = _linear_inputs(batch, fan_in, fan_out)
-    fast = _saved_sizes(lambda x, w, b: TF.topk_linear(x, w, b, k, impl="fast"), x, w, b)
+    fast = _saved_sizes(lambda x, w, b: TF.topk_linear(x, w, b, k, impl=impl), x, w, b)
     assert sum(fast) <= x.numel() + w.numel() + batch * fan_out * k
     keeps_products = _saved_sizes(lambda x, w, b: (x[:, None, :] * w).square().sum(2) + b, x, w, b)
     assert max(keeps_products) >= batch * fan_out * fan_in  # the check can fail
@@ -207,10 +295,11 @@ def test_layers_default_to_the_fast_path_and_match_reference():
     _rel_close(lin(xl), lin_ref(xl))
 
 
-def test_bpda_gradients_are_the_dense_layers_on_the_fast_path():
+@pytest.mark.parametrize("impl", KERNELS)
+def test_bpda_gradients_are_the_dense_layers_on_the_fast_path(impl):
     x, w, b = _conv_inputs(2, 6, 5, 6)
     with dense_gradients():
-        out, grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="fast"), (x, w, b))
+        out, grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl=impl), (x, w, b))
     _rel_close(out, TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="reference"))
     _, dense_grads = _run(lambda x, w, b: F.conv2d(x, w, b, 1, 1), (x, w, b))
     for g, d in zip(grads, dense_grads):

@@ -8,7 +8,11 @@ and an ``impl`` switch:
 * ``"fast"``: custom autograd kernels (``layers/_linear_kernel.py``, ``layers/_conv_kernel.py``) that
   never build those tensors. They work in chunks bounded by :func:`set_memory_budget` and save only
   the inputs and the selected indices for backward. Same selection (ties aside) and same values.
-* ``"auto"``: the default, the fastest exact implementation available for the inputs (the fast one).
+* ``"numba"``: the same kernels with their selection and their sparse parts (the output and the
+  gradients of TopKConv walk only the k selected input channels) as compiled CPU loops
+  (``layers/_numba_kernels.py``). CPU tensors of float32 or float64 only.
+* ``"auto"``: the default, the fastest exact implementation available for the inputs: ``"numba"``
+  where it applies, else ``"fast"`` (CUDA, half precision, or numba not installed).
 
 Inside :func:`topkconv.layers.dense_gradients` every routing function returns its own forward value
 but the gradient of the dense layer with the same weights (BPDA).
@@ -22,13 +26,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .layers import _numba_kernels
 from .layers._args import check_criterion, check_frac, resolve_k
 from .layers._budget import get_memory_budget, memory_budget, set_memory_budget
 from .layers._conv_kernel import TopKConv2dFunction
 from .layers._linear_kernel import TopKLinearFunction
 from .layers.bpda import bpda_enabled, straight_through
 
-IMPLS = ("auto", "reference", "fast")
+IMPLS = ("auto", "reference", "fast", "numba")
 
 __all__ = ["topk_linear", "topk_conv2d", "topk_neuron_conv2d", "stochastic_activation_pruning",
            "channel_maps", "channel_scores", "topk_channel_mask", "IMPLS",
@@ -39,6 +44,19 @@ def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return impl
+
+
+def _use_compiled(impl: str, *tensors: torch.Tensor) -> bool:
+    """Whether the numba loops run: always for impl="numba" (which needs CPU float32/float64 tensors
+    and numba installed), where they apply for "auto"."""
+    applies = _numba_kernels.AVAILABLE and all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.dtype == tensors[0].dtype
+        for t in tensors)
+    if impl == "numba" and not applies:
+        found = ", ".join(f"{t.dtype} on {t.device}" for t in tensors)
+        raise ValueError(f"impl='numba' needs numba installed and CPU float32 or float64 tensors of one dtype; "
+                         f"got {found}" + ("" if _numba_kernels.AVAILABLE else " (numba is not installed)"))
+    return applies and impl in ("auto", "numba")
 
 
 # ---------------------------------------------------------------- Dynamic-k (TopKDense)
@@ -67,7 +85,8 @@ def topk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         out = F.linear(x2, weight, bias)  # every product is kept
     else:
         with torch.no_grad() if bpda_enabled() else contextlib.nullcontext():
-            out = TopKLinearFunction.apply(x2.contiguous(), weight.contiguous(), bias, k, positive_only)
+            out = TopKLinearFunction.apply(x2.contiguous(), weight.contiguous(), bias, k, positive_only,
+                                           _use_compiled(impl, x2, weight))
     if bpda_enabled():
         out = straight_through(out, F.linear(x2, weight, bias))
     return out.reshape(*lead, weight.shape[0])
@@ -108,7 +127,7 @@ def topk_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     else:
         with torch.no_grad() if bpda_enabled() else contextlib.nullcontext():
             out = TopKConv2dFunction.apply(x.contiguous(), weight.contiguous(), bias, k, criterion,
-                                           stride, padding, dilation)
+                                           stride, padding, dilation, _use_compiled(impl, x, weight))
     if bpda_enabled():
         out = straight_through(out, F.conv2d(x, weight, bias, stride, padding, dilation))
     return out

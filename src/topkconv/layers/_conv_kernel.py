@@ -24,6 +24,7 @@ from typing import Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _numba_kernels as compiled_kernels
 from ._budget import chunks, get_memory_budget, units_per_chunk
 
 # One block of maps for the max score is meant to stay in the L2 cache.
@@ -113,7 +114,7 @@ def _plan(batch: int, out_ch: int, fixed_per_sample: int, per_sample_per_output:
 
     Whole samples first; when one sample does not fit, its output channels are split into blocks."""
     whole = fixed_per_sample + out_ch * per_sample_per_output
-    if whole <= get_memory_budget():
+    if whole <= get_memory_budget() or per_sample_per_output == 0:
         return units_per_chunk(whole, batch), out_ch
     # Below a few dozen output channels per block the matmuls stop paying for their calls; the
     # budget yields to that floor (measured: 1-channel blocks made the 512-channel layer 3x slower).
@@ -156,11 +157,36 @@ def _sum_scores(cols: torch.Tensor, weight_tap_major: torch.Tensor) -> torch.Ten
     return scores
 
 
+def _tap_major(cols: torch.Tensor, taps: int) -> torch.Tensor:
+    """(n, taps, in, L) view of tap-major columns (n, taps * in, L)."""
+    n, rows, positions = cols.shape
+    return cols.view(n, taps, rows // taps, positions)
+
+
+def _backward_compiled(x, weight_tm, indices, g_all, columns: _Columns, chunk: int, need_x: bool, need_w: bool):
+    """Input and (out, taps, in) weight gradients from the numba loops, chunk by chunk."""
+    taps, in_ch = weight_tm.shape[1:]
+    positions = g_all.shape[2]
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_tm = torch.zeros_like(weight_tm) if need_w else None
+    grad_cols = x.new_empty(chunk, taps, in_ch, positions) if need_x else None
+    for b0, b1 in chunks(x.shape[0], chunk):
+        n = b1 - b0
+        cols = _tap_major(columns.unfold(x[b0:b1]), taps) if need_w else None
+        if need_x:
+            grad_cols[:n].zero_()
+        compiled_kernels.conv_backward(cols, weight_tm, indices[b0:b1], g_all[b0:b1],
+                                       grad_cols[:n] if need_x else None, grad_tm)
+        if need_x:  # after the columns are used: fold reuses the padded buffer
+            grad_x[b0:b1] = columns.fold(grad_cols[:n].view(n, taps * in_ch, positions))
+    return grad_x, grad_tm
+
+
 class TopKConv2dFunction(torch.autograd.Function):
     """TopKConv forward and backward; saves x, W and the (B, out, k) selected input channels."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k, criterion, stride, padding, dilation):
+    def forward(ctx, x, weight, bias, k, criterion, stride, padding, dilation, compiled=False):
         batch, in_ch, height, width = x.shape
         out_ch, _, kh, kw = weight.shape
         taps = kh * kw
@@ -170,17 +196,23 @@ class TopKConv2dFunction(torch.autograd.Function):
         ow = conv_output_size(width, kw, geometry[1][1], geometry[2][1], geometry[3][1])
         # Per sample: padded input, columns, their per-channel copy (max) and scores; per sample and
         # output channel: mask and masked weight.
+        # (the compiled loops need no masks or masked weights: only the columns and the scores)
         chunk, block = _plan(batch, out_ch, (x[0].numel() * 2 + in_ch * taps * oh * ow * 2 + out_ch * in_ch) * elem,
-                             in_ch * (taps + 1) * elem)
+                             0 if compiled else in_ch * (taps + 1) * elem)
         weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()  # (out, taps, in)
         weight_t = weight_tm.permute(2, 1, 0).contiguous() if criterion == "max" else None  # (in, taps, out)
         columns = _Columns(x, chunk, *geometry)
-        masked = _MaskedWeights(weight_tm, chunk, block)
+        masked = None if compiled else _MaskedWeights(weight_tm, chunk, block)
         out = x.new_empty(batch, out_ch, oh * ow)
         indices = torch.empty(batch, out_ch, k, dtype=torch.int32, device=x.device)
         for b0, b1 in chunks(batch, chunk):
             cols = columns.unfold(x[b0:b1])
             scores = _max_scores(cols, weight_t) if criterion == "max" else _sum_scores(cols, weight_tm)
+            if compiled:
+                idx = indices[b0:b1]
+                compiled_kernels.topk_rows(scores.reshape(-1, in_ch), k, idx.view(-1, k))
+                compiled_kernels.conv_output(_tap_major(cols, taps), weight_tm, idx, out[b0:b1])
+                continue
             idx = scores.topk(k, dim=2, sorted=False).indices
             del scores
             indices[b0:b1] = idx
@@ -192,6 +224,7 @@ class TopKConv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, indices)
         ctx.geometry = geometry
         ctx.has_bias = bias is not None
+        ctx.compiled = compiled
         return out.view(batch, out_ch, oh, ow)
 
     @staticmethod
@@ -209,9 +242,14 @@ class TopKConv2dFunction(torch.autograd.Function):
         # Per sample: padded input, columns and column gradient; per sample and output channel: mask,
         # masked weight and the per-sample weight gradient.
         chunk, block = _plan(batch, out_ch, (x[0].numel() + in_ch * taps * positions * 2) * elem,
-                             in_ch * (2 * taps + 1) * elem)
+                             0 if ctx.compiled else in_ch * (2 * taps + 1) * elem)
         weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()
         columns = _Columns(x, chunk, *geometry)
+        if ctx.compiled:
+            grad_x, grad_tm = _backward_compiled(x, weight_tm, indices, g_all, columns, chunk, need_x, need_w)
+            grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
+            grad_b = g_all.sum((0, 2)) if (ctx.has_bias and need_b) else None
+            return grad_x, grad_w, grad_b, None, None, None, None, None, None
         masked = _MaskedWeights(weight_tm, chunk, block)
         grad_x = torch.empty_like(x) if need_x else None
         grad_tm = torch.zeros_like(weight_tm) if need_w else None  # (out, taps, in)
@@ -236,4 +274,4 @@ class TopKConv2dFunction(torch.autograd.Function):
                 grad_x[b0:b1] = columns.fold(grad_cols[:n])
         grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
         grad_b = g_all.sum((0, 2)) if (ctx.has_bias and need_b) else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
