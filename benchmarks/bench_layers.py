@@ -5,10 +5,11 @@
     python benchmarks/bench_layers.py --out benchmarks/results   # also bench.{json,csv,md}
 
 "dense" is nn.Conv2d / nn.Linear, "naive" is impl="reference" (the paper's materialising formula),
-"ours" is impl="auto". Every number is the median over repeats of one forward plus one backward,
+"ours" is impl="auto" (on CPU float tensors: the numba loops, impl="numba"), "torch-level" is
+impl="fast" (the chunked torch kernels that serve CUDA and other dtypes). Every number is the median over repeats of one forward plus one backward,
 all measured side by side in one process.
 
-Timing interleaves the three implementations repeat by repeat, so a change in the machine's load
+Timing interleaves the implementations repeat by repeat, so a change in the machine's load
 hits all of them alike.
 
 Peak extra memory is measured in a child process started with ``MALLOC_MMAP_THRESHOLD_=65536``, so
@@ -41,7 +42,7 @@ from torch import nn
 
 from topkconv.layers import TopKConv2d, TopKLinear, TopKNeuronConv2d
 
-IMPLS = ("dense", "auto", "reference")
+IMPLS = ("dense", "auto", "fast", "reference")
 _MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 MB = 2**20  # the table's "MB" are MiB
@@ -189,7 +190,8 @@ def run_table(cases: List[Case], repeats: int, time_cap: float, progress: bool) 
         if progress:
             r = case.results
             print(f"  {case.layer} {case.shape}: dense {r['dense']['ms']:.1f} ms, ours {r['auto']['ms']:.1f} ms, "
-                  f"naive {r['reference']['ms']:.1f} ms", file=sys.stderr, flush=True)
+                  f"torch-level {r['fast']['ms']:.1f} ms, naive {r['reference']['ms']:.1f} ms",
+                  file=sys.stderr, flush=True)
 
 
 def _fmt_mb(v):
@@ -197,11 +199,11 @@ def _fmt_mb(v):
 
 
 def format_table(cases: List[Case]) -> str:
-    head = ("| layer | shape | dense ms | naive ms | ours ms | ours/dense | naive/dense | "
-            "peak extra MB ours / naive / dense | target (ours/dense) | met |")
-    lines = [head, "|" + " --- |" * 10]
+    head = ("| layer | shape | dense ms | naive ms | ours ms | ours/dense | torch-level ms | torch-level/dense | "
+            "naive/dense | peak extra MB ours / torch-level / naive / dense | target (ours/dense) | met |")
+    lines = [head, "|" + " --- |" * 12]
     for c in cases:
-        d, o, n = c.results["dense"], c.results["auto"], c.results["reference"]
+        d, o, t, n = (c.results[impl] for impl in ("dense", "auto", "fast", "reference"))
         ratio = o["ms"] / d["ms"]
         met = "-" if c.target_ratio is None else ("yes" if ratio <= c.target_ratio else "NO")
         naive_ms = f"{n['ms']:.1f}"
@@ -210,8 +212,8 @@ def format_table(cases: List[Case]) -> str:
         if n["repeats"] < o["repeats"]:
             naive_ms += f" [{n['repeats']} run{'s' if n['repeats'] > 1 else ''}]"
         lines.append(f"| {c.layer} | {c.shape} | {d['ms']:.1f} | {naive_ms} | {o['ms']:.1f} | {ratio:.2f}x | "
-                     f"{n['ms'] / d['ms']:.1f}x | {_fmt_mb(o['peak_mb'])} / {_fmt_mb(n['peak_mb'])} / "
-                     f"{_fmt_mb(d['peak_mb'])} | {c.target} | {met} |")
+                     f"{t['ms']:.1f} | {t['ms'] / d['ms']:.2f}x | {n['ms'] / d['ms']:.1f}x | "
+                     f"{' / '.join(_fmt_mb(r['peak_mb']) for r in (o, t, n, d))} | {c.target} | {met} |")
     return "\n".join(lines)
 
 
@@ -254,12 +256,15 @@ def run_training(repeats: int, time_cap: float, quick: bool) -> str:
                torch.randn(64, 128, 8, 8, generator=g)),
               ("VGG head: TopKLinear 25088->512 (k=250), 512->10 (k=10)", vgg_head,
                torch.randn(8 if quick else 16, 25088, generator=g).relu())]
-    lines = ["| model | batch | reference ms/step | ours ms/step | speed-up |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| model | batch | reference ms/step | ours ms/step | speed-up | torch-level ms/step | speed-up |",
+             "|" + " --- |" * 7]
     for name, build, x in setups:
         y = torch.randint(0, 10, (x.shape[0],), generator=g)
         ref = train_step_ms(build("reference"), x, y, repeats, time_cap)
         ours = train_step_ms(build("auto"), x, y, repeats, time_cap)
-        lines.append(f"| {name} | {x.shape[0]} | {ref:.1f} | {ours:.1f} | {ref / ours:.1f}x |")
+        torch_level = train_step_ms(build("fast"), x, y, repeats, time_cap)
+        lines.append(f"| {name} | {x.shape[0]} | {ref:.1f} | {ours:.1f} | {ref / ours:.1f}x | {torch_level:.1f} | "
+                     f"{ref / torch_level:.1f}x |")
     return "\n".join(lines)
 
 
@@ -326,7 +331,7 @@ def _write_results(folder: str, cases: List[Case], text: str) -> None:
     from topkconv.io import atomic_write_json, atomic_write_text
     os.makedirs(folder, exist_ok=True)
     rows = [{"layer": c.layer, "shape": c.shape, "target": c.target,
-             **{f"{impl}_{key}": c.results[impl][key] for impl in ("dense", "reference", "auto")
+             **{f"{impl}_{key}": c.results[impl][key] for impl in ("dense", "reference", "auto", "fast")
                 for key in ("ms", "repeats", "peak_mb")}} for c in cases]
     atomic_write_json(os.path.join(folder, "bench.json"), rows)
     if rows:

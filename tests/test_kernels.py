@@ -344,3 +344,25 @@ def test_kernel_sources_never_move_data_to_the_host():
         source = inspect.getsource(module)
         for banned in (".cpu()", ".item()", ".tolist()", ".numpy()", 'device="cpu"', "device='cpu'"):
             assert banned not in source, f"{module.__name__} uses {banned}"
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_compiled_loops_split_over_threads_give_the_same_results(threads):
+    # the numba entry points split work over torch.get_num_threads() threads; each output entry
+    # must still be written by exactly one of them
+    x, w, b = _conv_inputs(5, 12, 10, 7)
+    xl, wl, bl = _linear_inputs(7, 300, 23)
+    cases = [(lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "max", 1, 1, impl="numba"), (x, w, b)),
+             (lambda x, w, b: TF.topk_conv2d(x, w, b, 3, "sum", 2, 0, impl="numba"), (x, w, b)),
+             (lambda x, w, b: TF.topk_linear(x, w, b, 9, impl="numba"), (xl, wl, bl))]
+    single = [_run(fn, inputs) for fn, inputs in cases]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        split = [_run(fn, inputs) for fn, inputs in cases]
+    finally:
+        torch.set_num_threads(previous)
+    for (out_1, grads_1), (out_n, grads_n) in zip(single, split):
+        _rel_close(out_n, out_1, 1e-6)
+        for g1, gn in zip(grads_1, grads_n):
+            _rel_close(gn, g1, 1e-6)

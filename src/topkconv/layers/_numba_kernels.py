@@ -14,12 +14,16 @@ compiled loops avoid:
   and both gradients walk the saved (sample, output channel, k) indices and touch only the selected
   channels: ``k / in`` of the dense FLOPs, as contiguous multiply-adds along the output positions.
 
-Every function writes into arrays the caller allocated; none allocates per row. They run on one
-thread with the GIL released. ``fastmath`` allows only reassociation and contraction (vectorised
+Every function writes into arrays the caller allocated; none allocates per row. The loops release
+the GIL, and the entry points split them over ``torch.get_num_threads()`` Python threads along axes
+whose outputs do not overlap (one thread: a single call). ``fastmath`` allows only reassociation and contraction (vectorised
 sums and FMA); infinities and NaNs keep their meaning.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -206,21 +210,20 @@ def n_groups_for(width: int, k: int) -> int:
 
 
 @_jit
-def _select_rows(rows, k, n_groups, indices_out, totals_out):
-    """Per row of a 2-D array: positions of its k largest entries and their sum."""
+def _select_rows(rows, k, n_groups, indices_out, totals_out, r0, r1):
+    """Per row r0 <= r < r1 of a 2-D array: positions of its k largest entries and their sum."""
     workspace = _selection_workspace(rows[0], n_groups)
-    for r in range(rows.shape[0]):
+    for r in range(r0, r1):
         totals_out[r] = _select_row(rows[r], k, n_groups, workspace, indices_out[r])
 
 
 @_jit
-def _linear_forward(x, weight, k, n_groups, positive_only, out, indices):
-    batch, fan_in = x.shape
-    fan_out = weight.shape[0]
-    products = np.empty(fan_in, x.dtype)
+def _linear_forward(x, weight, k, n_groups, positive_only, out, indices, c0, c1):
+    """Output rows c0 <= c < c1 of the Dynamic-k forward, for the whole batch."""
+    products = np.empty(x.shape[1], x.dtype)
     workspace = _selection_workspace(products, n_groups)
-    for c in range(fan_out):  # weight row outermost: it stays in cache for the whole batch
-        for b in range(batch):
+    for c in range(c0, c1):  # weight row outermost: it stays in cache for the whole batch
+        for b in range(x.shape[0]):
             np.multiply(weight[c], x[b], products)
             if positive_only:
                 np.maximum(products, 0, products)
@@ -228,11 +231,12 @@ def _linear_forward(x, weight, k, n_groups, positive_only, out, indices):
 
 
 @_jit
-def _linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w, grad_x, grad_w):
-    """Gradients of :func:`linear_forward` from the saved indices; adds into grad_x and grad_w."""
-    batch, fan_out, k = indices.shape
-    for b in range(batch):
-        for c in range(fan_out):
+def _linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w, grad_x, grad_w, b0, b1, c0, c1):
+    """Gradients of :func:`_linear_forward` from the saved indices, over samples b0:b1 and output
+    rows c0:c1; adds into grad_x and grad_w."""
+    k = indices.shape[2]
+    for b in range(b0, b1):
+        for c in range(c0, c1):
             g = grad_out[b, c]
             if g == 0:
                 continue
@@ -249,14 +253,15 @@ def _linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w
 
 
 @_jit
-def _conv_output(cols, weight_tm, indices, out):
-    """out[b, c, :] = sum over the selected input channels i and taps j of weight_tm[c, j, i] * cols[b, j, i, :].
+def _conv_output(cols, weight_tm, indices, out, b0, b1):
+    """out[b, c, :] = sum over the selected input channels i and taps j of weight_tm[c, j, i] * cols[b, j, i, :]
+    for samples b0 <= b < b1.
 
     cols (n, taps, in, L): tap-major patch columns; weight_tm (out, taps, in); indices (n, out, k)."""
-    n, taps, _, positions = cols.shape
+    taps, positions = cols.shape[1], cols.shape[3]
     out_ch, k = indices.shape[1], indices.shape[2]
     acc = np.empty(positions, cols.dtype)
-    for b in range(n):
+    for b in range(b0, b1):
         for c in range(out_ch):
             acc[:] = 0
             for s in range(k):
@@ -270,13 +275,15 @@ def _conv_output(cols, weight_tm, indices, out):
 
 
 @_jit
-def _conv_backward(cols, weight_tm, indices, grad_out, need_x, need_w, grad_cols, grad_w):
-    """Gradients of :func:`_conv_output` over the selected channels only: adds into grad_cols
-    (n, taps, in, L; its unselected entries stay as they were) and grad_w (out, taps, in)."""
-    n, taps, _, positions = grad_cols.shape if need_x else cols.shape
-    out_ch, k = indices.shape[1], indices.shape[2]
-    for b in range(n):
-        for c in range(out_ch):
+def _conv_backward(cols, weight_tm, indices, grad_out, need_x, need_w, grad_cols, grad_w, b0, b1, c0, c1):
+    """Gradients of :func:`_conv_output` over the selected channels only, for samples b0:b1 and output
+    channels c0:c1: adds into grad_cols (n, taps, in, L; its unselected entries stay as they were)
+    and grad_w (out, taps, in)."""
+    taps = weight_tm.shape[1]
+    positions = grad_out.shape[2]
+    k = indices.shape[2]
+    for b in range(b0, b1):
+        for c in range(c0, c1):
             g = grad_out[b, c]
             for s in range(k):
                 i = indices[b, c, s]
@@ -300,11 +307,35 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+_pool = (None, 0, 0)  # (executor, its size, the pid that made it: threads do not survive a fork)
+
+
+def _split(total: int, run) -> None:
+    """run(start, stop) over [0, total), cut into torch.get_num_threads() pieces run in parallel
+    (the compiled loops release the GIL). Callers split only along axes whose outputs do not overlap."""
+    global _pool
+    threads = min(_threads(), total)
+    if threads <= 1:
+        run(0, total)
+        return
+    executor, size, pid = _pool
+    if executor is None or size != threads or pid != os.getpid():
+        executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="topkconv")
+        _pool = (executor, threads, os.getpid())
+    step = -(-total // threads)
+    for future in [executor.submit(run, s, min(total, s + step)) for s in range(0, total, step)]:
+        future.result()
+
+
 def topk_rows(scores: torch.Tensor, k: int, indices: torch.Tensor) -> None:
     """indices[r] = the positions of the k largest entries of scores[r] (rows of a 2-D tensor), any order."""
-    scores = scores.contiguous()
-    _select_rows(_np(scores), k, n_groups_for(scores.shape[1], k), _np(indices),
-                 np.empty(scores.shape[0], _np(scores).dtype))
+    scores = _np(scores.contiguous())
+    args = (scores, k, n_groups_for(scores.shape[1], k), _np(indices), np.empty(scores.shape[0], scores.dtype))
+    _split(scores.shape[0], lambda r0, r1: _select_rows(*args, r0, r1))
 
 
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool):
@@ -312,30 +343,52 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
     and indices[b, c] (int32) their i."""
     out = x.new_empty(x.shape[0], weight.shape[0])
     indices = torch.empty(x.shape[0], weight.shape[0], k, dtype=torch.int32)
-    _linear_forward(_np(x), _np(weight), k, n_groups_for(x.shape[1], k), positive_only, _np(out), _np(indices))
+    args = (_np(x), _np(weight), k, n_groups_for(x.shape[1], k), positive_only, _np(out), _np(indices))
+    _split(weight.shape[0], lambda c0, c1: _linear_forward(*args, c0, c1))
     return out, indices
 
 
 def linear_backward(x, weight, indices, grad_out, positive_only: bool, need_x: bool, need_w: bool):
-    """(grad_x, grad_w) of :func:`linear_forward` from its saved indices (None where not needed)."""
+    """(grad_x, grad_w) of :func:`linear_forward` from its saved indices (None where not needed).
+
+    On several threads grad_x is split by sample and grad_w by output row, in two passes, so no
+    two threads add into the same entry."""
     grad_x = torch.zeros_like(x) if need_x else x.new_empty(0, 0)
     grad_w = torch.zeros_like(weight) if need_w else weight.new_empty(0, 0)
-    _linear_backward(_np(x), _np(weight), _np(indices), _np(grad_out.contiguous()), positive_only,
-                     need_x, need_w, _np(grad_x), _np(grad_w))
+    arrays = (_np(x), _np(weight), _np(indices), _np(grad_out.contiguous()), positive_only)
+    batch, fan_out = indices.shape[:2]
+    if _threads() == 1:
+        _linear_backward(*arrays, need_x, need_w, _np(grad_x), _np(grad_w), 0, batch, 0, fan_out)
+    else:
+        if need_x:
+            _split(batch, lambda b0, b1: _linear_backward(*arrays, True, False, _np(grad_x), _np(grad_w),
+                                                          b0, b1, 0, fan_out))
+        if need_w:
+            _split(fan_out, lambda c0, c1: _linear_backward(*arrays, False, True, _np(grad_x), _np(grad_w),
+                                                            0, batch, c0, c1))
     return (grad_x if need_x else None), (grad_w if need_w else None)
 
 
 def conv_output(cols: torch.Tensor, weight_tm: torch.Tensor, indices: torch.Tensor, out: torch.Tensor) -> None:
     """out (n, out, L) = the routed convolution of tap-major columns (n, taps, in, L) with weight_tm
     (out, taps, in) over the selected (n, out, k) input channels."""
-    _conv_output(_np(cols), _np(weight_tm), _np(indices), _np(out))
+    args = (_np(cols), _np(weight_tm), _np(indices), _np(out))
+    _split(cols.shape[0], lambda b0, b1: _conv_output(*args, b0, b1))
 
 
 def conv_backward(cols, weight_tm, indices, grad_out, grad_cols, grad_w) -> None:
     """Adds the gradients of :func:`conv_output` into grad_cols (n, taps, in, L) and grad_w (out, taps,
-    in); either may be None (then ``cols`` may be None when grad_w is)."""
+    in); either may be None (then ``cols`` may be None when grad_w is). Split over threads like
+    :func:`linear_backward`: grad_cols by sample, grad_w by output channel."""
     need_x, need_w = grad_cols is not None, grad_w is not None
     empty = weight_tm.new_empty(0, 0, 0, 0)
-    _conv_backward(_np(cols if need_w else empty), _np(weight_tm), _np(indices), _np(grad_out.contiguous()),
-                   need_x, need_w, _np(grad_cols if need_x else empty),
-                   _np(grad_w if need_w else weight_tm.new_empty(0, 0, 0)))
+    arrays = (_np(cols if need_w else empty), _np(weight_tm), _np(indices), _np(grad_out.contiguous()))
+    outputs = (_np(grad_cols if need_x else empty), _np(grad_w if need_w else weight_tm.new_empty(0, 0, 0)))
+    batch, out_ch = indices.shape[:2]
+    if _threads() == 1:
+        _conv_backward(*arrays, need_x, need_w, *outputs, 0, batch, 0, out_ch)
+        return
+    if need_x:
+        _split(batch, lambda b0, b1: _conv_backward(*arrays, True, False, *outputs, b0, b1, 0, out_ch))
+    if need_w:
+        _split(out_ch, lambda c0, c1: _conv_backward(*arrays, False, True, *outputs, 0, batch, c0, c1))
