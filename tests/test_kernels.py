@@ -366,3 +366,17 @@ def test_compiled_loops_split_over_threads_give_the_same_results(threads):
         _rel_close(out_n, out_1, 1e-6)
         for g1, gn in zip(grads_1, grads_n):
             _rel_close(gn, g1, 1e-6)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_empty_batch_gives_empty_outputs_and_gradients(impl):
+    x, w, b = _conv_inputs(0, 4, 3, 5)
+    xl, wl, bl = _linear_inputs(0, 20, 5)
+    for fn, inputs, shape in [
+            (lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl=impl), (x, w, b), (0, 3, 5, 5)),
+            (lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "sum", 1, 1, impl=impl), (x, w, b), (0, 3, 5, 5)),
+            (lambda x, w, b: TF.topk_linear(x, w, b, 3, impl=impl), (xl, wl, bl), (0, 5))]:
+        out, grads = _run(fn, inputs)
+        assert out.shape == shape
+        assert grads[0].shape == inputs[0].shape
+        assert torch.count_nonzero(grads[1]) == 0 and torch.count_nonzero(grads[2]) == 0

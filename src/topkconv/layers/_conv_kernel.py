@@ -197,7 +197,7 @@ class TopKConv2dFunction(torch.autograd.Function):
         # Per sample: padded input, columns, their per-channel copy (max) and scores; per sample and
         # output channel: mask and masked weight.
         # (the compiled loops need no masks or masked weights: only the columns and the scores)
-        chunk, block = _plan(batch, out_ch, (x[0].numel() * 2 + in_ch * taps * oh * ow * 2 + out_ch * in_ch) * elem,
+        chunk, block = _plan(batch, out_ch, (x[:1].numel() * 2 + in_ch * taps * oh * ow * 2 + out_ch * in_ch) * elem,
                              0 if compiled else in_ch * (taps + 1) * elem)
         weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()  # (out, taps, in)
         weight_t = weight_tm.permute(2, 1, 0).contiguous() if criterion == "max" else None  # (in, taps, out)
@@ -236,12 +236,12 @@ class TopKConv2dFunction(torch.autograd.Function):
         batch, in_ch = x.shape[:2]
         out_ch, _, kh, kw = weight.shape
         taps = kh * kw
-        g_all = grad_out.reshape(batch, out_ch, -1)
+        g_all = grad_out.reshape(batch, out_ch, grad_out.shape[2] * grad_out.shape[3])
         positions = g_all.shape[2]
         elem = x.element_size()
         # Per sample: padded input, columns and column gradient; per sample and output channel: mask,
         # masked weight and the per-sample weight gradient.
-        chunk, block = _plan(batch, out_ch, (x[0].numel() + in_ch * taps * positions * 2) * elem,
+        chunk, block = _plan(batch, out_ch, (x[:1].numel() + in_ch * taps * positions * 2) * elem,
                              0 if ctx.compiled else in_ch * (2 * taps + 1) * elem)
         weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()
         columns = _Columns(x, chunk, *geometry)
