@@ -125,25 +125,28 @@ def test_select_topk_equals_torch_topk_on_every_group_size():
             assert int(idx.max()) < n
 
 
-def _rows_with_hard_cases(generator):
+def _rows_with_hard_cases(generator, width):
     """(name, rows) pairs that stress a selection: random rows, exact ties (ReLU zeros, a constant
     row), rows whose largest entries cluster in one region, and rows with infinities."""
-    random = torch.randn(30, 3000, generator=generator)
+    random = torch.randn(30, width, generator=generator)
     relu = random.relu()  # about half the entries exactly 0
     clustered = random.clone()
-    clustered[:, 1000:1400] += 10  # the top k all in one stretch
+    clustered[:, width // 3:width // 3 + 400] += 10  # the top k all in one stretch
     infinite = random.clone()
     infinite[:, 7] = float("inf")
     infinite[:, 11] = float("-inf")
-    return [("random", random), ("relu", relu), ("constant", torch.ones(4, 3000)),
+    return [("random", random), ("relu", relu), ("constant", torch.ones(4, width)),
             ("clustered", clustered), ("infinite", infinite), ("float64", random.double())]
 
 
-@pytest.mark.parametrize("k", [1, 2, 13, 250, 1500, 2999, 3000])
-def test_compiled_selection_equals_torch_topk(k):
+# rows of 1000 take the bucket pass over the whole row, rows of 3000 the strided-group bound first
+@pytest.mark.parametrize("width,k", [(1000, k) for k in (1, 2, 13, 250, 999, 1000)]
+                         + [(3000, k) for k in (1, 2, 13, 250, 1500, 2999, 3000)])
+def test_compiled_selection_equals_torch_topk(width, k):
     from topkconv.layers import _numba_kernels as compiled
 
-    for name, rows in _rows_with_hard_cases(torch.Generator().manual_seed(k)):
+    assert (compiled.n_groups_for(width, k) > 1) == (width >= 2048)
+    for name, rows in _rows_with_hard_cases(torch.Generator().manual_seed(k), width):
         idx = torch.empty(rows.shape[0], k, dtype=torch.int32)
         compiled.topk_rows(rows, k, idx)
         assert idx.unique(dim=1).shape == idx.shape or k == 1, name  # no position chosen twice

@@ -203,9 +203,16 @@ def _select_row(row, k, n_groups, workspace, chosen):
     return total
 
 
+# Below this width the bucket pass over the whole row beats grouping (measured: rows of 128-1024
+# entries took 0.6-0.8x the time without groups; at 4096 both tie; at 25,088 grouping wins).
+_MIN_GROUPED_WIDTH = 2048
+
+
 def n_groups_for(width: int, k: int) -> int:
     """Strided groups for :func:`_select_row`: about sqrt(width * k), so that the group maxima and
-    the scanned groups cost alike."""
+    the scanned groups cost alike; 1 (no grouping) for short rows."""
+    if width < _MIN_GROUPED_WIDTH:
+        return 1
     return max(1, min(width, round((width * k) ** 0.5)))
 
 
