@@ -73,15 +73,20 @@ def append_jsonl(path: PathLike, obj: Any) -> None:
         os.fsync(handle.fileno())
 
 
-def read_json(path: PathLike, what: str = "file") -> Any:
-    """Parse a JSON file; a missing file or invalid JSON is an error naming the file."""
+def _parse_file(path: PathLike, what: str, kind: str, parse, error: type) -> Any:
+    """Read and parse a text file; a missing file or a parse error is an error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        return parse(path.read_text(encoding="utf-8"))
+    except error as err:
+        raise ValueError(f"{path}: not valid {kind}: {err}") from None
+
+
+def read_json(path: PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing file or invalid JSON is an error naming the file."""
+    return _parse_file(path, what, "JSON", json.loads, json.JSONDecodeError)
 
 
 def read_toml(path: PathLike, what: str = "file") -> dict:
@@ -90,14 +95,7 @@ def read_toml(path: PathLike, what: str = "file") -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
         import tomli as tomllib
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML: {err}") from None
+    return _parse_file(path, what, "TOML", tomllib.loads, tomllib.TOMLDecodeError)
 
 
 def environment_info() -> dict:
