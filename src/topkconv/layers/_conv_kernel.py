@@ -163,6 +163,36 @@ def _tap_major(cols: torch.Tensor, taps: int) -> torch.Tensor:
     return cols.view(n, taps, rows // taps, positions)
 
 
+def _backward_masked(x, weight_tm, indices, g_all, columns: _Columns, chunk: int, block: int, need_x: bool,
+                     need_w: bool):
+    """Input and (out, taps, in) weight gradients from per-sample masked-weight matmuls, chunk by chunk."""
+    out_ch, taps, in_ch = weight_tm.shape
+    positions = g_all.shape[2]
+    masked = _MaskedWeights(weight_tm, chunk, block)
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_tm = torch.zeros_like(weight_tm) if need_w else None
+    grad_cols = x.new_empty(chunk, taps * in_ch, positions) if need_x else None
+    per_sample_grad = x.new_empty(chunk, block, taps * in_ch) if need_w else None
+    for b0, b1 in chunks(x.shape[0], chunk):
+        n = b1 - b0
+        cols = columns.unfold(x[b0:b1]) if need_w else None
+        for o0, o1 in chunks(out_ch, block):
+            masked_weight = masked.fill(indices[b0:b1, o0:o1], o0, o1)
+            g = g_all[b0:b1, o0:o1]
+            if need_w:
+                psg = torch.bmm(g, cols.transpose(1, 2), out=per_sample_grad[:n, : o1 - o0])
+                for b in range(n):  # in place: only the selected slices of each sample's gradient count
+                    grad_tm[o0:o1].addcmul_(psg[b].view(o1 - o0, taps, in_ch), masked.masks[b, : o1 - o0, None, :])
+            if need_x:
+                if o0 == 0:
+                    torch.bmm(masked_weight.transpose(1, 2), g, out=grad_cols[:n])
+                else:
+                    grad_cols[:n].baddbmm_(masked_weight.transpose(1, 2), g)
+        if need_x:  # after the columns are used: fold reuses the padded buffer
+            grad_x[b0:b1] = columns.fold(grad_cols[:n])
+    return grad_x, grad_tm
+
+
 def _backward_compiled(x, weight_tm, indices, g_all, columns: _Columns, chunk: int, need_x: bool, need_w: bool):
     """Input and (out, taps, in) weight gradients from the numba loops, chunk by chunk."""
     taps, in_ch = weight_tm.shape[1:]
@@ -247,31 +277,8 @@ class TopKConv2dFunction(torch.autograd.Function):
         columns = _Columns(x, chunk, *geometry)
         if ctx.compiled:
             grad_x, grad_tm = _backward_compiled(x, weight_tm, indices, g_all, columns, chunk, need_x, need_w)
-            grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
-            grad_b = g_all.sum((0, 2)) if (ctx.has_bias and need_b) else None
-            return grad_x, grad_w, grad_b, None, None, None, None, None, None
-        masked = _MaskedWeights(weight_tm, chunk, block)
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_tm = torch.zeros_like(weight_tm) if need_w else None  # (out, taps, in)
-        grad_cols = x.new_empty(chunk, taps * in_ch, positions) if need_x else None
-        per_sample_grad = x.new_empty(chunk, block, taps * in_ch) if need_w else None
-        for b0, b1 in chunks(batch, chunk):
-            n = b1 - b0
-            cols = columns.unfold(x[b0:b1]) if need_w else None
-            for o0, o1 in chunks(out_ch, block):
-                masked_weight = masked.fill(indices[b0:b1, o0:o1], o0, o1)
-                g = g_all[b0:b1, o0:o1]
-                if need_w:
-                    psg = torch.bmm(g, cols.transpose(1, 2), out=per_sample_grad[:n, : o1 - o0])
-                    for b in range(n):  # in place: only the selected slices of each sample's gradient count
-                        grad_tm[o0:o1].addcmul_(psg[b].view(o1 - o0, taps, in_ch), masked.masks[b, : o1 - o0, None, :])
-                if need_x:
-                    if o0 == 0:
-                        torch.bmm(masked_weight.transpose(1, 2), g, out=grad_cols[:n])
-                    else:
-                        grad_cols[:n].baddbmm_(masked_weight.transpose(1, 2), g)
-            if need_x:  # after the columns are used: fold reuses the padded buffer
-                grad_x[b0:b1] = columns.fold(grad_cols[:n])
+        else:
+            grad_x, grad_tm = _backward_masked(x, weight_tm, indices, g_all, columns, chunk, block, need_x, need_w)
         grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
         grad_b = g_all.sum((0, 2)) if (ctx.has_bias and need_b) else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None

@@ -18,8 +18,8 @@ compiled loops avoid:
 
 Every function writes into arrays the caller allocated; none allocates per row. The loops release
 the GIL, and the entry points split them over ``torch.get_num_threads()`` Python threads along axes
-whose outputs do not overlap (one thread: a single call). ``fastmath`` allows only reassociation and contraction (vectorised
-sums and FMA); infinities and NaNs keep their meaning.
+whose outputs do not overlap (one thread: a single call). ``fastmath`` allows only reassociation
+and contraction (vectorised sums and FMA); infinities and NaNs keep their meaning.
 """
 
 from __future__ import annotations
@@ -205,8 +205,9 @@ def _select_row(row, k, n_groups, workspace, chosen):
     return total
 
 
-# Below this width the bucket pass over the whole row beats grouping (measured: rows of 128-1024
-# entries took 0.6-0.8x the time without groups; at 4096 both tie; at 25,088 grouping wins).
+# Below this width the bucket pass over the whole row beats grouping (benchmarks/bench_selection.py:
+# rows of 128-1024 entries took 0.6-0.8x the time without groups; at 4096 both tie; at 25,088
+# grouping wins by 4x).
 _MIN_GROUPED_WIDTH = 2048
 
 
@@ -357,24 +358,27 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
     return out, indices
 
 
-def linear_backward(x, weight, indices, grad_out, positive_only: bool, need_x: bool, need_w: bool):
-    """(grad_x, grad_w) of :func:`linear_forward` from its saved indices (None where not needed).
+def _split_gradients(batch: int, rows: int, need_x: bool, need_w: bool, run) -> None:
+    """run(need_x, need_w, b0, b1, c0, c1) over every (sample, output row) pair. On one thread a single
+    call; on several, the input gradient split by sample and the weight gradient by output row, in two
+    passes, so that no two threads add into the same entry."""
+    if _threads() == 1:
+        run(need_x, need_w, 0, batch, 0, rows)
+        return
+    if need_x:
+        _split(batch, lambda b0, b1: run(True, False, b0, b1, 0, rows))
+    if need_w:
+        _split(rows, lambda c0, c1: run(False, True, 0, batch, c0, c1))
 
-    On several threads grad_x is split by sample and grad_w by output row, in two passes, so no
-    two threads add into the same entry."""
+
+def linear_backward(x, weight, indices, grad_out, positive_only: bool, need_x: bool, need_w: bool):
+    """(grad_x, grad_w) of :func:`linear_forward` from its saved indices (None where not needed)."""
     grad_x = torch.zeros_like(x) if need_x else x.new_empty(0, 0)
     grad_w = torch.zeros_like(weight) if need_w else weight.new_empty(0, 0)
     arrays = (_np(x), _np(weight), _np(indices), _np(grad_out.contiguous()), positive_only)
-    batch, fan_out = indices.shape[:2]
-    if _threads() == 1:
-        _linear_backward(*arrays, need_x, need_w, _np(grad_x), _np(grad_w), 0, batch, 0, fan_out)
-    else:
-        if need_x:
-            _split(batch, lambda b0, b1: _linear_backward(*arrays, True, False, _np(grad_x), _np(grad_w),
-                                                          b0, b1, 0, fan_out))
-        if need_w:
-            _split(fan_out, lambda c0, c1: _linear_backward(*arrays, False, True, _np(grad_x), _np(grad_w),
-                                                            0, batch, c0, c1))
+    outputs = (_np(grad_x), _np(grad_w))
+    _split_gradients(indices.shape[0], indices.shape[1], need_x, need_w,
+                     lambda nx, nw, *ranges: _linear_backward(*arrays, nx, nw, *outputs, *ranges))
     return (grad_x if need_x else None), (grad_w if need_w else None)
 
 
@@ -387,17 +391,10 @@ def conv_output(cols: torch.Tensor, weight_tm: torch.Tensor, indices: torch.Tens
 
 def conv_backward(cols, weight_tm, indices, grad_out, grad_cols, grad_w) -> None:
     """Adds the gradients of :func:`conv_output` into grad_cols (n, taps, in, L) and grad_w (out, taps,
-    in); either may be None (then ``cols`` may be None when grad_w is). Split over threads like
-    :func:`linear_backward`: grad_cols by sample, grad_w by output channel."""
+    in); either may be None (then ``cols`` may be None when grad_w is)."""
     need_x, need_w = grad_cols is not None, grad_w is not None
     empty = weight_tm.new_empty(0, 0, 0, 0)
     arrays = (_np(cols if need_w else empty), _np(weight_tm), _np(indices), _np(grad_out.contiguous()))
     outputs = (_np(grad_cols if need_x else empty), _np(grad_w if need_w else weight_tm.new_empty(0, 0, 0)))
-    batch, out_ch = indices.shape[:2]
-    if _threads() == 1:
-        _conv_backward(*arrays, need_x, need_w, *outputs, 0, batch, 0, out_ch)
-        return
-    if need_x:
-        _split(batch, lambda b0, b1: _conv_backward(*arrays, True, False, *outputs, b0, b1, 0, out_ch))
-    if need_w:
-        _split(out_ch, lambda c0, c1: _conv_backward(*arrays, False, True, *outputs, 0, batch, c0, c1))
+    _split_gradients(indices.shape[0], indices.shape[1], need_x, need_w,
+                     lambda nx, nw, *ranges: _conv_backward(*arrays, nx, nw, *outputs, *ranges))
