@@ -2,11 +2,15 @@
 
     python benchmarks/bench_layers.py            # the full table (several minutes on 2 CPU cores)
     python benchmarks/bench_layers.py --quick    # fewer repeats, smaller training section
+    python benchmarks/bench_layers.py --only bpda   # input-gradient cost of exact, dense and soft BPDA
     python benchmarks/bench_layers.py --out benchmarks/results   # also bench.{json,csv,md}
+    python benchmarks/bench_layers.py --device cuda --quick       # on a GPU (benchmarks/device_check.sh)
+    python benchmarks/bench_layers.py --quick --shapes 1 --only max   # a smoke run: first shape per section
 
 "dense" is nn.Conv2d / nn.Linear, "naive" is impl="reference" (the paper's materialising formula),
-"ours" is impl="auto" (on CPU float tensors: the numba loops, impl="numba"), "torch-level" is
-impl="fast" (the chunked torch kernels that serve CUDA and other dtypes). Every number is the median over repeats of one forward plus one backward,
+"ours" is impl="auto" (on CPU float tensors: the numba loops, impl="numba"; on CUDA the torch-level
+kernels, so there the two columns time the same code), "torch-level" is impl="fast" (the chunked
+torch kernels that serve CUDA and other dtypes). Every number is the median over repeats of one forward plus one backward,
 all measured side by side in one process.
 
 Timing interleaves the implementations repeat by repeat, so a change in the machine's load
@@ -19,6 +23,10 @@ normal allocator, since a page fault per allocation would slow every implementat
 warm-up step the peak-RSS mark is reset (``/proc/self/clear_refs``); the extra is ``VmHWM - VmRSS``
 of the next forward + backward, with the inputs, weights and upstream gradient already resident.
 It covers outputs, saved tensors, gradients and every temporary, whatever allocated them.
+
+On CUDA (``--device cuda``) every step ends with ``torch.cuda.synchronize()`` before the clock is
+read, and the peak extra memory is ``torch.cuda.max_memory_allocated()`` minus the memory allocated
+before the step (the caching allocator's own view; no child process).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ IMPLS = ("dense", "auto", "fast", "reference")
 _MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 MB = 2**20  # the table's "MB" are MiB
+DEVICE = torch.device("cpu")  # set by --device
 # Above this size the naive Dynamic-k layer runs a few samples at a time (same formula, honestly
 # labelled): the full 25088 -> 512 product tensor at batch 64 is 3.3 GB, twice over with its gradient.
 NAIVE_TENSOR_LIMIT = 512 * MB
@@ -117,6 +126,12 @@ def linear_cases() -> List[Case]:
     return cases
 
 
+def _sync() -> None:
+    """Wait for the GPU's queued work, so that the clock measures it (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def _step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, chunk: Optional[int]) -> None:
     for p in module.parameters():
         p.grad = None  # every step allocates its parameter gradients afresh: same cost for all impls
@@ -124,14 +139,15 @@ def _step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, chunk: Opt
     pieces = [slice(None)] if chunk is None else [slice(s, s + chunk) for s in range(0, x.shape[0], chunk)]
     for piece in pieces:
         module(x[piece]).backward(grad_out[piece])
+    _sync()
 
 
 def _prepare(case: Case):
-    x = case.make_input().requires_grad_()
-    modules = {impl: case.make(impl) for impl in IMPLS}
+    x = case.make_input().to(DEVICE).requires_grad_()
+    modules = {impl: case.make(impl).to(DEVICE) for impl in IMPLS}
     with torch.no_grad():
         out_shape = modules["dense"](x[:1]).shape[1:]
-    grad_out = torch.randn(x.shape[0], *out_shape, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(x.shape[0], *out_shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     return x, modules, grad_out
 
 
@@ -153,7 +169,8 @@ def time_case(case: Case, repeats: int, time_cap: float) -> None:
 
 
 def peak_memory_mb(case: Case) -> dict:
-    """Peak extra resident memory (MB) of one forward + backward per implementation (see module doc)."""
+    """Peak extra memory (MB) of one forward + backward per implementation (see module doc): resident
+    memory on the CPU, the caching allocator's allocated bytes on CUDA."""
     x, modules, grad_out = _prepare(case)
     peaks = {}
     for impl in IMPLS:
@@ -163,6 +180,12 @@ def peak_memory_mb(case: Case) -> dict:
             p.grad = None  # the measured step's gradients count as its own memory
         x.grad = None
         gc.collect()
+        if DEVICE.type == "cuda":
+            before = torch.cuda.memory_allocated(DEVICE)
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+            _step(modules[impl], x, grad_out, chunk)
+            peaks[impl] = (torch.cuda.max_memory_allocated(DEVICE) - before) / MB
+            continue
         before = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -171,9 +194,11 @@ def peak_memory_mb(case: Case) -> dict:
     return peaks
 
 
-def memory_in_child(sections: List[str], threads: int) -> Optional[List[dict]]:
+def memory_in_child(sections: List[str], threads: int, shapes: Optional[int] = None) -> Optional[List[dict]]:
     """Run the memory probe in a child process with the mmap-per-allocation setting."""
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", "--threads", str(threads)]
+    if shapes is not None:
+        cmd += ["--shapes", str(shapes)]
     for name in sections:
         cmd += ["--only", name]
     done = subprocess.run(cmd, env={**os.environ, **_MMAP_ENV}, capture_output=True, text=True)
@@ -235,6 +260,7 @@ def vgg_head(impl: str) -> nn.Module:
 
 
 def train_step_ms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, time_cap: float) -> float:
+    model, x, y = model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times, spent = [], 0.0
     for _ in range(repeats + 1):
@@ -242,6 +268,7 @@ def train_step_ms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: i
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        _sync()
         times.append(time.perf_counter() - start)
         spent += times[-1]
         if spent > time_cap:
@@ -268,11 +295,48 @@ def run_training(repeats: int, time_cap: float, quick: bool) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ BPDA section
+
+def run_bpda(repeats: int, time_cap: float) -> str:
+    """One forward + input-gradient backward per layer under each backward mode (the attack's step)."""
+    from topkconv.layers import dense_gradients, soft_gradients
+
+    g = torch.Generator().manual_seed(0)
+    setups = [("TopKConv2d max 128->128, 8x8, k=13", TopKConv2d(128, 128, 3, 13, "max", padding=1),
+               torch.randn(64, 128, 8, 8, generator=g)),
+              ("TKC-neuron 128->128, 8x8, k=13", TopKNeuronConv2d(128, 128, 3, 13, padding=1),
+               torch.randn(64, 128, 8, 8, generator=g)),
+              ("TopKLinear 25088->512, k=250", TopKLinear(25088, 512, 250), torch.randn(8, 25088, generator=g).relu())]
+    modes = [("exact", None), ("dense", dense_gradients), ("soft", soft_gradients)]
+    lines = ["| layer | batch | " + " | ".join(f"{name} ms" for name, _ in modes) + " | soft/exact |",
+             "|" + " --- |" * (len(modes) + 3)]
+    for name, layer, x in setups:
+        layer, x = layer.to(DEVICE), x.to(DEVICE)
+        ms = {}
+        for mode, switch in modes:
+            times = []
+            for _ in range(repeats + 1):
+                xg = x.clone().requires_grad_()
+                start = time.perf_counter()
+                with switch() if switch else torch.enable_grad():
+                    out = layer(xg)
+                torch.autograd.grad(out.sum(), xg)
+                _sync()
+                times.append(time.perf_counter() - start)
+                if sum(times) > time_cap:
+                    break
+            ms[mode] = 1000 * statistics.median(times[1:] if len(times) > 1 else times)
+        lines.append(f"| {name} | {x.shape[0]} | " + " | ".join(f"{ms[m]:.1f}" for m, _ in modes)
+                     + f" | {ms['soft'] / ms['exact']:.1f}x |")
+    return "\n".join(lines)
+
+
 def machine_line(threads: int) -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    device = "cpu" if DEVICE.type == "cpu" else f"{DEVICE} ({torch.cuda.get_device_name(DEVICE)}, CUDA {torch.version.cuda})"
     return (f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
             f"torch threads {threads}, load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
-            f"device cpu")
+            f"device {device}")
 
 
 def main(argv=None) -> int:
@@ -281,17 +345,26 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 7)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: see BENCHMARKS.md for why on this machine)")
-    parser.add_argument("--only", choices=["max", "sum", "tkc", "linear", "train"], action="append",
+    parser.add_argument("--only", choices=["max", "sum", "tkc", "linear", "train", "bpda"], action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--out", default=None, help="folder for bench.json, bench.csv and bench.md")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--shapes", type=int, default=None,
+                        help="only the first N shapes of each section (a smoke run; default: all)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if DEVICE.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     repeats = args.repeats or (2 if args.quick else 7)
     time_cap = 20.0 if args.quick else 60.0
-    only = set(args.only or ["max", "sum", "tkc", "linear", "train"])
+    only = set(args.only or ["max", "sum", "tkc", "linear", "train", "bpda"])
     cases = []
     if "max" in only:
         cases += conv_cases("max")
@@ -301,11 +374,21 @@ def main(argv=None) -> int:
         cases += conv_cases("tkc-neuron")
     if "linear" in only:
         cases += linear_cases()
+    if args.shapes is not None:
+        if args.shapes < 1:
+            raise ValueError(f"--shapes must be >= 1, got {args.shapes}")
+        sections_of = {}
+        for case in cases:
+            sections_of.setdefault(case.layer, []).append(case)
+        cases = [case for group in sections_of.values() for case in group[:args.shapes]]
     if args.memory_probe:  # child mode: print the peaks as one JSON line
         print(json.dumps([peak_memory_mb(case) if _memory_probe_works() else {} for case in cases]))
         return 0
     progress = sys.stderr.isatty()
-    peaks = memory_in_child(sorted(only - {"train"}), args.threads) if cases else None
+    if DEVICE.type == "cuda":  # the allocator's statistics need no child process
+        peaks = [peak_memory_mb(case) for case in cases]
+    else:
+        peaks = memory_in_child(sorted(only - {"train", "bpda"}), args.threads, args.shapes) if cases else None
     probe = peaks is not None and all(peaks)
     for case, peak in zip(cases, peaks or [{}] * len(cases)):
         for impl in IMPLS:
@@ -314,12 +397,15 @@ def main(argv=None) -> int:
     sections = []
     if cases:
         sections.append(format_table(cases))
+    if "bpda" in only:
+        sections.append("Input gradient (forward + backward to the input) per backward mode: exact, dense BPDA, "
+                        "soft BPDA (default tau):\n\n" + run_bpda(repeats, time_cap))
     if "train" in only:
         sections.append("Training step (forward, cross-entropy, backward, SGD step), reference vs ours:\n\n"
                         + run_training(repeats, time_cap, args.quick))
     command = "python benchmarks/bench_layers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n\n".join(sections) + f"\n\nCommand: `{command.strip()}`\nMachine: {machine_line(args.threads)}\n"
-    if not probe:
+    if cases and not probe:
         text += "Peak memory: n/a (the probe needs Linux /proc/self/clear_refs).\n"
     print(text)
     if args.out:
@@ -330,7 +416,7 @@ def main(argv=None) -> int:
 def _write_results(folder: str, cases: List[Case], text: str) -> None:
     from topkconv.io import atomic_write_json, atomic_write_text
     os.makedirs(folder, exist_ok=True)
-    rows = [{"layer": c.layer, "shape": c.shape, "target": c.target,
+    rows = [{"layer": c.layer, "shape": c.shape, "target": c.target, "device": str(DEVICE),
              **{f"{impl}_{key}": c.results[impl][key] for impl in ("dense", "reference", "auto", "fast")
                 for key in ("ms", "repeats", "peak_mb")}} for c in cases]
     atomic_write_json(os.path.join(folder, "bench.json"), rows)

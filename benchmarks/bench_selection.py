@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from topkconv.layers import _numba_kernels as compiled
+from topkconv.layers.kernels import selection as compiled
 
 CASES = [(128, 13, 8192), (256, 26, 8192), (512, 51, 4096), (1024, 100, 2048), (4096, 400, 512),
          (25088, 250, 512)]

@@ -55,12 +55,9 @@ def naive_selection_conv(x, weight, k, criterion="max", stride=1, padding=0, dil
 
 def naive_tkc_neuron(x, weight, bias, k, criterion="max", stride=1, padding=0, dilation=1):
     y = F.conv2d(x, weight, bias, stride, padding, dilation)
-    samples = []
-    for b in range(y.shape[0]):
-        scores = [float(y[b, c].detach().max()) if criterion == "max" else float(y[b, c].detach().sum()) for c in range(y.shape[1])]
-        best = set(sorted(range(y.shape[1]), key=lambda c: -scores[c])[:k])
-        samples.append(torch.stack([y[b, c] if c in best else torch.zeros_like(y[b, c]) for c in range(y.shape[1])]))
-    return torch.stack(samples)
+    kept = naive_selection_neuron(x, weight, bias, k, criterion, stride, padding, dilation)
+    return torch.stack([torch.stack([y[b, c] if c in kept[b] else torch.zeros_like(y[b, c]) for c in range(y.shape[1])])
+                        for b in range(y.shape[0])])
 
 
 def naive_sap_expectation_scale(h, frac):
@@ -68,3 +65,46 @@ def naive_sap_expectation_scale(h, frac):
     p = h.abs().flatten() / h.abs().sum()
     r = max(1, round(frac * p.numel()))
     return 1 - (1 - p) ** r
+
+
+def naive_selection_linear(x, weight, k, positive_only=False):
+    """Per sample and output unit, the set of input features whose products are summed."""
+    chosen = []
+    for b in range(x.shape[0]):
+        rows = []
+        for c in range(weight.shape[0]):
+            products = [float(weight[c, i] * x[b, i]) for i in range(weight.shape[1])]
+            if positive_only:
+                products = [max(p, 0.0) for p in products]
+            rows.append(set(sorted(range(len(products)), key=lambda i: -products[i])[:k]))
+        chosen.append(rows)
+    return chosen
+
+
+def naive_selection_neuron(x, weight, bias, k, criterion="max", stride=1, padding=0, dilation=1):
+    """Per sample, the set of output channels TKC-neuron keeps."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation).detach()
+    chosen = []
+    for b in range(y.shape[0]):
+        scores = [float(y[b, c].max()) if criterion == "max" else float(y[b, c].sum()) for c in range(y.shape[1])]
+        chosen.append(set(sorted(range(y.shape[1]), key=lambda c: -scores[c])[:k]))
+    return chosen
+
+
+def min_gap(scores: torch.Tensor, k: int) -> float:
+    """Gap between the k-th and (k+1)-th best score along the last dim: selection is stable under
+    perturbations smaller than this."""
+    if k >= scores.shape[-1]:
+        return float("inf")
+    top = scores.topk(k + 1, dim=-1).values
+    return float((top[..., k - 1] - top[..., k]).min())
+
+
+def seeded_without_ties(make, score_fn, k, gap=1e-3, tries=200):
+    """Draw inputs from ``make(generator)`` until the top-k selection has no near-ties."""
+    for seed in range(tries):
+        g = torch.Generator().manual_seed(seed)
+        tensors = make(g)
+        if min_gap(score_fn(*tensors), k) > gap:
+            return tensors
+    raise AssertionError("could not draw inputs without near-ties")

@@ -1,90 +1,24 @@
 """Attacks tested by the accuracy they really remove, on tiny models trained offline on sklearn digits (8x8).
 
-Cases are tables (pytest.mark.parametrize), foolbox style. The models are trained once per test session
-(a cached function, so test_evaluate.py shares them) in a few seconds on two CPU cores.
+Cases are tables (pytest.mark.parametrize), foolbox style. The models are conftest.py fixtures, trained
+once per test session in a few seconds on two CPU cores.
 """
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topkconv.attacks import accuracy, autoattack, fgsm, pgd, square, transfer
-from topkconv.layers import StochasticActivationPruning, TopKLinear, dense_gradients
+from topkconv.attacks import accuracy, autoattack, fgsm, pgd, square, transfer, zeroth_order
+from topkconv.layers import dense_gradients
 
 EPS = 16 / 255          # digits pixels are multiples of 1/16: eps = one grey level moves accuracy a lot
 STEPS = 16
 STEP = 2.5 * EPS / STEPS
 
 
-
-
-# ---------------------------------------------------------------- tiny offline models (shared helpers)
-
-@functools.lru_cache(maxsize=None)
-def digits_split():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1400], order[1400:1700]
-    return x[train], y[train], x[test], y[test]
-
-
-def _fit(model: nn.Module, steps: int = 150, lr: float = 1e-2, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    x, y, _, _ = digits_split()
-    optimiser = torch.optim.Adam(model.parameters(), lr)
-    model.train()
-    for _ in range(steps):
-        optimiser.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimiser.step()
-    return model.eval()
-
-
-@functools.lru_cache(maxsize=None)
-def trained_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return _fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)))
-
-
-@functools.lru_cache(maxsize=None)
-def trained_surrogate() -> nn.Module:
-    """A second plain model (other seed, other width): the 'undefended baseline' for transfer."""
-    torch.manual_seed(1)
-    return _fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)), seed=1)
-
-
-@functools.lru_cache(maxsize=None)
-def trained_sap() -> nn.Module:
-    """MLP with SAP after its hidden ReLU (SAP acts in eval mode only, so it trains as a plain MLP)."""
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(),
-                          StochasticActivationPruning(frac=0.3), nn.Linear(64, 10))
-    return _fit(model, seed=2)
-
-
-@functools.lru_cache(maxsize=None)
-def trained_routing() -> nn.Module:
-    """Dynamic-k MLP: the plain MLP's hidden layer as a TopKLinear (k = 16 of 64 products per unit),
-    fine-tuned briefly (the top-k layer is the slow part to train on a CPU)."""
-    base = trained_mlp()
-    routed = TopKLinear(64, 64, k=16)
-    routed.load_state_dict(base[1].state_dict())
-    head = nn.Linear(64, 10)
-    head.load_state_dict(base[3].state_dict())
-    return _fit(nn.Sequential(nn.Flatten(), routed, nn.ReLU(), head), steps=30, seed=3)
-
-
-def eval_data():
-    return digits_split()[2:]
 
 
 # ---------------------------------------------------------------- the attacks remove accuracy
@@ -98,14 +32,17 @@ ATTACKS = {
     "pgd": lambda m, x, y, eps: pgd(m, x, y, eps, STEP * eps / EPS, STEPS, generator=_gen()),
     "pgd-margin": lambda m, x, y, eps: pgd(m, x, y, eps, STEP * eps / EPS, STEPS, loss="margin", generator=_gen()),
     "pgd-restarts": lambda m, x, y, eps: pgd(m, x, y, eps, 2.5 * eps / 4, 4, restarts=3, generator=_gen()),
-    "pgd-no-start": lambda m, x, y, eps: pgd(m, x, y, eps, STEP * eps / EPS, STEPS, random_start=False),
+    "pgd-zero-start": lambda m, x, y, eps: pgd(m, x, y, eps, STEP * eps / EPS, STEPS, start="zero"),
+    # gradient-free: 16 sign steps on finite differences of 100 noise pairs
+    "zeroth-order": lambda m, x, y, eps: zeroth_order(m, x, y, eps, steps=STEPS, step_size=STEP * eps / EPS,
+                                                      sigma=8 / 255, samples=100, generator=_gen()),
 }
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_attack_lowers_accuracy_by_a_real_margin(name):
-    model = trained_mlp()
-    x, y = eval_data()
+def test_attack_lowers_accuracy_by_a_real_margin(name, mlp, digits_test):
+    model = mlp
+    x, y = digits_test
     clean = accuracy(model, x, y)
     attacked = accuracy(model, ATTACKS[name](model, x, y, EPS), y)
     assert clean > 0.9
@@ -113,9 +50,9 @@ def test_attack_lowers_accuracy_by_a_real_margin(name):
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_eps_zero_leaves_accuracy_unchanged(name):
-    model = trained_mlp()
-    x, y = eval_data()
+def test_eps_zero_leaves_accuracy_unchanged(name, mlp, digits_test):
+    model = mlp
+    x, y = digits_test
     x_adv = ATTACKS[name](model, x, y, 0.0)
     assert torch.equal(x_adv, x)
     assert accuracy(model, x_adv, y) == accuracy(model, x, y)
@@ -123,9 +60,9 @@ def test_eps_zero_leaves_accuracy_unchanged(name):
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 @pytest.mark.parametrize("eps", [4 / 255, EPS, 64 / 255])
-def test_adversarial_inputs_stay_in_the_ball_and_in_range(name, eps):
-    model = trained_mlp()
-    x, y = eval_data()
+def test_adversarial_inputs_stay_in_the_ball_and_in_range(name, eps, mlp, digits_test):
+    model = mlp
+    x, y = digits_test
     x_adv = ATTACKS[name](model, x, y, eps)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert (x_adv - x).abs().max() <= eps + 1e-6
@@ -134,9 +71,9 @@ def test_adversarial_inputs_stay_in_the_ball_and_in_range(name, eps):
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 @pytest.mark.parametrize("training", [True, False])
-def test_model_mode_is_restored(name, training):
-    model = trained_mlp()
-    x, y = eval_data()
+def test_model_mode_is_restored(name, training, mlp, digits_test):
+    model = mlp
+    x, y = digits_test
     model.train(training)
     model[1].train(not training)  # a mixed state must survive too
     try:
@@ -146,7 +83,7 @@ def test_model_mode_is_restored(name, training):
         model.eval()
 
 
-def test_model_mode_is_restored_when_the_attack_raises():
+def test_model_mode_is_restored_when_the_attack_raises(digits_test):
     class Exploding(nn.Module):
         def __init__(self):
             super().__init__()
@@ -157,23 +94,23 @@ def test_model_mode_is_restored_when_the_attack_raises():
             raise RuntimeError("boom")
 
     model = Exploding().train()
-    x, y = eval_data()
+    x, y = digits_test
     with pytest.raises(RuntimeError, match="boom"):
         pgd(model, x[:4], y[:4], EPS, STEP, 2)
     assert model.training and model.linear.training
 
 
-def test_targeted_pgd_reaches_its_targets():
-    model = trained_mlp()
-    x, y = eval_data()
+def test_targeted_pgd_reaches_its_targets(mlp, digits_test):
+    model = mlp
+    x, y = digits_test
     target = (y + 1) % 10
     x_adv = pgd(model, x, target, 64 / 255, 10 / 255, 20, targeted=True, generator=_gen())
     assert accuracy(model, x_adv, target) > 0.8
 
 
-def test_pgd_is_reproducible_with_a_generator():
-    model = trained_mlp()
-    x, y = eval_data()
+def test_pgd_is_reproducible_with_a_generator(mlp, digits_test):
+    model = mlp
+    x, y = digits_test
     first = pgd(model, x, y, EPS, STEP, 4, generator=_gen(5))
     second = pgd(model, x, y, EPS, STEP, 4, generator=_gen(5))
     assert torch.equal(first, second)
@@ -184,11 +121,12 @@ def test_pgd_is_reproducible_with_a_generator():
     (dict(loss="hinge"), "loss"),
     (dict(steps=-1), "steps"),
     (dict(restarts=0), "restarts"),
+    (dict(start="middle"), "start"),
     (dict(x=torch.full((2, 1, 8, 8), 255.0)), r"\[0, 1\]"),
     (dict(y=torch.zeros(3, dtype=torch.long)), "y"),
 ])
-def test_bad_arguments_raise_clear_errors(bad, match):
-    model = trained_mlp()
+def test_bad_arguments_raise_clear_errors(bad, match, mlp):
+    model = mlp
     args = dict(x=torch.rand(2, 1, 8, 8), y=torch.zeros(2, dtype=torch.long), eps=EPS, step_size=STEP, steps=2)
     args.update(bad)
     with pytest.raises(ValueError, match=match):
@@ -211,17 +149,17 @@ def independent_pgd(model, x, y, eps, alpha, steps, seed):
 
 
 @pytest.mark.parametrize("eps", [8 / 255, 16 / 255, 24 / 255])
-def test_pgd_agrees_with_an_independent_implementation(eps):
-    model = trained_mlp()
-    x, y = eval_data()
+def test_pgd_agrees_with_an_independent_implementation(eps, mlp, digits_test):
+    model = mlp
+    x, y = digits_test
     ours = accuracy(model, pgd(model, x, y, eps, 2.5 * eps / STEPS, STEPS, generator=_gen(1)), y)
     theirs = accuracy(model, independent_pgd(model, x, y, eps, 2.5 * eps / STEPS, STEPS, seed=1), y)
     assert abs(ours - theirs) <= 0.02, (ours, theirs)
 
 
-def test_apgd_ce_is_not_far_above_our_pgd():
-    model = trained_mlp()
-    x, y = eval_data()
+def test_apgd_ce_is_not_far_above_our_pgd(mlp, digits_test):
+    model = mlp
+    x, y = digits_test
     ours = accuracy(model, pgd(model, x, y, EPS, STEP, STEPS, restarts=2, generator=_gen()), y)
     apgd = accuracy(model, autoattack(model, x, y, EPS, attacks=["apgd-ce"], n_iter=50, seed=0), y)
     # APGD-CE is a strong white-box attack: if our PGD is much weaker, our PGD is broken.
@@ -229,26 +167,26 @@ def test_apgd_ce_is_not_far_above_our_pgd():
     assert apgd < accuracy(model, x, y) - 0.2
 
 
-def test_square_black_box_lowers_accuracy():
-    model = trained_mlp()
-    x, y = eval_data()
+def test_square_black_box_lowers_accuracy(mlp, digits_test):
+    model = mlp
+    x, y = digits_test
     x_adv = square(model, x, y, EPS, n_queries=200, seed=0)
     assert (x_adv - x).abs().max() <= EPS + 1e-6
     assert accuracy(model, x_adv, y) < accuracy(model, x, y) - 0.1
 
 
-def test_transfer_from_a_surrogate_lowers_accuracy():
-    model, surrogate = trained_mlp(), trained_surrogate()
-    x, y = eval_data()
+def test_transfer_from_a_surrogate_lowers_accuracy(mlp, digits_test, surrogate):
+    model, surrogate = mlp, surrogate
+    x, y = digits_test
     x_adv = transfer(surrogate, model, x, y, EPS, STEP, STEPS, generator=_gen())
     assert accuracy(model, x_adv, y) < accuracy(model, x, y) - 0.1
 
 
 # ---------------------------------------------------------------- EOT and BPDA
 
-def test_eot_lowers_sap_accuracy_compared_with_a_single_draw():
-    model = trained_sap()
-    x, y = eval_data()
+def test_eot_lowers_sap_accuracy_compared_with_a_single_draw(digits_test, sap_mlp):
+    model = sap_mlp
+    x, y = digits_test
     torch.manual_seed(0)
     single = accuracy(model, pgd(model, x, y, EPS, STEP, 8, eot_samples=1, generator=_gen()), y)
     torch.manual_seed(0)
@@ -256,9 +194,9 @@ def test_eot_lowers_sap_accuracy_compared_with_a_single_draw():
     assert eot < single - 0.03, (eot, single)
 
 
-def test_bpda_switch_changes_gradients_not_outputs_for_the_attack():
-    model = trained_routing()
-    x, y = eval_data()
+def test_bpda_switch_changes_gradients_not_outputs_for_the_attack(digits_test, routing_mlp):
+    model = routing_mlp
+    x, y = digits_test
     x_adv_plain = pgd(model, x, y, EPS, STEP, STEPS, generator=_gen())
     with dense_gradients():
         x_adv_bpda = pgd(model, x, y, EPS, STEP, STEPS, generator=_gen())
@@ -269,26 +207,26 @@ def test_bpda_switch_changes_gradients_not_outputs_for_the_attack():
     assert accuracy(model, x_adv_bpda, y) < accuracy(model, x, y) - 0.1
 
 
-def test_autoattack_standard_runs_on_a_model_with_few_classes():
+def test_autoattack_standard_runs_on_a_model_with_few_classes(digits_test):
     torch.manual_seed(0)
-    x, y = eval_data()
+    x, y = digits_test
     keep = y < 4
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
     x_adv = autoattack(model, x[keep][:16], y[keep][:16], EPS, n_iter=2, square_queries=5, seed=0)
     assert (x_adv - x[keep][:16]).abs().max() <= EPS + 1e-6
 
 
-def test_autoattack_rejects_unknown_attack_names():
-    x, y = eval_data()
+def test_autoattack_rejects_unknown_attack_names(mlp, digits_test):
+    x, y = digits_test
     with pytest.raises(ValueError, match="apgd-xx"):
-        autoattack(trained_mlp(), x[:4], y[:4], EPS, attacks=["apgd-xx"])
+        autoattack(mlp, x[:4], y[:4], EPS, attacks=["apgd-xx"])
 
 
-def test_seeded_puts_back_the_sap_generators_and_the_global_random_state():
+def test_seeded_puts_back_the_sap_generators_and_the_global_random_state(sap_mlp):
     # (that seeded() fixes SAP's draws is tested with the defences in test_baselines.py)
     from topkconv.attacks.common import seeded
 
-    model = trained_sap()
+    model = sap_mlp
     own = torch.Generator().manual_seed(123)
     model[3].generator = own
     try:

@@ -8,8 +8,7 @@ from topkconv.config import DefenseConfig, ModelConfig
 from topkconv.layers import StochasticActivationPruning, TopKLinear, resolve_k
 from topkconv.models import build_model
 from topkconv.attacks.common import seeded
-from topkconv.pruning import NOT_REPRODUCED
-
+from topkconv.defenses.dropout import DropoutLinear
 
 
 
@@ -72,11 +71,12 @@ def test_sap_is_deterministic_under_a_fixed_generator():
     assert not torch.equal(first, other)
 
 
-def test_dropout_sits_between_the_fc_layers():
+def test_dropout_sits_in_front_of_the_final_fc_layer():
     model = _tiny("dropout", dropout_p=0.3)
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert len(drops) == 1 and drops[0].p == 0.3
-    assert drops[0] in list(model.classifier)
+    final = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    assert isinstance(final, DropoutLinear) and final.dropout is drops[0]
     x = _images()
     with torch.no_grad():
         model.eval()
@@ -97,17 +97,12 @@ def test_dynamic_k_scopes_route_the_intended_fc_layers(scope, routed):
     model.load_state_dict(_tiny("standard").state_dict())
 
 
-def test_pruning_with_logitaug_is_documented_not_invented():
-    assert NOT_REPRODUCED == {"Pruning + LogitAug": "not reproduced: undefined in the paper"}
-
-
 # ---------------------------------------------------------------- end to end from the command line
 
 TINY_TRAIN = ["--dataset", "digits", "--image-size", "16", "--limit-train", "96", "--limit-test", "16",
               "--no-augment", "--width", "0.125", "--hidden", "16", "--epochs", "1", "--batch-size", "32",
               "--no-progress"]
 DEFENSE_FLAGS = {
-    "standard": [],
     "sap": ["--defense", "sap"],
     "dropout": ["--defense", "dropout"],
     "dynamic_k": ["--defense", "dynamic_k", "--fc-scope", "final", "--fc-k", "4"],
@@ -121,32 +116,43 @@ SAP_FULL = ["--suite", "full", "--eot-samples", "2", "--autoattack-attacks", "ap
             "--square-queries", "5", "--eps-curve", "0", "8"]
 
 
-def test_each_baseline_trains_or_prunes_and_evaluates_from_the_cli(tmp_path, capsys):
+def _train(run_dir, flags) -> None:
+    from topkconv.cli import main
+
+    assert main(["train", *TINY_TRAIN, *flags, "--out", str(run_dir)]) == 0
+
+
+@pytest.fixture(scope="module")
+def standard_run(tmp_path_factory):
+    """The undefended model: not a baseline here, only the source of the pruned one."""
+    run_dir = tmp_path_factory.mktemp("standard")
+    _train(run_dir, [])
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sap", "dropout", "dynamic_k", "pruned"])
+def test_each_baseline_trains_or_prunes_and_evaluates_from_the_cli(kind, standard_run, tmp_path, capsys):
     import json
 
     from topkconv.cli import main
 
-    runs = {}
-    for kind, flags in DEFENSE_FLAGS.items():
-        runs[kind] = tmp_path / kind
-        assert main(["train", *TINY_TRAIN, *flags, "--out", str(runs[kind])]) == 0
-    capsys.readouterr()
-    runs["pruned"] = tmp_path / "pruned"
-    assert main(["prune", str(runs["standard"]), "--scope", "final2", "--sparsity", "0.8", "--epochs", "2",
-                 "--out", str(runs["pruned"]), "--no-progress"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert set(printed["sparsity"]) == {"classifier.0", "classifier.3"}
-    assert all(abs(value - 0.8) < 0.01 for value in printed["sparsity"].values())
-
-    for kind, run_dir in runs.items():
-        record = json.loads((run_dir / "run.json").read_text())
-        assert record["spec"]["model"]["defense"]["kind"] == kind
-        if kind == "standard":
-            continue  # not a baseline here: only the source of the pruned model
-        assert main(["evaluate", str(run_dir), *EVALUATE, *(SAP_FULL if kind == "sap" else [])]) == 0
-        result = json.loads((run_dir / "eval.json").read_text())
-        assert result["n"] == 8 and 0.0 <= result["clean"] <= 1.0
-        assert {"fgsm", "pgd"} <= set(result["attacks"])
-        assert result["model"]["stochastic"] == (kind == "sap"), kind
-    sap = json.loads((runs["sap"] / "eval.json").read_text())
-    assert "eot_pgd" in sap["attacks"]
+    run_dir = tmp_path / kind
+    if kind == "pruned":
+        capsys.readouterr()
+        assert main(["prune", str(standard_run), "--scope", "final2", "--sparsity", "0.8", "--epochs", "2",
+                     "--out", str(run_dir), "--no-progress"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert set(printed["sparsity"]) == {"classifier.0", "classifier.3"}
+        assert all(abs(value - 0.8) < 0.01 for value in printed["sparsity"].values())
+    else:
+        _train(run_dir, DEFENSE_FLAGS[kind])
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["spec"]["model"]["defense"]["kind"] == kind
+    assert main(["evaluate", str(run_dir), *EVALUATE, *(SAP_FULL if kind == "sap" else [])]) == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["n"] == 8 and 0.0 <= result["clean"] <= 1.0
+    assert {"fgsm", "pgd"} <= set(result["attacks"])
+    assert result["model"]["stochastic"] == (kind == "sap"), kind
+    if kind == "sap":
+        assert "eot_pgd" in result["attacks"]

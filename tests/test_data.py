@@ -185,3 +185,55 @@ def test_imagefolder_splits_a_class_tree_and_resizes(tmp_path):
     (tmp_path / "none").mkdir()
     with pytest.raises(ValueError, match="no class folders"):
         load_data(DataConfig(name="imagefolder", root=str(tmp_path / "none")))
+
+
+class PlantsAFolder:
+    """Unpickling this creates a folder: the code a pickle can carry."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.target,))
+
+
+@pytest.mark.parametrize("planted_in", ["data_batch_2", "batches.meta"])
+def test_cifar10_pickles_that_carry_code_are_refused_without_running_it(tmp_path, planted_in):
+    root = tmp_path / "cifar"
+    write_cifar(root)
+    marker = tmp_path / "planted"
+    record = {b"label_names": [b"x"] * 10, b"payload": PlantsAFolder(str(marker))}
+    if planted_in != "batches.meta":
+        record = pickle.loads((root / planted_in).read_bytes())
+        record[b"payload"] = PlantsAFolder(str(marker))
+    (root / planted_in).write_bytes(pickle.dumps(record))
+    with pytest.raises(ValueError, match=f"{planted_in}.*refused to load posix.mkdir"):
+        load_data(DataConfig(name="cifar10", root=str(root)))
+    assert not marker.exists()
+    # The unpickler still rebuilds what a real batch holds: numpy arrays, bytes, lists of numpy ints.
+    from topkconv.data.cifar10 import load_pickle
+
+    batch = {b"batch_label": b"training batch 1 of 5", b"data": np.arange(6, dtype=np.uint8).reshape(2, 3),
+             b"labels": [np.int64(3), 4], b"filenames": [b"a.png", "b.png"]}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        (tmp_path / "ok").write_bytes(pickle.dumps(batch, protocol=protocol))
+        loaded = load_pickle(tmp_path / "ok", "CIFAR-10 pickle")
+        assert loaded[b"labels"] == [3, 4] and loaded[b"filenames"] == [b"a.png", "b.png"]
+        np.testing.assert_array_equal(loaded[b"data"], batch[b"data"])
+
+
+def test_a_loader_workers_error_arrives_as_its_own_message(tmp_path):
+    write_tree(tmp_path / "pets", ["cat", "dog"], per_class=4, size=8)
+    (tmp_path / "pets" / "dog" / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n torn")
+    with pytest.raises(ValueError) as caught:  # the mean and std are measured on a sample read with workers
+        load_data(DataConfig(name="imagefolder", root=str(tmp_path / "pets"), image_size=8, workers=2))
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path / "pets" / "dog" / "img1.png")) and "cannot read image" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_workers_must_not_be_negative():
+    with pytest.raises(ValueError, match="data.workers"):
+        load_data(DataConfig(name="digits", workers=-1))

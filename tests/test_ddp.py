@@ -60,3 +60,39 @@ def test_two_processes_match_one_process(tmp_path):
     initial = build_model(resolve_spec(spec, load_data(spec.data)).model).state_dict()
     assert (distributed["classifier.0.weight"] - initial["classifier.0.weight"]).abs().max() > 1e-4  # it trained
     assert json.loads(metrics[-1])["test_acc"] == pytest.approx(summary["test_acc"])
+
+
+def test_context_reads_the_torchrun_variables_once_and_names_a_bad_one(monkeypatch):
+    from topkconv import distributed
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    single = distributed.context()
+    assert (single.rank, single.local_rank, single.world_size, single.is_main) == (0, 0, 1, True)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    worker = distributed.context()
+    assert (worker.rank, worker.local_rank, worker.world_size, worker.is_main) == (3, 1, 4, False)
+    with pytest.raises(Exception):  # frozen: passed on, never changed
+        worker.rank = 0
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        distributed.context()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK=3 and WORLD_SIZE=2"):
+        distributed.context()
+
+
+def test_nothing_but_distributed_reads_the_torchrun_variables():
+    """RANK, LOCAL_RANK and WORLD_SIZE are read in one place (topkconv.distributed.context)."""
+    import pathlib
+    import re
+
+    import topkconv
+
+    source = pathlib.Path(topkconv.__file__).parent
+    pattern = re.compile(r"environ[^\n]*\b(RANK|LOCAL_RANK|WORLD_SIZE)\b")
+    readers = sorted(str(path.relative_to(source)) for path in source.rglob("*.py")
+                     if path.name != "distributed.py" and pattern.search(path.read_text()))
+    assert readers == [], readers

@@ -53,3 +53,40 @@ def test_environment_info_has_no_hostname():
     assert info["torch"] == torch.__version__
     assert info["cpu_count"] >= 1
     assert socket.gethostname() not in json.dumps(info)
+
+
+def test_a_toml_file_that_is_not_utf8_is_named(tmp_path):
+    from topkconv.io import read_toml
+
+    path = tmp_path / "spec.toml"
+    path.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"spec\.toml: not UTF-8 text \(invalid continuation byte at byte 11\)"):
+        read_toml(path)
+
+
+def test_check_writable_file_refuses_a_folder_and_an_unwritable_place_and_leaves_nothing(tmp_path):
+    from topkconv.io import check_writable_file
+
+    with pytest.raises(ValueError, match="--out .*is a folder"):
+        check_writable_file(tmp_path, "--out")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="--out .*a-file/eval.json: cannot write there"):
+        check_writable_file(tmp_path / "a-file" / "eval.json", "--out")
+    target = check_writable_file(tmp_path / "new" / "eval.json")
+    assert target.parent.is_dir() and not target.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a-file", "new"]
+
+
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from topkconv.errors import one_line
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as caught:
+        atomic_write_bytes(tmp_path / "model.safetensors", b"weights")
+    assert one_line(caught.value) == f"{tmp_path / 'model.safetensors'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference import (naive_selection_conv, naive_tkc_neuron, naive_topk_conv2d, naive_topk_linear)
+from reference import (naive_selection_conv, naive_selection_linear, naive_selection_neuron, naive_tkc_neuron,
+                       naive_topk_conv2d, naive_topk_linear, seeded_without_ties)
 from topkconv import functional as TF
 from topkconv.layers import StochasticActivationPruning, TopKConv2d, TopKLinear, TopKNeuronConv2d, dense_gradients
 
 IMPLS = ["reference", "auto", "fast"]
-
-
-def _min_gap(scores: torch.Tensor, k: int) -> float:
-    """Gap between the k-th and (k+1)-th best score along the last dim: selection is stable under
-    perturbations smaller than this."""
-    if k >= scores.shape[-1]:
-        return float("inf")
-    top = scores.topk(k + 1, dim=-1).values
-    return float((top[..., k - 1] - top[..., k]).min())
-
-
-def _seeded_without_ties(make, score_fn, k, gap=1e-3, tries=200):
-    """Draw inputs from ``make(generator)`` until the top-k selection has no near-ties."""
-    for seed in range(tries):
-        g = torch.Generator().manual_seed(seed)
-        tensors = make(g)
-        if _min_gap(score_fn(*tensors), k) > gap:
-            return tensors
-    raise AssertionError("could not draw inputs without near-ties")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # ------------------------------------------------------------------ TopKLinear
@@ -49,7 +34,7 @@ def _linear_inputs(batch, fan_in, fan_out, k):
         return (torch.randn(batch, fan_in, generator=g, dtype=torch.float64),
                 torch.randn(fan_out, fan_in, generator=g, dtype=torch.float64),
                 torch.randn(fan_out, generator=g, dtype=torch.float64))
-    return _seeded_without_ties(make, lambda x, w, b: x[:, None, :] * w[None], k)
+    return seeded_without_ties(make, lambda x, w, b: x[:, None, :] * w[None], k)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -121,7 +106,7 @@ def _conv_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
         return (torch.randn(batch, cin, h, w, generator=g, dtype=torch.float64),
                 torch.randn(cout, cin, kernel, kernel, generator=g, dtype=torch.float64),
                 torch.randn(cout, generator=g, dtype=torch.float64))
-    return _seeded_without_ties(
+    return seeded_without_ties(
         make, lambda x, w, b: TF.channel_scores(TF.channel_maps(x, w, stride, padding), criterion), k)
 
 
@@ -194,7 +179,7 @@ def _neuron_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion
         return (torch.randn(batch, cin, h, w, generator=g, dtype=torch.float64),
                 torch.randn(cout, cin, kernel, kernel, generator=g, dtype=torch.float64),
                 torch.randn(cout, generator=g, dtype=torch.float64))
-    return _seeded_without_ties(
+    return seeded_without_ties(
         make, lambda x, w, b: TF.channel_scores(F.conv2d(x, w, b, stride, padding), criterion), k)
 
 
@@ -328,3 +313,163 @@ def test_fraction_k_rounds_up():
     assert TopKLinear(25088, 512, 0.01).k == 251
     assert TopKConv2d(512, 512, 3, 0.1).k == 52
     assert TopKConv2d(10, 4, 3, 0.1).k == 1
+
+
+# ------------------------------------------------------------------ from_dense
+
+def _dense_pairs():
+    """(dense layer, routing class, k = fan-in, input) for every layer kind, with uncommon geometry."""
+    torch.manual_seed(0)
+    return [
+        (nn.Linear(12, 5), TopKLinear, 12, torch.randn(3, 12)),
+        (nn.Linear(12, 5, bias=False), TopKLinear, 12, torch.randn(3, 12)),
+        (nn.Conv2d(6, 4, 3, stride=2, padding=0, dilation=2), TopKConv2d, 6, torch.randn(2, 6, 11, 11)),
+        (nn.Conv2d(6, 4, (3, 1), stride=(1, 2), padding=(1, 0), bias=False), TopKConv2d, 6, torch.randn(2, 6, 7, 7)),
+        (nn.Conv2d(6, 4, 3, padding="same", dilation=2), TopKConv2d, 6, torch.randn(2, 6, 9, 9)),
+        (nn.Conv2d(6, 8, 3, stride=2, padding=1, dilation=2), TopKNeuronConv2d, 8, torch.randn(2, 6, 11, 11)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_from_dense_keeps_parameters_and_geometry_and_full_k_equals_dense(case):
+    dense, cls, k, x = _dense_pairs()[case]
+    routed = cls.from_dense(dense, k)
+    assert routed.weight is dense.weight  # the same Parameter objects, not copies
+    assert routed.bias is dense.bias      # (None stays None)
+    assert routed.weight.device == dense.weight.device and routed.weight.dtype == dense.weight.dtype
+    if isinstance(dense, nn.Conv2d):
+        assert (routed.stride, routed.dilation, routed.kernel_size) == (dense.stride, dense.dilation, dense.kernel_size)
+        assert isinstance(routed.padding, tuple)
+    assert routed.k == k
+    torch.testing.assert_close(routed(x), dense(x), rtol=1e-5, atol=1e-5)
+    # a real top-k (k below fan-in) differs, so the check can fail
+    if k > 1:
+        smaller = cls.from_dense(dense, k // 2)
+        assert not torch.allclose(smaller(x), dense(x))
+
+
+def test_from_dense_aliases_and_options_and_dtype():
+    conv = nn.Conv2d(6, 4, 3, padding=1).double()
+    routed = TopKConv2d.from_conv(conv, 0.5, criterion="sum", impl="reference")
+    assert (routed.k, routed.criterion, routed.impl, routed.weight.dtype) == (3, "sum", "reference", torch.float64)
+    assert TopKNeuronConv2d.from_conv(conv, 2).k == 2
+    linear = nn.Linear(10, 3).double()
+    routed_linear = TopKLinear.from_linear(linear, 4, positive_only=True)
+    assert routed_linear.positive_only and routed_linear.weight is linear.weight
+    assert "k=4" in repr(routed_linear) and "criterion='sum'" in repr(routed)
+    assert not TopKLinear.from_dense(linear.eval(), 3).training
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_from_dense_keeps_the_device(device):
+    dense = nn.Conv2d(6, 4, 3, padding=1).to(device)
+    routed = TopKConv2d.from_dense(dense, 2)
+    assert routed.weight.device.type == device and routed.bias.device.type == device
+    assert routed(torch.randn(2, 6, 5, 5, device=device)).device.type == device
+
+
+@pytest.mark.parametrize("build,problem", [
+    (lambda: TopKConv2d.from_conv(nn.Conv2d(6, 4, 3, groups=2), 2), "groups=2"),
+    (lambda: TopKConv2d.from_conv(nn.Conv2d(6, 6, 3, groups=6), 2), "groups=6"),
+    (lambda: TopKNeuronConv2d.from_conv(nn.Conv2d(6, 4, 3, groups=2), 2), "groups=2"),
+    (lambda: TopKConv2d.from_conv(nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"), 2), "padding_mode='reflect'"),
+    (lambda: TopKNeuronConv2d.from_conv(nn.Conv2d(6, 4, 3, padding=1, padding_mode="circular"), 2), "padding_mode"),
+    (lambda: TopKConv2d.from_conv(nn.Conv2d(6, 4, 2, padding="same"), 2), "padding='same'"),
+    (lambda: TopKConv2d.from_conv(nn.Linear(6, 4), 2), "nn.Conv2d"),
+    (lambda: TopKLinear.from_linear(nn.Conv2d(6, 4, 3), 2), "nn.Linear"),
+])
+def test_from_dense_refuses_what_it_cannot_route(build, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)) as err:
+        build()
+    assert "from_dense" in str(err.value)
+
+
+# ------------------------------------------------------------------ selection()
+
+@pytest.mark.parametrize("impl", IMPLS + ["numba"])
+@pytest.mark.parametrize("positive_only", [False, True])
+def test_linear_selection_matches_naive(impl, positive_only):
+    x, w, b = _linear_inputs(4, 13, 5, 4)
+    layer = TopKLinear(13, 5, 4, positive_only=positive_only, impl=impl).double()
+    layer.load_state_dict({"weight": w, "bias": b})
+    chosen = layer.selection(x)
+    assert chosen.shape == (4, 5, 4) and chosen.dtype == torch.long
+    naive = naive_selection_linear(x, w, 4, positive_only)
+    # under positive_only a row with fewer than k positive products picks among tied zeros: any
+    # choice is right there, so only the positive (really routed) products are compared
+    positive = x[:, None, :] * w[None] > 0
+    keep = (lambda b, c, i: bool(positive[b, c, i])) if positive_only else (lambda b, c, i: True)
+    ours = [[{i for i in row if keep(b, c, i)} for c, row in enumerate(sample)] for b, sample in enumerate(chosen.tolist())]
+    assert ours == [[{i for i in row if keep(b, c, i)} for c, row in enumerate(sample)] for b, sample in enumerate(naive)]
+    assert not positive_only or any(len(row) < 4 for sample in ours for row in sample)  # the case is exercised
+    mask = layer.selection_mask(x)
+    assert mask.shape == (4, 5, 13) and mask.dtype == torch.bool
+    products = x[:, None, :] * w[None]
+    if positive_only:
+        products = products.clamp(min=0)
+    torch.testing.assert_close((products * mask).sum(-1) + b, layer(x))
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["numba"])
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+def test_conv_selection_matches_naive(impl, criterion):
+    x, w, b = _conv_inputs(2, 5, 4, 7, 6, 3, 2, 1, 2, criterion)
+    layer = TopKConv2d(5, 4, 3, 2, criterion, stride=2, padding=1, impl=impl).double()
+    layer.load_state_dict({"weight": w, "bias": b})
+    chosen = layer.selection(x)
+    assert chosen.shape == (2, 4, 2) and chosen.dtype == torch.long
+    naive = naive_selection_conv(x, w, 2, criterion, 2, 1)
+    assert [{(c, i) for c, row in enumerate(sample) for i in row} for sample in chosen.tolist()] == naive
+    mask = layer.selection_mask(x)
+    assert mask.shape == (2, 4, 5) and (mask.sum(-1) == 2).all()
+    assert [{tuple(p) for p in m.nonzero().tolist()} for m in mask] == naive
+
+
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+def test_neuron_selection_matches_naive(criterion):
+    x, w, b = _neuron_inputs(3, 3, 6, 7, 6, 3, 1, 1, 2, criterion)
+    layer = TopKNeuronConv2d(3, 6, 3, 2, criterion, padding=1).double()
+    layer.load_state_dict({"weight": w, "bias": b})
+    chosen = layer.selection(x)
+    assert chosen.shape == (3, 2) and chosen.dtype == torch.long
+    naive = naive_selection_neuron(x, w, b, 2, criterion, 1, 1)
+    assert [set(row) for row in chosen.tolist()] == naive
+    mask = layer.selection_mask(x)
+    assert mask.shape == (3, 6)
+    assert [set(m.nonzero().flatten().tolist()) for m in mask] == naive
+    alive = layer(x).abs().amax(dim=(-2, -1)) > 0
+    assert torch.equal(alive, mask)
+
+
+def test_selection_with_full_k_selects_everything():
+    x = torch.randn(2, 6, 5, 5)
+    assert TopKConv2d(6, 4, 3, 6, padding=1).selection_mask(x).all()
+    assert TopKLinear(7, 3, 7).selection_mask(torch.randn(2, 7)).all()
+
+
+# ------------------------------------------------------------------ every layer on every device
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make,shape", [
+    (lambda impl: TopKLinear(300, 9, 12, impl=impl), (4, 300)),
+    (lambda impl: TopKLinear(300, 9, 12, positive_only=True, impl=impl), (4, 300)),
+    (lambda impl: TopKConv2d(16, 8, 3, 3, "max", padding=1, impl=impl), (3, 16, 7, 7)),
+    (lambda impl: TopKConv2d(16, 8, 3, 3, "sum", stride=2, impl=impl), (3, 16, 7, 7)),
+    (lambda impl: TopKNeuronConv2d(16, 8, 3, 3, padding=1, impl=impl), (3, 16, 7, 7)),
+])
+def test_layers_forward_backward_on_device_match_the_cpu_reference(device, make, shape):
+    torch.manual_seed(0)
+    ref = make("reference").double()
+    ours = make("auto").double().to(device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(*shape, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.to(device).requires_grad_()
+    expected, got = ref(xa), ours(xb)
+    assert got.device.type == device
+    g = torch.randn_like(expected)
+    expected.backward(g)
+    got.backward(g.to(device))
+    torch.testing.assert_close(got.cpu(), expected)
+    torch.testing.assert_close(xb.grad.cpu(), xa.grad)
+    torch.testing.assert_close(ours.weight.grad.cpu(), ref.weight.grad)
+    torch.testing.assert_close(ours.selection_mask(xb.detach()).cpu(), ref.selection_mask(x))

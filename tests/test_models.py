@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from topkconv.config import DefenseConfig, ModelConfig
+from topkconv.config import DefenseConfig, ModelConfig, spec_from_dict
+from topkconv.defenses import config_fields, get
 from topkconv.layers import StochasticActivationPruning, TopKConv2d, TopKLinear, TopKNeuronConv2d
 from topkconv.models import build_model, load_pretrained_vgg16
 
@@ -13,8 +14,10 @@ DEFENSES = ["standard", "dropout", "dynamic_k", "topk_conv", "tkc_neuron", "sap"
 
 
 def small(kind="standard", **defense):
+    if "fc_k" in config_fields(get(kind)):
+        defense = {"fc_k": [0.05, 0.2], **defense}  # the default 250 of vgg-small's 512 features is not the point
     return ModelConfig(arch="vgg-small", in_channels=1, mean=[0.3], std=[0.3], width=0.5,
-                       defense=DefenseConfig(kind=kind, **{"fc_k": [0.05, 0.2], **defense}))
+                       defense=DefenseConfig(kind=kind, **defense))
 
 
 def test_vgg16_has_torchvision_feature_keys_and_the_papers_head():
@@ -34,11 +37,22 @@ def test_flatten_follows_the_input_size():
         build_model(ModelConfig(arch="vgg16", image_size=16))
 
 
+# The keys of vgg-small (BatchNorm on) as the builder before the defence registry made them (commit 0babfa6,
+# the standard model): checkpoints, pretrained weights and pruning masks written since rely on them.
+VGG_SMALL_KEYS = ["normalize.mean", "normalize.std"] + [
+    f"features.{i}.{p}" for conv, bn in ((0, 1), (3, 4), (7, 8), (10, 11), (14, 15), (17, 18), (21, 22), (24, 25))
+    for i, p in [(conv, "weight"), (conv, "bias"), (bn, "weight"), (bn, "bias"), (bn, "running_mean"),
+                 (bn, "running_var"), (bn, "num_batches_tracked")]] + [
+    "classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias"]
+
+
 @pytest.mark.parametrize("kind", DEFENSES)
 def test_every_defence_keeps_the_standard_parameter_names(kind):
     standard = build_model(small()).state_dict()
     model = build_model(small(kind))
+    assert list(model.state_dict()) == VGG_SMALL_KEYS
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in standard.items()}
+    model.load_state_dict(standard)  # a standard checkpoint loads into every defence
     out = model(torch.rand(3, 1, 32, 32))
     assert out.shape == (3, 10) and torch.isfinite(out).all()
 
@@ -102,16 +116,20 @@ def test_sap_acts_only_in_eval_mode_after_every_relu():
     assert not torch.equal(model(x), model(x))
 
 
-def test_dropout_sits_between_the_fc_layers():
+def test_dropout_sits_in_front_of_the_final_fc_layer():
     model = build_model(small("dropout", dropout_p=0.3))
-    assert isinstance(model.classifier[2], nn.Dropout) and model.classifier[2].p == 0.3
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 1 and drops[0].p == 0.3 and drops[0] is model.classifier[3].dropout
+    assert isinstance(model.classifier[3], nn.Linear) and isinstance(model.classifier[2], nn.Identity)
 
 
 def test_unknown_arch_or_defence_is_named():
     with pytest.raises(ValueError, match="model.arch"):
         build_model(ModelConfig(arch="resnet"))
-    with pytest.raises(ValueError, match="defense.kind"):
+    with pytest.raises(ValueError, match="unknown defense 'magic'; expected one of standard, dropout"):
         build_model(ModelConfig(defense=DefenseConfig(kind="magic")))
+    with pytest.raises(ValueError, match=r"model\.defense\.kind.*'magic'"):
+        spec_from_dict({"model": {"defense": {"kind": "magic"}}})
 
 
 # ---------------------------------------------------------------- pretrained weights
@@ -190,3 +208,14 @@ def test_dynamic_k_starts_at_a_dense_layers_output_scale():
     features = torch.relu(torch.randn(256, dense.in_features))
     ratio = routed(features).pow(2).mean().sqrt() / dense(features).pow(2).mean().sqrt()
     assert 0.5 < ratio < 2.0, ratio
+
+
+def test_torchvision_architectures_need_the_vision_extra():
+    import importlib.util
+
+    cfg = ModelConfig(arch="torchvision:resnet18", in_channels=1, mean=[0.3], std=[0.3])
+    if importlib.util.find_spec("torchvision") is None:  # the main environment: a clear error, not a crash
+        with pytest.raises(ValueError, match=r"needs torchvision: pip install 'topkconv\[vision\]'"):
+            build_model(cfg)
+    else:
+        assert build_model(cfg)(torch.rand(2, 1, 32, 32)).shape == (2, 10)

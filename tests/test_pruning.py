@@ -267,7 +267,10 @@ def test_prune_run_writes_a_sparse_checkpoint_that_reloads(standard_run, tmp_pat
 
 
 def test_prune_run_refuses_a_non_standard_source_and_its_own_folder(standard_run, tmp_path):
+    import dataclasses
+
     from topkconv.checkpoint import load_checkpoint, save_checkpoint
+    from topkconv.config import DefenseConfig
 
     _, source_spec = load_checkpoint(standard_run)
     spec = pruning.pruned_spec(source_spec, "final", 0.5, 1)
@@ -277,8 +280,8 @@ def test_prune_run_refuses_a_non_standard_source_and_its_own_folder(standard_run
         pruning.prune_run(standard_run, source_spec, tmp_path / "out", progress=False)
     dropout_dir = tmp_path / "dropout"
     model, _ = load_checkpoint(standard_run)
-    dropout_spec = pruning.pruned_spec(source_spec, "final", 0.5, 1)
-    dropout_spec.model.defense.kind = "dropout"
+    dropout_spec = dataclasses.replace(source_spec, model=dataclasses.replace(
+        source_spec.model, defense=DefenseConfig("dropout")))
     save_checkpoint(dropout_dir, model, dropout_spec)
     with pytest.raises(ValueError, match="starts from a standard model.*'dropout'"):
         pruning.prune_run(dropout_dir, spec, tmp_path / "out", progress=False)

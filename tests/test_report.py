@@ -12,7 +12,8 @@ def _eval(suite, clean, attacks, eps=8.0, worst=None, flags=()):
     """An eval dict shaped as topkconv.evaluate.evaluate returns it."""
     checks = {"iterative_beats_single_step": {"verdict": "pass"}, "chance_at_large_eps": {"verdict": "n/a"}}
     checks.update({name: {"verdict": "flag"} for name in flags})
-    return {"suite": suite, "clean": clean,
+    text = f"masking suspected (indicators {', '.join(flags)})" if flags else "no masking indicated"
+    return {"suite": suite, "clean": clean, "verdict": {"text": text}, "indicators": checks,
             "attacks": {name: {"accuracy": acc, "params": {"eps": e}, "n": 10, "seconds": 0.1}
                         for name, (acc, e) in attacks.items()},
             "worst_case": {"accuracy": worst if worst is not None else 0.0, "eps": eps, "n": 10},
@@ -120,3 +121,38 @@ def test_write_table_writes_md_and_csv(tmp_path):
     assert (tmp_path / "reports" / "table3.md").read_text().startswith("# Table III")
     assert (tmp_path / "reports" / "table3.csv").read_text().startswith("Attack,Baseline ours")
     assert set(paths) == {"md", "csv"}
+
+
+def test_each_models_masking_verdict_is_in_the_reports_first_lines():
+    md = report.render_markdown(_table3(), {"preset": "quick"}).splitlines()
+    top = md[:len(LABELS) + 5]
+    assert "- TKC-max: eps=8: no masking indicated; eps=48: masking suspected (indicators bpda_not_stronger)" in top
+    assert "- Baseline: eps=8: no masking indicated; eps=48: no masking indicated" in top
+    console = report.render_console(_table3()).splitlines()
+    assert console[1 + LABELS.index("TKC-max")].startswith("  masking: TKC-max: eps=8: no masking indicated")
+
+
+def test_masking_flags_come_from_the_indicators():
+    result = _eval("full", 0.8, {"pgd": (0.3, 8.0)}, 8.0, 0.2)
+    result["indicators"]["selection_flip_rate"] = {"value": 0.4, "threshold": 0.1, "verdict": "flag"}
+    assert report.masking_flags(result) == ["selection_flip_rate@8"]
+
+
+def test_one_evaluation_as_markdown_starts_with_its_verdict():
+    result = {"suite": "full", "n": 10, "clean": 0.9, "model": {"routing": True},
+              "verdict": {"text": "masking shown: attack zeroth_order beat attack pgd by 30.0 points"},
+              "attacks": {"pgd": {"accuracy": 0.5, "params": {"eps": 8}, "n": 10, "seconds": 1.25},
+                          "zeroth_order": {"accuracy": 0.2, "params": {"eps": 8}, "n": 10, "seconds": 30.0}},
+              "worst_case": {"eps": 8, "accuracy": 0.2, "attacks": ["pgd", "zeroth_order"], "n": 10},
+              "worst_cases": [{"eps": 8, "accuracy": 0.2, "attacks": ["pgd", "zeroth_order"], "n": 10}],
+              "indicator_examples": 10,
+              "indicators": {"gradient_agreement": {"value": 0.05, "threshold": 0.2, "verdict": "flag"},
+                             "transfer_failure": {"value": None, "threshold": None, "verdict": "n/a",
+                                                  "reason": "needs a surrogate"}}}
+    lines = report.render_evaluation(result, "my model").splitlines()
+    assert lines[0] == "# my model"
+    assert lines[2] == "**Verdict: masking shown: attack zeroth_order beat attack pgd by 30.0 points**"
+    assert "| gradient_agreement | 0.050 | 0.200 | flag |" in lines
+    assert "| transfer_failure | – | – | n/a (needs a surrogate) |" in lines
+    assert "| 8 | 0.200 | pgd, zeroth_order |" in lines
+    assert "| zeroth_order | 8 | 0.200 | 30.0 |" in lines

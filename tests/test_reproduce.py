@@ -17,10 +17,12 @@ TINY = {"data": {"limit_train": 48, "limit_test": 20, "image_size": 16},
         "model": {"width": 0.125, "hidden": 16},
         "train": {"epochs": 1, "batch_size": 24, "warmup_epochs": 0},
         "attack": {"pgd_steps": 2, "n_examples": 6, "apgd_iters": 2, "square_queries": 5,
-                   "autoattack_attacks": ["apgd-ce"], "eps_curve": [0, 64], "eot_samples": 2, "batch_size": 64}}
+                   "autoattack_attacks": ["apgd-ce"], "eps_curve": [0, 64], "eot_samples": 2, "batch_size": 64,
+                   "zo_steps": 2, "zo_samples": [[0, 4]], "indicator_examples": 4, "indicator_draws": 4,
+                   "indicator_steps": 3}}
 
 
-@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("table*.toml")), ids=lambda p: p.name)
 def test_every_experiment_spec_parses_and_builds(path):
     from topkconv.data import load_data
     from topkconv.train import resolve_spec
@@ -100,73 +102,117 @@ def test_merge_is_deep_and_leaves_inputs_alone():
     assert base["model"]["defense"]["kind"] == "standard"
 
 
-def test_reproduce_all_writes_every_report_and_figure_then_hits_the_cache(tmp_path, monkeypatch, capsys):
-    done = R.reproduce("all", "quick", out=tmp_path, overrides=TINY, progress=False)
+@pytest.mark.slow
+def test_reproduce_all_writes_every_report_and_figure_then_hits_the_cache(tmp_path, capsys):
+    done = R.reproduce("all", "quick", out=tmp_path, overrides=TINY, progress=False, seeds=1, jobs=1)
     reports = tmp_path / "reports"
     for name in ("table1", "table2", "table3"):
-        assert (reports / f"{name}.md").is_file() and (reports / f"{name}.csv").is_file()
-    for name in ("figure3.png", "figure4.png", "routing.png", "routing.md", "routing.json"):
+        for suffix in (".md", ".csv", ".json"):
+            assert (reports / f"{name}{suffix}").is_file(), name + suffix
+        assert (reports / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("figure3.png", "figure4.png", "routing.png", "routing.md", "routing.json", "claims.md",
+                 "claims.json"):
         assert (reports / name).stat().st_size > 0, name
-    assert (reports / "figure3.png").read_bytes()[:4] == b"\x89PNG"
 
     table3 = (reports / "table3.md").read_text()
     for needle in ("| Attack | Baseline ours | Baseline paper |", "TKC-sum paper", "| PGD |", "0.421",
-                   "Strong-suite worst case (eps=", "Gradient-masking flags", "**preset**", "**seeds**",
-                   "**hardware**", "**data**"):
+                   "Strong-suite worst case (eps=24)", "Gradient-masking flags", "**preset**", "**seeds**",
+                   "**intervals**", "**hardware**", "**data**", "two-level bootstrap"):
         assert needle in table3, needle
     table1 = (reports / "table1.md").read_text()
     assert "not reproduced" in table1 and "undefined in the paper" in table1
     table2 = (reports / "table2.csv").read_text().splitlines()
-    assert table2[0].startswith("Method,Layers Affected,Adv Acc ours,Adv Acc paper")
-    assert any(line.startswith("Pruning,All layers,") and ",19.8," in line for line in table2)
+    assert table2[0].startswith("table,row,measure,column,mean,lo,hi,paper,n,seed 0")
+    assert any(",pgd@8,Pruning / All layers," in line and ",0.198," in line for line in table2)
     console = capsys.readouterr().out
     assert "TKC-max (ours / paper)" in console and "PGD" in console
+    last = console.strip().splitlines()[-1]
+    assert last.startswith("T3-"), last  # Table III's claims are the last lines printed
 
+    claims = json.loads((reports / "claims.json").read_text())["claims"]
+    assert {c["table"] for c in claims} == {"table1", "table2", "table3"}
+    assert all(row["verdict"] in ("reproduced", "contradicted", "inconclusive")
+               for c in claims for row in c["verdicts"])
     routing = json.loads((reports / "routing.json").read_text())
     assert set(routing) == {"Dynamic-k", "TKC-neuron", "TKC-max", "TKC-sum"}
-    assert any(s["kind"] == "topk_conv" for s in routing["TKC-max"].values())
 
-    trained = {entry["run"] for step in done.values() for entry in step["log"] if entry["action"] == "trained"}
+    trained = {job["key"] for job in done["log"]["jobs"] if job["step"] in ("train", "prune")}
     assert len(trained) >= 8  # shared columns (Baseline, Dynamic-k) train once across the tables
-    weights = {run: (tmp_path / "runs" / run / "model.safetensors").stat().st_mtime_ns for run in trained}
-    evals = {run: (tmp_path / "runs" / run / "eval.json").stat().st_mtime_ns
-             for run in trained if (tmp_path / "runs" / run / "eval.json").is_file()}
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cache should have been hit")
-
-    from topkconv import pruning, train
-
-    monkeypatch.setattr(train, "fit", no_training)
-    monkeypatch.setattr(pruning, "prune_run", no_training)
-    import topkconv.evaluate
-
-    monkeypatch.setattr(topkconv.evaluate, "evaluate", no_training)
-    again = R.reproduce("table3", "quick", out=tmp_path, overrides=TINY, progress=False)
-    actions = {entry["action"] for entry in again["table3"]["log"]}
-    assert actions and all(action.endswith("cached") for action in actions), actions
-    assert {run: (tmp_path / "runs" / run / "model.safetensors").stat().st_mtime_ns for run in trained} == weights
-    assert {run: (tmp_path / "runs" / run / "eval.json").stat().st_mtime_ns for run in evals} == evals
+    files = sorted((tmp_path / "runs").glob("*/*.json")) + sorted((tmp_path / "runs").glob("*/*.safetensors"))
+    stamps = {path: path.stat().st_mtime_ns for path in files}
+    again = R.reproduce("table3", "quick", out=tmp_path, overrides=TINY, progress=False, seeds=1, jobs=1)
+    assert again["log"]["jobs"] == [] and again["log"]["cached"]  # nothing trained or attacked again
+    assert {path: path.stat().st_mtime_ns for path in files} == stamps
 
 
-def test_sweep_reports_accuracy_against_k(tmp_path):
-    out = R.sweep([0.25, 1.0], layer="conv", out=tmp_path, overrides=dict(TINY, attack=dict(TINY["attack"],
-                                                                                            suite="paper")),
-                  progress=False)
+@pytest.mark.slow
+def test_a_reported_number_is_the_one_in_its_eval_json(tmp_path):
+    """Each seed's value in table3.json/.csv is its run's eval.json accuracy, and the cell is their mean."""
+    done = R.reproduce("table3", "quick", out=tmp_path, overrides=TINY, progress=False, seeds=2, jobs=1)
+    report = json.loads((tmp_path / "reports" / "table3.json").read_text())
+    for label in ("Baseline", "TKC-max"):
+        evals = [json.loads((tmp_path / "runs" / run / "eval.json").read_text()) for run in report["runs"][label]]
+        assert len(evals) == 2 and evals[0]["run"]["seed"] != evals[1]["run"]["seed"]
+        for measure, read in (("clean", lambda e: e["clean"]), ("pgd@8", lambda e: e["attacks"]["pgd"]["accuracy"]),
+                              ("pgd@24", lambda e: e["attacks"]["pgd@24"]["accuracy"])):
+            cell = report["cells"][label][measure]
+            assert cell["per_seed"] == pytest.approx([read(e) for e in evals]), (label, measure)
+            assert cell["mean"] == pytest.approx(sum(read(e) for e in evals) / 2)
+            assert cell["lo"] <= cell["mean"] <= cell["hi"]
+        strong = [json.loads((tmp_path / "runs" / run / "eval-strong-24.json").read_text())
+                  for run in report["runs"][label]]
+        assert report["cells"][label]["worst@24"]["per_seed"] == pytest.approx(
+            [s["worst_case"]["accuracy"] for s in strong])
+    csv_line = next(line for line in (tmp_path / "reports" / "table3.csv").read_text().splitlines()
+                    if ",pgd@8,Baseline," in line)
+    cell = report["cells"]["Baseline"]["pgd@8"]
+    assert csv_line.split(",")[4] == str(round(cell["mean"], 6))
+    assert done["table3"]["summary"]["cells"]["Baseline"]["pgd@8"] == cell
+
+
+def test_seeds_are_their_own_runs_with_a_fixed_data_split():
+    study = R.Study(R.load_table_spec(EXPERIMENTS / "table3-quick.toml"), seeds=3)
+    specs = [study.run_spec("TKC-max", seed) for seed in range(3)]
+    assert [s.train.seed for s in specs] == [0, 1, 2]
+    assert len({s.hash() for s in specs}) == 3 and len({s.data.split_seed for s in specs}) == 1
+    assert R.Study(study.table).seeds == study.table.seeds == 3
+    with pytest.raises(ValueError, match="--seeds"):
+        R.Study(study.table, seeds=0)
+
+
+@pytest.mark.slow
+def test_sweep_over_any_key_reports_intervals_and_checks_values_first(tmp_path):
+    out = R.sweep("model.width", ["0.125", 0.25], columns=["Baseline", "Dynamic-k"], out=tmp_path,
+                  overrides=dict(TINY, attack=dict(TINY["attack"], suite="paper")), progress=False, seeds=2, jobs=1)
     reports = tmp_path / "reports"
-    assert (reports / "sweep-conv.png").read_bytes()[:4] == b"\x89PNG"
-    lines = (reports / "sweep-conv.csv").read_text().splitlines()
-    assert lines[0].startswith("k,run,clean,fgsm@8,pgd@8")
-    assert [row["k"] for row in out["rows"]] == [0.25, 1.0]
-    assert len({row["run"] for row in out["rows"]}) == 2  # each k is its own cached run
-    assert all(0.0 <= row["clean"] <= 1.0 for row in out["rows"])
+    assert (reports / "sweep-model.width.png").read_bytes()[:4] == b"\x89PNG"
+    lines = (reports / "sweep-model.width.csv").read_text().splitlines()
+    assert lines[0] == "key,value,column,measure,mean,lo,hi,n,seed 0,seed 1"
+    assert [p["value"] for p in out["points"]] == [0.125, 0.25]
+    runs = {run for p in out["points"] for label_runs in p["runs"].values() for run in label_runs}
+    assert len(runs) == 2 * 2 * 2  # every (value, column, seed) is its own run
+    assert "T1" not in (reports / "sweep-model.width.md").read_text()
+    with pytest.raises(ValueError, match="model.widht"):
+        R.sweep("model.widht", [0.5], out=tmp_path / "bad", overrides=TINY, seeds=1, jobs=1)
+    with pytest.raises(ValueError, match="conv_k=2.5"):
+        R.sweep("model.defense.conv_k", [0.5, 2.5], columns=["TKC-max"], out=tmp_path / "bad", overrides=TINY,
+                seeds=1, jobs=1)
+    assert not (tmp_path / "bad" / "runs").exists()  # checked before the first training
 
 
-def test_sweep_rejects_bad_k(tmp_path):
+def test_older_k_sweep_still_works(tmp_path):
+    from topkconv.reproduce.sweep import sweep_k
+
+    out = sweep_k([0.25, 1.0], layer="conv", out=tmp_path, overrides=dict(TINY, attack=dict(TINY["attack"],
+                                                                                          suite="paper")),
+                  progress=False, seeds=1, jobs=1)
+    lines = (tmp_path / "reports" / "sweep-conv.csv").read_text().splitlines()
+    assert lines[1].startswith("model.defense.conv_k,0.25,TKC-max,clean,")
+    assert [p["value"] for p in out["points"]] == [0.25, 1.0]
     with pytest.raises(ValueError, match="--k"):
-        R.sweep([0], out=tmp_path)
+        sweep_k([0], out=tmp_path)
     with pytest.raises(ValueError, match="--layer"):
-        R.sweep([0.5], layer="attention", out=tmp_path)
+        sweep_k([0.5], layer="attention", out=tmp_path)
 
 
 def test_routing_selections_are_the_layers_own():
@@ -210,3 +256,13 @@ def test_routing_statistics_count_and_overlap():
     counts[1] = counts[0]
     s = summarize_routes(LayerRoutes("fc", "dynamic_k", 2, counts, torch.tensor([5, 5])))
     assert s["jaccard_core_mean"] == 1.0 and s["inputs_never_used"] == 2
+
+
+def test_sweep_on_the_command_line_names_a_bad_key_or_missing_values(tmp_path, capsys):
+    assert main(["sweep", "model.widht", "0.5", "--out", str(tmp_path), "--seeds", "1"]) == 2
+    assert "model.widht" in capsys.readouterr().err
+    assert main(["sweep", "model.width", "--out", str(tmp_path)]) == 2
+    assert "at least one VALUE" in capsys.readouterr().err
+    assert main(["reproduce", "--jobs", "0", "--out", str(tmp_path)]) == 2
+    assert "--jobs" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -108,7 +108,8 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkp
     run_dir = tmp_path / "nan"
     one_epoch, _ = fit(tiny_spec(epochs=1), tmp_path / "one", progress=False)
     fail_after(monkeypatch, 4, lambda loss: loss * float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 2: the training loss is nan"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 2: the training loss is nan.*last good epoch \(1\) "
+                       r"is kept .*`topkconv evaluate --allow-unfinished "):
         fit(tiny_spec(), run_dir, progress=False)
     with pytest.raises(FileNotFoundError, match="unfinished"):
         load_checkpoint(run_dir)
@@ -187,3 +188,12 @@ def test_cli_resume_with_only_the_run_folder_continues_its_own_spec(straight_run
     assert_same_weights(weights(model), trained, atol=1e-6)
     assert main(["train", "--out", str(tmp_path / "never-started"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_seconds_per_training_image_times_real_steps():
+    from topkconv.models import build_model
+
+    model = build_model(tiny_spec().model)
+    before = model.classifier[0].weight.clone()
+    seconds = train_module.seconds_per_training_image(model, 16, in_channels=3, batch=2, steps=2)
+    assert 0 < seconds < 60 and not torch.equal(before, model.classifier[0].weight)  # it stepped

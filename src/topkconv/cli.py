@@ -15,50 +15,193 @@ from . import __version__
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a model (a RunSpec from --spec and/or flags) into a run folder",
-        description="Train a VGG with a defence on a data set. Flags override the --spec file's values. The run "
+        description="Train a model (a VGG, or any torchvision classifier) with a registered defence on a data set. Flags override the --spec file's values. The run "
                     "folder gets model.safetensors and the training state after every epoch, metrics.jsonl, and "
                     "run.json when the run is complete. Under torchrun it trains data-parallel "
                     "(torchrun --nproc_per_node=N -m topkconv.cli train ...).")
     p.add_argument("--spec", metavar="TOML", help="a RunSpec as TOML ([data], [model], [model.defense], [train])")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<spec hash>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished epoch; with a larger --epochs, extend "
+                        "a finished run")
+    p.add_argument("--force", action="store_true",
+                   help="replace a finished run in --out (it stays intact until the new run's first epoch is done)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=("digits", "cifar10", "cinic10", "imagefolder"), help="data.name")
     data.add_argument("--data-root", metavar="DIR", help="data.root: the folder of a local data set")
-    data.add_argument("--image-size", type=int, help="data.image_size: resize to this many pixels (paper: 224)")
+    data.add_argument("--image-size", type=_at_least(1), help="data.image_size: resize to this many pixels (paper: 224)")
     data.add_argument("--no-augment", action="store_true", help="no random crop and flip")
-    data.add_argument("--limit-train", type=int, help="use only the first N training images")
-    data.add_argument("--limit-test", type=int, help="use only the first N test images")
-    data.add_argument("--workers", type=int, help="loader workers for streamed data sets")
+    data.add_argument("--limit-train", type=_at_least(1), help="use only the first N training images")
+    data.add_argument("--limit-test", type=_at_least(1), help="use only the first N test images")
+    data.add_argument("--workers", type=_at_least(0), help="loader workers for streamed data sets (0: none)")
     model = p.add_argument_group("model")
-    model.add_argument("--model", dest="arch", choices=("vgg-small", "vgg16"), help="model.arch")
-    model.add_argument("--width", type=float, help="vgg-small channel width multiplier")
-    model.add_argument("--hidden", type=int, help="width of the penultimate FC layer")
+    model.add_argument("--model", dest="arch", type=_arch_value, metavar="ARCH",
+                       help="model.arch: vgg-small, vgg16, or torchvision:NAME (any torchvision classifier, e.g. "
+                            "torchvision:resnet18; weights=None; needs the `vision` extra)")
+    model.add_argument("--width", type=_positive_number, help="vgg-small channel width multiplier")
+    model.add_argument("--hidden", type=_at_least(1), help="width of the penultimate FC layer")
     model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                        help="BatchNorm after each conv (default: on for vgg-small, off for vgg16)")
     model.add_argument("--pretrained", metavar="FILE", help="torchvision's vgg16-397923af.pth for `features`")
-    model.add_argument("--defense", choices=("standard", "dropout", "dynamic_k", "topk_conv", "tkc_neuron", "sap",
-                                             "pruned"), help="model.defense.kind")
-    model.add_argument("--fc-k", type=_k_value, nargs="+", metavar="K",
-                       help="Dynamic-k: k per FC layer, a count or a fraction (paper: 250 10)")
-    model.add_argument("--fc-scope", choices=("final", "final2"), help="Dynamic-k in the last FC layer or both")
-    model.add_argument("--conv-layers", type=int, help="topk_conv/tkc_neuron: how many of the last convs are routed")
-    model.add_argument("--conv-k", type=_k_value, help="topk_conv/tkc_neuron: k (fraction of channels, or a count)")
-    model.add_argument("--criterion", choices=("max", "sum"), help="topk_conv channel score")
-    model.add_argument("--dropout-p", type=float, help="dropout: p in the FC layers")
-    model.add_argument("--sap-frac", type=float, help="sap: fraction of activations drawn")
+    p.__class__ = _TrainParser  # the defence options come from the registry, added when `train` is parsed
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int, help="global batch (split across torchrun processes)")
-    train.add_argument("--lr", type=float)
+    train.add_argument("--epochs", type=_at_least(1))
+    train.add_argument("--batch-size", type=_at_least(1), help="global batch (split across torchrun processes)")
+    train.add_argument("--lr", type=_positive_number)
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--schedule", choices=("cosine", "step"))
-    train.add_argument("--warmup-epochs", type=float)
+    train.add_argument("--warmup-epochs", type=_non_negative_number)
     train.add_argument("--seed", type=int)
     train.add_argument("--device", choices=("auto", "cpu", "cuda"))
     train.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.set_defaults(func=_run_train)
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``; argparse names the flag in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _number(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _arch_value(text: str) -> str:
+    """``--model``: a VGG plan's name or ``torchvision:NAME``."""
+    from .models.vgg import PLANS
+
+    if text in PLANS or (text.startswith("torchvision:") and len(text) > len("torchvision:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(PLANS)} or torchvision:NAME, got {text!r}")
+
+
+class _TrainParser(argparse.ArgumentParser):
+    """The `train` parser: adds the registry's defence options on first use, so that building the parser
+    (``topkconv --help``, other commands) does not import torch through :mod:`topkconv.defenses`."""
+
+    def _add_defense_options_once(self) -> None:
+        if not getattr(self, "_defense_options_added", False):
+            self._defense_options_added = True
+            _add_defense_options(self.add_argument_group("defence (options of the registered defences)"))
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_defense_options_once()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._add_defense_options_once()
+        return super().format_help()
+
+    def format_usage(self):
+        self._add_defense_options_once()
+        return super().format_usage()
+
+
+def _add_defense_options(group) -> None:
+    """``--defense`` (the registry's names) and one flag per defence option, made from the registered config
+    dataclasses: ``--conv-k`` sets ``conv_k`` and so on. Which defence uses a flag is checked in ``_run_train``."""
+    import dataclasses
+    import typing
+
+    from . import defenses
+
+    group.add_argument("--defense", choices=tuple(defenses.REGISTRY), metavar="DEFENSE",
+                       help="model.defense.kind: " + "; ".join(f"{d.name} ({d.description})" if d.description
+                                                               else d.name for d in defenses.REGISTRY.values()))
+    _DEFENSE_OPTIONS.clear()  # a parser is built per main() call; a defence may have been registered since
+    for entry in defenses.REGISTRY.values():
+        hints = typing.get_type_hints(entry.config)
+        for field in dataclasses.fields(entry.config):
+            if field.name == "kind" or field.name in _DEFENSE_OPTIONS:
+                continue
+            users = [d.name for d in defenses.REGISTRY.values() if field.name in defenses.config_fields(d)]
+            _DEFENSE_OPTIONS[field.name] = _option_flag(field.name)
+            help_text = field.metadata.get("help", field.name)
+            parsing = _option_parsing(hints[field.name], field.metadata)
+            if "type" in parsing and "nargs" not in parsing:
+                parsing["metavar"] = field.name.upper()
+            group.add_argument(_option_flag(field.name), dest=f"defense_{field.name}", default=None,
+                               help=f"{help_text} [{', '.join(users)}]", **parsing)
+
+
+_DEFENSE_OPTIONS: dict = {}  # defence option name -> its flag, filled by _add_defense_options
+
+
+def _option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _option_parsing(hint, metadata) -> dict:
+    """argparse keywords for a config field of type ``hint``: a k (count or fraction), a list, a flag ..."""
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:  # Optional[X]
+        hint = args[0]
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) in (list, tuple):
+        item = (typing.get_args(hint) or (str,))[0]
+        return {"nargs": "+", "metavar": metadata.get("metavar", "VALUE"), **_option_parsing(item, {})}
+    if set(typing.get_args(hint)) == {int, float}:
+        return {"type": _k_value}
+    if "choices" in metadata:
+        return {"choices": tuple(metadata["choices"])}
+    return {"type": {int: int, float: _number}.get(hint, str)}
+
+
+def _defense_options(args, spec: dict) -> dict:
+    """The defence options given as flags, checked against the chosen defence (errors name the flag)."""
+    from . import defenses
+
+    given = {name: getattr(args, f"defense_{name}") for name in _DEFENSE_OPTIONS
+             if getattr(args, f"defense_{name}", None) is not None}
+    kind = spec.get("model", {}).get("defense", {}).get("kind", "standard")
+    if not given or kind not in defenses.REGISTRY:
+        return given  # an unknown kind from a spec file is reported by the spec parser
+    known = defenses.config_fields(defenses.get(kind))
+    for name, value in given.items():
+        if name not in known:
+            raise ValueError(f"{_DEFENSE_OPTIONS[name]}: defense {kind!r} has no option {name} "
+                             f"(its options: {', '.join(_option_flag(k) for k in known) or 'none'})")
+        try:
+            defenses.make_config(kind, **{name: value})
+        except ValueError as err:
+            raise ValueError(f"{_DEFENSE_OPTIONS[name]}: {err}") from None
+    return given
 
 
 def _k_value(text: str):
@@ -76,10 +219,7 @@ _TRAIN_FLAGS = {  # CLI destination -> (spec section, key)
     "dataset": ("data", "name"), "data_root": ("data", "root"), "image_size": ("data", "image_size"),
     "limit_train": ("data", "limit_train"), "limit_test": ("data", "limit_test"), "workers": ("data", "workers"),
     "arch": ("model", "arch"), "width": ("model", "width"), "hidden": ("model", "hidden"), "batch_norm": ("model", "batch_norm"),
-    "pretrained": ("model", "pretrained"), "defense": ("model.defense", "kind"), "fc_k": ("model.defense", "fc_k"),
-    "fc_scope": ("model.defense", "fc_scope"), "conv_layers": ("model.defense", "conv_layers"),
-    "conv_k": ("model.defense", "conv_k"), "criterion": ("model.defense", "criterion"),
-    "dropout_p": ("model.defense", "dropout_p"), "sap_frac": ("model.defense", "sap_frac"),
+    "pretrained": ("model", "pretrained"), "defense": ("model.defense", "kind"),  # + the defence options
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
     "weight_decay": ("train", "weight_decay"), "schedule": ("train", "schedule"),
     "warmup_epochs": ("train", "warmup_epochs"), "seed": ("train", "seed"), "device": ("train", "device"),
@@ -87,16 +227,22 @@ _TRAIN_FLAGS = {  # CLI destination -> (spec section, key)
 
 
 def _run_train(args) -> int:
-    import os
-
+    from . import distributed
     from .config import spec_from_dict
+    from .errors import UserError
     from .io import read_toml
     from .train import fit
 
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out DIR: the run folder to continue")
+    if args.resume and args.force:
+        raise UserError("--resume and --force: choose one (continue the run in --out, or replace it)")
     spec = read_toml(args.spec, "spec file") if args.spec else {}
-    flags_given = any(getattr(args, dest) is not None for dest in _TRAIN_FLAGS) or args.no_augment or args.amp
-    if args.resume and args.out and not args.spec and not flags_given:
-        spec = _spec_of_unfinished_run(args.out)  # `train --out DIR --resume` alone continues DIR's own run
+    flags_given = any(getattr(args, dest) is not None for dest in _TRAIN_FLAGS) or args.no_augment or args.amp \
+        or any(getattr(args, f"defense_{name}", None) is not None for name in _DEFENSE_OPTIONS)
+    if args.resume and not args.spec:
+        # `train --out DIR --resume [--epochs N]` continues (or extends) DIR's own run; other flags override it.
+        spec = _spec_of_unfinished_run(args.out, required=not flags_given) or spec
     for dest, (section, key) in _TRAIN_FLAGS.items():
         value = getattr(args, dest)
         if value is not None:
@@ -104,6 +250,7 @@ def _run_train(args) -> int:
             for part in section.split("."):
                 table = table.setdefault(part, {})
             table[key] = value
+    spec.setdefault("model", {}).setdefault("defense", {}).update(_defense_options(args, spec))
     if args.no_augment:
         spec.setdefault("data", {})["augment"] = False
     if args.amp:
@@ -113,14 +260,15 @@ def _run_train(args) -> int:
     except ValueError as err:
         raise ValueError(f"{args.spec}: {err}" if args.spec else str(err)) from None
     out = args.out or f"runs/{run_spec.hash()}"
-    _, summary = fit(run_spec, out, resume=args.resume, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
+    _, summary = fit(run_spec, out, resume=args.resume, progress=not args.no_progress, force=args.force)
+    if distributed.context().is_main:
         print(f"trained {run_spec.model.arch} ({run_spec.model.defense.kind}) on {run_spec.data.name}: "
               f"test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs -> {out}")
     return 0
 
 
-def _spec_of_unfinished_run(out: str) -> dict:
+def _spec_of_unfinished_run(out: str, required: bool = True):
+    """The spec a run folder's training state was started with (None if there is none and not ``required``)."""
     from pathlib import Path
 
     from .io import read_json
@@ -128,10 +276,12 @@ def _spec_of_unfinished_run(out: str) -> dict:
 
     state_file = Path(out) / STATE_FILE
     if not state_file.is_file():
+        if not required:
+            return None
         raise FileNotFoundError(f"{state_file}: nothing to resume (no finished epoch in {out}); "
                                 f"give the run's flags or --spec to start it")
-    state = read_json(state_file)
-    if "requested_spec" not in state:
+    state = read_json(state_file, "training state")
+    if not isinstance(state, dict) or "requested_spec" not in state:
         raise ValueError(f"{state_file}: written by an older version without its spec; "
                          f"give the run's flags or --spec together with --resume")
     return state["requested_spec"]
@@ -140,22 +290,35 @@ def _spec_of_unfinished_run(out: str) -> dict:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="attack a trained checkpoint: the paper's FGSM/PGD, or the full suite with masking checks",
-        description="Attack a checkpoint on its test set and write eval.json (clean accuracy, each attack, the "
-                    "per-example worst case, the gradient-masking checks, the config, seed, n and timings) and "
+        description="Attack a checkpoint (or your own model: --model MODULE:FACTORY --weights FILE.safetensors "
+                    "--dataset NAME) on its test set and write eval.json (clean accuracy, each attack, the "
+                    "per-example worst case at every eps, the masking indicators with values and thresholds, one "
+                    "verdict line, the config, seed, n and timings), eval.md (the same, verdict first) and "
                     "acc-vs-eps.png. eps and step sizes are in 0-255 units. paper: FGSM and PGD-16 (step 0.75) "
-                    "at eps. full: also AutoAttack, Square, transfer from --surrogate, EOT-PGD (stochastic "
-                    "models), BPDA-PGD (top-k models), doubled steps/restarts and an eps curve. Under torchrun "
-                    "the examples are shared out (torchrun --nproc_per_node=N -m topkconv.cli evaluate ...).")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder (or its model.safetensors)")
+                    "at eps from a zero and a random start ('pgd' is the per-example worst of the two). full: also "
+                    "AutoAttack, Square, transfer from --surrogate, the zeroth-order attack that broke k-WTA, "
+                    "EOT-PGD (stochastic models), dense and soft BPDA (top-k models), doubled steps/restarts, an "
+                    "eps curve and the indicators. Under torchrun the examples are shared out "
+                    "(torchrun --nproc_per_node=N -m topkconv.cli evaluate ...).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?",
+                   help="run folder (or its model.safetensors); or give --model, --weights and --dataset")
     p.add_argument("--suite", default="paper", choices=("paper", "full"), help="attack suite (default paper)")
     p.add_argument("--surrogate", metavar="BASELINE_RUN_DIR", help="undefended model for the transfer attack")
-    p.add_argument("--n", "--n-examples", dest="n", type=int, metavar="N",
+    own = p.add_argument_group("your own model (instead of CHECKPOINT)")
+    own.add_argument("--model", metavar="MODULE:FACTORY",
+                     help="'package.module:factory' or 'file.py:factory': called with no arguments, it returns an "
+                          "nn.Module taking images in [0, 1] (normalisation inside)")
+    own.add_argument("--weights", metavar="FILE", help="its weights, a .safetensors file (never a pickle)")
+    own.add_argument("--dataset", metavar="NAME", help="test set to attack: digits, cifar10, cinic10, imagefolder")
+    own.add_argument("--data", dest="data_root", metavar="PATH", help="folder of the data set (not for digits)")
+    own.add_argument("--image-size", type=_at_least(1), help="image size the model takes (default 32)")
+    p.add_argument("--n", "--n-examples", dest="n", type=_at_least(1), metavar="N",
                    help="attack only the first N test examples (under torchrun spell it --n-examples: "
                         "torchrun reads --n as one of its own options)")
     p.add_argument("--eps", type=float, help="L-inf radius in 0-255 units (default: the run's, 8)")
     p.add_argument("--extra-eps", type=float, nargs="+", metavar="EPS", help="more radii (0-255) for FGSM/PGD")
-    p.add_argument("--steps", type=int, dest="pgd_steps", help="PGD steps (default 16)")
-    p.add_argument("--step-size", type=float, dest="pgd_step_size", help="PGD step in 0-255 units (default 0.75)")
+    p.add_argument("--steps", type=_at_least(1), dest="pgd_steps", help="PGD steps (default 16)")
+    p.add_argument("--step-size", type=_positive_number, dest="pgd_step_size", help="PGD step in 0-255 units (default 0.75)")
     p.add_argument("--restarts", type=int, help="PGD random restarts (default 1)")
     p.add_argument("--eot-samples", type=int, help="EOT draws for stochastic models (default 20)")
     p.add_argument("--eps-curve", type=float, nargs="+", metavar="EPS", help="radii (0-255) of the curve")
@@ -164,32 +327,114 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--autoattack-attacks", nargs="+", metavar="NAME",
                    help="run only these AutoAttack attacks (apgd-ce apgd-t fab-t square apgd-dlr fab)")
     p.add_argument("--batch-size", type=int, help="examples per attack batch (default 256)")
+    p.add_argument("--zo-steps", type=_at_least(0), help="zeroth-order attack steps (default 100; 0 = skip it)")
+    p.add_argument("--zo-step-size", type=_positive_number, help="its sign step, 0-255 units (default 2.55)")
+    p.add_argument("--zo-sigma", type=_positive_number, help="its finite-difference scale, 0-255 units (default 8)")
+    p.add_argument("--zo-samples", type=_sample_step, nargs="+", metavar="FROM:PAIRS",
+                   help="its noise pairs per step from a step on (default 0:100 20:1000 40:20000)")
+    p.add_argument("--zo-max-batch", type=_at_least(2), help="inputs per forward call of it (default 1024)")
+    p.add_argument("--zo-examples", type=_at_least(1), help="attack only the first N examples with it (default all)")
+    p.add_argument("--bpda-soft-tau", type=_positive_number,
+                   help="soft BPDA temperature for every layer (default: per layer from the score spread)")
+    p.add_argument("--indicator-examples", type=_at_least(1), help="examples the indicators run on (default 100)")
+    p.add_argument("--indicator-draws", type=_at_least(1), help="noise draws per example of the indicators (100)")
+    p.add_argument("--indicator-steps", type=_at_least(1), help="steps of the indicators' own PGD (default 50)")
     p.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", metavar="FILE", help="eval.json path (default CHECKPOINT/eval.json)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="evaluate the last finished epoch of a run that stopped early (killed, or a NaN loss)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_evaluate)
 
 
 _EVALUATE_OVERRIDES = ("extra_eps", "pgd_steps", "pgd_step_size", "restarts", "eot_samples", "eps_curve",
-                       "apgd_iters", "square_queries", "autoattack_attacks", "batch_size", "seed")
+                       "apgd_iters", "square_queries", "autoattack_attacks", "batch_size", "seed", "zo_steps",
+                       "zo_step_size", "zo_sigma", "zo_samples", "zo_max_batch", "zo_examples", "bpda_soft_tau",
+                       "indicator_examples", "indicator_draws", "indicator_steps")
+
+
+def _sample_step(text: str) -> list:
+    """``--zo-samples 0:100``: from step 0 on, 100 noise pairs per step."""
+    start, sep, count = text.partition(":")
+    if not sep or not start.isdigit() or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"expected FROM_STEP:PAIRS such as 0:100, got {text!r}")
+    return [int(start), int(count)]
+
+
+def _run_evaluate_user_model(args, overrides: dict) -> int:
+    """``evaluate --model MODULE:FACTORY --weights FILE --dataset NAME``: the user's own model."""
+    import dataclasses
+
+    from .checkpoint import EVAL_FILE
+    from .config import AttackConfig, DataConfig
+    from .evaluate import evaluate_user_model
+
+    if args.checkpoint is not None:
+        raise ValueError(f"evaluate: give either CHECKPOINT ({args.checkpoint}) or --model, not both")
+    missing = [flag for flag, value in (("--weights", args.weights), ("--dataset", args.dataset)) if value is None]
+    if missing:
+        raise ValueError(f"evaluate --model: also needs {' and '.join(missing)}")
+    data = DataConfig(name=args.dataset, root=args.data_root, augment=False,
+                      **({"image_size": args.image_size} if args.image_size else {}))
+    changes = dict(overrides, suite=args.suite, **({"n_examples": args.n} if args.n else {}),
+                   **({"eps": float(args.eps)} if args.eps is not None else {}))
+    out = _writable_output(args.out or EVAL_FILE)
+    result = evaluate_user_model(args.model, args.weights, data, dataclasses.replace(AttackConfig(), **changes),
+                                 out=out, surrogate_dir=args.surrogate, device=args.device,
+                                 progress=not args.no_progress)
+    _print_evaluation(result)
+    return 0
+
+
+def _print_evaluation(result: dict) -> None:
+    from . import distributed
+
+    if distributed.context().is_main:
+        attacks = ", ".join(f"{name} {a['accuracy']:.4f}" for name, a in result["attacks"].items())
+        print(f"{result['verdict']['text']}\nn={result['n']} clean {result['clean']:.4f}; {attacks}; "
+              f"worst case {result['worst_case']['accuracy']:.4f}")
 
 
 def _run_evaluate(args) -> int:
-    import os
-
+    from .checkpoint import EVAL_FILE, run_folder
     from .evaluate import evaluate_run
 
     overrides = {name: getattr(args, name) for name in _EVALUATE_OVERRIDES if getattr(args, name) is not None}
-    result = evaluate_run(args.checkpoint, suite=args.suite, surrogate_dir=args.surrogate, n_examples=args.n,
-                          eps=args.eps, out=args.out, overrides=overrides, device=args.device,
-                          progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        attacks = ", ".join(f"{name} {a['accuracy']:.4f}" for name, a in result["attacks"].items())
-        flags = [name for name, c in result["masking_checks"].items() if c["verdict"] == "flag"]
-        print(f"n={result['n']} clean {result['clean']:.4f}; {attacks}; "
-              f"worst case {result['worst_case']['accuracy']:.4f}; masking flags: {', '.join(flags) or 'none'}")
+    if args.model is not None:
+        return _run_evaluate_user_model(args, overrides)
+    if args.checkpoint is None:
+        raise ValueError("evaluate: give a CHECKPOINT (run folder), or --model, --weights and --dataset")
+    out = _writable_output(args.out or run_folder(args.checkpoint) / EVAL_FILE)  # before any attack runs
+    with _run_lock_if_main(out.parent):
+        result = evaluate_run(args.checkpoint, suite=args.suite, surrogate_dir=args.surrogate, n_examples=args.n,
+                              eps=args.eps, out=out, overrides=overrides, device=args.device,
+                              progress=not args.no_progress, allow_unfinished=args.allow_unfinished)
+    _print_evaluation(result)
     return 0
+
+
+def _writable_output(path):
+    """``evaluate --out``: a file path whose folder can be written (checked before any compute)."""
+    from pathlib import Path
+
+    from .errors import UserError
+    from .io import check_writable_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a folder; expected a file path such as {path / 'eval.json'}")
+    return check_writable_file(path, "--out")
+
+
+def _run_lock_if_main(folder):
+    """The run folder's lock, held by the process that writes (rank 0 under torchrun)."""
+    import contextlib
+
+    from . import distributed
+    from .checkpoint import run_lock
+
+    return run_lock(folder) if distributed.context().is_main else contextlib.nullcontext()
 
 
 def _add_prune(sub) -> None:
@@ -204,7 +449,7 @@ def _add_prune(sub) -> None:
                    help="layers pruned: the last FC layer, both FC layers, or every conv and FC layer (default final)")
     p.add_argument("--sparsity", type=float, default=0.9,
                    help="final fraction of zero weights in each pruned layer, in [0, 1) (default 0.9)")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs the schedule runs over (default 3)")
+    p.add_argument("--epochs", type=_at_least(1), default=3, help="fine-tuning epochs the schedule runs over (default 3)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: a tenth of the "
                                                           "source run's train.lr)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the pruned run")
@@ -221,7 +466,8 @@ def _run_prune(args) -> int:
 
     source = spec_from_dict(read_run_json(args.checkpoint)["spec"])
     spec = pruned_spec(source, args.scope, args.sparsity, args.epochs, lr=args.lr)
-    _, summary = prune_run(args.checkpoint, spec, args.out, progress=not args.no_progress)
+    with _run_lock_if_main(args.out):
+        _, summary = prune_run(args.checkpoint, spec, args.out, progress=not args.no_progress)
     print(json.dumps({k: summary[k] for k in ("scope", "sparsity", "test_acc_before", "test_acc")}, indent=2))
     return 0
 
@@ -243,69 +489,170 @@ def _add_reproduce(sub) -> None:
                    help="torchvision's vgg16-397923af.pth to initialise VGG16's features")
     p.add_argument("--out", default=".", metavar="DIR", help="where runs/ and reports/ go (default: .)")
     p.add_argument("--force", action="store_true", help="retrain and re-attack even when cached")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_seeds_and_jobs(p)
+    p.add_argument("--no-progress", action="store_true", help="hide the one-line-per-job progress")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="train.device for every run (default: the spec's, auto)")
+    p.add_argument("--yes", action="store_true", help="go on with --preset paper on a machine without a GPU")
     p.set_defaults(func=_run_reproduce)
+
+
+def _add_seeds_and_jobs(p) -> None:
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="training seeds per column (default: the spec's `seeds`, 3); each (column, seed) is its "
+                        "own cached run, and every cell gets a 95%% interval over seeds and test examples")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="worker processes for the independent trainings and evaluations (default: the number "
+                        "of CPU cores, or 1 when a GPU is used); --jobs 2 gives the same reports as --jobs 1")
 
 
 def _run_reproduce(args) -> int:
     from .reproduce import reproduce
 
+    if args.preset == "paper" and not args.yes and args.device != "cpu":
+        _refuse_paper_preset_without_gpu()
+    overrides = {"train": {"device": args.device}} if args.device else None
     reproduce(args.target, preset=args.preset, data=args.data, pretrained=args.pretrained, out=args.out,
-              force=args.force, progress=not args.no_progress, spec_file=args.spec)
+              force=args.force, progress=not args.no_progress, spec_file=args.spec, seeds=args.seeds,
+              jobs=args.jobs, overrides=overrides)
     return 0
+
+
+def _refuse_paper_preset_without_gpu() -> None:
+    """``--preset paper`` trains VGG16 at 224 px: without a GPU, measure a few steps, state the cost, and stop."""
+    import torch
+
+    from .config import ModelConfig
+    from .data.folders import CINIC_TRAIN_IMAGES
+    from .errors import UserError
+    from .models import build_model
+    from .train import seconds_per_training_image
+
+    if torch.cuda.is_available():
+        return
+    per_image = seconds_per_training_image(build_model(ModelConfig(arch="vgg16", image_size=224)), 224)
+    hours = per_image * CINIC_TRAIN_IMAGES / 3600
+    raise UserError(f"--preset paper trains VGG16 at 224 px and this machine has no GPU: a training step took "
+                    f"{per_image:.2f} s per image here (measured on the first steps), so one epoch of CINIC-10's "
+                    f"{CINIC_TRAIN_IMAGES:,} training images would take about {hours:,.0f} hours per model; "
+                    f"add --yes to go on anyway, or --device cpu to train on the CPU on purpose")
 
 
 def _add_sweep(sub) -> None:
     p = sub.add_parser(
-        "sweep", help="train and attack a grid of k values; clean and robust accuracy against k",
-        description="Train one Table III column for every k (cached by spec hash), attack it, and write "
-                    "OUT/reports/sweep-<layer>.md/.csv/.png.")
-    p.add_argument("--k", nargs="+", required=True, type=_k_value, metavar="K",
-                   help="k values: counts (10) or fractions of the fan-in (0.1)")
+        "sweep", help="train and attack a table's columns over values of any spec key, over seeds",
+        description="Train and attack the columns of a table (default Table III) for every VALUE of KEY, a dotted "
+                    "spec key (model.defense.conv_k, model.width, train.epochs), each (value, column, seed) its own "
+                    "cached run; every value is checked before the first training. Writes "
+                    "OUT/reports/sweep-<KEY>.md/.csv/.json/.png: clean, paper-attack and worst-case accuracy with "
+                    "95%% intervals, and the verdicts on the table's claims at each value. The older form "
+                    "`sweep --k K... --layer conv|fc` varies TopKConv's k on TKC-max or Dynamic-k's on Dynamic-k.")
+    p.add_argument("key", nargs="?", metavar="KEY", help="a dotted spec key, e.g. model.defense.conv_k")
+    p.add_argument("values", nargs="*", metavar="VALUE",
+                   help="values, read as TOML: 10 (a count), 0.1, [0.05, 0.1], true, text")
+    p.add_argument("--columns", nargs="+", default=None, metavar="LABEL",
+                   help="the table's columns to vary (default: every reproduced column)")
+    p.add_argument("--table", default="table3", choices=("table1", "table2", "table3"))
+    p.add_argument("--k", nargs="+", type=_k_value, metavar="K",
+                   help="older form: k values, counts (10) or fractions of the fan-in (0.1)")
     p.add_argument("--layer", default="conv", choices=("conv", "fc"),
-                   help="conv: TopKConv's conv_k (column TKC-max); fc: every Dynamic-k layer's k (column Dynamic-k)")
-    p.add_argument("--column", default=None, help="the Table III column to vary (default by --layer)")
+                   help="with --k: conv: TopKConv's conv_k (column TKC-max); fc: every Dynamic-k layer's k")
+    p.add_argument("--column", default=None, help="with --k: the Table III column to vary (default by --layer)")
     p.add_argument("--preset", default="quick", choices=("quick", "paper"))
-    p.add_argument("--spec", default=None, metavar="FILE", help="a table spec TOML instead of table3-<preset>.toml")
+    p.add_argument("--spec", default=None, metavar="FILE", help="a table spec TOML instead of <table>-<preset>.toml")
     p.add_argument("--data", default=None, metavar="PATH")
     p.add_argument("--pretrained", default=None, metavar="PATH")
     p.add_argument("--out", default=".", metavar="DIR")
     p.add_argument("--force", action="store_true")
+    _add_seeds_and_jobs(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(args) -> int:
-    from .reproduce import sweep
+    from .reproduce.sweep import sweep, sweep_k
 
-    sweep(args.k, layer=args.layer, preset=args.preset, column=args.column, data=args.data,
-          pretrained=args.pretrained, out=args.out, force=args.force, progress=not args.no_progress,
-          spec_file=args.spec)
+    options = dict(data=args.data, pretrained=args.pretrained, out=args.out, force=args.force,
+                   progress=not args.no_progress, seeds=args.seeds, jobs=args.jobs)
+    if args.k is not None:
+        if args.key is not None:
+            raise ValueError("sweep: give either KEY VALUE... or --k K..., not both")
+        sweep_k(args.k, layer=args.layer, column=args.column, preset=args.preset, spec_file=args.spec, **options)
+        return 0
+    if args.key is None or not args.values:
+        raise ValueError("sweep: give a spec KEY and at least one VALUE (e.g. `sweep model.width 0.25 0.5`), "
+                         "or --k K...")
+    sweep(args.key, args.values, preset=args.preset, columns=args.columns, table=args.table, spec_file=args.spec,
+          **options)
     return 0
 
 
+def _one_line_error(parser: argparse.ArgumentParser, message: str):
+    """An argument error as one line naming the flag (argparse's default prints the whole usage first)."""
+    parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import functools
+
     parser = argparse.ArgumentParser(
         prog="topkconv",
         description="Sparse top-k routing defences (Dynamic-k, TopKConv, TKC-neuron) and their robustness evaluation.")
     parser.add_argument("--version", action="version", version=f"topkconv {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: TOPKCONV_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_train, _add_evaluate, _add_prune, _add_reproduce, _add_sweep):
         add(sub)
+    for command in sub.choices.values():  # --debug is also accepted after the command's name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error (also: TOPKCONV_DEBUG=1)")
+    for each in (parser, *sub.choices.values()):  # whatever parser class a command uses
+        each.error = functools.partial(_one_line_error, each)
     return parser
 
 
+# Exit statuses: 2 for a mistake the user can fix (a flag, a file, a folder in use), 1 for a failure of the
+# computation itself, 130 for Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_USER_ERROR, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
+
 def main(argv=None) -> int:
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    debug = args.debug or os.environ.get("TOPKCONV_DEBUG", "") not in ("", "0")
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as err:
-        print(f"topkconv {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"topkconv {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        status = _exit_status(err)
+        if debug or status is None:
+            raise
+        from .errors import one_line
+
+        hint = "" if status == EXIT_USER_ERROR else " (--debug shows the traceback)"
+        print(f"topkconv {args.command}: error: {one_line(err)}{hint}", file=sys.stderr)
+        return status
+
+
+def _exit_status(err: Exception):
+    """2 for user errors, 1 for other runtime failures, None for bugs (their traceback is shown)."""
+    from .checkpoint import RunLockedError
+
+    if isinstance(err, (ValueError, OSError, RunLockedError)) or type(err).__name__ == "SafetensorError":
+        return EXIT_USER_ERROR
+    if isinstance(err, RuntimeError):
+        return EXIT_FAILURE
+    return None
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
-
-KSpec = Union[int, float]
-
 
 @dataclass
 class DataConfig:
@@ -27,26 +25,25 @@ class DataConfig:
     workers: int = 2                  # loader workers for streaming data sets (cinic10, imagefolder)
 
 
-@dataclass
-class DefenseConfig:
-    kind: str = "standard"            # standard | dropout | dynamic_k | topk_conv | tkc_neuron | sap | pruned
-    dropout_p: float = 0.5            # dropout: p in the FC layers
-    fc_k: list = field(default_factory=lambda: [250, 10])  # Dynamic-k: k per FC layer (count or fraction)
-    fc_scope: str = "final2"          # Dynamic-k in the final FC layer only ("final") or both ("final2")
-    positive_only: bool = False       # Dynamic-k: the paper's |R| <= k reading
-    conv_layers: int = 2              # topk_conv / tkc_neuron: how many of the last convs are routed
-    conv_k: KSpec = 0.1               # topk_conv / tkc_neuron: k as a fraction of the channels
-    criterion: str = "max"            # topk_conv: "max" or "sum"
-    sap_frac: float = 0.8             # sap: SAP-80
-    prune_scope: str = "final"        # pruned: final | final2 | all
-    prune_sparsity: float = 0.9       # pruned: final sparsity
-    prune_epochs: int = 3             # pruned: fine-tuning epochs over which the schedule runs
-    prune_lr: Optional[float] = None  # pruned: fine-tuning learning rate (None: a tenth of train.lr)
+def defense_config(kind: str = "standard", **options):
+    """The config dataclass of defence ``kind`` (from :mod:`topkconv.defenses`) with ``options``.
+
+    Each defence has its own dataclass (``DynamicKConfig``, ``TopKConvConfig`` ...) holding only its options;
+    an option the defence does not have is an error naming the option and the defence.
+    """
+    from . import defenses  # lazily: defenses imports torch, and this module stays light
+
+    return defenses.make_config(kind, **options)
+
+
+# The old name: one flat config for every defence is gone, ``DefenseConfig(kind=..., ...)`` now returns
+# the chosen defence's own config.
+DefenseConfig = defense_config
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "vgg-small"           # vgg16 (the paper's variant) | vgg-small (32 px, CPU)
+    arch: str = "vgg-small"           # vgg16 (the paper's variant) | vgg-small (32 px, CPU) | torchvision:NAME
     num_classes: int = 10
     in_channels: int = 3
     image_size: int = 32
@@ -56,7 +53,7 @@ class ModelConfig:
     pretrained: Optional[str] = None  # local torchvision vgg16-397923af.pth for `features`
     mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # normalisation inside the model
     std: list = field(default_factory=lambda: [0.25, 0.25, 0.25])
-    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    defense: Any = field(default_factory=defense_config, metadata={"from_dict": "defense"})  # a defence's config
 
 
 @dataclass
@@ -92,6 +89,17 @@ class AttackConfig:
     apgd_iters: int = 100             # AutoAttack's APGD/FAB iterations (100 = AutoAttack; lower = quick preset)
     square_queries: int = 5000        # Square's query budget (5000 = AutoAttack; lower = quick preset)
     autoattack_attacks: list = field(default_factory=list)  # [] = the version's own; e.g. ["apgd-ce", "apgd-t"] (quick)
+    # The zeroth-order attack of the full suite (Tramer et al. 2020's k-WTA break); defaults = the reference.
+    zo_steps: int = 100               # sign steps (0 = do not run it)
+    zo_step_size: float = 2.55        # 0-255 units (the reference's 0.01)
+    zo_sigma: float = 8.0             # finite-difference scale, 0-255 units
+    zo_samples: list = field(default_factory=lambda: [[0, 100], [20, 1000], [40, 20000]])  # [from step, pairs]
+    zo_max_batch: int = 1024          # inputs per forward call (the memory bound)
+    zo_examples: Optional[int] = None  # attack only the first N examples with it (None: all; a CPU budget)
+    bpda_soft_tau: Optional[float] = None  # soft BPDA temperature; None = per layer from the score spread
+    indicator_examples: int = 100     # the masking indicators run on the first N attacked examples
+    indicator_draws: int = 100        # noise draws per example (unstable predictions, selection flips)
+    indicator_steps: int = 50         # steps of the indicators' own PGD (traced; and the unbounded attack)
 
 
 @dataclass
@@ -113,40 +121,101 @@ class RunSpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass ``cls`` from ``data``; an unknown key or a wrong type raises ValueError naming it."""
+def from_dict(cls, data: dict, where: str = "", owner: str = ""):
+    """Build dataclass ``cls`` from ``data``; an unknown key or a wrong type raises ValueError naming it.
+
+    Types come from the field annotations: ``Union[int, float]`` keeps an int an int (a count) and a float
+    a float (a fraction); a ``float`` field takes an int as a float. ``owner`` names whose keys these are
+    in the unknown-key message (e.g. ``defense 'standard'``).
+    """
     if not isinstance(data, dict):
         raise ValueError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ValueError(f"unknown key {path!r}; expected one of {sorted(fields)}")
-        default = fields[key].default
-        if default is dataclasses.MISSING and fields[key].default_factory is not dataclasses.MISSING:
-            default = fields[key].default_factory()
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = from_dict(type(default), value, path)
+            expected = f"expected one of {sorted(fields)}" if fields else "it takes no options"
+            raise ValueError(f"unknown key {path!r}{f' for {owner}' if owner else ''}; {expected}")
+        if fields[key].metadata.get("from_dict") == "defense":
+            kwargs[key] = defense_from_dict(value, path)
         else:
-            kwargs[key] = _check_type(path, value, default)
-    return cls(**kwargs)
+            kwargs[key] = _check_type(path, value, hints[key])
+    return cls(**kwargs)  # a defence config checks its own values (errors name e.g. defense.dropout_p)
 
 
-def _check_type(path: str, value, default):
-    if default is None or value is None:
+# The keys of the one flat DefenseConfig that run.json files of earlier versions hold for every defence.
+_LEGACY_DEFENSE_KEYS = {"kind", "dropout_p", "fc_k", "fc_scope", "positive_only", "conv_layers", "conv_k",
+                        "criterion", "sap_frac", "prune_scope", "prune_sparsity", "prune_epochs", "prune_lr"}
+
+
+def defense_from_dict(data: dict, where: str = "model.defense"):
+    """The chosen defence's config from a ``[model.defense]`` table: ``kind`` picks the dataclass."""
+    from . import defenses
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a table, got {type(data).__name__}")
+    kind = data.get("kind", "standard")
+    if kind not in defenses.REGISTRY:
+        raise ValueError(f"{where}.kind: expected one of {', '.join(defenses.REGISTRY)}, got {kind!r}")
+    defense = defenses.get(kind)
+    options = {key: value for key, value in data.items() if key != "kind"}
+    if set(data) == _LEGACY_DEFENSE_KEYS:  # a run.json of an earlier version: keep the chosen defence's keys
+        known = set(defenses.config_fields(defense))
+        options = {key: value for key, value in options.items() if key in known}
+    return from_dict(defense.config, options, where, owner=f"defense {kind!r}")
+
+
+def _check_type(path: str, value, hint):
+    """``value`` checked against the annotation ``hint`` (int -> float for a float field only)."""
+    if hint is Any:
         return value
-    if isinstance(default, bool) != isinstance(value, bool):
-        raise ValueError(f"{path}: expected a {type(default).__name__}, got {value!r}")
-    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
-        raise ValueError(f"{path}: expected a number, got {value!r}")
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ValueError(f"{path}: expected a string, got {value!r}")
-    if isinstance(default, list) and not isinstance(value, list):
-        raise ValueError(f"{path}: expected a list, got {value!r}")
-    if isinstance(default, float) and isinstance(value, int):
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        options = typing.get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ValueError(f"{path}: expected {_describe(hint)}, got None")
+        for option in options:  # an exact match first: 10 stays an int where int is allowed
+            if option is not type(None) and _exact(value, option):
+                return _check_type(path, value, option)
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _check_type(path, value, option)
+                except ValueError:
+                    pass
+        raise ValueError(f"{path}: expected {_describe(hint)}, got {value!r}")
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        return [_check_type(f"{path}[{i}]", item, args[0]) for i, item in enumerate(value)] if args else value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(hint, type) and not _exact(value, hint):
+        raise ValueError(f"{path}: expected {_describe(hint)}, got {value!r}")
     return value
+
+
+def _exact(value, hint) -> bool:
+    if not isinstance(hint, type):
+        return False
+    if hint is bool or isinstance(value, bool):
+        return hint is bool and isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    names = {int: "an int", float: "a number", str: "a string", bool: "true or false", list: "a list",
+             type(None): "nothing (unset)"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def spec_from_dict(data: dict) -> RunSpec:

@@ -1,12 +1,15 @@
-"""Data-parallel training under ``torchrun``: process-group setup, the device, and small collectives.
+"""Data-parallel training under ``torchrun``: the process context, process-group setup, and small collectives.
 
-``torchrun --nproc_per_node=N -m topkconv.cli train ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
-:func:`setup` reads them and joins the group with gloo on the CPU or nccl on CUDA. Without them it is a
-single process and every helper here is a no-op. Only rank 0 writes files (:attr:`Context.is_main`).
+``torchrun --nproc_per_node=N -m topkconv.cli train ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``.
+:func:`context` is the one place that reads them; everything else receives the :class:`Context` it returns
+(or the one :func:`setup` returns, which adds the device and joins the group with gloo on the CPU or nccl on
+CUDA). Without them it is a single process and every helper here is a no-op. Only rank 0 writes files
+(:attr:`Context.is_main`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -14,12 +17,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+ENV_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
-@dataclass
+
+@dataclass(frozen=True)
 class Context:
     rank: int = 0
-    world_size: int = 1
     local_rank: int = 0
+    world_size: int = 1
     device: torch.device = torch.device("cpu")
     owns_group: bool = False          # this process created the group, so it tears it down
 
@@ -30,6 +35,24 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def context() -> Context:
+    """This process's place in a torchrun job (rank, local_rank, world_size, is_main), read from the environment.
+
+    A single process (no torchrun) is rank 0 of 1. A malformed variable is an error naming it.
+    """
+    values = {}
+    for name, default in zip(ENV_VARIABLES, ("0", "0", "1")):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ValueError(f"environment variable {name}={text!r}: expected an integer (set by torchrun)") from None
+    if values["WORLD_SIZE"] < 1 or not 0 <= values["RANK"] < values["WORLD_SIZE"]:
+        raise ValueError(f"environment: RANK={values['RANK']} and WORLD_SIZE={values['WORLD_SIZE']} do not fit "
+                         f"(expected 0 <= RANK < WORLD_SIZE)")
+    return Context(rank=values["RANK"], local_rank=values["LOCAL_RANK"], world_size=values["WORLD_SIZE"])
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -43,14 +66,15 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def setup(device_preference: str = "auto") -> Context:
-    """Join the torchrun process group if the environment describes one; else a single-process context."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_preference, local_rank)
-    if world_size <= 1:
-        return Context(device=device)
+def setup(device_preference: str = "auto", ctx: Context | None = None) -> Context:
+    """Join the torchrun process group if the context (default :func:`context`) describes one.
+
+    Returns the context with its device (and ``owns_group`` when this call created the group).
+    """
+    ctx = ctx or context()
+    device = pick_device(device_preference, ctx.local_rank)
+    if not ctx.distributed:
+        return dataclasses.replace(ctx, device=device)
     owns_group = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -58,7 +82,7 @@ def setup(device_preference: str = "auto") -> Context:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
         owns_group = True
-    return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device, owns_group=owns_group)
+    return dataclasses.replace(ctx, device=device, owns_group=owns_group)
 
 
 def teardown(ctx: Context) -> None:
@@ -91,3 +115,13 @@ def all_reduce_sum(values: torch.Tensor, ctx: Context) -> torch.Tensor:
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def all_ok(ok: bool, ctx: Context) -> bool:
+    """Whether ``ok`` holds on every process: lets rank 0 fail a check (a locked folder) without the others
+    waiting for it at the next collective."""
+    if not ctx.distributed:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() == 0

@@ -5,16 +5,31 @@
 
 Suites (eps and step sizes in 0-255 units in the config and in the output, fractions of 1 in the attacks):
 
-* ``paper``: clean, FGSM and PGD-16 (step 0.75) at ``eps`` (and at each of ``extra_eps``); for a
-  stochastic model (e.g. SAP) also EOT-PGD, the same PGD with the gradient averaged over
-  ``eot_samples`` draws of the randomness.
+* ``paper``: clean, FGSM and PGD-16 (step 0.75) at ``eps`` (and at each of ``extra_eps``). PGD runs from a
+  zero start (``pgd_zero``, the paper's reading) and from a random start (``pgd_random``); the row ``pgd``
+  is their per-example worst. For a stochastic model (e.g. SAP) also EOT-PGD, the same PGD with the
+  gradient averaged over ``eot_samples`` draws of the randomness.
 * ``full``: the paper suite plus AutoAttack (``standard``, or ``rand`` for stochastic models), Square,
-  transfer from a surrogate (if one is given), BPDA-PGD (models with
-  top-k routing layers), PGD with doubled steps and doubled restarts, an accuracy-vs-eps curve, and
-  the five gradient-masking checks of :mod:`topkconv.attacks.masking`.
+  transfer from a surrogate (if one is given), the zeroth-order attack that broke k-WTA
+  (``zeroth_order``), BPDA-PGD through the dense stand-in (``bpda_dense``) and through a soft relaxation of
+  the selection (``bpda_soft``) for models whose defence calls for them, PGD with doubled steps and
+  doubled restarts, an accuracy-vs-eps curve, the masking indicators of
+  :mod:`topkconv.attacks.indicators` (with the five checks of :mod:`topkconv.attacks.masking` among them)
+  and one verdict line.
 
 Per-example bookkeeping: an example is robust under an attack when it is classified correctly both clean
-and attacked; ``worst_case`` counts the examples that survive *every* attack at ``eps``.
+and attacked; ``worst_cases`` holds, for every eps at which attacks ran, the examples that survive *every*
+attack at that eps, and ``worst_case`` is the one at ``eps``.
+
+Which adaptive attacks a model gets (EOT, BPDA) comes from the defence registry
+(:func:`topkconv.defenses.adaptive_attacks`); a forward pass found random on a probe also gets EOT.
+
+Evaluating your own model: any ``nn.Module`` that takes images in [0, 1] (normalisation inside) works::
+
+    from topkconv.config import AttackConfig
+    from topkconv.evaluate import evaluate
+    result = evaluate(model, x_test, y_test, AttackConfig(suite="full", eps=8, n_examples=200))
+    print(result["verdict"]["text"], result["worst_case"]["accuracy"])
 
 Sharding: the examples are cut into fixed chunks of ``cfg.batch_size``; under ``torchrun`` rank r attacks
 chunks r, r + world, ... and the per-example masks are gathered with ``all_gather_object``. Every random
@@ -36,11 +51,15 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .attacks import autoattack, correct, fgsm, has_routing, is_stochastic, pgd, square, transfer
+from .attacks import autoattack, correct, fgsm, pgd, square, transfer, zeroth_order
 from .attacks.common import attack_mode, model_device, seeded
+from .attacks.indicators import (NOT_STRONGER_THAN_WHITEBOX, gradient_agreement, incomplete_optimisation,
+                                 not_applicable, randomness, run_traced, selection_flip_rate, silent_success,
+                                 square_beats_whitebox, transfer_failure, unavailable_gradients,
+                                 unconstrained_failure, unstable_predictions, verdict, zero_gradient_at_start)
 from .attacks.masking import masking_checks
 from .config import AttackConfig
-from .layers import dense_gradients
+from .layers import dense_gradients, soft_gradients
 
 SUITES = ("paper", "full")
 EVAL_FILE = "eval.json"
@@ -53,34 +72,81 @@ class PlannedAttack:
     eps: float                     # 0-255 units
     params: dict                   # as reported, 0-255 units
     run: Callable[..., torch.Tensor]  # (x, y, generator, seed) -> x_adv
-    worst_case: bool = True        # counts towards the per-example worst case (attacks at cfg.eps)
+    examples: Optional[int] = None    # attack only the first N examples (the others are left clean)
+
+
+@dataclass
+class CombinedAttack:
+    """A reported row that is the per-example worst of attacks that ran (an example is robust only if it
+    survives each of ``parts``): the paper's "PGD" is the worst of the zero and the random start."""
+    name: str
+    eps: float
+    parts: tuple
 
 
 def _fmt(eps: float) -> str:
     return f"{eps:g}"
 
 
-def _pgd_attack(name, model, eps, step, steps, restarts=1, eot=1, bpda=False, worst_case=True) -> PlannedAttack:
+def _gradient_mode(bpda: Optional[str], tau: Optional[float]):
+    """The layers' backward for a BPDA attack: exact (None), the dense stand-in, or the soft selection."""
+    if bpda == "soft":
+        return soft_gradients(tau=tau)
+    return dense_gradients(bpda == "dense")
+
+
+BPDA_DESCRIPTIONS = {"dense": "dense gradients through every top-k layer",
+                     "soft": "a sigmoid relaxation of every top-k layer's selection (forward exact)"}
+
+
+def _pgd_attack(name, model, eps, step, steps, start="random", restarts=1, eot=1, bpda=None,
+                tau=None) -> PlannedAttack:
     def run(x, y, generator, seed):
-        with dense_gradients(bpda):
-            return pgd(model, x, y, eps / 255, step / 255, steps, restarts=restarts, eot_samples=eot,
+        with _gradient_mode(bpda, tau):
+            return pgd(model, x, y, eps / 255, step / 255, steps, start=start, restarts=restarts, eot_samples=eot,
                        generator=generator)
 
-    params = {"eps": eps, "step_size": step, "steps": steps, "restarts": restarts, "random_start": True}
+    params = {"eps": eps, "step_size": step, "steps": steps, "restarts": restarts, "start": start}
     if eot > 1:
         params["eot_samples"] = eot
     if bpda:
-        params["bpda"] = "dense gradients through every top-k layer"
-    return PlannedAttack(name, eps, params, run, worst_case)
+        params["bpda"] = BPDA_DESCRIPTIONS[bpda]
+        if bpda == "soft":
+            params["tau"] = "per layer from the score spread" if tau is None else tau
+    return PlannedAttack(name, eps, params, run)
 
 
-def _fgsm_attack(name, model, eps, worst_case=True) -> PlannedAttack:
-    return PlannedAttack(name, eps, {"eps": eps}, lambda x, y, g, s: fgsm(model, x, y, eps / 255), worst_case)
+def _fgsm_attack(name, model, eps) -> PlannedAttack:
+    return PlannedAttack(name, eps, {"eps": eps}, lambda x, y, g, s: fgsm(model, x, y, eps / 255))
 
 
-def plan_attacks(model: nn.Module, cfg: AttackConfig, stochastic: bool, routing: bool,
-                 surrogate: Optional[nn.Module] = None) -> tuple[list[PlannedAttack], list[tuple[float, str]]]:
-    """The attacks of ``cfg.suite`` for this model, and the eps curve as ``[(eps, attack name)]``."""
+def _zeroth_order_attack(name, model, eps, cfg: AttackConfig) -> PlannedAttack:
+    params = {"eps": eps, "steps": cfg.zo_steps, "step_size": cfg.zo_step_size, "sigma": cfg.zo_sigma,
+              "samples": cfg.zo_samples, "max_batch": cfg.zo_max_batch, "start": "zero"}
+    if cfg.zo_examples is not None:
+        params["examples"] = cfg.zo_examples
+    return PlannedAttack(name, eps, params, lambda x, y, g, s: zeroth_order(
+        model, x, y, eps / 255, steps=cfg.zo_steps, step_size=cfg.zo_step_size / 255, sigma=cfg.zo_sigma / 255,
+        samples=cfg.zo_samples, max_batch=cfg.zo_max_batch, generator=g), examples=cfg.zo_examples)
+
+
+def _paper_attacks(model, cfg: AttackConfig, eps: float, step: float, eot: bool,
+                   suffix: str = "") -> tuple[list[PlannedAttack], list[CombinedAttack]]:
+    """FGSM and PGD from both starts (reported each, and "pgd" as their per-example worst), plus EOT-PGD."""
+    steps, restarts = cfg.pgd_steps, cfg.restarts
+    plan = [_fgsm_attack(f"fgsm{suffix}", model, eps),
+            _pgd_attack(f"pgd_zero{suffix}", model, eps, step, steps, "zero", restarts),
+            _pgd_attack(f"pgd_random{suffix}", model, eps, step, steps, "random", restarts)]
+    if eot:  # without EOT a randomised defence looks stronger than it is (Athalye et al. 2018)
+        plan.append(_pgd_attack(f"eot_pgd{suffix}", model, eps, step, steps, "random", restarts,
+                                eot=cfg.eot_samples))
+    return plan, [CombinedAttack(f"pgd{suffix}", eps, (f"pgd_zero{suffix}", f"pgd_random{suffix}"))]
+
+
+def plan_attacks(model: nn.Module, cfg: AttackConfig, traits: "ModelTraits",
+                 surrogate: Optional[nn.Module] = None) -> tuple[list, list, list[tuple[float, str]]]:
+    """The attacks of ``cfg.suite`` for this model: (attacks to run, combined rows, eps curve as
+    ``[(eps, row name)]``). The adaptive attacks (EOT, BPDA) are those ``traits`` calls for."""
     if cfg.suite not in SUITES:
         raise ValueError(f"suite: expected one of {SUITES}, got {cfg.suite!r}")
     if not 0 <= cfg.eps <= 255 or any(not 0 <= e <= 255 for e in list(cfg.extra_eps) + list(cfg.eps_curve)):
@@ -88,21 +154,17 @@ def plan_attacks(model: nn.Module, cfg: AttackConfig, stochastic: bool, routing:
                          f"{cfg.eps_curve}")
     eps, step, steps = cfg.eps, cfg.pgd_step_size, cfg.pgd_steps
     ratio = step / eps if eps > 0 else 0.0   # other radii keep the paper's step/eps ratio
-    plan = [_fgsm_attack("fgsm", model, eps), _pgd_attack("pgd", model, eps, step, steps, cfg.restarts)]
-    if stochastic:  # without EOT a randomised defence looks stronger than it is (Athalye et al. 2018)
-        plan.append(_pgd_attack("eot_pgd", model, eps, step, steps, cfg.restarts, eot=cfg.eot_samples))
+    eot = "eot" in traits.adaptive
+    plan, combined = _paper_attacks(model, cfg, eps, step, eot)
     for extra in cfg.extra_eps:
         if extra != eps:
-            plan.append(_fgsm_attack(f"fgsm@{_fmt(extra)}", model, extra, worst_case=False))
-            plan.append(_pgd_attack(f"pgd@{_fmt(extra)}", model, extra, ratio * extra, steps, cfg.restarts,
-                                    worst_case=False))
-            if stochastic:
-                plan.append(_pgd_attack(f"eot_pgd@{_fmt(extra)}", model, extra, ratio * extra, steps,
-                                        cfg.restarts, eot=cfg.eot_samples, worst_case=False))
+            more, rows = _paper_attacks(model, cfg, extra, ratio * extra, eot, f"@{_fmt(extra)}")
+            plan += more
+            combined += rows
     curve: list[tuple[float, str]] = []
     if cfg.suite == "full":
-        whitebox = "eot_pgd" if stochastic else "pgd"
-        version = "rand" if stochastic else "standard"
+        whitebox = "eot_pgd" if eot else "pgd"
+        version = "rand" if traits.stochastic else "standard"
         subset = list(cfg.autoattack_attacks) or None
         plan.append(PlannedAttack(
             "autoattack", eps, {"eps": eps, "version": version, "attacks": subset,
@@ -117,24 +179,48 @@ def plan_attacks(model: nn.Module, cfg: AttackConfig, stochastic: bool, routing:
             plan.append(PlannedAttack(
                 "transfer", eps, {"eps": eps, "step_size": step, "steps": steps, "surrogate": "pgd"},
                 lambda x, y, g, s: transfer(surrogate, model, x, y, eps / 255, step / 255, steps, generator=g)))
-        if routing:
-            plan.append(_pgd_attack("bpda_pgd", model, eps, step, steps, cfg.restarts, bpda=True))
-        plan.append(_pgd_attack("pgd_2x_steps", model, eps, step, 2 * steps, cfg.restarts))
-        plan.append(_pgd_attack("pgd_2x_restarts", model, eps, step, steps, 2 * cfg.restarts))
-        eot = cfg.eot_samples if stochastic else 1
-        names = {a.name for a in plan}
+        if cfg.zo_steps > 0:
+            plan.append(_zeroth_order_attack("zeroth_order", model, eps, cfg))
+        for mode in ("dense", "soft"):
+            if f"bpda_{mode}" in traits.adaptive:
+                plan.append(_pgd_attack(f"bpda_{mode}", model, eps, step, steps, "zero", cfg.restarts, bpda=mode,
+                                        tau=cfg.bpda_soft_tau))
+        plan.append(_pgd_attack("pgd_2x_steps", model, eps, step, 2 * steps, "random", cfg.restarts))
+        plan.append(_pgd_attack("pgd_2x_restarts", model, eps, step, steps, "random", 2 * cfg.restarts))
+        names = {a.name for a in plan} | {c.name for c in combined}
         for point in sorted(set(cfg.eps_curve) | {eps}):
             if point == 0:
                 curve.append((0.0, "clean"))
             elif point == eps:
                 curve.append((point, whitebox))
-            else:
-                name = f"{whitebox}@{_fmt(point)}"
+            else:  # one start per curve point: the zero start (EOT: the random one, as above)
+                name = f"{'eot_pgd' if eot else 'pgd_zero'}@{_fmt(point)}"
                 if name not in names:
-                    plan.append(_pgd_attack(name, model, point, ratio * point, steps, cfg.restarts, eot=eot,
-                                            worst_case=False))
+                    plan.append(_pgd_attack(name, model, point, ratio * point, steps, "random" if eot else "zero",
+                                            cfg.restarts, eot=cfg.eot_samples if eot else 1))
                 curve.append((point, name))
-    return plan, curve
+    return plan, combined, curve
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    stochastic: bool
+    routing: bool
+    adaptive: tuple   # the adaptive attacks the model calls for: "eot", "bpda_dense", "bpda_soft", "zeroth_order"
+
+
+def model_traits(model: nn.Module, x_probe: torch.Tensor) -> ModelTraits:
+    """What the model is, for the attack plan, from the defence registry (:mod:`topkconv.defenses`); a forward
+    pass that is random on ``x_probe`` counts as stochastic (and calls for EOT) whatever its layers."""
+    from . import defenses
+
+    routing, stochastic = defenses.has_routing(model), defenses.is_stochastic(model)
+    adaptive = tuple(defenses.adaptive_attacks(model))
+    if not stochastic and x_probe.numel():
+        stochastic = randomness(model, x_probe, passes=2)["verdict"] == "flag"
+    if stochastic and "eot" not in adaptive:
+        adaptive += ("eot",)
+    return ModelTraits(stochastic, routing, adaptive)
 
 
 def _seed(base: int, chunk: int, name: str) -> int:
@@ -147,6 +233,23 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _run_on_first(attack: PlannedAttack, xs, ys, offset: int, generator, seed) -> torch.Tensor:
+    """The attack on a chunk starting at example ``offset``; with ``attack.examples`` only the examples
+    before that index are attacked, the others returned as they are."""
+    take = len(xs) if attack.examples is None else max(0, min(len(xs), attack.examples - offset))
+    if take == len(xs):
+        return attack.run(xs, ys, generator, seed)
+    x_adv = xs.clone()
+    if take:
+        x_adv[:take] = attack.run(xs[:take], ys[:take], generator, seed)
+    return x_adv
+
+
+def chunk_order(n_chunks: int, rank: int, world: int) -> list[int]:
+    """The chunks rank ``rank`` attacks, in order: r, r + world, ... Results must not depend on it."""
+    return list(range(rank, n_chunks, world))
 
 
 def _all_gather(obj) -> list:
@@ -182,14 +285,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
     device = model_device(model)
     with torch.no_grad(), attack_mode(model):
         num_classes = model(x[:1].to(device)).shape[1]
-    stochastic = is_stochastic(model, x[:8])
-    routing = has_routing(model)
-    plan, curve = plan_attacks(model, cfg, stochastic, routing, surrogate)
+    traits = model_traits(model, x[:8])
+    plan, combined, curve = plan_attacks(model, cfg, traits, surrogate)
 
     n = x.shape[0]
     chunks = list(range(0, n, cfg.batch_size))
     rank, world = _world()
-    mine = list(range(rank, len(chunks), world))
+    mine = chunk_order(len(chunks), rank, world)
     seconds = {attack.name: 0.0 for attack in plan}
     seconds["clean"] = 0.0
     masks: dict[int, dict[str, torch.Tensor]] = {}
@@ -212,7 +314,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
             tic = time.perf_counter()
             seed = _seed(cfg.seed, index, attack.name)
             with seeded(model, seed) as generator:
-                x_adv = attack.run(xs, ys, generator, seed)
+                x_adv = _run_on_first(attack, xs, ys, chunks[index], generator, seed)
                 robust = correct(model, x_adv, ys) & clean
             _sync(device)
             seconds[attack.name] += time.perf_counter() - tic
@@ -221,28 +323,63 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
         masks[index] = result
     bar.close()
 
-    for part in _all_gather({"masks": masks, "seconds": seconds}):
+    # The indicators that need the model run on the first examples, on rank 0; the others get its result.
+    measured = (measure_indicators(model, x, y, cfg, traits, surrogate)
+                if cfg.suite == "full" and rank == 0 else {})
+    for part in _all_gather({"masks": masks, "seconds": seconds, "indicators": measured}):
         masks.update(part["masks"])
+        measured = measured or part["indicators"]
         for name, value in part["seconds"].items():  # ranks run side by side: the slowest sets the time
             seconds[name] = max(seconds[name], value)
     merged = {name: torch.cat([masks[i][name] for i in range(len(chunks))])
               for name in ["clean"] + [a.name for a in plan]}
+    eps_of = {a.name: a.eps for a in plan}
+    attacks = {a.name: {"params": a.params} for a in plan}
+    for row in combined:
+        merged[row.name] = torch.stack([merged[part] for part in row.parts]).all(0)
+        seconds[row.name] = sum(seconds[part] for part in row.parts)
+        eps_of[row.name] = row.eps
+        attacks[row.name] = {"params": {"eps": row.eps, "worst_of": list(row.parts)}}
     acc = {name: mask.sum().item() / n for name, mask in merged.items()}  # exact counts, in double
+    for name, entry in attacks.items():
+        entry.update(accuracy=acc[name], n=n, seconds=seconds[name])
+    # An attack run on the first m examples only is compared with the others on those m examples.
+    subsets = {}
+    for attack in plan:
+        if attack.examples is not None and attack.examples < n:
+            m = attack.examples
+            subset = {name: mask[:m].sum().item() / m for name, mask in merged.items()}
+            attacks[attack.name]["accuracy_on_attacked"] = subset[attack.name]
+            attacks[attack.name]["n_attacked"] = m
+            subsets[attack.name] = (subset, m)
 
-    attacks = {a.name: {"accuracy": acc[a.name], "params": a.params, "n": n, "seconds": seconds[a.name]}
-               for a in plan}
-    worst_names = [a.name for a in plan if a.worst_case]
-    worst = merged["clean"].clone()
-    for name in worst_names:
-        worst &= merged[name]
+    worst_cases = []
+    for eps in sorted(set(eps_of.values())):
+        names = [a.name for a in plan if a.eps == eps]
+        worst = merged["clean"].clone()
+        for name in names:
+            worst &= merged[name]
+        merged[f"worst_case@{_fmt(eps)}"] = worst
+        worst_cases.append({"eps": eps, "accuracy": worst.sum().item() / n, "attacks": names, "n": n})
+    main_worst = next(w for w in worst_cases if w["eps"] == cfg.eps)
+    merged["worst_case"] = merged[f"worst_case@{_fmt(cfg.eps)}"]
+    # Per example, "1" = classified correctly (clean) or robust, in the order of x: what paired statistics
+    # over seeds and examples (topkconv.reproduce) resample.
+    per_example = {name: "".join("1" if bit else "0" for bit in mask.tolist()) for name, mask in merged.items()}
     eps_curve = [{"eps": eps, "accuracy": acc[name], "attack": name} for eps, name in curve]
-    whitebox = "eot_pgd" if stochastic else "pgd"
-    checks = masking_checks(acc, n, num_classes, eps_curve, routing=routing, whitebox=whitebox)
+    whitebox = "eot_pgd" if "eot" in traits.adaptive else "pgd"
+    checks = masking_checks(acc, n, num_classes, eps_curve, routing=traits.routing, whitebox=whitebox)
     if cfg.suite == "paper":
         # Only check 1 has its numbers in the paper suite; say so rather than leave the others blank.
         for name, check in checks.items():
             if check["verdict"] == "n/a" and name != "bpda_not_stronger":
                 check["reason"] = "not run in the paper suite; use --suite full"
+    at_eps = {name: value for name, value in acc.items() if eps_of.get(name) == cfg.eps}
+    found = dict(measured)
+    if cfg.suite == "full":
+        white = [name for name in at_eps if name not in NOT_STRONGER_THAN_WHITEBOX]
+        found["square_beats_whitebox"] = square_beats_whitebox(at_eps, white, n)
+    found.update(checks)
     return {
         "units": "eps and step sizes in 0-255 units; accuracies are fractions of n",
         "suite": cfg.suite,
@@ -251,15 +388,69 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
         "seed": cfg.seed,
         "clean": acc["clean"],
         "attacks": attacks,
-        "worst_case": {"accuracy": worst.sum().item() / n, "attacks": worst_names, "eps": cfg.eps,
-                       "n": n},
+        "worst_case": main_worst,
+        "worst_cases": worst_cases,
+        "verdict": verdict(at_eps, found, ["pgd", "eot_pgd"], n, subsets),
+        "indicators": found,
+        "indicator_examples": min(n, cfg.indicator_examples) if cfg.suite == "full" else 0,
         "masking_checks": checks,
         "eps_curve": eps_curve,
-        "model": {"stochastic": stochastic, "routing": routing, "num_classes": num_classes},
+        "per_example": per_example,
+        "model": {"stochastic": traits.stochastic, "routing": traits.routing, "num_classes": num_classes,
+                  "adaptive_attacks": list(traits.adaptive)},
         "config": dataclasses.asdict(cfg),
         "timings": {"total_seconds": time.perf_counter() - started, "clean_seconds": seconds["clean"],
                     "world_size": world, "device": str(device)},
     }
+
+
+def measure_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig,
+                       traits: ModelTraits, surrogate: Optional[nn.Module] = None) -> dict:
+    """The indicators that run the model, on the first ``cfg.indicator_examples`` examples, each seeded
+    and timed (``seconds``); see :mod:`topkconv.attacks.indicators`."""
+    m = min(x.shape[0], cfg.indicator_examples)
+    device = model_device(model)
+    xi, yi = x[:m].to(device), y[:m].to(device)
+    eps, steps = cfg.eps / 255, cfg.indicator_steps
+    step = 2.5 * eps / max(steps, 1)   # Madry et al.'s rule: 2.5 x eps of travel over the steps
+
+    def traced_pgd(xs, ys, trace):
+        return pgd(model, xs, ys, eps, step, steps, start="zero", loss="margin", trace=trace)
+
+    runs: dict = {}
+
+    def traced(kind):
+        if "run" not in runs:
+            runs["run"] = run_traced(model, traced_pgd, xi, yi)
+        return kind(runs["run"])
+
+    def transferred(g):
+        if surrogate is None:
+            return not_applicable("needs a surrogate (--surrogate)")
+        x_adv = transfer(surrogate, model, xi, yi, eps, cfg.pgd_step_size / 255, cfg.pgd_steps, generator=g)
+        return transfer_failure(model, surrogate, xi, yi, x_adv)
+
+    draws, batch = cfg.indicator_draws, cfg.zo_max_batch
+    measures = {
+        "unavailable_gradients": lambda g: unavailable_gradients(model, xi, yi),
+        "unstable_predictions": lambda g: unstable_predictions(model, xi, yi, 8 / 255, draws, batch, g),
+        "silent_success": lambda g: traced(silent_success),
+        "incomplete_optimisation": lambda g: traced(incomplete_optimisation),
+        "transfer_failure": transferred,
+        "unconstrained_failure": lambda g: unconstrained_failure(model, xi, yi, steps, g),
+        "randomness": lambda g: randomness(model, xi),
+        "zero_gradient_at_start": lambda g: zero_gradient_at_start(model, xi, yi, eps, g),
+        "selection_flip_rate": lambda g: selection_flip_rate(model, xi, 1 / 255, 4, g),
+        "gradient_agreement": lambda g: gradient_agreement(model, xi, yi, 1 / 255, draws, batch, g),
+    }
+    found = {}
+    for name, measure in measures.items():
+        tic = time.perf_counter()
+        with seeded(model, _seed(cfg.seed, -1, name)) as generator:
+            found[name] = measure(generator)
+        _sync(device)
+        found[name]["seconds"] = time.perf_counter() - tic
+    return found
 
 
 def plot_accuracy_vs_eps(result: dict, title: str = "") -> bytes:
@@ -279,7 +470,7 @@ def plot_accuracy_vs_eps(result: dict, title: str = "") -> bytes:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
     eps = result["worst_case"]["eps"]
-    for name in ("fgsm", "autoattack", "square", "transfer", "bpda_pgd"):
+    for name in ("fgsm", "autoattack", "square", "transfer", "zeroth_order", "bpda_dense", "bpda_soft"):
         if name in result["attacks"]:
             ax.plot([eps], [result["attacks"][name]["accuracy"]], "x", label=name)
     ax.plot([eps], [result["worst_case"]["accuracy"]], "k*", label="worst case")
@@ -304,17 +495,23 @@ def plot_path(out: Path) -> Path:
 
 
 def write_results(result: dict, out: Path, title: str = "") -> None:
-    """``out`` (eval.json) and its accuracy-vs-eps plot beside it (:func:`plot_path`), both atomically."""
-    from .io import atomic_write_bytes, atomic_write_json
+    """``out`` (eval.json), its Markdown (the same name with ``.md``: the verdict line first, then every
+    attack and indicator) and its accuracy-vs-eps plot (:func:`plot_path`), each atomically."""
+    from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from .report import render_evaluation
 
+    out = Path(out)
     atomic_write_json(out, result)
+    atomic_write_text(out.with_suffix(".md"), render_evaluation(result, title))
     atomic_write_bytes(plot_path(out), plot_accuracy_vs_eps(result, title))
 
 
 def evaluate_run(run_dir, suite: str = "paper", surrogate_dir=None, n_examples: Optional[int] = None,
                  eps: Optional[float] = None, out=None, overrides: Optional[dict] = None,
-                 device: str = "auto", progress: bool = True) -> dict:
+                 device: str = "auto", progress: bool = True, allow_unfinished: bool = False) -> dict:
     """Evaluate the checkpoint in ``run_dir``; write ``eval.json`` (or ``out``) and ``acc-vs-eps.png`` beside it.
+
+    ``allow_unfinished`` evaluates the last finished epoch of a run that stopped early.
 
     The attack settings are the run's ``spec.attack`` with ``suite``, ``n_examples``, ``eps`` and any
     ``overrides`` (AttackConfig field names) applied. Under ``torchrun`` the ranks share the work and rank 0
@@ -327,7 +524,7 @@ def evaluate_run(run_dir, suite: str = "paper", surrogate_dir=None, n_examples: 
 
     ctx = distributed.setup(device)
     try:
-        model, spec = load_checkpoint(run_dir)
+        model, spec = load_checkpoint(run_dir, allow_unfinished=allow_unfinished)
         model.to(ctx.device)
         changes = dict(overrides or {}, suite=suite)
         if n_examples is not None:
@@ -349,6 +546,36 @@ def evaluate_run(run_dir, suite: str = "paper", surrogate_dir=None, n_examples: 
         if ctx.is_main:
             path = Path(out) if out is not None else _run_folder(run_dir) / EVAL_FILE
             write_results(result, path, title=f"{spec.name} ({cfg.suite} suite, n = {result['n']})")
+        distributed.barrier(ctx)
+        return result
+    finally:
+        distributed.teardown(ctx)
+
+
+def evaluate_user_model(factory: str, weights, data, cfg: AttackConfig, out=None, surrogate_dir=None,
+                        device: str = "auto", progress: bool = True) -> dict:
+    """Evaluate a model from the user's own code: ``factory`` (``"package.module:factory"`` or
+    ``"file.py:factory"``) builds it, ``weights`` (a safetensors file, never a pickle) fills it, and it is
+    attacked on the test split of ``data`` (a :class:`~topkconv.config.DataConfig`) with ``cfg``; the result
+    goes to ``out`` (eval.json and its plot) when given. The model takes images in [0, 1] (normalisation
+    inside) at ``data.image_size``."""
+    from . import distributed
+    from .checkpoint import load_checkpoint
+    from .data import load_data
+    from .io import environment_info
+    from .user_model import build_user_model
+
+    ctx = distributed.setup(device)
+    try:
+        model = build_user_model(factory, weights).to(ctx.device)
+        x, y = load_data(data).test_tensors(limit=cfg.n_examples)
+        surrogate = load_checkpoint(surrogate_dir)[0].to(ctx.device) if surrogate_dir is not None else None
+        result = evaluate(model, x, y, cfg, surrogate=surrogate, progress=progress)
+        result["run"] = {"factory": factory, "weights": str(weights), "data": dataclasses.asdict(data),
+                         "surrogate": str(surrogate_dir) if surrogate_dir is not None else None}
+        result["env"] = environment_info()
+        if ctx.is_main and out is not None:
+            write_results(result, Path(out), title=f"{factory} ({cfg.suite} suite, n = {result['n']})")
         distributed.barrier(ctx)
         return result
     finally:

@@ -6,8 +6,8 @@
   the true class, on each model's own adversarial images.
 * Routing statistics (:func:`routing_statistics`): for every routing layer, which inputs each output
   really selects across the test set, per true class, and how much the classes' routes overlap.
-  The selections are recomputed from the layer's weights and its input (captured with a forward hook)
-  through the same :mod:`topkconv.functional` helpers the layers use, so they are the layer's own.
+  The selections come from each layer's own ``selection_mask`` on its input (captured with a forward
+  hook), computed by the same kernel as its forward pass.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional as TF
 from .attacks.common import attack_mode
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .layers import TopKConv2d, TopKLinear, TopKNeuronConv2d
+from .layers import TopKConv2d
 
 
 def _matplotlib():
@@ -61,34 +60,35 @@ def _show(ax, image: torch.Tensor, title: str = "", cmap: Optional[str] = None) 
 # ---------------------------------------------------------------- routing selections
 
 def selection_mask(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Boolean routes of ``layer`` on input ``x``: (B, outputs, inputs).
+    """Boolean routes of ``layer`` on input ``x``: (B, outputs, inputs), from the layer's own
+    ``selection_mask`` (the same kernel as its forward pass).
 
     TopKLinear: the k (weight, input) products summed per output unit. TopKConv2d: the k input
     channels summed per output channel. TKC-neuron selects output channels only, so it has a single
     "output" whose inputs are the layer's output channels: (B, 1, out_channels).
     """
+    if not is_routing_layer(layer):
+        raise ValueError(f"selection_mask: {type(layer).__name__} is not a routing layer (it has no selection_mask)")
     with torch.no_grad():
-        if isinstance(layer, TopKLinear):
-            products = x.reshape(x.shape[0], -1).unsqueeze(1) * layer.weight.unsqueeze(0)
-            if layer.positive_only:
-                # only positive products count under |R| <= k; zero ones are never a real route
-                products = products.clamp(min=0)
-            chosen = products.topk(layer.k, dim=-1, sorted=False).indices
-            mask = torch.zeros(products.shape, dtype=torch.bool, device=x.device).scatter_(-1, chosen, True)
-            return mask & (products > 0) if layer.positive_only else mask
-        if isinstance(layer, TopKConv2d):
-            maps = TF.channel_maps(x, layer.weight, layer.stride, layer.padding, layer.dilation)
-            chosen = TF.channel_scores(maps, layer.criterion).topk(layer.k, dim=2, sorted=False).indices
-            return torch.zeros(maps.shape[:3], dtype=torch.bool, device=x.device).scatter_(2, chosen, True)
-        if isinstance(layer, TopKNeuronConv2d):
-            dense = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
-            return TF.topk_channel_mask(dense, layer.k, layer.criterion).bool().unsqueeze(1)
-    raise ValueError(f"selection_mask: {type(layer).__name__} is not a routing layer")
+        mask = layer.selection_mask(x)
+    return mask.unsqueeze(1) if mask.dim() == 2 else mask
+
+
+def is_routing_layer(module: nn.Module) -> bool:
+    """Whether ``module`` exposes its routing (a ``selection_mask(x)`` method, as every routing layer does)."""
+    return callable(getattr(module, "selection_mask", None))
 
 
 def routing_layers(model: nn.Module) -> dict:
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, (TopKLinear, TopKConv2d, TopKNeuronConv2d))}
+    return {name: module for name, module in model.named_modules() if is_routing_layer(module)}
+
+
+def _routing_kind(layer: nn.Module) -> str:
+    """The registry name of the defence that inserts ``layer`` (its class name if none does)."""
+    from .defenses import REGISTRY
+
+    return next((d.name for d in REGISTRY.values() if d.layer_types and isinstance(layer, d.layer_types)),
+                type(layer).__name__)
 
 
 @dataclass
@@ -132,8 +132,7 @@ def collect_routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_class
     for name, layer in layers.items():
         if name not in counts:
             continue  # a layer the forward pass never reached
-        kind = {TopKLinear: "dynamic_k", TopKConv2d: "topk_conv", TopKNeuronConv2d: "tkc_neuron"}[type(layer)]
-        route = LayerRoutes(name, kind, layer.k, counts[name], per_class)
+        route = LayerRoutes(name, _routing_kind(layer), layer.k, counts[name], per_class)
         route.summary = summarize_routes(route)
         routes[name] = route
     return routes
@@ -347,4 +346,77 @@ def figure4_gradcam(models: dict, x: torch.Tensor, y: torch.Tensor, adversarial:
             _show(ax, x_adv[i], f"{label}: pred {name(int(predicted[i]))}")
             ax.imshow(cam[i].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
     fig.suptitle("Figure 4: GradCAM for the true class on adversarial images", fontsize=9)
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- tables over seeds, and sweeps
+
+def interval_bars(summary: dict, paper: dict, path, title: str = "", row_names: Optional[dict] = None) -> str:
+    """A grouped bar chart of a table over seeds: one group per measure, one bar per column at its mean,
+    the 95% interval as an error bar, each seed's value as a dot, and the paper's number as a black bar.
+
+    ``summary`` is :func:`topkconv.reproduce.tables.summarise`'s ``{"measures", "cells"}``; ``paper`` maps
+    a column and a measure to the paper's number (or None).
+    """
+    plt = _matplotlib()
+    measures = list(summary["measures"])
+    labels = list(summary["cells"])
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(measures) * max(1, len(labels)) * 0.45 + 2), 3.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, label in enumerate(labels):
+        colour = colours[j % len(colours)]
+        for i, measure in enumerate(measures):
+            cell = summary["cells"][label].get(measure)
+            x = i - 0.4 + width * (j + 0.5)
+            if cell is not None:
+                ax.bar(x, cell["mean"], width * 0.9, color=colour, alpha=0.55, label=label if i == 0 else None)
+                ax.errorbar(x, cell["mean"], yerr=[[cell["mean"] - cell["lo"]], [cell["hi"] - cell["mean"]]],
+                            color="black", capsize=2, lw=0.8)
+                seeds = cell["per_seed"]
+                offsets = [width * 0.25 * (k - (len(seeds) - 1) / 2) / max(1, len(seeds) - 1) for k in range(len(seeds))]
+                ax.scatter([x + o for o in offsets], seeds, s=7, color=colour, edgecolor="black", linewidth=0.4,
+                           zorder=3)
+            value = (paper.get(label) or {}).get(measure)
+            if value is not None:
+                ax.hlines(value, x - width * 0.45, x + width * 0.45, color="black", lw=1.6, zorder=4,
+                          label="paper" if not any(t.get_label() == "paper" for t in ax.collections) else None)
+    ax.set_xticks(range(len(measures)))
+    ax.set_xticklabels([(row_names or {}).get(m, m) for m in measures], fontsize=7, rotation=15)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=min(len(labels) + 1, 6), loc="upper center", bbox_to_anchor=(0.5, -0.2),
+              frameon=False)  # below the axes: clean accuracies reach the top
+    return save_figure(fig, path)
+
+
+def sweep_plot(values: list, series: dict, path, title: str = "", xlabel: str = "value") -> str:
+    """One panel per measure: the mean and its 95% interval against the swept value, one line per column,
+    each seed's value as a dot. ``series[measure][label]`` is a list (one per value) of
+    ``{"mean", "lo", "hi", "per_seed"}`` dicts or None."""
+    plt = _matplotlib()
+    measures = list(series)
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.2 * len(measures), 3.2), squeeze=False)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = list(values) if numeric else list(range(len(values)))
+    for ax, measure in zip(axes[0], measures):
+        for label, cells in series[measure].items():
+            points = [(x, c) for x, c in zip(xs, cells) if c is not None]
+            if not points:
+                continue
+            line = ax.errorbar([x for x, _ in points], [c["mean"] for _, c in points],
+                               yerr=[[c["mean"] - c["lo"] for _, c in points], [c["hi"] - c["mean"] for _, c in points]],
+                               marker="o", capsize=3, lw=1, label=label)
+            for x, c in points:
+                ax.scatter([x] * len(c["per_seed"]), c["per_seed"], s=6, color=line[0].get_color(), alpha=0.6)
+        ax.set_title(measure, fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        if not numeric:
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(v) for v in values], fontsize=7)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

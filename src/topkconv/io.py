@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from .errors import UserError
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -30,11 +32,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.filename is None:  # a full disk: say which file could not be written
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
 
 
@@ -79,9 +83,14 @@ def _parse_file(path: PathLike, what: str, kind: str, parse, error: type) -> Any
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return parse(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the {kind} file as "
+                        f"UTF-8") from None
+    try:
+        return parse(text)
     except error as err:
-        raise ValueError(f"{path}: not valid {kind}: {err}") from None
+        raise UserError(f"{path}: not valid {kind}: {err}") from None
 
 
 def read_json(path: PathLike, what: str = "file") -> Any:
@@ -96,6 +105,22 @@ def read_toml(path: PathLike, what: str = "file") -> dict:
     except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
         import tomli as tomllib
     return _parse_file(path, what, "TOML", tomllib.loads, tomllib.TOMLDecodeError)
+
+
+def check_writable_file(path: PathLike, what: str = "output file") -> Path:
+    """Fail before any compute if ``path`` cannot be written: it names a folder, or its folder cannot be
+    created or written. Creates the folder; leaves no file behind. Returns ``path`` as a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a folder; expected a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{what} {path}: cannot write there ({err.strerror or err})") from None
+    return path
 
 
 def environment_info() -> dict:

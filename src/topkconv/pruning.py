@@ -20,20 +20,20 @@ Choices the paper leaves open, made here:
   are pruned but stay frozen, so nothing can compensate for the lost conv weights: on vgg-small/digits
   (clean 0.994) all layers at 0.9 fell to 0.10 and at 0.5 kept 0.967, while ``final2`` at 0.9 kept 0.989.
 * The fine-tuning learning rate defaults to a tenth of the training one
-  (``DefenseConfig.prune_lr`` overrides it).
+  (the ``pruned`` defence's ``prune_lr`` overrides it).
 
 At the end the masks are made permanent (``prune.remove``): the checkpoint holds plain weights with
 exact zeros, loads into the standard architecture, and its ``run.json`` reports the measured sparsity
 of every pruned layer under ``extra["sparsity"]``.
 
-"Pruning + LogitAug" (Table I) is neither defined nor cited by the paper; it is deliberately not
-reproduced, and :data:`NOT_REPRODUCED` carries the note the reports print for it.
+The options (scope, sparsity, epochs, lr) are the ``pruned`` defence's config
+(:mod:`topkconv.defenses.pruned`), whose architecture is the standard one. "Pruning + LogitAug" (Table I)
+is neither defined nor cited by the paper; the table specs mark it not reproduced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -43,11 +43,8 @@ from typing import Callable, Iterator, Optional
 from torch import nn
 from torch.nn.utils import prune
 
-from .config import RunSpec
-
-NOT_REPRODUCED = {"Pruning + LogitAug": "not reproduced: undefined in the paper"}
-
-PRUNE_SCOPES = ("final", "final2", "all")
+from .config import RunSpec, defense_config
+from .defenses.pruned import PRUNE_SCOPES
 
 # Fine-tuning starts from a converged model; a tenth of the training rate keeps it near that optimum.
 FINE_TUNE_LR_SCALE = 0.1
@@ -222,8 +219,8 @@ def pruned_spec(source: RunSpec, scope: str, sparsity: float, epochs: int,
     """The spec of a pruned copy of the standard run ``source``: its data, model and training, plus pruning."""
     check_scope(scope)
     _check_sparsity("sparsity", sparsity)
-    defense = dataclasses.replace(source.model.defense, kind="pruned", prune_scope=scope,
-                                  prune_sparsity=float(sparsity), prune_epochs=epochs, prune_lr=lr)
+    defense = defense_config("pruned", prune_scope=scope, prune_sparsity=float(sparsity), prune_epochs=epochs,
+                             prune_lr=lr)
     model = dataclasses.replace(source.model, defense=defense)
     return dataclasses.replace(source, model=model, name=name or f"{source.name}-pruned-{scope}")
 
@@ -237,26 +234,21 @@ def _model_without_defense(spec: RunSpec) -> dict:
 def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn.Module, dict]:
     """Prune the trained standard run ``source`` as ``spec.model.defense`` says, into ``out_dir``.
 
-    ``spec`` is the pruned run's spec (``defense.kind == "pruned"``; :func:`pruned_spec` makes one from the
+    ``spec`` is the pruned run's spec (the defence ``"pruned"``; :func:`pruned_spec` makes one from the
     source's). Fine-tuning reuses :func:`topkconv.train.train_epochs` on ``spec.train``'s optimizer
     settings (no warm-up, cosine or step over the pruning epochs). Writes ``out_dir/model.safetensors``,
     ``run.json`` (``extra["sparsity"]``: measured sparsity per pruned layer; ``extra["prune"]``: the
     summary) and ``metrics.jsonl``; returns ``(model in eval mode, summary)``.
     """
     from . import distributed, train
-    from .checkpoint import load_checkpoint, read_run_json, save_checkpoint
+    from .checkpoint import METRICS_FILE, clear_run, load_checkpoint, read_run_json, save_checkpoint
     from .data import load_data
     from .io import append_jsonl
 
     defense = spec.model.defense
     if defense.kind != "pruned":
         raise ValueError(f"spec {spec.name!r}: model.defense.kind must be 'pruned' to prune, got {defense.kind!r}")
-    check_scope(defense.prune_scope)
-    _check_sparsity("model.defense.prune_sparsity", defense.prune_sparsity)
-    if not isinstance(defense.prune_epochs, int) or defense.prune_epochs < 1:
-        raise ValueError(f"model.defense.prune_epochs: expected a positive int, got {defense.prune_epochs!r}")
-    if defense.prune_lr is not None and not defense.prune_lr > 0:
-        raise ValueError(f"model.defense.prune_lr: expected a positive learning rate, got {defense.prune_lr!r}")
+    dataclasses.replace(defense)  # re-runs the config's own checks of scope, sparsity, epochs and lr
     train.check_train_config(spec.train)
     model, source_spec = load_checkpoint(source)  # errors name the missing or broken file
     source_dir = Path(source) if Path(source).is_dir() else Path(source).parent
@@ -273,12 +265,13 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn
         raise ValueError(f"{source_dir}: its model ({_model_without_defense(source_spec)}) differs from the "
                          f"one spec {spec.name!r} describes ({_model_without_defense(resolved)})")
 
-    device = distributed.pick_device(spec.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    process = distributed.context()
+    device = distributed.pick_device(spec.train.device, process.local_rank)
     model.to(device)
-    writes = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank computes the same; one writes
+    writes = process.is_main  # under torchrun every rank computes the same; one writes
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
-        train._clear_run(out_dir)
+        clear_run(out_dir)
     start = time.perf_counter()
     eval_limit = spec.train.eval_examples
     acc_before = train.evaluate_accuracy(model, splits.test, batch_size=spec.train.batch_size, device=device,
@@ -296,7 +289,7 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn
 
     def log_epoch(record):
         if writes:
-            append_jsonl(out_dir / train.METRICS_FILE, record)
+            append_jsonl(out_dir / METRICS_FILE, record)
         if progress:
             mean = sum(record["sparsity"].values()) / len(record["sparsity"])
             print(f"prune epoch {record['epoch']}/{defense.prune_epochs}: sparsity {mean:.3f}, loss "

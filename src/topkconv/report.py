@@ -3,7 +3,8 @@
 The paper's numbers are the published constants in :data:`PAPER` (CINIC-10, VGG16, eps = 8/255),
 always shown in columns labelled "paper". Ours come from the ``eval.json`` dicts that
 :func:`topkconv.evaluate.evaluate` returns: the clean accuracy, the paper's FGSM and PGD, the same at
-any larger eps of the spec, the strong-suite worst case and the gradient-masking flags.
+any larger eps of the spec, the strong-suite worst case, the masking indicators' flags and one masking
+verdict per model in the report's first lines. :func:`render_evaluation` is the Markdown of one ``eval.json``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Table:
     rows: list
     notes: list = field(default_factory=list)
     decimals: int = 3
+    headline: list = field(default_factory=list)   # lines shown first: one masking verdict per model
 
 
 # ---------------------------------------------------------------- reading eval dicts
@@ -97,14 +99,36 @@ def worst_case(result: dict, eps: float) -> Optional[float]:
 
 
 def masking_flags(result: dict) -> list:
-    """The gradient-masking checks whose verdict is ``flag``, as ``name@eps``."""
+    """The masking indicators (the five checks among them) whose verdict is ``flag``, as ``name@eps``."""
     flagged = []
     for part in _parts(result)[1]:
         eps = (part.get("worst_case") or {}).get("eps")
-        for name, check in (part.get("masking_checks") or {}).items():
+        for name, check in (part.get("indicators") or part.get("masking_checks") or {}).items():
             if isinstance(check, dict) and check.get("verdict") == "flag":
                 flagged.append(f"{name}@{eps:g}" if isinstance(eps, (int, float)) else name)
     return sorted(set(flagged))
+
+
+def masking_verdicts(result: dict) -> list:
+    """The strong suite's one-line verdict at each of its eps, as ``"eps=E: text"``."""
+    lines = []
+    for part in _parts(result)[1]:
+        text = (part.get("verdict") or {}).get("text")
+        eps = (part.get("worst_case") or {}).get("eps")
+        if text and part.get("suite") == "full":
+            lines.append(f"eps={eps:g}: {text}" if isinstance(eps, (int, float)) else text)
+    return lines
+
+
+def verdict_headline(labels: list, results: dict) -> list:
+    """One line per model: its masking verdicts (the first lines of a table's report)."""
+    lines = []
+    for label in labels:
+        result = results.get(label)
+        verdicts = masking_verdicts(result) if result is not None else []
+        if verdicts:
+            lines.append(f"{label}: " + "; ".join(verdicts))
+    return lines
 
 
 # ---------------------------------------------------------------- building tables
@@ -147,7 +171,7 @@ def attack_table(name: str, title: str, labels: list, results: dict, eps_list: l
     notes = list(notes or [])
     for label, reason in not_reproduced.items():
         notes.append(f"{label}: not reproduced: {reason}.")
-    return Table(name, title, header, rows, notes)
+    return Table(name, title, header, rows, notes, headline=verdict_headline(labels, results))
 
 
 def pruning_table(title: str, labels: list, results: dict, eps: float,
@@ -177,7 +201,8 @@ def pruning_table(title: str, labels: list, results: dict, eps: float,
                     + [percent(clean_accuracy(result))]
                     + [percent(worst_case(result, e)) for e in strong]
                     + [", ".join(masking_flags(result)) or "none"])
-    return Table("table2", title, header, rows, list(notes or []), decimals=1)
+    return Table("table2", title, header, rows, list(notes or []), decimals=1,
+                 headline=verdict_headline(labels, results))
 
 
 # ---------------------------------------------------------------- rendering
@@ -192,6 +217,8 @@ def _cell(value: Any, decimals: int) -> str:
 
 def render_markdown(table: Table, meta: dict) -> str:
     lines = [f"# {table.title}", ""]
+    if table.headline:
+        lines += ["**Masking verdicts** (strong suite):", ""] + [f"- {line}" for line in table.headline] + [""]
     for key, value in meta.items():
         lines.append(f"- **{key}**: {value}")
     lines += [f"- **paper columns**: {PAPER_SETTING}", ""]
@@ -244,7 +271,8 @@ def render_console(table: Table) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                 for i, (c, w) in enumerate(zip(row, widths)))
-    lines = [table.title, fmt(cells[0]), "  ".join("-" * w for w in widths)]
+    lines = [table.title] + [f"  masking: {line}" for line in table.headline]
+    lines += [fmt(cells[0]), "  ".join("-" * w for w in widths)]
     lines += [fmt(row) for row in cells[1:]]
     lines += [f"  {note}" for note in table.notes]
     lines.append(f"  (paper: {PAPER_SETTING})")
@@ -259,3 +287,39 @@ def write_table(reports_dir, table: Table, meta: dict) -> dict:
     atomic_write_text(md, render_markdown(table, meta))
     atomic_write_text(csv_path, render_csv(table))
     return {"md": str(md), "csv": str(csv_path)}
+
+
+# ---------------------------------------------------------------- one evaluation (eval.json) as Markdown
+
+def _number(value, decimals: int = 3) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.{decimals}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{decimals}f}"
+    return str(value)
+
+
+def render_evaluation(result: dict, title: str = "") -> str:
+    """Markdown of one ``eval.json``: the verdict line first, then the worst case per eps, each attack and
+    each indicator with its value, threshold and verdict."""
+    verdict = (result.get("verdict") or {}).get("text", "no verdict (an older eval.json)")
+    lines = [f"# {title or 'Robustness evaluation'}", "", f"**Verdict: {verdict}**", "",
+             f"- suite: {result['suite']}; n = {result['n']}; clean accuracy {_number(result['clean'])}",
+             f"- model: " + ", ".join(f"{k} {v}" for k, v in (result.get("model") or {}).items()), ""]
+    lines += ["## Worst case per eps (an example counts only if it survives every attack at that eps)", "",
+              "| eps | accuracy | attacks |", "|---|---|---|"]
+    for worst in result.get("worst_cases") or [result["worst_case"]]:
+        lines.append(f"| {worst['eps']:g} | {_number(worst['accuracy'])} | {', '.join(worst['attacks'])} |")
+    lines += ["", "## Attacks", "", "| attack | eps | accuracy | seconds |", "|---|---|---|---|"]
+    for name, entry in result["attacks"].items():
+        lines.append(f"| {name} | {entry['params'].get('eps', MISSING)} | {_number(entry['accuracy'])} | "
+                     f"{entry['seconds']:.1f} |")
+    indicators = result.get("indicators") or result.get("masking_checks") or {}
+    examples = result.get("indicator_examples")
+    lines += ["", "## Masking indicators" + (f" (model-run ones on the first {examples} examples)" if examples else ""),
+              "", "| indicator | value | threshold | verdict |", "|---|---|---|---|"]
+    for name, entry in indicators.items():
+        note = f" ({entry['reason']})" if entry.get("reason") else ""
+        lines.append(f"| {name} | {_number(entry.get('value'))} | {_number(entry.get('threshold'))} | "
+                     f"{entry.get('verdict')}{note} |")
+    return "\n".join(lines) + "\n"

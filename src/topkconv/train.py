@@ -5,8 +5,10 @@ High level
     ``model.safetensors`` and the training state after every epoch, ``metrics.jsonl`` (one line per
     epoch: loss, train and test accuracy, lr, seconds) and, when the last epoch is done, ``run.json``
     (:mod:`topkconv.checkpoint`). ``resume=True`` continues a killed run from its last finished epoch and
-    ends with the same weights as an uninterrupted run. Under ``torchrun`` it trains data-parallel
-    (:mod:`topkconv.distributed`); only rank 0 writes.
+    ends with the same weights as an uninterrupted run; with more ``train.epochs`` it extends a finished
+    run. A finished run is never replaced unless ``force=True``, and then only once the new run has
+    finished its first epoch. Rank 0 holds the folder's lock throughout. Under ``torchrun`` it trains
+    data-parallel (:mod:`topkconv.distributed`); only rank 0 writes.
 
 Reusable pieces
     * :func:`resolve_spec` fills the model fields the data decides (channels, classes, size, mean/std).
@@ -44,7 +46,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import contextlib
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -56,12 +60,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import MODEL_FILE, RUN_FILE, STATE_FILE, save_checkpoint, unwrap
+from .checkpoint import (METRICS_FILE, MODEL_FILE, RUN_FILE, STAGING_DIR, STATE_DIR, STATE_FILE, clear_run,
+                         is_complete, replace_run, run_files, run_lock, save_checkpoint, save_weights, unwrap)
 from .config import RunSpec, TrainConfig
+from .errors import UserError
 from .io import append_jsonl, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 
-STATE_DIR = "state"
-METRICS_FILE = "metrics.jsonl"
 SCHEDULES = ("cosine", "step")
 
 
@@ -89,6 +93,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"train.lr must be a positive number, got {cfg.lr!r}")
     if cfg.schedule == "step" and cfg.step_size < 1:
         raise ValueError(f"train.step_size must be at least 1, got {cfg.step_size!r}")
+    if not cfg.warmup_epochs >= 0 or not math.isfinite(cfg.warmup_epochs):
+        raise ValueError(f"train.warmup_epochs must be 0 or more, got {cfg.warmup_epochs!r}")
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: Optional[float] = None) -> torch.optim.SGD:
@@ -290,20 +296,41 @@ def save_training_state(run_dir: Path, model: nn.Module, optimizer, scheduler, e
 
 
 def load_training_state(run_dir: Path) -> Optional[dict]:
-    """The committed state of ``run_dir`` with tensors filled in, or None when no epoch was committed."""
+    """The committed state of ``run_dir`` with tensors filled in, or None when no epoch was committed.
+
+    A damaged state (bad JSON, a missing or torn tensor file, missing entries) is an error naming the file.
+    """
     from safetensors.torch import load_file
 
     state_file = run_dir / STATE_FILE
     if not state_file.is_file():
         return None
-    state = read_json(state_file)
-    tensor_file = run_dir / state["tensors"]
+    damaged = "the training state is damaged; start the run again with --force (without --resume)"
+    state = read_json(state_file, "training state")
+    try:
+        tensor_file = run_dir / state["tensors"]
+    except (KeyError, TypeError):
+        raise UserError(f"{state_file}: no 'tensors' entry; {damaged}") from None
     if not tensor_file.is_file():
-        raise FileNotFoundError(f"{tensor_file} not found (named by {state_file})")
-    tensors = load_file(tensor_file)
-    state["model"] = _decode(state["model"], tensors)
-    state["optimizer"] = _decode(state["optimizer"], tensors)
+        raise FileNotFoundError(f"{tensor_file} not found (named by {state_file}); {damaged}")
+    try:
+        tensors = load_file(tensor_file)
+    except Exception as err:  # safetensors raises its own error types for a torn file
+        raise UserError(f"{tensor_file}: cannot read safetensors ({type(err).__name__}: {err}); {damaged}") from None
+    missing = [key for key in ("epoch", "hash", "scheduler", "model", "optimizer") if key not in state]
+    if missing:
+        raise UserError(f"{state_file}: no {', '.join(map(repr, missing))} entry; {damaged}")
+    try:
+        state["model"] = _decode(state["model"], tensors)
+        state["optimizer"] = _decode(state["optimizer"], tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{state_file}: malformed entry ({type(err).__name__}: {err}); {damaged}") from None
     return state
+
+
+def hash_ignoring_epochs(spec: RunSpec) -> str:
+    """The spec's hash with ``train.epochs`` left out: a run may be extended to more epochs (``--resume``)."""
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=0)).hash()
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -323,10 +350,16 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 
 # ---------------------------------------------------------------- fit
 
-def fit(spec: RunSpec, run_dir, resume: bool = False, progress: bool = True, splits=None) -> tuple[nn.Module, dict]:
+def fit(spec: RunSpec, run_dir, resume: bool = False, progress: bool = True, splits=None,
+        force: bool = False) -> tuple[nn.Module, dict]:
     """Train ``spec`` into ``run_dir``; returns ``(model, summary)``. See the module docstring.
 
-    ``splits`` (a :class:`~topkconv.data.DataSplits`) skips loading the data again when the caller has it.
+    Rank 0 holds the folder's :func:`~topkconv.checkpoint.run_lock` throughout. A folder that holds a
+    complete run is refused unless ``force``; the run files of an earlier run (complete or not) stay as they
+    were until the new run has committed its first epoch, and are then all replaced (evaluations and plots
+    included). ``resume`` continues the committed epochs; with a larger ``spec.train.epochs`` it extends a
+    finished run (the spec must match up to ``epochs``). ``splits`` (a :class:`~topkconv.data.DataSplits`)
+    skips loading the data again when the caller has it.
     """
     from .data import load_data
     from .models import build_model, load_pretrained_vgg16
@@ -334,87 +367,152 @@ def fit(spec: RunSpec, run_dir, resume: bool = False, progress: bool = True, spl
     check_train_config(spec.train)
     run_dir = Path(run_dir)
     ctx = distributed.setup(spec.train.device)
+    staging: Optional[Path] = None
     try:
-        amp = spec.train.amp and ctx.device.type == "cuda"
-        if spec.train.amp and not amp:
-            warnings.warn("train.amp (bf16 autocast) needs CUDA; training in float32 on the CPU", stacklevel=2)
-        splits = splits if splits is not None else load_data(spec.data)
-        resolved = resolve_spec(spec, splits)
-        requested_hash = spec.hash()
+        with contextlib.ExitStack() as held:
+            error = None
+            if ctx.is_main:  # before any compute: the folder can be written and nobody else writes it
+                try:
+                    held.enter_context(run_lock(run_dir))
+                    _check_target(run_dir, resume, force)
+                except Exception as err:  # re-raised below, after telling the other ranks
+                    error = err
+            if not distributed.all_ok(error is None, ctx):
+                raise error or RuntimeError(f"rank 0 could not start the run in {run_dir} (see its message)")
+            requested_hash = spec.hash()
+            state = load_training_state(run_dir) if resume else None
+            extended_from = _check_resume(run_dir, state, spec) if state is not None else None
 
-        torch.manual_seed(epoch_seed(spec.train.seed, -1))  # the initial weights
-        model = build_model(resolved.model)
-        state = load_training_state(run_dir) if resume else None
-        if state is not None and state["hash"] != requested_hash:
-            raise ValueError(f"{run_dir / STATE_FILE}: this run folder holds spec {state['hash']}, not "
-                             f"{requested_hash}; use another --out or drop --resume")
-        if state is None and resolved.model.pretrained:
-            load_pretrained_vgg16(model, resolved.model.pretrained)
-        model.to(ctx.device)
-        ddp_model = distributed.wrap(model, ctx)
-        optimizer = make_optimizer(model.parameters(), spec.train)
-        steps = splits.train.num_batches(spec.train.batch_size, ctx.world_size)
-        scheduler = make_scheduler(optimizer, spec.train, steps)
-        first_epoch, elapsed = 0, 0.0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            first_epoch, elapsed = state["epoch"], state.get("seconds", 0.0)
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if state is None:
-                _clear_run(run_dir)
-            else:
-                _truncate_metrics(run_dir / METRICS_FILE, first_epoch)
-        distributed.barrier(ctx)
+            amp = spec.train.amp and ctx.device.type == "cuda"
+            if spec.train.amp and not amp:
+                warnings.warn("train.amp (bf16 autocast) needs CUDA; training in float32 on the CPU", stacklevel=2)
+            splits = splits if splits is not None else load_data(spec.data)
+            resolved = resolve_spec(spec, splits)
 
-        record: dict = {}
-        for epoch in range(first_epoch, spec.train.epochs):
-            start = time.perf_counter()
-            generator = epoch_generator(spec.train.seed, epoch)
-            torch.manual_seed(epoch_seed(spec.train.seed, epoch, ctx.rank))  # dropout masks
-            lr_now = optimizer.param_groups[0]["lr"]
-            batches = splits.train.batches(spec.train.batch_size, shuffle=True, augment=spec.data.augment,
-                                           generator=generator, rank=ctx.rank, world_size=ctx.world_size)
-            stats = train_one_epoch(ddp_model, batches, optimizer, scheduler, device=ctx.device, amp=amp,
-                                    epoch=epoch, ctx=ctx, progress=progress and ctx.is_main, total=steps,
-                                    desc=f"epoch {epoch + 1}/{spec.train.epochs}")
-            _check_finite_weights(model, epoch)
-            test_acc = evaluate_accuracy(model, splits.test, batch_size=spec.train.batch_size, device=ctx.device,
-                                         limit=spec.train.eval_examples, ctx=ctx, amp=amp)
-            seconds = time.perf_counter() - start
-            elapsed += seconds
-            record = {"epoch": epoch + 1, "loss": stats["loss"], "train_acc": stats["train_acc"],
-                      "test_acc": test_acc, "lr": lr_now, "seconds": round(seconds, 3), "steps": stats["steps"],
-                      "images": stats["n"]}
+            torch.manual_seed(epoch_seed(spec.train.seed, -1))  # the initial weights
+            model = build_model(resolved.model)
+            if state is None and resolved.model.pretrained:
+                load_pretrained_vgg16(model, resolved.model.pretrained)
+            model.to(ctx.device)
+            ddp_model = distributed.wrap(model, ctx)
+            optimizer = make_optimizer(model.parameters(), spec.train)
+            steps = splits.train.num_batches(spec.train.batch_size, ctx.world_size)
+            scheduler = make_scheduler(optimizer, spec.train, steps)
+            first_epoch, elapsed = 0, 0.0
+            if state is not None:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                first_epoch, elapsed = state["epoch"], state.get("seconds", 0.0)
+            work_dir = run_dir
             if ctx.is_main:
-                append_jsonl(run_dir / METRICS_FILE, record)
-                save_training_state(run_dir, model, optimizer, scheduler, epoch + 1, resolved, requested_hash,
-                                    {"seconds": elapsed, "metrics": record, "requested_spec": spec.to_dict()})
-                save_checkpoint_weights(run_dir, model)
-                if progress:
-                    print(f"epoch {epoch + 1}/{spec.train.epochs}: loss {record['loss']:.4f}, train acc "
-                          f"{record['train_acc']:.4f}, test acc {test_acc:.4f}, {seconds:.1f} s", file=sys.stderr)
+                if (run_dir / STAGING_DIR).exists():  # left by a killed --force retrain
+                    shutil.rmtree(run_dir / STAGING_DIR)
+                if state is not None:
+                    _truncate_metrics(run_dir / METRICS_FILE, first_epoch)
+                elif run_files(run_dir):  # an earlier run stays intact until this one's first epoch is done
+                    staging = work_dir = run_dir / STAGING_DIR
+                    staging.mkdir()
             distributed.barrier(ctx)
 
-        if not record and state is not None:
-            record = state.get("metrics", {})
-        summary = {"epochs": spec.train.epochs, "resumed_from_epoch": first_epoch if state is not None else None,
-                   "final": record, "test_acc": record.get("test_acc"), "seconds": round(elapsed, 3),
-                   "world_size": ctx.world_size, "device": str(ctx.device), "amp": amp, "seed": spec.train.seed,
-                   "complete": True}
-        if ctx.is_main:
-            save_checkpoint(run_dir, model, resolved, extra={"train": summary}, requested_hash=requested_hash)
-        distributed.barrier(ctx)
-        return model.eval(), summary
+            record: dict = {}
+            for epoch in range(first_epoch, spec.train.epochs):
+                start = time.perf_counter()
+                generator = epoch_generator(spec.train.seed, epoch)
+                torch.manual_seed(epoch_seed(spec.train.seed, epoch, ctx.rank))  # dropout masks
+                lr_now = optimizer.param_groups[0]["lr"]
+                batches = splits.train.batches(spec.train.batch_size, shuffle=True, augment=spec.data.augment,
+                                               generator=generator, rank=ctx.rank, world_size=ctx.world_size)
+                try:
+                    stats = train_one_epoch(ddp_model, batches, optimizer, scheduler, device=ctx.device, amp=amp,
+                                            epoch=epoch, ctx=ctx, progress=progress and ctx.is_main, total=steps,
+                                            desc=f"epoch {epoch + 1}/{spec.train.epochs}")
+                    _check_finite_weights(model, epoch)
+                except NonFiniteLossError as err:
+                    raise NonFiniteLossError(f"{err}; {_what_is_kept(run_dir, staging, epoch)}") from None
+                test_acc = evaluate_accuracy(model, splits.test, batch_size=spec.train.batch_size,
+                                             device=ctx.device, limit=spec.train.eval_examples, ctx=ctx, amp=amp)
+                seconds = time.perf_counter() - start
+                elapsed += seconds
+                record = {"epoch": epoch + 1, "loss": stats["loss"], "train_acc": stats["train_acc"],
+                          "test_acc": test_acc, "lr": lr_now, "seconds": round(seconds, 3), "steps": stats["steps"],
+                          "images": stats["n"]}
+                if ctx.is_main:
+                    if epoch == first_epoch and work_dir == run_dir:
+                        clear_run(run_dir, results_only=True)  # run.json and evaluations of older weights
+                    append_jsonl(work_dir / METRICS_FILE, record)
+                    save_training_state(work_dir, model, optimizer, scheduler, epoch + 1, resolved, requested_hash,
+                                        {"seconds": elapsed, "metrics": record, "requested_spec": spec.to_dict(),
+                                         "hash_ignoring_epochs": hash_ignoring_epochs(spec),
+                                         "resolved_hash": resolved.hash()})
+                    save_weights(work_dir / MODEL_FILE, model, resolved.hash())
+                    if staging is not None:
+                        replace_run(run_dir, staging)
+                        staging = None
+                        work_dir = run_dir
+                    if progress:
+                        print(f"epoch {epoch + 1}/{spec.train.epochs}: loss {record['loss']:.4f}, train acc "
+                              f"{record['train_acc']:.4f}, test acc {test_acc:.4f}, {seconds:.1f} s", file=sys.stderr)
+                distributed.barrier(ctx)
+
+            if not record and state is not None:
+                record = state.get("metrics", {})
+            summary = {"epochs": spec.train.epochs, "resumed_from_epoch": first_epoch if state is not None else None,
+                       "final": record, "test_acc": record.get("test_acc"), "seconds": round(elapsed, 3),
+                       "world_size": ctx.world_size, "device": str(ctx.device), "amp": amp, "seed": spec.train.seed,
+                       "complete": True}
+            if extended_from is not None:
+                summary["extended_from"] = extended_from
+            if ctx.is_main:
+                save_checkpoint(run_dir, model, resolved, extra={"train": summary}, requested_hash=requested_hash)
+            distributed.barrier(ctx)
+            return model.eval(), summary
     finally:
+        if staging is not None and staging.exists():  # the new run failed before its first epoch was done
+            shutil.rmtree(staging, ignore_errors=True)
         distributed.teardown(ctx)
 
 
-def save_checkpoint_weights(run_dir: Path, model: nn.Module) -> None:
-    """The current weights as ``model.safetensors`` (``run.json`` follows once the run is complete)."""
-    atomic_save_safetensors(run_dir / MODEL_FILE, unwrap(model).state_dict())
+def _check_target(run_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse to start a fresh run over a finished one unless ``force``; say both ways forward."""
+    if resume and is_complete(run_dir) and not (run_dir / STATE_FILE).is_file():
+        raise UserError(f"{run_dir}: nothing to resume (a finished run without a training state); use --force "
+                        f"without --resume to train it again")
+    if resume or force or not is_complete(run_dir):
+        return
+    try:
+        recorded = read_json(run_dir / RUN_FILE).get("hash", "?")
+    except (ValueError, AttributeError):
+        recorded = "?"
+    raise UserError(f"{run_dir} already holds a finished run (spec {recorded}); to keep it, train into another "
+                    f"--out; to replace it, add --force (it stays intact until the new run's first epoch is done); "
+                    f"to train it for more epochs, use --resume --epochs N")
+
+
+def _check_resume(run_dir: Path, state: dict, spec: RunSpec) -> Optional[dict]:
+    """Check that ``state`` continues ``spec``; returns ``{"epochs", "hash"}`` of the run being extended, if any."""
+    state_file = run_dir / STATE_FILE
+    recorded = state.get("hash_ignoring_epochs")
+    same = recorded == hash_ignoring_epochs(spec) if recorded is not None else state["hash"] == spec.hash()
+    if not same:
+        raise UserError(f"{state_file}: this run folder holds spec {state['hash']}, not {spec.hash()}; use another "
+                        f"--out, or --force without --resume to replace it")
+    if state["epoch"] > spec.train.epochs:
+        raise UserError(f"--epochs {spec.train.epochs}: {run_dir} has already trained {state['epoch']} epochs; "
+                        f"--resume can only keep or extend a run")
+    planned = state.get("requested_spec", {}).get("train", {}).get("epochs", spec.train.epochs)
+    if planned != spec.train.epochs:
+        return {"epochs": planned, "hash": state["hash"]}
+    return None
+
+
+def _what_is_kept(run_dir: Path, staging: Optional[Path], epoch: int) -> str:
+    if staging is not None:
+        return f"the earlier run in {run_dir} is left as it was"
+    if epoch == 0:
+        return f"no epoch was finished, so there is nothing to keep in {run_dir}"
+    return (f"the last good epoch ({epoch}) is kept in {run_dir}: evaluate it with "
+            f"`topkconv evaluate --allow-unfinished {run_dir}`, or lower train.lr and start again with --force")
 
 
 def _check_finite_weights(model: nn.Module, epoch: int) -> None:
@@ -423,9 +521,18 @@ def _check_finite_weights(model: nn.Module, epoch: int) -> None:
             raise NonFiniteLossError(f"epoch {epoch + 1}: parameter {name!r} is no longer finite; stopping")
 
 
-def _clear_run(run_dir: Path) -> None:
-    """A fresh run replaces whatever a previous one left, so no stale file passes for this run's output."""
-    for name in (RUN_FILE, MODEL_FILE, STATE_FILE, METRICS_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-    for old in (run_dir / STATE_DIR).glob("epoch-*.safetensors"):
-        old.unlink()
+def seconds_per_training_image(model: nn.Module, image_size: int, in_channels: int = 3, batch: int = 2,
+                               steps: int = 2, device="cpu") -> float:
+    """Measured wall time of one SGD step per image: ``steps`` steps on ``batch`` random images after one
+    warm-up step. The model's weights change; pass a throw-away model. Used to state what a run will cost."""
+    model = model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.rand(batch, in_channels, image_size, image_size, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    for step in range(steps + 1):
+        if step == 1:
+            start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        _criterion(model(x), y).backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / (steps * batch)

@@ -13,7 +13,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..layers import ROUTING_LAYERS, StochasticActivationPruning
+from .. import defenses
+from ..layers import StochasticActivationPruning
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -79,17 +80,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: Opt
 
 
 def has_routing(model: nn.Module) -> bool:
-    """Whether the model contains a top-k routing layer (the BPDA attack applies)."""
-    return any(isinstance(module, ROUTING_LAYERS) for module in model.modules())
+    """Whether the model holds a routing defence's layer (BPDA applies); reads the defence registry."""
+    return defenses.has_routing(model)
 
 
 def is_stochastic(model: nn.Module, x_probe: Optional[torch.Tensor] = None) -> bool:
     """Whether the model's eval-mode forward pass is random (EOT applies).
 
-    SAP layers count by type; any other randomness is caught by running ``x_probe`` twice, as
-    AutoAttack's ``check_randomized`` does.
+    Registered stochastic defences (SAP) count by their layer types; any other randomness is caught by
+    running ``x_probe`` twice, as AutoAttack's ``check_randomized`` does.
     """
-    if any(isinstance(module, StochasticActivationPruning) for module in model.modules()):
+    if defenses.is_stochastic(model):
         return True
     if x_probe is None or x_probe.numel() == 0:
         return False

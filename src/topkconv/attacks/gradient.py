@@ -16,6 +16,7 @@ from torch import nn
 from .common import attack_mode, check_inputs
 
 LOSSES = ("ce", "margin")
+STARTS = ("random", "zero")
 
 
 def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce", targeted: bool = False) -> torch.Tensor:
@@ -90,18 +91,24 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, loss: s
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
-        random_start: bool = True, restarts: int = 1, eot_samples: int = 1, loss: str = "ce",
-        targeted: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        start: str = "random", restarts: int = 1, eot_samples: int = 1, loss: str = "ce",
+        targeted: bool = False, generator: Optional[torch.Generator] = None,
+        trace: Optional[list] = None) -> torch.Tensor:
     """L-inf projected gradient descent (Madry et al. 2018); ``eps`` and ``step_size`` are fractions of 1.
 
-    Each restart starts uniformly in the eps-ball (``random_start``) and takes ``steps`` signed-gradient
-    steps, each projected onto the eps-ball and [0, 1]. ``eot_samples`` > 1 averages the gradient over
-    draws of a stochastic model (EOT). Per example, the first iterate that fools the model (across all
-    restarts) is returned; examples never fooled get the last iterate. ``generator`` draws the random
-    starts (pass one on the model's device, or a CPU one, for reproducible results).
+    ``start="random"`` starts every restart uniformly in the eps-ball; ``start="zero"`` starts the first
+    restart at ``x`` itself (the paper's reading of PGD, which spends no travel budget on the start) and
+    any further restart at random. Each restart takes ``steps`` signed-gradient steps, each projected onto
+    the eps-ball and [0, 1]. ``eot_samples`` > 1 averages the gradient over draws of a stochastic model
+    (EOT). Per example, the first iterate that fools the model (across all restarts) is returned; examples
+    never fooled get the last iterate. ``generator`` draws the random starts (pass one on the model's
+    device, or a CPU one, for reproducible results). ``trace``, a list, receives one
+    ``{"loss": (B,), "fooled": (B,)}`` record (CPU tensors) per iterate, for the masking indicators.
     """
     check_inputs(x, y, eps)
     _check_loss(loss)
+    if start not in STARTS:
+        raise ValueError(f"start: expected one of {STARTS}, got {start!r}")
     if step_size < 0 or int(steps) != steps or steps < 0:
         raise ValueError(f"step_size and steps: expected step_size >= 0 and an integer steps >= 0, "
                          f"got {step_size} and {steps}")
@@ -114,9 +121,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
         best = x.clone()
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
         x_adv = x
-        for _ in range(restarts):
+        for restart in range(restarts):
             x_adv = x.clone()
-            if random_start and eps > 0:
+            if (start == "random" or restart > 0) and eps > 0:
                 gen_device = generator.device if generator is not None else device
                 noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
                 x_adv = torch.clamp(x + (2 * noise.to(device) - 1) * eps, low, high)
@@ -127,6 +134,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
                     with torch.no_grad():
                         logits = model(x_adv)
                 fooled = _fooled(logits, y, targeted)
+                if trace is not None:
+                    trace.append({"loss": attack_loss(logits, y, loss, targeted).cpu(), "fooled": fooled.cpu()})
                 best = torch.where(_per_example(fooled > found, x), x_adv, best)  # newly fooled
                 found |= fooled
                 if step < steps:

@@ -1,7 +1,8 @@
 """Automated gradient-masking checks (Athalye, Carlini and Wagner 2018; Carlini et al. 2019).
 
 Each check turns the accuracies of one evaluation into a verdict, ``pass``, ``flag`` or ``n/a`` (the
-attacks it needs were not run, or do not apply), with the numbers it was decided on. A flag does not
+attacks it needs were not run, or do not apply), with the numbers it was decided on: like the indicators of
+:mod:`topkconv.attacks.indicators`, a ``value`` judged against a ``threshold``. A flag does not
 prove masking; it says the white-box numbers of that model should not be trusted as they are.
 
 Tolerance: accuracies are compared with a slack of ``max(1 point, 1 example)``, so a single example
@@ -29,14 +30,15 @@ def _verdict(ok: bool) -> str:
 
 
 def _na(reason: str) -> dict:
-    return {"verdict": "n/a", "reason": reason}
+    return {"value": None, "threshold": None, "verdict": "n/a", "reason": reason}
 
 
 def check_pgd_beats_fgsm(acc: dict, tol: float) -> dict:
     """(1) An iterative attack is at least as strong as a one-step one: PGD accuracy <= FGSM accuracy."""
     if "pgd" not in acc or "fgsm" not in acc:
         return _na("needs fgsm and pgd")
-    return {"verdict": _verdict(acc["pgd"] <= acc["fgsm"] + tol + _ROUNDING), "pgd": acc["pgd"], "fgsm": acc["fgsm"],
+    return {"value": acc["pgd"] - acc["fgsm"], "threshold": tol,
+            "verdict": _verdict(acc["pgd"] <= acc["fgsm"] + tol + _ROUNDING), "pgd": acc["pgd"], "fgsm": acc["fgsm"],
             "tolerance": tol}
 
 
@@ -50,8 +52,9 @@ def check_falls_to_chance(curve: list, num_classes: int, tol: float) -> dict:
     last = points[-1]
     rises = [p["eps"] for before, p in zip(points, points[1:]) if p["accuracy"] > before["accuracy"] + tol + _ROUNDING]
     ok = last["accuracy"] <= chance + CHANCE_SLACK + _ROUNDING and not rises
-    return {"verdict": _verdict(ok), "max_eps": last["eps"], "accuracy_at_max_eps": last["accuracy"],
-            "chance": chance, "chance_slack": CHANCE_SLACK, "rises_at_eps": rises, "tolerance": tol}
+    return {"value": last["accuracy"], "threshold": chance + CHANCE_SLACK, "verdict": _verdict(ok),
+            "max_eps": last["eps"], "accuracy_at_max_eps": last["accuracy"], "chance": chance,
+            "chance_slack": CHANCE_SLACK, "rises_at_eps": rises, "tolerance": tol}
 
 
 def check_blackbox_not_stronger(acc: dict, whitebox: str, tol: float) -> dict:
@@ -60,29 +63,41 @@ def check_blackbox_not_stronger(acc: dict, whitebox: str, tol: float) -> dict:
     if whitebox not in acc or not others:
         return _na("needs square or transfer (full suite; transfer needs --surrogate)")
     stronger = [name for name, value in others.items() if value < acc[whitebox] - tol - _ROUNDING]
-    return {"verdict": _verdict(not stronger), "whitebox": whitebox, whitebox: acc[whitebox], **others,
+    return {"value": acc[whitebox] - min(others.values()), "threshold": tol, "verdict": _verdict(not stronger),
+            "whitebox": whitebox, whitebox: acc[whitebox], **others,
             "stronger_than_whitebox": stronger, "tolerance": tol}
 
 
 def check_steps_restarts_converged(acc: dict, tol: float) -> dict:
-    """(4) Doubling the PGD steps, or the restarts, moves PGD accuracy by at most the tolerance."""
+    """(4) Doubling the PGD steps, or the restarts, moves PGD accuracy by at most the tolerance.
+
+    The doubled runs start at random, so they are compared with the random-start PGD (``pgd_random``)
+    when it was run, else with ``pgd``."""
     variants = {name: acc[name] for name in ("pgd_2x_steps", "pgd_2x_restarts") if name in acc}
-    if "pgd" not in acc or not variants:
+    reference = "pgd_random" if "pgd_random" in acc else "pgd"
+    if reference not in acc or not variants:
         return _na("needs pgd_2x_steps / pgd_2x_restarts (full suite)")
-    moves = {name: acc["pgd"] - value for name, value in variants.items()}
+    moves = {name: acc[reference] - value for name, value in variants.items()}
     ok = all(abs(move) <= tol + _ROUNDING for move in moves.values())
-    return {"verdict": _verdict(ok), "pgd": acc["pgd"], **variants,
-            "drops": moves, "tolerance": tol}
+    return {"value": max(abs(move) for move in moves.values()), "threshold": tol, "verdict": _verdict(ok),
+            "reference": reference, reference: acc[reference], **variants, "drops": moves, "tolerance": tol}
+
+
+BPDA_ATTACKS = ("bpda_dense", "bpda_soft")
 
 
 def check_bpda_not_stronger(acc: dict, routing: bool, tol: float) -> dict:
-    """(5) PGD through the dense stand-in of every top-k layer (BPDA) does not beat plain PGD."""
+    """(5) PGD through a differentiable stand-in of every top-k layer (BPDA: dense, or the soft relaxation
+    of the selection) does not beat plain PGD; the stronger stand-in is the one judged."""
     if not routing:
         return _na("the model has no top-k routing layer")
-    if "pgd" not in acc or "bpda_pgd" not in acc:
-        return _na("needs bpda_pgd (full suite)")
-    return {"verdict": _verdict(acc["bpda_pgd"] >= acc["pgd"] - tol - _ROUNDING), "pgd": acc["pgd"],
-            "bpda_pgd": acc["bpda_pgd"], "tolerance": tol}
+    bpda = {name: acc[name] for name in BPDA_ATTACKS if name in acc}
+    if "pgd" not in acc or not bpda:
+        return _na("needs bpda_dense or bpda_soft (full suite)")
+    strongest = min(bpda, key=bpda.get)
+    return {"value": acc["pgd"] - bpda[strongest], "threshold": tol,
+            "verdict": _verdict(bpda[strongest] >= acc["pgd"] - tol - _ROUNDING), "pgd": acc["pgd"], **bpda,
+            "strongest": strongest, "tolerance": tol}
 
 
 def masking_checks(acc: dict, n: int, num_classes: int, curve: Optional[list] = None, routing: bool = False,

@@ -16,9 +16,9 @@ from .gradient import pgd
 
 
 def transfer(surrogate: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-             step_size: float, steps: int, random_start: bool = True, restarts: int = 1, loss: str = "ce",
+             step_size: float, steps: int, start: str = "random", restarts: int = 1, loss: str = "ce",
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Adversarial images crafted by :func:`pgd` on ``surrogate``, returned on ``model``'s device."""
-    x_adv = pgd(surrogate, x, y, eps, step_size, steps, random_start=random_start, restarts=restarts,
+    x_adv = pgd(surrogate, x, y, eps, step_size, steps, start=start, restarts=restarts,
                 loss=loss, generator=generator)
     return x_adv.to(model_device(model))

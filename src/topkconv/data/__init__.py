@@ -32,6 +32,8 @@ def load_data(cfg: DataConfig) -> DataSplits:
         value = getattr(cfg, key)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"data.{key} must be a positive int or None, got {value!r}")
+    if not isinstance(cfg.workers, int) or isinstance(cfg.workers, bool) or cfg.workers < 0:
+        raise ValueError(f"data.workers must be 0 (load in this process) or more, got {cfg.workers!r}")
     return LOADERS[cfg.name](cfg)
 
 

@@ -1,7 +1,13 @@
-"""CIFAR-10 from its local "python version" folder (``data_batch_1..5``, ``test_batch``, ``batches.meta``)."""
+"""CIFAR-10 from its local "python version" folder (``data_batch_1..5``, ``test_batch``, ``batches.meta``).
+
+The files are pickles by the data set's design, and a pickle can run code. They are read with
+:class:`BatchUnpickler`, which rebuilds only what a CIFAR-10 batch holds (dicts, lists, bytes, strings,
+numbers, numpy arrays and their dtypes) and refuses any other object, naming the file.
+"""
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -37,16 +43,47 @@ def _read_batches(paths) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
+# The only globals a CIFAR-10 pickle names: numpy's array and scalar reconstructors (numpy 1 and 2 paths;
+# _frombuffer is how protocol 5 writes an array).
+ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+})
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`ALLOWED_GLOBALS`; any other global is refused before it runs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes at protocol 2
+            return _latin1_bytes
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only dicts, lists, "
+                                     f"bytes, strings, numbers and numpy arrays")
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused to load _codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def load_pickle(path: Path, what: str):
+    """Unpickle ``path`` with :class:`BatchUnpickler`; any failure is a ValueError naming the file."""
+    try:
+        return BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except Exception as err:  # unpickling raises many types for a foreign file
+        raise ValueError(f"{path}: not a {what} ({type(err).__name__}: {err})") from None
+
+
 def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One CIFAR-10 pickle -> uint8 (N, 3, 32, 32) images and long labels; a wrong file is named."""
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR-10 file not found: {path}")
-    try:
-        with open(path, "rb") as handle:
-            # The files are pickles by the data set's design; they are read only from a folder the user names.
-            batch = pickle.load(handle, encoding="bytes")
-    except Exception as err:  # unpickling raises many types for a foreign file
-        raise ValueError(f"{path}: not a CIFAR-10 pickle ({type(err).__name__}: {err})") from None
+    batch = load_pickle(path, "CIFAR-10 pickle")
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a pickled dict with 'data' and 'labels', got {type(batch).__name__}")
     data, labels = _get(batch, "data"), _get(batch, "labels")
@@ -70,11 +107,8 @@ def _class_names(root: Path) -> list:
     meta = root / "batches.meta"
     if not meta.is_file():
         return list(CLASSES)
-    try:
-        with open(meta, "rb") as handle:
-            names = _get(pickle.load(handle, encoding="bytes"), "label_names")
-    except Exception as err:
-        raise ValueError(f"{meta}: not a CIFAR-10 meta pickle ({type(err).__name__}: {err})") from None
+    record = load_pickle(meta, "CIFAR-10 meta pickle")
+    names = _get(record, "label_names") if isinstance(record, dict) else None
     if not names or len(names) != len(CLASSES):
         raise ValueError(f"{meta}: expected 10 'label_names'")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]

@@ -15,6 +15,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # BayesWatch/cinic-10 (see REFERENCE.md).
 CINIC_MEAN = [0.47889522, 0.47227842, 0.43047404]
 CINIC_STD = [0.24205776, 0.23828046, 0.25874835]
+CINIC_TRAIN_IMAGES = 90_000  # train/ (valid/ holds another 90,000, test/ 90,000)
 STATS_SAMPLE = 256  # images read to estimate mean and std of an arbitrary folder
 
 

@@ -141,7 +141,7 @@ class FileSplit:
                 even: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plans = plan_epoch(len(self), batch_size, shuffle=shuffle, augment=augment, image_size=self.image_size,
                            flip=self.flip, generator=generator, rank=rank, world_size=world_size, even=even)
-        for plan, (x, y) in zip(plans, self._loader([p.indices for p in plans])):
+        for plan, (x, y) in zip(plans, worker_errors(self._loader([p.indices for p in plans]))):
             yield (plan.augment.apply(x) if plan.augment is not None else x), y
 
     def num_batches(self, batch_size: int, world_size: int = 1) -> int:
@@ -150,12 +150,33 @@ class FileSplit:
     def tensors(self, limit: Optional[int] = None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self) if limit is None else min(limit, len(self))
         xs, ys = [], []
-        for x, y in self._loader(list(torch.arange(n).split(batch_size))):
+        for x, y in worker_errors(self._loader(list(torch.arange(n).split(batch_size)))):
             xs.append(x)
             ys.append(y)
         if not xs:
             return torch.empty(0, len(self.dataset.mode), self.image_size, self.image_size), torch.empty(0, dtype=torch.long)
         return torch.cat(xs), torch.cat(ys)
+
+
+def worker_errors(batches):
+    """Iterate a DataLoader; an error raised in a worker reaches the caller as the worker's own message.
+
+    DataLoader re-raises a worker's exception with the worker's whole traceback as its message; the
+    original message (which names the file) is its last line, after the exception type.
+    """
+    try:
+        yield from batches
+    except Exception as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        if len(lines) < 2 or "DataLoader worker" not in lines[0]:
+            raise
+        last = lines[-1]
+        prefix = f"{type(err).__name__}: "
+        try:
+            error = type(err)(last[len(prefix):] if last.startswith(prefix) else last)
+        except Exception:  # an exception type that needs other arguments
+            raise err from None
+        raise error from None
 
 
 def _num_batches(n: int, batch_size: int, world_size: int) -> int:

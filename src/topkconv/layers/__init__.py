@@ -1,7 +1,9 @@
-"""Routing layers. Each has a functional twin in :mod:`topkconv.functional`."""
+"""Routing layers. Each layer file holds its functional form, its autograd Function(s) and its module
+(:mod:`topkconv.functional` re-exports the functional forms); the kernels behind them sit in
+:mod:`topkconv.layers.kernels`."""
 
-from ._args import resolve_k
-from .bpda import bpda_enabled, dense_gradients
+from ._args import IMPLS, resolve_k
+from .bpda import bpda_enabled, dense_gradients, gradient_mode, soft_gradients
 from .sap import StochasticActivationPruning
 from .topk_conv import TopKConv2d
 from .topk_linear import TopKLinear
@@ -10,4 +12,5 @@ from .topk_neuron import TopKNeuronConv2d
 ROUTING_LAYERS = (TopKLinear, TopKConv2d, TopKNeuronConv2d)
 
 __all__ = ["TopKLinear", "TopKConv2d", "TopKNeuronConv2d", "StochasticActivationPruning",
-           "dense_gradients", "bpda_enabled", "resolve_k", "ROUTING_LAYERS"]
+           "dense_gradients", "soft_gradients", "gradient_mode", "bpda_enabled", "resolve_k", "ROUTING_LAYERS",
+           "IMPLS"]

@@ -36,3 +36,16 @@ def check_frac(frac: float, name: str = "frac") -> float:
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not (0.0 < float(frac) <= 1.0):
         raise ValueError(f"{name} must lie in (0, 1], got {frac!r}")
     return float(frac)
+
+
+# The user-facing kernel choices: "reference" is the paper's materialising formula; the others name
+# a kernel backend (kernels/backends.py): "auto" the fastest that supports the inputs (the numba loops
+# on CPU float32/float64, else the torch-level kernels), "fast" the torch-level kernels, "numba" the
+# compiled CPU loops.
+IMPLS = ("auto", "reference", "fast", "numba")
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl

@@ -28,7 +28,9 @@ def load_pretrained_vgg16(model: nn.Module, path) -> list[str]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"{path}: cannot read as a PyTorch state_dict ({type(err).__name__}: {err})") from None
+        from ..errors import without_unsafe_advice
+
+        raise ValueError(f"{path}: cannot read as a PyTorch state_dict ({without_unsafe_advice(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a plain state_dict of tensors (torchvision's vgg16-397923af.pth)")
     features = getattr(model, "features", None)

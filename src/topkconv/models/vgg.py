@@ -7,8 +7,6 @@ average pool: the paper flattens the 512x7x7 map of a 224 px input straight into
 
 from __future__ import annotations
 
-import math
-from statistics import NormalDist
 from typing import Sequence, Union
 
 import torch
@@ -65,38 +63,14 @@ class VGG(nn.Module):
 
 
 def init_weights(model: nn.Module) -> None:
-    """He init (fan-in, ReLU gain) for every conv and the hidden FC layer, PyTorch's default for the last;
-    then Dynamic-k layers are scaled down by :func:`topk_sum_gain`.
+    """He init (fan-in, ReLU gain) for every conv and the hidden FC layer, PyTorch's default for the last.
 
     Without BatchNorm (vgg16) the init alone keeps the signal alive through the depth. torchvision's
     fan-out conv init with N(0, 0.01) FC layers shrinks the logits of a 32 px digits model to ~0.05 and
-    SGD barely moves it.
+    SGD barely moves it. (Dynamic-k layers are rescaled by the defence, ``defenses.dynamic_k.topk_sum_gain``.)
     """
-    from ..layers import TopKLinear
-
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     for module in model.modules():
         if isinstance(module, nn.Conv2d) or (isinstance(module, nn.Linear) and module is not linears[-1]):
             nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
             nn.init.zeros_(module.bias)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, TopKLinear):
-                module.weight.div_(topk_sum_gain(module.k, module.in_features))
-
-
-def topk_sum_gain(k: int, n: int) -> float:
-    """How much larger the sum of the k largest of n products is than a dense layer's output, at init.
-
-    For products ~ N(0, s^2), the top k (a fraction q = k/n) sum to about ``k * s * phi(z) / q`` with
-    ``z`` the (1 - q) normal quantile, while all n sum to about ``sqrt(n) * s``. Dynamic-k's sum is biased
-    upwards: with the paper's 250 of 25088 it is 4x a dense output, and the logits of a freshly built
-    model are so large that SGD diverges. Dividing the weights by this gain (never by less than 1) gives
-    a Dynamic-k layer a dense layer's output scale at init.
-    """
-    q = k / n
-    if q >= 1.0:
-        return 1.0
-    normal = NormalDist()
-    z = normal.inv_cdf(1.0 - q)
-    return max(1.0, k * normal.pdf(z) / q / math.sqrt(n))

@@ -1,20 +1,24 @@
-"""Fast exact TopKConv kernel (Algorithm 2) that never builds the B x out x in x H x W maps A.
+"""The chunked TopKConv kernel (Algorithm 2) that never builds the B x out x in x H x W maps A.
 
 Per chunk of samples (the chunk sized by the memory budget) the input is unfolded into patch
 columns (n, kh * kw * in, L), tap-major so that per-sample masks over ``in`` broadcast along
-contiguous memory, in a workspace reused across chunks. From them:
+contiguous memory, in a workspace reused across chunks. From them the (n, out, in) channel scores:
 
 * ``sum`` score: the spatial sum of A[b, c, i] is ``sum_j W[c, i, j] S[b, i, j]``, with S the window
   sums (the columns summed over L); the contraction is a tiny batched matmul.
 * ``max`` score: per input channel one matmul ``(samples * L, kh*kw) @ (kh*kw, out)`` gives that
   channel's maps for a cache-sized group of samples and every output channel, reduced by a max
   over L at once. Only the (n, out, in) scores leave the block.
-* Output: the per-sample masked weight (n, out, in * kh * kw), unselected input channels zeroed,
-  times the columns (one batched matmul).
 
-Backward rebuilds the columns and masked weights chunk by chunk from the saved input and the saved
-(B, out, k) indices: ``grad_x`` folds ``masked^T @ g`` back onto the input; ``grad_w`` adds the
-per-sample weight gradients ``g @ cols^T`` times each sample's mask.
+What is done with the selected channels is a *router*'s job (one per backend):
+
+* :data:`MASKED` (torch ops only, any device): the per-sample masked weight (n, out, in * kh * kw),
+  unselected input channels zeroed, times the columns (one batched matmul). Backward rebuilds the
+  columns and masked weights chunk by chunk from the saved input and (B, out, k) indices:
+  ``grad_x`` folds ``masked^T @ g`` back onto the input; ``grad_w`` adds the per-sample weight
+  gradients ``g @ cols^T`` times each sample's mask.
+* :data:`COMPILED` (numba, CPU): selection by :func:`.selection.topk_rows`, output and gradients by
+  the loops of :mod:`.numba_loops`, which touch only the k selected channels.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from . import _numba_kernels as compiled_kernels
-from ._budget import chunks, get_memory_budget, units_per_chunk
+from . import numba_loops
+from .budget import chunks, get_memory_budget, units_per_chunk
+from .selection import topk_rows
 
 # One block of maps for the max score is meant to stay in the L2 cache.
 _CACHE_BLOCK_BYTES = 2**20
@@ -36,7 +40,7 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _pair(v) -> Tuple[int, int]:
+def pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
@@ -205,80 +209,101 @@ def _backward_compiled(x, weight_tm, indices, g_all, columns: _Columns, chunk: i
         cols = _tap_major(columns.unfold(x[b0:b1]), taps) if need_w else None
         if need_x:
             grad_cols[:n].zero_()
-        compiled_kernels.conv_backward(cols, weight_tm, indices[b0:b1], g_all[b0:b1],
+        numba_loops.conv_backward(cols, weight_tm, indices[b0:b1], g_all[b0:b1],
                                        grad_cols[:n] if need_x else None, grad_tm)
         if need_x:  # after the columns are used: fold reuses the padded buffer
             grad_x[b0:b1] = columns.fold(grad_cols[:n].view(n, taps * in_ch, positions))
     return grad_x, grad_tm
 
 
-class TopKConv2dFunction(torch.autograd.Function):
-    """TopKConv forward and backward; saves x, W and the (B, out, k) selected input channels."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, k, criterion, stride, padding, dilation, compiled=False):
-        batch, in_ch, height, width = x.shape
-        out_ch, _, kh, kw = weight.shape
-        taps = kh * kw
-        geometry = ((kh, kw), _pair(stride), _pair(padding), _pair(dilation))
-        elem = x.element_size()
-        oh = conv_output_size(height, kh, geometry[1][0], geometry[2][0], geometry[3][0])
-        ow = conv_output_size(width, kw, geometry[1][1], geometry[2][1], geometry[3][1])
-        # Per sample: padded input, columns, their per-channel copy (max) and scores; per sample and
-        # output channel: mask and masked weight.
-        # (the compiled loops need no masks or masked weights: only the columns and the scores)
-        chunk, block = _plan(batch, out_ch, (x[:1].numel() * 2 + in_ch * taps * oh * ow * 2 + out_ch * in_ch) * elem,
-                             0 if compiled else in_ch * (taps + 1) * elem)
-        weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()  # (out, taps, in)
-        weight_t = weight_tm.permute(2, 1, 0).contiguous() if criterion == "max" else None  # (in, taps, out)
-        columns = _Columns(x, chunk, *geometry)
-        masked = None if compiled else _MaskedWeights(weight_tm, chunk, block)
-        out = x.new_empty(batch, out_ch, oh * ow)
-        indices = torch.empty(batch, out_ch, k, dtype=torch.int32, device=x.device)
-        for b0, b1 in chunks(batch, chunk):
-            cols = columns.unfold(x[b0:b1])
-            scores = _max_scores(cols, weight_t) if criterion == "max" else _sum_scores(cols, weight_tm)
-            if compiled:
-                idx = indices[b0:b1]
-                compiled_kernels.topk_rows(scores.reshape(-1, in_ch), k, idx.view(-1, k))
-                compiled_kernels.conv_output(_tap_major(cols, taps), weight_tm, idx, out[b0:b1])
-                continue
+class _MaskedRouter:
+    """Torch-level routing: per-sample masked weights times the columns."""
+
+    def forward_bytes_per_output(self, in_ch: int, taps: int, elem: int) -> int:
+        return in_ch * (taps + 1) * elem  # mask and masked weight
+
+    def backward_bytes_per_output(self, in_ch: int, taps: int, elem: int) -> int:
+        return in_ch * (2 * taps + 1) * elem  # mask, masked weight and the per-sample weight gradient
+
+    def start(self, weight_tm: torch.Tensor, chunk: int, block: int):
+        masked = _MaskedWeights(weight_tm, chunk, block)
+
+        def route(cols, scores, k, indices, out):
             idx = scores.topk(k, dim=2, sorted=False).indices
-            del scores
-            indices[b0:b1] = idx
-            for o0, o1 in chunks(out_ch, block):
-                product = torch.bmm(masked.fill(idx[:, o0:o1], o0, o1), cols)
-                out[b0:b1, o0:o1] = product
-        if bias is not None:
-            out += bias.view(1, -1, 1)
-        ctx.save_for_backward(x, weight, indices)
-        ctx.geometry = geometry
-        ctx.has_bias = bias is not None
-        ctx.compiled = compiled
-        return out.view(batch, out_ch, oh, ow)
+            indices.copy_(idx)
+            for o0, o1 in chunks(out.shape[1], block):
+                out[:, o0:o1] = torch.bmm(masked.fill(idx[:, o0:o1], o0, o1), cols)
+        return route
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight, indices = ctx.saved_tensors
-        geometry = ctx.geometry
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        batch, in_ch = x.shape[:2]
-        out_ch, _, kh, kw = weight.shape
-        taps = kh * kw
-        g_all = grad_out.reshape(batch, out_ch, grad_out.shape[2] * grad_out.shape[3])
-        positions = g_all.shape[2]
-        elem = x.element_size()
-        # Per sample: padded input, columns and column gradient; per sample and output channel: mask,
-        # masked weight and the per-sample weight gradient.
-        chunk, block = _plan(batch, out_ch, (x[:1].numel() + in_ch * taps * positions * 2) * elem,
-                             0 if ctx.compiled else in_ch * (2 * taps + 1) * elem)
-        weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()
-        columns = _Columns(x, chunk, *geometry)
-        if ctx.compiled:
-            grad_x, grad_tm = _backward_compiled(x, weight_tm, indices, g_all, columns, chunk, need_x, need_w)
-        else:
-            grad_x, grad_tm = _backward_masked(x, weight_tm, indices, g_all, columns, chunk, block, need_x, need_w)
-        grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
-        grad_b = g_all.sum((0, 2)) if (ctx.has_bias and need_b) else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+    def backward(self, x, weight_tm, indices, g_all, columns, chunk, block, need_x, need_w):
+        return _backward_masked(x, weight_tm, indices, g_all, columns, chunk, block, need_x, need_w)
+
+
+class _CompiledRouter:
+    """numba routing: selection and the sparse loops over the k selected channels (CPU only)."""
+
+    def forward_bytes_per_output(self, in_ch: int, taps: int, elem: int) -> int:
+        return 0  # the loops need no masks or masked weights: only the columns and the scores
+
+    backward_bytes_per_output = forward_bytes_per_output
+
+    def start(self, weight_tm: torch.Tensor, chunk: int, block: int):
+        taps = weight_tm.shape[1]
+
+        def route(cols, scores, k, indices, out):
+            topk_rows(scores.reshape(-1, scores.shape[2]), k, indices.view(-1, k))
+            numba_loops.conv_output(_tap_major(cols, taps), weight_tm, indices, out)
+        return route
+
+    def backward(self, x, weight_tm, indices, g_all, columns, chunk, block, need_x, need_w):
+        return _backward_compiled(x, weight_tm, indices, g_all, columns, chunk, need_x, need_w)
+
+
+MASKED = _MaskedRouter()
+COMPILED = _CompiledRouter()
+
+
+def forward(x, weight, k: int, criterion: str, stride, padding, dilation, router=MASKED):
+    """TopKConv forward: (out (B, out, H', W'), indices (B, out, k) int32 of the selected input channels)."""
+    batch, in_ch, height, width = x.shape
+    out_ch, _, kh, kw = weight.shape
+    taps = kh * kw
+    geometry = ((kh, kw), pair(stride), pair(padding), pair(dilation))
+    elem = x.element_size()
+    oh = conv_output_size(height, kh, geometry[1][0], geometry[2][0], geometry[3][0])
+    ow = conv_output_size(width, kw, geometry[1][1], geometry[2][1], geometry[3][1])
+    # Per sample: padded input, columns, their per-channel copy (max) and scores; per sample and
+    # output channel: what the router needs.
+    chunk, block = _plan(batch, out_ch, (x[:1].numel() * 2 + in_ch * taps * oh * ow * 2 + out_ch * in_ch) * elem,
+                         router.forward_bytes_per_output(in_ch, taps, elem))
+    weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()  # (out, taps, in)
+    weight_t = weight_tm.permute(2, 1, 0).contiguous() if criterion == "max" else None  # (in, taps, out)
+    columns = _Columns(x, chunk, *geometry)
+    route = router.start(weight_tm, chunk, block)
+    out = x.new_empty(batch, out_ch, oh * ow)
+    indices = torch.empty(batch, out_ch, k, dtype=torch.int32, device=x.device)
+    for b0, b1 in chunks(batch, chunk):
+        cols = columns.unfold(x[b0:b1])
+        scores = _max_scores(cols, weight_t) if criterion == "max" else _sum_scores(cols, weight_tm)
+        route(cols, scores, k, indices[b0:b1], out[b0:b1])
+    return out.view(batch, out_ch, oh, ow), indices
+
+
+def backward(x, weight, indices, grad_out, stride, padding, dilation, need_x: bool, need_w: bool, router=MASKED):
+    """(grad_x, grad_w) of :func:`forward` from the saved input and indices (None where not needed)."""
+    batch, in_ch = x.shape[:2]
+    out_ch, _, kh, kw = weight.shape
+    taps = kh * kw
+    geometry = ((kh, kw), pair(stride), pair(padding), pair(dilation))
+    g_all = grad_out.reshape(batch, out_ch, grad_out.shape[2] * grad_out.shape[3])
+    positions = g_all.shape[2]
+    elem = x.element_size()
+    # Per sample: padded input, columns and column gradient; per sample and output channel: the router's.
+    chunk, block = _plan(batch, out_ch, (x[:1].numel() + in_ch * taps * positions * 2) * elem,
+                         router.backward_bytes_per_output(in_ch, taps, elem))
+    weight_tm = weight.reshape(out_ch, in_ch, taps).transpose(1, 2).contiguous()
+    columns = _Columns(x, chunk, *geometry)
+    grad_x, grad_tm = router.backward(x, weight_tm, indices, g_all, columns, chunk, block, need_x, need_w)
+    grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
+    return grad_x, grad_w

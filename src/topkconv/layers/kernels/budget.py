@@ -5,9 +5,8 @@ Dynamic-k, the B x out x in x H x W maps of TopKConv). They walk over samples an
 and the bytes of one chunk's temporaries stay below this budget. Smaller budgets mean more, smaller
 chunks: the result does not change, only the speed.
 
-    import topkconv.functional as TF
-    TF.set_memory_budget(8 * 2**20)          # process-wide
-    with TF.memory_budget(1 << 20):          # for one block of code
+    topkconv.functional.set_memory_budget(8 * 2**20)   # process-wide (re-exported there)
+    with topkconv.functional.memory_budget(1 << 20):   # for one block of code
         y = layer(x)
 """
 

@@ -1,0 +1,324 @@
+"""Masking indicators that report numbers: each gives a ``value``, the ``threshold`` it was judged against and
+a ``verdict`` (``flag``, ``pass`` or ``n/a`` with a ``reason``), plus the details it was decided on.
+
+Sources:
+
+- Pintor et al., "Indicators of Attack Failure: Debugging and Improving Optimization of Adversarial
+  Examples" (NeurIPS 2022, code ``pralab/IndicatorsOfAttackFailure``): :func:`unavailable_gradients`,
+  :func:`unstable_predictions`, :func:`silent_success`, :func:`incomplete_optimisation`,
+  :func:`transfer_failure`, :func:`unconstrained_failure`.
+- AutoAttack's automatic flags (Croce and Hein 2020, ``fra31/auto-attack``, ``flags_doc.md``):
+  :func:`randomness`, :func:`zero_gradient_at_start`, :func:`square_beats_whitebox`.
+- For top-k routing (this project): :func:`selection_flip_rate` and :func:`gradient_agreement`.
+
+The losses are the logit margin (best other logit minus the label's): unlike cross-entropy it does not
+underflow to an exactly zero gradient on a confidently classified example, so a zero gradient here really
+means that the model cuts or flattens the gradient. :func:`verdict` turns the indicators and the attacks'
+accuracies into one line per model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .common import attack_mode
+from .gradient import attack_loss, input_gradient
+from .zeroth_order import estimate_gradient
+
+# An attack for the traced indicators: (x, y, trace: list) -> x_adv, appending {"loss", "fooled"} per iterate.
+TracedAttack = Callable[[torch.Tensor, torch.Tensor, list], torch.Tensor]
+
+UNSTABLE_THRESHOLD = 0.1        # mean relative margin change under noise of radius r (our choice; Pintor: r = 8/255)
+INCOMPLETE_WINDOW = 10          # Pintor: the last 10 steps ...
+INCOMPLETE_TOLERANCE = 0.05     # ... of the [0, 1]-rescaled best-so-far loss move by more than 0.05
+INCOMPLETE_THRESHOLD = 0.1      # share of the never-fooled examples allowed to still move (our choice)
+TRANSFER_THRESHOLD = 0.9        # share of surrogate successes that fail on the target (our choice, see below)
+RANDOMNESS_THRESHOLD = 1e-4     # AutoAttack: relative L2 change of the logits over 5 passes
+SQUARE_THRESHOLD = 0.002        # AutoAttack: Square beats the white-box attacks by more than 0.2 points ...
+FLIP_THRESHOLD = 0.1            # share of (example, output) selections that change under noise (our choice)
+AGREEMENT_FRACTION = 0.5        # gradient agreement must reach half of what a smooth loss would give
+
+# Attacks that must not beat the plain white-box gradient attack: when one does by more than the
+# tolerance, the gradient is shown to be misleading (Athalye et al. 2018; Tramer et al. 2020).
+NOT_STRONGER_THAN_WHITEBOX = ("fgsm", "zeroth_order", "square", "transfer", "bpda_dense", "bpda_soft")
+
+
+def flagged(value: float, threshold: float, above: bool = True, **details) -> dict:
+    """An indicator result; flagged when ``value`` is above (or, ``above=False``, below) ``threshold``."""
+    flag = value > threshold if above else value < threshold
+    return {"value": value, "threshold": threshold, "verdict": "flag" if flag else "pass", **details}
+
+
+def not_applicable(reason: str) -> dict:
+    return {"value": None, "threshold": None, "verdict": "n/a", "reason": reason}
+
+
+def one_example_slack(n: int, points: float = 0.01) -> float:
+    """``max(points, 1 example)``: a single example never decides a verdict on a small evaluation."""
+    return max(points, 1.0 / max(n, 1))
+
+
+def _margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y - max_{j != y} z_j (positive when correct)."""
+    return -attack_loss(model(x), y, "margin")
+
+
+# ---------------------------------------------------------------- Pintor et al.'s six
+
+def _zero_gradient_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, Optional[str]]:
+    try:
+        grad, _ = input_gradient(model, x, y, loss="margin")
+    except Exception as error:  # noqa: BLE001 - a gradient call that fails is exactly what is reported
+        return 1.0, f"{type(error).__name__}: {error}"
+    flat = grad.flatten(1)
+    unavailable = (flat.abs().sum(1) == 0) | ~torch.isfinite(flat).all(1)
+    return unavailable.float().mean().item(), None
+
+
+def unavailable_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Pintor's first indicator: the share of examples whose input gradient at the clean point is all zero or
+    not finite (1.0 when the gradient call fails). Any such example is a flag."""
+    with attack_mode(model) as device:
+        share, error = _zero_gradient_share(model, x.to(device), y.to(device))
+    return flagged(share, 0.0, **({"error": error} if error else {}))
+
+
+def unstable_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float = 8 / 255,
+                         draws: int = 100, max_batch: int = 1024,
+                         generator: Optional[torch.Generator] = None) -> dict:
+    """Pintor's second indicator: over ``draws`` uniform perturbations in [-r/2, r/2], the mean of
+    |L(x) - L(x + delta)| / |L(x)| (capped at 1), averaged over examples; L is the logit margin."""
+    changes = []
+    with attack_mode(model) as device, torch.no_grad():
+        gen_device = generator.device if generator is not None else device
+        per_call = max(1, max_batch // draws)   # examples per forward call, each repeated ``draws`` times
+        for i in range(0, x.shape[0], per_call):
+            xs, ys = x[i:i + per_call].to(device), y[i:i + per_call].to(device)
+            base = _margin(model, xs, ys)
+            repeated = xs.repeat_interleave(draws, 0)
+            noise = torch.rand(repeated.shape, generator=generator, device=gen_device, dtype=x.dtype).to(device)
+            noisy = _margin(model, repeated + (noise - 0.5) * radius, ys.repeat_interleave(draws, 0))
+            relative = (noisy.view(-1, draws) - base[:, None]).abs() / base.abs().clamp_min(1e-12)[:, None]
+            changes.append(relative.clamp(max=1.0))
+    return flagged(torch.cat(changes).mean().item(), UNSTABLE_THRESHOLD, radius=radius * 255, draws=draws)
+
+
+def run_traced(model: nn.Module, attack: TracedAttack, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Run ``attack`` with a trace: ``{"loss": (T, B), "fooled": (T, B), "returned_fooled": (B,)}``."""
+    trace: list = []
+    with attack_mode(model) as device:
+        x_adv = attack(x.to(device), y.to(device), trace)
+        with torch.no_grad():
+            returned = model(x_adv.to(device)).argmax(1).cpu() != y.cpu()
+    if not trace:
+        raise ValueError("the traced attack recorded no iterate (pass the trace list on to the attack)")
+    return {"loss": torch.stack([t["loss"] for t in trace]), "fooled": torch.stack([t["fooled"] for t in trace]),
+            "returned_fooled": returned}
+
+
+def silent_success(run: dict) -> dict:
+    """Pintor's third indicator: the share of examples for which some point of the attack's path was
+    adversarial but the returned point is not. Any such example is a flag (the attack returns the wrong point)."""
+    silent = run["fooled"].any(0) & ~run["returned_fooled"]
+    return flagged(silent.float().mean().item(), 0.0, examples=int(silent.sum()))
+
+
+def incomplete_optimisation(run: dict, window: int = INCOMPLETE_WINDOW, tolerance: float = INCOMPLETE_TOLERANCE,
+                            threshold: float = INCOMPLETE_THRESHOLD) -> dict:
+    """Pintor's fourth indicator: per example the loss trace is rescaled to [0, 1] and its best-so-far value
+    taken; the example is still moving when that rose by more than ``tolerance`` over the last ``window``
+    steps. The value is the share of still-moving examples among those the attack never fooled (a fooled
+    example is finished); flagged above ``threshold``."""
+    loss, fooled = run["loss"].double(), run["fooled"].any(0)
+    open_ = ~fooled
+    if not open_.any():
+        return flagged(0.0, threshold, window=window, tolerance=tolerance, examples=0)
+    trace = loss[:, open_]
+    low, high = trace.min(0).values, trace.max(0).values
+    scaled = (trace - low) / (high - low).where(high > low, torch.ones_like(high))
+    best = torch.cummax(scaled, 0).values
+    start = max(0, best.shape[0] - 1 - window)
+    moving = (best[-1] - best[start]) > tolerance
+    return flagged(moving.float().mean().item(), threshold, window=window, tolerance=tolerance,
+                   examples=int(open_.sum()), steps=int(loss.shape[0] - 1))
+
+
+def transfer_failure(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     x_adv: torch.Tensor) -> dict:
+    """Pintor's fifth indicator: of the examples whose surrogate-crafted ``x_adv`` fools the surrogate (and
+    which both models classify correctly clean), the share that does not fool the target.
+
+    Some failure is normal between two independently trained models, so the flag is for near-total failure
+    (above 0.9): the target then undoes perturbations that break a similar model, which is what input
+    quantisation or gradient shattering does."""
+    with torch.no_grad(), attack_mode(surrogate) as s_device, attack_mode(model) as device:
+        y_s, y_t = y.to(s_device), y.to(device)
+        clean_ok = (surrogate(x.to(s_device)).argmax(1) == y_s).cpu() & (model(x.to(device)).argmax(1) == y_t).cpu()
+        on_surrogate = (surrogate(x_adv.to(s_device)).argmax(1) != y_s).cpu() & clean_ok
+        on_target = (model(x_adv.to(device)).argmax(1) != y_t).cpu()
+    successes = int(on_surrogate.sum())
+    if successes == 0:
+        return not_applicable("the transfer attack fooled the surrogate on no example")
+    failed = (on_surrogate & ~on_target).sum().item() / successes
+    return flagged(failed, TRANSFER_THRESHOLD, surrogate_successes=successes)
+
+
+def unconstrained_failure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 50,
+                          generator: Optional[torch.Generator] = None) -> dict:
+    """Pintor's sixth indicator: the share of examples an attack with unbounded eps (the whole [0, 1] box)
+    still fails on; it should be 0. PGD from the clean point on the margin loss, step 2 / ``steps``."""
+    from .gradient import pgd
+
+    x_adv = pgd(model, x, y, 1.0, 2.0 / max(steps, 1), steps, start="zero", loss="margin", generator=generator)
+    with torch.no_grad(), attack_mode(model) as device:
+        survived = (model(x_adv.to(device)).argmax(1) == y.to(device)).float().mean().item()
+    n = x.shape[0]
+    return flagged(survived, one_example_slack(n), steps=steps)
+
+
+# ---------------------------------------------------------------- AutoAttack's flags
+
+def randomness(model: nn.Module, x: torch.Tensor, passes: int = 5) -> dict:
+    """AutoAttack's first flag: ``passes`` forward passes of the same inputs; the value is the largest L2
+    change of an example's logits relative to their norm (flagged above 1e-4)."""
+    with torch.no_grad(), attack_mode(model) as device:
+        x = x.to(device)
+        first = model(x)
+        change = max((torch.linalg.vector_norm(model(x) - first, dim=1)
+                      / torch.linalg.vector_norm(first, dim=1).clamp_min(1e-12)).max().item()
+                     for _ in range(passes - 1))
+    return flagged(change, RANDOMNESS_THRESHOLD, passes=passes)
+
+
+def zero_gradient_at_start(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                           generator: Optional[torch.Generator] = None) -> dict:
+    """AutoAttack's second flag: the share of examples with an all-zero (or non-finite) input gradient at a
+    random start point in the eps-ball, where APGD begins. Any such example is a flag."""
+    with attack_mode(model) as device:
+        gen_device = generator.device if generator is not None else device
+        noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(device)
+        start = (x.to(device) + (2 * noise - 1) * eps).clamp(0.0, 1.0)
+        share, error = _zero_gradient_share(model, start, y.to(device))
+    return flagged(share, 0.0, **({"error": error} if error else {}))
+
+
+def square_beats_whitebox(acc: dict, whitebox: list, n: int) -> dict:
+    """AutoAttack's third flag: Square (black-box) leaves less accuracy than the best white-box attack, by
+    more than 0.2 points (here at least one example, on small evaluations)."""
+    present = [name for name in whitebox if name in acc]
+    if "square" not in acc or not present:
+        return not_applicable("needs square and a white-box attack (full suite)")
+    best = min(present, key=lambda name: acc[name])
+    return flagged(acc[best] - acc["square"], max(SQUARE_THRESHOLD, 1.0 / max(n, 1)), square=acc["square"],
+                   whitebox=best, whitebox_accuracy=acc[best])
+
+
+# ---------------------------------------------------------------- routing
+
+def routing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer that can report its selection (has ``selection_mask``)."""
+    return [(name, module) for name, module in model.named_modules()
+            if callable(getattr(module, "selection_mask", None))]
+
+
+def _selections(model: nn.Module, layers: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each routing layer's (example, output) selection for input ``x``: which inputs it routes."""
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].detach()))
+             for i, (_, module) in enumerate(layers)]
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    masks = []
+    for i, (_, module) in enumerate(layers):
+        mask = module.selection_mask(inputs[i])
+        masks.append(mask.flatten(2) if mask.dim() > 2 else mask.unsqueeze(-1))
+    return masks
+
+
+def selection_flip_rate(model: nn.Module, x: torch.Tensor, radius: float = 1 / 255, draws: int = 4,
+                        generator: Optional[torch.Generator] = None) -> dict:
+    """For each routing layer, the share of (example, output) selections that change under uniform input
+    noise in [-radius, radius] (averaged over ``draws``); the value is the largest layer's. High flip rates
+    mean a discontinuous forward pass, k-WTA's failure mode (Tramer et al. 2020)."""
+    layers = routing_layers(model)
+    if not layers:
+        return not_applicable("the model has no routing layer with selection_mask()")
+    with torch.no_grad(), attack_mode(model) as device:
+        x = x.to(device)
+        clean = _selections(model, layers, x)
+        flips = torch.zeros(len(layers), dtype=torch.float64)
+        gen_device = generator.device if generator is not None else device
+        for _ in range(draws):
+            noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(device)
+            noisy = _selections(model, layers, (x + (2 * noise - 1) * radius).clamp(0.0, 1.0))
+            for i, (a, b) in enumerate(zip(clean, noisy)):
+                flips[i] += (a != b).any(-1).double().mean().item() / draws
+    per_layer = {name: flips[i].item() for i, (name, _) in enumerate(layers)}
+    return flagged(max(per_layer.values()), FLIP_THRESHOLD, per_layer=per_layer, radius=radius * 255, draws=draws)
+
+
+def gradient_agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float = 1 / 255,
+                       samples: int = 200, max_batch: int = 1024,
+                       generator: Optional[torch.Generator] = None) -> dict:
+    """The median over examples of the cosine between the autograd input gradient of the margin loss and
+    its paired Gaussian finite-difference estimate at scale ``sigma`` with ``samples`` pairs.
+
+    Even for a perfectly smooth loss a finite sample gives a cosine below 1: about sqrt(N / (N + d + 1)) for
+    N pairs in d input dimensions. The threshold is half of that; below it the gradient does not describe
+    the loss (a zero gradient counts as cosine 0)."""
+    with attack_mode(model) as device:
+        x, y = x.to(device), y.to(device)
+        autograd, _ = input_gradient(model, x, y, loss="margin")
+        with torch.no_grad():
+            estimate = estimate_gradient(model, x, y, sigma, samples, max_batch, generator)
+        cosine = torch.nn.functional.cosine_similarity(autograd.flatten(1).double(), estimate.flatten(1).double(),
+                                                       dim=1, eps=1e-30)
+        cosine = torch.nan_to_num(cosine, nan=0.0)
+    dims = x[0].numel()
+    smooth = math.sqrt(samples / (samples + dims + 1))
+    return flagged(cosine.median().item(), AGREEMENT_FRACTION * smooth, above=False, smooth_loss_cosine=smooth,
+                   sigma=sigma * 255, samples=samples)
+
+
+# ---------------------------------------------------------------- one verdict per model
+
+def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Optional[dict] = None) -> dict:
+    """One line per model, from the attacks' accuracies at the main eps and the indicators:
+
+    - ``masking shown: attack X beat attack Y by Z points`` when an attack that should be weaker than the
+      plain white-box gradient attacks (one step, gradient-free, black-box, transfer, a BPDA stand-in)
+      leaves less accuracy than the strongest of them, Y (of ``whitebox``), by more than
+      max(1 point, 1 example);
+    - ``masking suspected (indicators ...)`` when any indicator is flagged;
+    - ``no masking indicated`` otherwise.
+
+    ``subsets`` maps an attack run on the first m examples only to ``(accuracies on those m, m)``: it is
+    compared with the white-box attacks on the same examples.
+    """
+    subsets = subsets or {}
+    present = [name for name in whitebox if name in acc]
+    beaten = min(present, key=lambda name: acc[name]) if present else None
+    gaps, excess = {}, {}
+    for name in NOT_STRONGER_THAN_WHITEBOX:
+        if name in acc and beaten:
+            table, size = subsets.get(name, (acc, n))
+            gaps[name] = table[beaten] - table[name]
+            excess[name] = gaps[name] - one_example_slack(size)
+    flags = sorted(name for name, result in indicators.items() if result.get("verdict") == "flag")
+    if excess and max(excess.values()) > 1e-9:
+        strongest = max(excess, key=excess.get)
+        points = 100 * gaps[strongest]
+        return {"verdict": "masking shown", "attack": strongest, "beaten": beaten, "points": points,
+                "flags": flags,
+                "text": f"masking shown: attack {strongest} beat attack {beaten} by {points:.1f} points"}
+    if flags:
+        return {"verdict": "masking suspected", "flags": flags,
+                "text": f"masking suspected (indicators {', '.join(flags)})"}
+    return {"verdict": "no masking indicated", "flags": [], "text": "no masking indicated"}

@@ -1,0 +1,57 @@
+"""The bridge between torch and the compiled loops: tensors as numpy views, and the loops split over
+``torch.get_num_threads()`` Python threads.
+
+The numba loops release the GIL, so a plain thread pool runs them in parallel. Work is cut only along
+axes whose outputs do not overlap, so no two threads ever add into the same entry. The pool is
+rebuilt when the thread count changes or after a fork (threads do not survive one).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (no copy). Only the numba backend converts: the torch-level
+    kernels never leave torch, so they run on any device."""
+    return t.detach().numpy()
+
+
+def threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+_pool = (None, 0, 0)  # (executor, its size, the pid that made it)
+
+
+def split(total: int, run) -> None:
+    """run(start, stop) over [0, total), cut into torch.get_num_threads() pieces run in parallel."""
+    global _pool
+    count = min(threads(), total)
+    if count <= 1:
+        run(0, total)
+        return
+    executor, size, pid = _pool
+    if executor is None or size != count or pid != os.getpid():
+        executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="topkconv")
+        _pool = (executor, count, os.getpid())
+    step = -(-total // count)
+    for future in [executor.submit(run, s, min(total, s + step)) for s in range(0, total, step)]:
+        future.result()
+
+
+def split_gradients(batch: int, rows: int, need_x: bool, need_w: bool, run) -> None:
+    """run(need_x, need_w, b0, b1, c0, c1) over every (sample, output row) pair. On one thread a single
+    call; on several, the input gradient split by sample and the weight gradient by output row, in two
+    passes, so that no two threads add into the same entry."""
+    if threads() == 1:
+        run(need_x, need_w, 0, batch, 0, rows)
+        return
+    if need_x:
+        split(batch, lambda b0, b1: run(True, False, b0, b1, 0, rows))
+    if need_w:
+        split(rows, lambda c0, c1: run(False, True, 0, batch, c0, c1))

@@ -1,0 +1,146 @@
+"""Compiled CPU loops (numba) for the routing work that no single torch op does well: the numba backend.
+
+The masked-weight matmuls of the torch-level TopKConv kernel do a dense convolution's FLOPs, although
+each (sample, output channel) uses only k of the input channels. Here the output and both gradients
+walk the saved (sample, output channel, k) indices and touch only the selected channels: ``k / in``
+of the dense FLOPs, as contiguous multiply-adds along the output positions. The Dynamic-k forward
+forms one row of products at a time and selects in place (:mod:`.selection`).
+
+Every function writes into arrays the caller allocated; none allocates per row. The entry points at
+the bottom take CPU tensors, view them as numpy arrays and split the loops over threads
+(:mod:`.bridge`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .bridge import as_array, split, split_gradients
+from .jit import jit
+from .selection import n_groups_for, select_row, selection_workspace
+
+
+@jit
+def _linear_forward(x, weight, k, n_groups, positive_only, out, indices, c0, c1):
+    """Output rows c0 <= c < c1 of the Dynamic-k forward, for the whole batch."""
+    products = np.empty(x.shape[1], x.dtype)
+    workspace = selection_workspace(products, n_groups)
+    for c in range(c0, c1):  # weight row outermost: it stays in cache for the whole batch
+        for b in range(x.shape[0]):
+            np.multiply(weight[c], x[b], products)
+            if positive_only:
+                np.maximum(products, 0, products)
+            out[b, c] = select_row(products, k, n_groups, workspace, indices[b, c])
+
+
+@jit
+def _linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w, grad_x, grad_w, b0, b1, c0, c1):
+    """Gradients of :func:`_linear_forward` from the saved indices, over samples b0:b1 and output
+    rows c0:c1; adds into grad_x and grad_w."""
+    k = indices.shape[2]
+    for b in range(b0, b1):
+        for c in range(c0, c1):
+            g = grad_out[b, c]
+            if g == 0:
+                continue
+            for j in range(k):
+                i = indices[b, c, j]
+                xv = x[b, i]
+                wv = weight[c, i]
+                if positive_only and not xv * wv > 0:  # clamped products pass no gradient
+                    continue
+                if need_x:
+                    grad_x[b, i] += g * wv
+                if need_w:
+                    grad_w[c, i] += g * xv
+
+
+@jit
+def _conv_output(cols, weight_tm, indices, out, b0, b1):
+    """out[b, c, :] = sum over the selected input channels i and taps j of weight_tm[c, j, i] * cols[b, j, i, :]
+    for samples b0 <= b < b1.
+
+    cols (n, taps, in, L): tap-major patch columns; weight_tm (out, taps, in); indices (n, out, k)."""
+    taps, positions = cols.shape[1], cols.shape[3]
+    out_ch, k = indices.shape[1], indices.shape[2]
+    acc = np.empty(positions, cols.dtype)
+    for b in range(b0, b1):
+        for c in range(out_ch):
+            acc[:] = 0
+            for s in range(k):
+                i = indices[b, c, s]
+                for j in range(taps):
+                    w = weight_tm[c, j, i]
+                    src = cols[b, j, i]
+                    for p in range(positions):
+                        acc[p] += w * src[p]
+            out[b, c, :] = acc
+
+
+@jit
+def _conv_backward(cols, weight_tm, indices, grad_out, need_x, need_w, grad_cols, grad_w, b0, b1, c0, c1):
+    """Gradients of :func:`_conv_output` over the selected channels only, for samples b0:b1 and output
+    channels c0:c1: adds into grad_cols (n, taps, in, L; its unselected entries stay as they were)
+    and grad_w (out, taps, in)."""
+    taps = weight_tm.shape[1]
+    positions = grad_out.shape[2]
+    k = indices.shape[2]
+    for b in range(b0, b1):
+        for c in range(c0, c1):
+            g = grad_out[b, c]
+            for s in range(k):
+                i = indices[b, c, s]
+                for j in range(taps):
+                    if need_w:
+                        src = cols[b, j, i]
+                        dot = cols.dtype.type(0)  # a float64 literal would widen a float32 sum
+                        for p in range(positions):
+                            dot += g[p] * src[p]
+                        grad_w[c, j, i] += dot
+                    if need_x:
+                        w = weight_tm[c, j, i]
+                        dst = grad_cols[b, j, i]
+                        for p in range(positions):
+                            dst[p] += w * g[p]
+
+
+# ---------------------------------------------------------------- torch-facing entry points (CPU tensors)
+
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool):
+    """Dynamic-k forward: (out, indices) with out[b, c] the sum of the k largest weight[c, i] * x[b, i]
+    and indices[b, c] (int32) their i."""
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    indices = torch.empty(x.shape[0], weight.shape[0], k, dtype=torch.int32)
+    args = (as_array(x), as_array(weight), k, n_groups_for(x.shape[1], k), positive_only, as_array(out), as_array(indices))
+    split(weight.shape[0], lambda c0, c1: _linear_forward(*args, c0, c1))
+    return out, indices
+
+
+def linear_backward(x, weight, indices, grad_out, positive_only: bool, need_x: bool, need_w: bool):
+    """(grad_x, grad_w) of :func:`linear_forward` from its saved indices (None where not needed)."""
+    grad_x = torch.zeros_like(x) if need_x else x.new_empty(0, 0)
+    grad_w = torch.zeros_like(weight) if need_w else weight.new_empty(0, 0)
+    arrays = (as_array(x), as_array(weight), as_array(indices), as_array(grad_out.contiguous()), positive_only)
+    outputs = (as_array(grad_x), as_array(grad_w))
+    split_gradients(indices.shape[0], indices.shape[1], need_x, need_w,
+                     lambda nx, nw, *ranges: _linear_backward(*arrays, nx, nw, *outputs, *ranges))
+    return (grad_x if need_x else None), (grad_w if need_w else None)
+
+
+def conv_output(cols: torch.Tensor, weight_tm: torch.Tensor, indices: torch.Tensor, out: torch.Tensor) -> None:
+    """out (n, out, L) = the routed convolution of tap-major columns (n, taps, in, L) with weight_tm
+    (out, taps, in) over the selected (n, out, k) input channels."""
+    args = (as_array(cols), as_array(weight_tm), as_array(indices), as_array(out))
+    split(cols.shape[0], lambda b0, b1: _conv_output(*args, b0, b1))
+
+
+def conv_backward(cols, weight_tm, indices, grad_out, grad_cols, grad_w) -> None:
+    """Adds the gradients of :func:`conv_output` into grad_cols (n, taps, in, L) and grad_w (out, taps,
+    in); either may be None (then ``cols`` may be None when grad_w is)."""
+    need_x, need_w = grad_cols is not None, grad_w is not None
+    empty = weight_tm.new_empty(0, 0, 0, 0)
+    arrays = (as_array(cols if need_w else empty), as_array(weight_tm), as_array(indices), as_array(grad_out.contiguous()))
+    outputs = (as_array(grad_cols if need_x else empty), as_array(grad_w if need_w else weight_tm.new_empty(0, 0, 0)))
+    split_gradients(indices.shape[0], indices.shape[1], need_x, need_w,
+                     lambda nx, nw, *ranges: _conv_backward(*arrays, nx, nw, *outputs, *ranges))

@@ -1,0 +1,155 @@
+"""``topkconv reproduce``: plan every run and evaluation of the asked tables, run them (``--jobs N``
+workers), then write each table, the claims and the figures.
+
+All tables of one command share one plan, so a run two tables need (Table I's and Table III's Baseline)
+is trained once, and the workers stay busy across tables. Under ``torchrun`` the jobs run one after
+another in every process (training and attacks shard their batches), and rank 0 writes the reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import claims as claims_module
+from . import jobs as jobs_module
+from . import tables
+from .spec import TABLES, TARGETS, Study, load_table_spec, merge, spec_path
+from .workspace import Workspace
+
+
+def cli_overrides(data: Optional[str] = None, pretrained: Optional[str] = None) -> dict:
+    """RunSpec overrides from ``--data`` and ``--pretrained``: they change the hash, as they should."""
+    overrides: dict = {}
+    if data is not None:
+        overrides["data"] = {"root": str(data)}
+    if pretrained is not None:
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"--pretrained: {pretrained} is not a file (expected torchvision's "
+                                    f"vgg16-397923af.pth)")
+        overrides["model"] = {"pretrained": str(pretrained)}
+    return overrides
+
+
+def load_study(table: str, preset: str, spec_file, overrides: dict, seeds: Optional[int]) -> Study:
+    source = spec_file if spec_file is not None else spec_path(table, preset)
+    spec = load_table_spec(source)
+    if spec.table != table:
+        raise ValueError(f"{source}: key 'table' is {spec.table!r}, but {table!r} was asked for")
+    return Study(spec, overrides, seeds)
+
+
+def workers_for(studies: list, jobs: Optional[int]) -> int:
+    """``--jobs``, or its default: the CPU cores when no GPU is used; 1 under torchrun."""
+    from .. import distributed
+
+    if distributed.context().world_size > 1:
+        return 1
+    if jobs is not None:
+        return jobs_module.check_jobs(jobs)
+    return jobs_module.default_jobs(studies[0].first_spec.train.device)
+
+
+@contextlib.contextmanager
+def process_group(device: str):
+    """Under torchrun, join the process group once for all jobs (one rendezvous, not one per model)."""
+    from .. import distributed
+
+    ctx = distributed.setup(device)
+    try:
+        yield ctx
+    finally:
+        distributed.teardown(ctx)
+
+
+def run_plan(workspace: Workspace, table_studies: list, train_only: list, workers: int, progress: bool) -> dict:
+    """Plan and run the jobs of the studies; returns the log (jobs run, steps cached, seconds)."""
+    start = time.perf_counter()
+    planned, cached = workspace.plan(table_studies)
+    extra, extra_cached = workspace.plan(train_only, evaluations=False)
+    keys = {job.key for job in planned}
+    planned = [j for j in extra if j.key not in keys and j.step != "evaluate"] + planned
+    cached += extra_cached
+    say = jobs_module._say if progress else (lambda message: None)
+    if planned:
+        say(f"{len(planned)} jobs to run ({len(cached)} steps cached) on {workers} worker"
+            f"{'s' if workers > 1 else ''}")
+    device = (table_studies or train_only)[0].first_spec.train.device
+    with process_group(device) if workers == 1 else contextlib.nullcontext():
+        # one torch thread per job on the CPU, in a worker or here: the same numbers whatever --jobs is
+        done = jobs_module.run_jobs(planned, workers, threads=None if jobs_module.uses_gpu(device) else 1, say=say)
+    return {"workers": workers, "jobs": done, "cached": cached, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str] = None,
+              pretrained: Optional[str] = None, out=".", force: bool = False, progress: bool = True,
+              spec_file: Optional[str] = None, overrides: Optional[dict] = None, seeds: Optional[int] = None,
+              jobs: Optional[int] = None, claims_file=None) -> dict:
+    """``topkconv reproduce``: one table, the figures, or ``all``; then the verdicts on the paper's claims.
+
+    ``spec_file`` replaces ``experiments/<table>-<preset>.toml`` (for one table, or for the figures, which
+    use Table III's models). ``overrides`` (a RunSpec dict) is merged into every column; ``seeds``
+    replaces the specs' ``seeds``; ``jobs`` is the number of worker processes. Returns, per table, the
+    report paths and the per-cell summary, plus ``claims`` and ``log``.
+    """
+    from .. import distributed
+    from ..io import atomic_write_json
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    overrides = merge(cli_overrides(data, pretrained), overrides or {})
+    names = list(TABLES) if target == "all" else [target] if target != "figures" else []
+    studies = [load_study(name, preset, spec_file, overrides, seeds) for name in names]
+    figure_study = None
+    if target in ("figures", "all"):
+        figure_study = load_study("table3", preset, spec_file, overrides, 1)  # the figures use seed 0's models
+        from .paper_figures import needed_labels
+
+        needed_labels(figure_study)  # a spec without [figures] fails now, before any training
+    # the built-in claims name the built-in specs' columns; a user's own spec may have fewer
+    claims = (claims_module.load_claims(claims_file, {s.name: s.table for s in studies},
+                                        skip_missing_columns=claims_file is None and spec_file is not None)
+              if studies else [])
+    workspace = Workspace(out, force)
+    workers = workers_for(studies or [figure_study], jobs)
+    log = run_plan(workspace, studies, [figure_study] if figure_study else [], workers, progress)
+    if progress:
+        jobs_module._say(f"jobs done in {log['seconds']:.0f} s ({len(log['jobs'])} run, {len(log['cached'])} "
+                         f"cached, {workers} worker{'s' if workers > 1 else ''})")
+    if not distributed.context().is_main:
+        return {"log": log}
+    done: dict = {}
+    judged: list = []
+    for study in studies:
+        results = workspace.results(study)
+        done[study.name] = tables.write_reports(workspace, study, results)
+        judged += [claims_module.judge(claim, results, study.eps_list(), study.strong_radii())
+                   for claim in claims if claim.table == study.name]
+    if figure_study is not None:
+        from .paper_figures import run_figures
+
+        done["figures"] = {"paths": run_figures(workspace, figure_study)}
+    if studies:
+        done["claims"] = write_claims(workspace, studies, judged, claims_file or claims_module.default_path())
+    atomic_write_json(workspace.reports / "reproduce-log.json", log)  # timings: kept out of the reports
+    done["log"] = log
+    return done
+
+
+def write_claims(workspace: Workspace, studies: list, judged: list, source) -> dict:
+    """``reports/claims.md`` and ``.json``; prints one line per claim (Table III's last)."""
+    from ..io import atomic_write_json, atomic_write_text
+
+    meta = {"tables": ", ".join(f"{s.name} ({s.table.preset}, {s.seeds} seeds)" for s in studies),
+            "claims file": str(source),
+            "counts": ", ".join(f"{k}: {v}" for k, v in claims_module.count(judged).items()) or "none"}
+    md = workspace.reports / "claims.md"
+    js = workspace.reports / "claims.json"
+    atomic_write_text(md, claims_module.render_markdown(judged, meta))
+    atomic_write_json(js, {"meta": meta, "claims": judged})
+    print("\nThe paper's claims (A - B, 95% interval, verdict):", flush=True)
+    for line in claims_module.console_lines(judged):
+        print(line, flush=True)
+    return {"md": str(md), "json": str(js), "claims": judged}

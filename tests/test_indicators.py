@@ -1,0 +1,143 @@
+"""Each masking indicator fires on a model (or an attack) built to trigger it, and stays quiet on a plain CNN
+trained in the tests; and the one-line verdict follows from the numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from masked_models import RoundedInput, StochasticInputDropout, ZeroedTopKActivation
+from topkconv.attacks import accuracy, pgd, square
+from topkconv.attacks.indicators import (gradient_agreement, incomplete_optimisation, randomness, run_traced,
+                                         selection_flip_rate, silent_success, square_beats_whitebox,
+                                         transfer_failure, unavailable_gradients, unconstrained_failure,
+                                         unstable_predictions, verdict, zero_gradient_at_start)
+from topkconv.attacks.transfer import transfer
+from topkconv.layers import TopKLinear
+
+EPS = 16 / 255
+N = 100
+
+
+def _gen():
+    return torch.Generator().manual_seed(0)
+
+
+def _traced_pgd(model, steps):
+    return lambda x, y, trace: pgd(model, x, y, EPS, 2.5 * EPS / steps, steps, start="zero", loss="margin",
+                                   trace=trace)
+
+
+def _last_restart_only(model):
+    """A buggy two-restart attack: it returns the second restart's point (one step from a random start),
+    not the best of the two, so examples the first restart fooled are lost."""
+    def attack(x, y, trace):
+        pgd(model, x, y, EPS, 2.5 * EPS / 30, 30, start="zero", loss="margin", trace=trace)
+        return pgd(model, x, y, EPS, EPS / 8, 1, start="random", loss="margin", generator=_gen(), trace=trace)
+    return attack
+
+
+def _transfer_failure(model, mlp, x, y, eps):
+    x_adv = transfer(mlp, model, x, y, eps, 2.5 * eps / 16, 16, generator=_gen())
+    return transfer_failure(model, mlp, x, y, x_adv)
+
+
+def _square_vs_pgd(model, x, y):
+    acc = {"pgd": accuracy(model, pgd(model, x, y, EPS, EPS / 8, 20, start="zero"), y),
+           "square": accuracy(model, square(model, x, y, EPS, n_queries=300, seed=0), y)}
+    return square_beats_whitebox(acc, ["pgd"], x.shape[0])
+
+
+def _all_selected_routing(mlp):
+    """The MLP's hidden layer as a TopKLinear with k = fan-in: it routes every input, so nothing flips."""
+    layer = TopKLinear(64, 64, k=64)
+    layer.load_state_dict(mlp[1].state_dict())
+    return nn.Sequential(nn.Flatten(), layer, nn.ReLU(), mlp[3]).eval()
+
+
+# name: (fires(models, x, y), quiet(models, x, y)); ``models`` holds the fixtures cnn, mlp and routing_mlp.
+CASES = {
+    "unavailable_gradients": (lambda m, x, y: unavailable_gradients(RoundedInput(m["cnn"]), x, y),
+                              lambda m, x, y: unavailable_gradients(m["cnn"], x, y)),
+    "unstable_predictions": (
+        lambda m, x, y: unstable_predictions(StochasticInputDropout(m["cnn"]), x, y, draws=20, generator=_gen()),
+        lambda m, x, y: unstable_predictions(m["cnn"], x, y, draws=20, generator=_gen())),
+    "silent_success": (lambda m, x, y: silent_success(run_traced(m["cnn"], _last_restart_only(m["cnn"]), x, y)),
+                       lambda m, x, y: silent_success(run_traced(m["cnn"], _traced_pgd(m["cnn"], 30), x, y))),
+    "incomplete_optimisation": (
+        lambda m, x, y: incomplete_optimisation(run_traced(m["cnn"], _traced_pgd(m["cnn"], 2), x, y)),
+        lambda m, x, y: incomplete_optimisation(run_traced(m["cnn"], _traced_pgd(m["cnn"], 50), x, y))),
+    # rounding to 16 levels undoes any perturbation under half a level (1/32): nothing transfers at 6/255
+    "transfer_failure": (lambda m, x, y: _transfer_failure(RoundedInput(m["cnn"]), m["mlp"], x, y, 6 / 255),
+                         lambda m, x, y: _transfer_failure(m["cnn"], m["mlp"], x, y, EPS)),
+    "unconstrained_failure": (lambda m, x, y: unconstrained_failure(RoundedInput(m["cnn"]), x, y, 20, _gen()),
+                              lambda m, x, y: unconstrained_failure(m["cnn"], x, y, 20, _gen())),
+    "randomness": (lambda m, x, y: randomness(StochasticInputDropout(m["cnn"]), x),
+                   lambda m, x, y: randomness(m["cnn"], x)),
+    "zero_gradient_at_start": (lambda m, x, y: zero_gradient_at_start(RoundedInput(m["cnn"]), x, y, EPS, _gen()),
+                               lambda m, x, y: zero_gradient_at_start(m["cnn"], x, y, EPS, _gen())),
+    "square_beats_whitebox": (lambda m, x, y: _square_vs_pgd(RoundedInput(m["cnn"]), x, y),
+                              lambda m, x, y: _square_vs_pgd(m["cnn"], x, y)),
+    "selection_flip_rate": (lambda m, x, y: selection_flip_rate(m["routing_mlp"], x, generator=_gen()),
+                            lambda m, x, y: selection_flip_rate(_all_selected_routing(m["mlp"]), x,
+                                                                generator=_gen())),
+    "gradient_agreement": (
+        lambda m, x, y: gradient_agreement(ZeroedTopKActivation(m["cnn"], 2, 256), x, y, samples=100,
+                                           generator=_gen()),
+        lambda m, x, y: gradient_agreement(m["cnn"], x, y, samples=100, generator=_gen())),
+}
+
+
+@pytest.fixture(scope="module")
+def models(cnn, mlp, routing_mlp):
+    return {"cnn": cnn, "mlp": mlp, "routing_mlp": routing_mlp}
+
+
+def _consistent(result):
+    """The verdict follows from the value and the threshold (and the indicator says so in numbers)."""
+    assert set(result) >= {"value", "threshold", "verdict"}
+    if result["verdict"] != "n/a":
+        below = result["value"] < result["threshold"]
+        above = result["value"] > result["threshold"]
+        assert (result["verdict"] == "flag") in (above, below)
+
+
+OUTCOMES = [(name, 0, "flag") for name in CASES] + [(name, 1, "pass") for name in CASES]
+
+
+@pytest.mark.parametrize("name, case, expected", OUTCOMES,
+                         ids=[f"{name}-{'fires' if case == 0 else 'quiet'}" for name, case, _ in OUTCOMES])
+def test_indicator_fires_on_a_model_built_to_trigger_it_and_stays_quiet_on_a_plain_one(name, case, expected,
+                                                                                      models, digits_test):
+    x, y = digits_test[0][:N], digits_test[1][:N]
+    result = CASES[name][case](models, x, y)
+    _consistent(result)
+    assert result["verdict"] == expected, result
+
+
+def test_routing_indicator_does_not_apply_to_a_model_without_routing(cnn, digits_test):
+    assert selection_flip_rate(cnn, digits_test[0][:8])["verdict"] == "n/a"
+
+
+def test_unavailable_gradients_reports_a_failing_gradient_call(digits_test):
+    class NoGradient(nn.Module):
+        def forward(self, x):
+            with torch.no_grad():
+                return torch.zeros(x.shape[0], 10).index_fill_(1, torch.tensor([0]), 1.0) + x.sum() * 0
+
+    result = unavailable_gradients(NoGradient(), *[t[:4] for t in digits_test])
+    assert result["verdict"] == "flag" and result["value"] == 1.0
+
+
+@pytest.mark.parametrize("acc, indicators, expected", [
+    ({"pgd": 0.50, "zeroth_order": 0.20, "square": 0.45}, {},
+     "masking shown: attack zeroth_order beat attack pgd by 30.0 points"),
+    ({"pgd": 0.50, "eot_pgd": 0.40, "transfer": 0.35}, {},
+     "masking shown: attack transfer beat attack eot_pgd by 5.0 points"),
+    ({"pgd": 0.50, "bpda_soft": 0.495}, {"randomness": {"verdict": "flag"}, "x": {"verdict": "pass"}},
+     "masking suspected (indicators randomness)"),
+    ({"pgd": 0.50, "fgsm": 0.60}, {"x": {"verdict": "pass"}, "y": {"verdict": "n/a"}}, "no masking indicated"),
+], ids=["zeroth-order-beats-pgd", "against-the-strongest-white-box", "only-an-indicator", "nothing"])
+def test_verdict_from_numbers(acc, indicators, expected):
+    assert verdict(acc, indicators, ["pgd", "eot_pgd"], n=1000)["text"] == expected
