@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import save_file
 
 from masked_models import GradientOnlyOnTheDataGrid
 from topkconv.attacks import accuracy, pgd
 from topkconv.config import AttackConfig, DataConfig
 from topkconv.data import load_data
-from topkconv.evaluate import evaluate
+from topkconv.evaluate import ModelTraits, evaluate, plan_attacks
 from topkconv.layers import dense_gradients, soft_gradients
 
 EPS = 16 / 255
@@ -69,6 +70,38 @@ def test_an_attack_limited_to_the_first_examples_is_judged_on_them(digits_test, 
     assert outcomes["zeroth_order"][60:] == outcomes["clean"][60:]      # the others were not attacked
     assert zo["accuracy_on_attacked"] < outcomes["pgd"][:60].count("1") / 60 - 0.2
     assert result["verdict"]["verdict"] == "masking shown" and result["verdict"]["attack"] == "zeroth_order"
+
+
+def test_a_cascaded_attack_runs_on_the_white_box_survivors_only(digits_test, cnn):
+    from masked_models import RoundedInput
+
+    model = RoundedInput(cnn)   # PGD cannot move it; the zeroth-order attack can
+    cfg = AttackConfig(suite="full", eps=24, pgd_step_size=3, pgd_steps=8, eps_curve=[], apgd_iters=2,
+                       square_queries=5, autoattack_attacks=["apgd-ce"], n_examples=80, batch_size=50,
+                       zo_steps=12, zo_step_size=3, zo_samples=[[0, 40]], indicator_examples=20,
+                       indicator_draws=5, indicator_steps=5, cascade_attacks=["square", "zeroth_order"])
+    result = evaluate(model, *digits_test, cfg, progress=False)
+    outcomes, attacks = result["per_example"], result["attacks"]
+    whitebox = outcomes["whitebox"]
+    assert attacks["whitebox"]["params"]["worst_of"] == ["pgd_zero", "pgd_random", "autoattack", "pgd_2x_steps",
+                                                         "pgd_2x_restarts"]
+    for name in ("square", "zeroth_order"):
+        cascade = attacks[name]["params"]["cascade"]
+        assert cascade["n_attacked"] == whitebox.count("1")
+        row = outcomes[name]
+        assert all(w == "1" for r, w in zip(row, whitebox) if r == "1"), "a cascaded row counts a broken example"
+        assert cascade["broke"] == whitebox.count("1") - row.count("1")
+    assert attacks["zeroth_order"]["params"]["cascade"]["broke"] > 0.2 * len(whitebox)
+    worst = outcomes["worst_case"]
+    assert worst == "".join("1" if all(outcomes[a][i] == "1" for a in result["worst_case"]["attacks"]) and
+                            outcomes["clean"][i] == "1" else "0" for i in range(len(worst)))
+    assert result["verdict"]["verdict"] == "masking shown" and "broke" in result["verdict"]["text"]
+
+
+def test_cascade_attacks_names_what_it_accepts():
+    with pytest.raises(ValueError, match="cascade_attacks.*pgd_zero"):
+        plan_attacks(nn.Linear(2, 2), AttackConfig(suite="full", cascade_attacks=["pgd_zero"]),
+                     ModelTraits(False, False, ()))
 
 
 # ---------------------------------------------------------------- evaluate any model from the CLI

@@ -219,3 +219,9 @@ def test_torchvision_architectures_need_the_vision_extra():
             build_model(cfg)
     else:
         assert build_model(cfg)(torch.rand(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("field, value", [("hidden", 0), ("hidden", -3), ("width", 0.0)])
+def test_a_zero_width_layer_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"model.{field}"):
+        build_model(ModelConfig(**{field: value}))

@@ -287,3 +287,24 @@ def test_prune_run_refuses_a_non_standard_source_and_its_own_folder(standard_run
         pruning.prune_run(dropout_dir, spec, tmp_path / "out", progress=False)
     with pytest.raises(FileNotFoundError, match="missing"):
         pruning.prune_run(tmp_path / "missing", spec, tmp_path / "out", progress=False)
+
+
+def test_prune_run_never_replaces_a_finished_run_without_force(standard_run, tmp_path):
+    from topkconv.checkpoint import MODEL_FILE, RUN_FILE, STAGING_DIR, load_checkpoint
+
+    _, source_spec = load_checkpoint(standard_run)
+    out = tmp_path / "pruned"
+    pruning.prune_run(standard_run, pruning.pruned_spec(source_spec, "final", 0.5, 1), out, progress=False)
+    before = {name: (out / name).read_bytes() for name in (RUN_FILE, MODEL_FILE)}
+    (out / "eval.json").write_text("{}")  # a result of the old weights
+
+    other = pruning.pruned_spec(source_spec, "final", 0.75, 1)
+    with pytest.raises(ValueError, match="already holds a finished run.*--force"):
+        pruning.prune_run(standard_run, other, out, progress=False)
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+    pruning.prune_run(standard_run, other, out, progress=False, force=True)
+    _, spec = load_checkpoint(out)
+    assert spec.model.defense.prune_sparsity == 0.75
+    assert not (out / "eval.json").exists(), "a result of the replaced weights was left beside the new run"
+    assert not (out / STAGING_DIR).exists()

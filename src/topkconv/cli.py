@@ -453,6 +453,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: a tenth of the "
                                                           "source run's train.lr)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the pruned run")
+    p.add_argument("--force", action="store_true",
+                   help="replace a finished run in --out (it stays intact until the pruned run is complete)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_prune)
 
@@ -467,7 +469,8 @@ def _run_prune(args) -> int:
     source = spec_from_dict(read_run_json(args.checkpoint)["spec"])
     spec = pruned_spec(source, args.scope, args.sparsity, args.epochs, lr=args.lr)
     with _run_lock_if_main(args.out):
-        _, summary = prune_run(args.checkpoint, spec, args.out, progress=not args.no_progress)
+        _, summary = prune_run(args.checkpoint, spec, args.out, progress=not args.no_progress,
+                                 force=args.force)
     print(json.dumps({k: summary[k] for k in ("scope", "sparsity", "test_acc_before", "test_acc")}, indent=2))
     return 0
 

@@ -96,6 +96,10 @@ class AttackConfig:
     zo_samples: list = field(default_factory=lambda: [[0, 100], [20, 1000], [40, 20000]])  # [from step, pairs]
     zo_max_batch: int = 1024          # inputs per forward call (the memory bound)
     zo_examples: Optional[int] = None  # attack only the first N examples with it (None: all; a CPU budget)
+    # Attacks run only on the examples that every white-box gradient attack at eps left robust (AutoAttack's
+    # cascade): the per-example worst case is the same, the cost is that of the survivors; their rows then
+    # hold "white-box and this attack" (evaluate.CASCADE_BASE). [] = every attack on every example.
+    cascade_attacks: list = field(default_factory=list)
     bpda_soft_tau: Optional[float] = None  # soft BPDA temperature; None = per layer from the score spread
     indicator_examples: int = 100     # the masking indicators run on the first N attacked examples
     indicator_draws: int = 100        # noise draws per example (unstable predictions, selection flips)

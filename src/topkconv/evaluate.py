@@ -58,12 +58,15 @@ from .attacks.indicators import (NOT_STRONGER_THAN_WHITEBOX, gradient_agreement,
                                  square_beats_whitebox, transfer_failure, unavailable_gradients,
                                  unconstrained_failure, unstable_predictions, verdict, zero_gradient_at_start)
 from .attacks.masking import masking_checks
+from .checkpoint import EVAL_FILE, PLOT_FILE
 from .config import AttackConfig
 from .layers import dense_gradients, soft_gradients
 
 SUITES = ("paper", "full")
-EVAL_FILE = "eval.json"
-PLOT_FILE = "acc-vs-eps.png"
+# The white-box gradient attacks whose survivors a cascaded attack (cfg.cascade_attacks) runs on; their
+# per-example worst case is reported as the row "whitebox" when a cascade ran.
+CASCADE_BASE = ("pgd_zero", "pgd_random", "eot_pgd", "pgd_2x_steps", "pgd_2x_restarts", "autoattack")
+CASCADABLE = ("square", "transfer", "zeroth_order")
 
 
 @dataclass
@@ -73,6 +76,7 @@ class PlannedAttack:
     params: dict                   # as reported, 0-255 units
     run: Callable[..., torch.Tensor]  # (x, y, generator, seed) -> x_adv
     examples: Optional[int] = None    # attack only the first N examples (the others are left clean)
+    cascade: bool = False             # attack only the survivors of the CASCADE_BASE attacks at eps
 
 
 @dataclass
@@ -199,6 +203,13 @@ def plan_attacks(model: nn.Module, cfg: AttackConfig, traits: "ModelTraits",
                     plan.append(_pgd_attack(name, model, point, ratio * point, steps, "random" if eot else "zero",
                                             cfg.restarts, eot=cfg.eot_samples if eot else 1))
                 curve.append((point, name))
+    unknown = sorted(set(cfg.cascade_attacks) - set(CASCADABLE))
+    if unknown:
+        raise ValueError(f"cascade_attacks: expected names among {CASCADABLE}, got {unknown}")
+    for attack in plan:
+        attack.cascade = attack.name in cfg.cascade_attacks and attack.eps == eps
+    # Cascaded attacks run last, once the survivors of every CASCADE_BASE attack are known.
+    plan.sort(key=lambda attack: attack.cascade)
     return plan, combined, curve
 
 
@@ -245,6 +256,22 @@ def _run_on_first(attack: PlannedAttack, xs, ys, offset: int, generator, seed) -
     if take:
         x_adv[:take] = attack.run(xs[:take], ys[:take], generator, seed)
     return x_adv
+
+
+def _run_on_survivors(model: nn.Module, attack: PlannedAttack, xs, ys, survivors, offset: int, generator, seed,
+                      count: int) -> tuple[torch.Tensor, int]:
+    """A cascaded attack on the examples of the chunk that ``survivors`` marks (and, with ``attack.examples``,
+    only those before that index): its row is robust where the example survived the white-box attacks and
+    this one. Unattacked survivors (beyond ``attack.examples``) count as surviving it, as in _run_on_first."""
+    limit = len(xs) if attack.examples is None else max(0, min(len(xs), attack.examples - offset))
+    take = survivors.clone()
+    take[limit:] = False
+    robust = survivors.clone()
+    index = take.nonzero().squeeze(1)
+    if index.numel():
+        x_adv = attack.run(xs[index], ys[index], generator, seed)
+        robust[index] = correct(model, x_adv, ys[index])
+    return robust, count + index.numel()
 
 
 def chunk_order(n_chunks: int, rank: int, world: int) -> list[int]:
@@ -295,6 +322,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
     seconds = {attack.name: 0.0 for attack in plan}
     seconds["clean"] = 0.0
     masks: dict[int, dict[str, torch.Tensor]] = {}
+    attacked = {attack.name: 0 for attack in plan if attack.cascade}  # examples each cascaded attack ran on
     from tqdm import tqdm
 
     bar = tqdm(total=len(mine) * (len(plan) + 1), desc="evaluate", unit="attack",
@@ -309,15 +337,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
         seconds["clean"] += time.perf_counter() - tic
         result = {"clean": clean.cpu()}
         bar.update()
+        survivors = clean.clone()  # robust to every CASCADE_BASE attack at cfg.eps so far
         for attack in plan:
             bar.set_postfix_str(attack.name)
             tic = time.perf_counter()
             seed = _seed(cfg.seed, index, attack.name)
             with seeded(model, seed) as generator:
-                x_adv = _run_on_first(attack, xs, ys, chunks[index], generator, seed)
-                robust = correct(model, x_adv, ys) & clean
+                if attack.cascade:
+                    robust, attacked[attack.name] = _run_on_survivors(model, attack, xs, ys, survivors, chunks[index],
+                                                                      generator, seed, attacked[attack.name])
+                else:
+                    x_adv = _run_on_first(attack, xs, ys, chunks[index], generator, seed)
+                    robust = correct(model, x_adv, ys) & clean
             _sync(device)
             seconds[attack.name] += time.perf_counter() - tic
+            if attack.name in CASCADE_BASE and attack.eps == cfg.eps:
+                survivors &= robust
             result[attack.name] = robust.cpu()
             bar.update()
         masks[index] = result
@@ -326,21 +361,32 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
     # The indicators that need the model run on the first examples, on rank 0; the others get its result.
     measured = (measure_indicators(model, x, y, cfg, traits, surrogate)
                 if cfg.suite == "full" and rank == 0 else {})
-    for part in _all_gather({"masks": masks, "seconds": seconds, "indicators": measured}):
+    mine_attacked, attacked = attacked, dict.fromkeys(attacked, 0)
+    for part in _all_gather({"masks": masks, "seconds": seconds, "indicators": measured, "attacked": mine_attacked}):
         masks.update(part["masks"])
         measured = measured or part["indicators"]
+        for name, count in part["attacked"].items():
+            attacked[name] += count
         for name, value in part["seconds"].items():  # ranks run side by side: the slowest sets the time
             seconds[name] = max(seconds[name], value)
     merged = {name: torch.cat([masks[i][name] for i in range(len(chunks))])
               for name in ["clean"] + [a.name for a in plan]}
     eps_of = {a.name: a.eps for a in plan}
     attacks = {a.name: {"params": a.params} for a in plan}
+    cascaded = [a.name for a in plan if a.cascade]
+    if cascaded:  # the reference the cascaded rows are read against: every CASCADE_BASE attack at eps
+        base = tuple(a.name for a in plan if a.name in CASCADE_BASE and a.eps == cfg.eps)
+        combined = combined + [CombinedAttack("whitebox", cfg.eps, base)]
     for row in combined:
         merged[row.name] = torch.stack([merged[part] for part in row.parts]).all(0)
         seconds[row.name] = sum(seconds[part] for part in row.parts)
         eps_of[row.name] = row.eps
         attacks[row.name] = {"params": {"eps": row.eps, "worst_of": list(row.parts)}}
     acc = {name: mask.sum().item() / n for name, mask in merged.items()}  # exact counts, in double
+    for name in cascaded:
+        attacks[name]["params"]["cascade"] = {"after": list(base),
+                                              "n_attacked": attacked[name],
+                                              "broke": round((acc["whitebox"] - acc[name]) * n)}
     for name, entry in attacks.items():
         entry.update(accuracy=acc[name], n=n, seconds=seconds[name])
     # An attack run on the first m examples only is compared with the others on those m examples.
@@ -368,7 +414,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
     per_example = {name: "".join("1" if bit else "0" for bit in mask.tolist()) for name, mask in merged.items()}
     eps_curve = [{"eps": eps, "accuracy": acc[name], "attack": name} for eps, name in curve]
     whitebox = "eot_pgd" if "eot" in traits.adaptive else "pgd"
-    checks = masking_checks(acc, n, num_classes, eps_curve, routing=traits.routing, whitebox=whitebox)
+    # A cascaded row holds "white-box and this attack": it is judged against the white-box worst case, so that
+    # it counts only what the attack broke beyond every white-box gradient attack.
+    checks = masking_checks(acc, n, num_classes, eps_curve, routing=traits.routing,
+                            whitebox="whitebox" if cascaded else whitebox)
     if cfg.suite == "paper":
         # Only check 1 has its numbers in the paper suite; say so rather than leave the others blank.
         for name, check in checks.items():
@@ -390,7 +439,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
         "attacks": attacks,
         "worst_case": main_worst,
         "worst_cases": worst_cases,
-        "verdict": verdict(at_eps, found, ["pgd", "eot_pgd"], n, subsets),
+        "verdict": verdict(at_eps, found, ["pgd", "eot_pgd"], n, subsets, cascaded=cascaded),
         "indicators": found,
         "indicator_examples": min(n, cfg.indicator_examples) if cfg.suite == "full" else 0,
         "masking_checks": checks,

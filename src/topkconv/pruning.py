@@ -231,7 +231,7 @@ def _model_without_defense(spec: RunSpec) -> dict:
     return fields
 
 
-def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn.Module, dict]:
+def prune_run(source, spec: RunSpec, out_dir, progress: bool = True, force: bool = False) -> tuple[nn.Module, dict]:
     """Prune the trained standard run ``source`` as ``spec.model.defense`` says, into ``out_dir``.
 
     ``spec`` is the pruned run's spec (the defence ``"pruned"``; :func:`pruned_spec` makes one from the
@@ -241,8 +241,10 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn
     summary) and ``metrics.jsonl``; returns ``(model in eval mode, summary)``.
     """
     from . import distributed, train
-    from .checkpoint import METRICS_FILE, clear_run, load_checkpoint, read_run_json, save_checkpoint
+    from .checkpoint import (METRICS_FILE, STAGING_DIR, clear_run, is_complete, load_checkpoint, read_run_json,
+                             replace_run, save_checkpoint)
     from .data import load_data
+    from .errors import UserError
     from .io import append_jsonl
 
     defense = spec.model.defense
@@ -265,10 +267,17 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn
         raise ValueError(f"{source_dir}: its model ({_model_without_defense(source_spec)}) differs from the "
                          f"one spec {spec.name!r} describes ({_model_without_defense(resolved)})")
 
+    replacing = is_complete(out_dir)
+    if replacing and not force:
+        raise UserError(f"{out_dir} already holds a finished run; to keep it, prune into another --out; to replace "
+                        f"it, add --force (it stays intact until the pruned run is complete)")
     process = distributed.context()
     device = distributed.pick_device(spec.train.device, process.local_rank)
     model.to(device)
     writes = process.is_main  # under torchrun every rank computes the same; one writes
+    final_dir = out_dir
+    if replacing:  # the old run stays complete until the new one is
+        out_dir = final_dir / STAGING_DIR
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
         clear_run(out_dir)
@@ -309,5 +318,7 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True) -> tuple[nn
     if writes:
         save_checkpoint(out_dir, model, resolved, extra={"sparsity": result["sparsity"], "prune": summary},
                         requested_hash=spec.hash())
+        if replacing:
+            replace_run(final_dir, out_dir)
     return model.eval(), summary
 

@@ -36,6 +36,10 @@ def base_model(cfg: ModelConfig) -> nn.Module:
         return build_torchvision(cfg.arch[len(TORCHVISION_PREFIX):], cfg)
     if cfg.arch not in PLANS:
         raise ValueError(f"model.arch must be one of {', '.join(ARCHITECTURES)}, got {cfg.arch!r}")
+    if not isinstance(cfg.hidden, int) or cfg.hidden < 1:
+        raise ValueError(f"model.hidden (the penultimate FC layer's width) must be a count >= 1, got {cfg.hidden!r}")
+    if not cfg.width > 0:
+        raise ValueError(f"model.width (the channel width multiplier) must be > 0, got {cfg.width!r}")
     plan = PLANS[cfg.arch] if cfg.arch == "vgg16" else scale_plan(PLANS[cfg.arch], cfg.width)
     channels, height, width = feature_shape(plan, cfg.image_size)
     features = _features(plan, cfg.in_channels, uses_batch_norm(cfg))
