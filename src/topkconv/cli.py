@@ -326,6 +326,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--square-queries", type=int, help="Square's query budget (default 5000)")
     p.add_argument("--autoattack-attacks", nargs="+", metavar="NAME",
                    help="run only these AutoAttack attacks (apgd-ce apgd-t fab-t square apgd-dlr fab)")
+    p.add_argument("--cascade-attacks", nargs="+", metavar="NAME", choices=("square", "transfer", "zeroth_order"),
+                   help="run these only on the examples every white-box gradient attack left robust (AutoAttack's "
+                        "cascade: same worst case, less cost)")
     p.add_argument("--batch-size", type=int, help="examples per attack batch (default 256)")
     p.add_argument("--zo-steps", type=_at_least(0), help="zeroth-order attack steps (default 100; 0 = skip it)")
     p.add_argument("--zo-step-size", type=_positive_number, help="its sign step, 0-255 units (default 2.55)")
@@ -349,8 +352,8 @@ def _add_evaluate(sub) -> None:
 
 
 _EVALUATE_OVERRIDES = ("extra_eps", "pgd_steps", "pgd_step_size", "restarts", "eot_samples", "eps_curve",
-                       "apgd_iters", "square_queries", "autoattack_attacks", "batch_size", "seed", "zo_steps",
-                       "zo_step_size", "zo_sigma", "zo_samples", "zo_max_batch", "zo_examples", "bpda_soft_tau",
+                       "apgd_iters", "square_queries", "autoattack_attacks", "cascade_attacks", "batch_size", "seed",
+                       "zo_steps", "zo_step_size", "zo_sigma", "zo_samples", "zo_max_batch", "zo_examples", "bpda_soft_tau",
                        "indicator_examples", "indicator_draws", "indicator_steps")
 
 
