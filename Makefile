@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m topkconv.layers.kernels.warmup  # numba's one-time compilation, cached beside the package
 	touch $@
 
 venv: $(VENV)/.installed

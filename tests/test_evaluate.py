@@ -137,6 +137,16 @@ def test_falls_to_chance_from_numbers(curve, verdict):
     assert masking_checks({}, n=1000, num_classes=10, curve=points)["falls_to_chance"]["verdict"] == verdict
 
 
+@pytest.mark.parametrize("acc, verdict", [
+    # BPDA ran on the white-box survivors only: its row is "white-box and BPDA"; 0.30 -> 0.20 is autoattack's
+    ({"pgd": 0.30, "whitebox": 0.20, "bpda_dense": 0.20, "bpda_soft": 0.195}, "pass"),
+    ({"pgd": 0.30, "whitebox": 0.20, "bpda_soft": 0.10}, "flag"),
+], ids=["nothing-beyond-the-white-box-attacks", "broke-ten-points-more"])
+def test_a_cascaded_bpda_is_judged_against_the_white_box_worst_case(acc, verdict):
+    checks = masking_checks(acc, n=1000, num_classes=10, routing=True, bpda_reference="whitebox")
+    assert checks["bpda_not_stronger"]["verdict"] == verdict, checks["bpda_not_stronger"]
+
+
 def test_bpda_check_is_not_applicable_without_routing_layers():
     check = masking_checks({"pgd": 0.3, "bpda_dense": 0.1}, n=1000, num_classes=10, routing=False)
     assert check["bpda_not_stronger"]["verdict"] == "n/a"

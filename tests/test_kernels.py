@@ -422,3 +422,11 @@ def test_empty_batch_gives_empty_outputs_and_gradients(device, impl):
         assert out.shape == shape
         assert grads[0].shape == inputs[0].shape
         assert torch.count_nonzero(grads[1]) == 0 and torch.count_nonzero(grads[2]) == 0
+
+
+def test_the_install_time_warm_up_runs_every_numba_path():
+    from topkconv.layers.kernels import warmup
+    from topkconv.layers.kernels.jit import AVAILABLE
+
+    assert AVAILABLE, "numba is a dependency: the CPU kernels must be compiled, not the Python fallbacks"
+    assert warmup.compile_kernels() >= 0.0

@@ -116,7 +116,7 @@ def test_reproduce_all_writes_every_report_and_figure_then_hits_the_cache(tmp_pa
 
     table3 = (reports / "table3.md").read_text()
     for needle in ("| Attack | Baseline ours | Baseline paper |", "TKC-sum paper", "| PGD |", "0.421",
-                   "Strong-suite worst case (eps=24)", "Gradient-masking flags", "**preset**", "**seeds**",
+                   "Strong-suite worst case (eps=24)", "**Masking verdicts**", "; flagged: ", "**preset**", "**seeds**",
                    "**intervals**", "**hardware**", "**data**", "two-level bootstrap"):
         assert needle in table3, needle
     table1 = (reports / "table1.md").read_text()

@@ -326,7 +326,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--square-queries", type=int, help="Square's query budget (default 5000)")
     p.add_argument("--autoattack-attacks", nargs="+", metavar="NAME",
                    help="run only these AutoAttack attacks (apgd-ce apgd-t fab-t square apgd-dlr fab)")
-    p.add_argument("--cascade-attacks", nargs="+", metavar="NAME", choices=("square", "transfer", "zeroth_order"),
+    p.add_argument("--cascade-attacks", nargs="+", metavar="NAME", choices=("square", "transfer", "zeroth_order", "bpda_dense", "bpda_soft"),
                    help="run these only on the examples every white-box gradient attack left robust (AutoAttack's "
                         "cascade: same worst case, less cost)")
     p.add_argument("--batch-size", type=int, help="examples per attack batch (default 256)")

@@ -86,22 +86,23 @@ def check_steps_restarts_converged(acc: dict, tol: float) -> dict:
 BPDA_ATTACKS = ("bpda_dense", "bpda_soft")
 
 
-def check_bpda_not_stronger(acc: dict, routing: bool, tol: float) -> dict:
+def check_bpda_not_stronger(acc: dict, routing: bool, tol: float, reference: str = "pgd") -> dict:
     """(5) PGD through a differentiable stand-in of every top-k layer (BPDA: dense, or the soft relaxation
-    of the selection) does not beat plain PGD; the stronger stand-in is the one judged."""
+    of the selection) does not beat plain PGD; the stronger stand-in is the one judged. ``reference`` is
+    ``"whitebox"`` when the stand-ins ran only on the white-box survivors (a cascade)."""
     if not routing:
         return _na("the model has no top-k routing layer")
     bpda = {name: acc[name] for name in BPDA_ATTACKS if name in acc}
-    if "pgd" not in acc or not bpda:
+    if reference not in acc or not bpda:
         return _na("needs bpda_dense or bpda_soft (full suite)")
     strongest = min(bpda, key=bpda.get)
-    return {"value": acc["pgd"] - bpda[strongest], "threshold": tol,
-            "verdict": _verdict(bpda[strongest] >= acc["pgd"] - tol - _ROUNDING), "pgd": acc["pgd"], **bpda,
-            "strongest": strongest, "tolerance": tol}
+    return {"value": acc[reference] - bpda[strongest], "threshold": tol,
+            "verdict": _verdict(bpda[strongest] >= acc[reference] - tol - _ROUNDING), "reference": reference,
+            reference: acc[reference], **bpda, "strongest": strongest, "tolerance": tol}
 
 
 def masking_checks(acc: dict, n: int, num_classes: int, curve: Optional[list] = None, routing: bool = False,
-                   whitebox: str = "pgd") -> dict:
+                   whitebox: str = "pgd", bpda_reference: str = "pgd") -> dict:
     """All five checks from a ``{attack name: accuracy}`` dict; ``curve`` is ``[{eps, accuracy}, ...]``.
 
     ``whitebox`` names the strongest plain white-box attack for check 3 (``eot_pgd`` for stochastic models).
@@ -112,5 +113,5 @@ def masking_checks(acc: dict, n: int, num_classes: int, curve: Optional[list] = 
         "falls_to_chance": check_falls_to_chance(curve or [], num_classes, tol),
         "blackbox_not_stronger": check_blackbox_not_stronger(acc, whitebox, tol),
         "steps_restarts_converged": check_steps_restarts_converged(acc, tol),
-        "bpda_not_stronger": check_bpda_not_stronger(acc, routing, tol),
+        "bpda_not_stronger": check_bpda_not_stronger(acc, routing, tol, bpda_reference),
     }

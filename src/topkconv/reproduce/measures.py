@@ -99,3 +99,16 @@ def masking_flags(seeds: list) -> str:
     if not counts:
         return "none"
     return ", ".join(f"{flag} ({count}/{len(seeds)} seeds)" for flag, count in sorted(counts.items()))
+
+
+def masking_verdicts(seeds: list) -> str:
+    """The strong suite's one-line verdict at each eps, counted over seeds: ``eps=8: masking suspected (3/3)``."""
+    from .. import report
+
+    counts: dict = {}
+    for result in seeds:
+        for line in report.masking_verdicts(result):
+            where, _, text = line.partition(": ")
+            kind = text.split(":")[0].split(" (")[0]   # "masking shown: attack X ..." -> "masking shown"
+            counts[(where, kind)] = counts.get((where, kind), 0) + 1
+    return "; ".join(f"{where}: {kind} ({count}/{len(seeds)} seeds)" for (where, kind), count in sorted(counts.items()))

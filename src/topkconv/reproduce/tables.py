@@ -53,14 +53,15 @@ def cell_text(estimate) -> str:
 def summarise(study: Study, results: dict) -> dict:
     """``{"measures": [...], "cells": {label: {measure: Estimate dict or None}}, "flags": {label: text}}``."""
     names = measures.names(study.eps_list(), study.strong_radii())
-    cells, flags = {}, {}
+    cells, flags, verdicts = {}, {}, {}
     for label, seeds in results.items():
         cells[label] = {}
         for measure in names:
             estimate = measures.estimate(seeds, measure)
             cells[label][measure] = None if estimate is None else estimate.as_dict()
         flags[label] = measures.masking_flags(seeds)
-    return {"measures": names, "cells": cells, "flags": flags}
+        verdicts[label] = measures.masking_verdicts(seeds)
+    return {"measures": names, "cells": cells, "flags": flags, "verdicts": verdicts}
 
 
 def build_table(study: Study, summary: dict):
@@ -83,14 +84,14 @@ def build_table(study: Study, summary: dict):
                 row.append(cell_text(None if cell is None else stats.Estimate.from_dict(cell)))
             row.append(paper_value(table.table, label, measure))
         rows.append(row)
-    rows.append(["Gradient-masking flags"] + [cell for label in table.labels for cell in
-                                              ("not reproduced" if label in not_reproduced
-                                               else summary["flags"][label], None)])
+    # The masking verdicts and flags are too long for a table cell: one line per model, above the table.
+    headline = [f"{label}: {summary['verdicts'].get(label) or 'no strong suite'}; flagged: {summary['flags'][label]}"
+                for label in table.labels if label not in not_reproduced]
     notes = [table.note] if table.note else []
     notes.append(f"ours: mean over {study.seeds} training seeds [95% interval: two-level bootstrap over seeds "
                  f"and test examples, {stats.RESAMPLES} resamples]; per-seed values in {table.table}.csv/.json.")
     notes += [f"{label}: not reproduced: {reason}." for label, reason in not_reproduced.items()]
-    return Table(table.table, table.title or table.table, header, rows, notes)
+    return Table(table.table, table.title or table.table, header, rows, notes, headline=headline)
 
 
 def render_csv(study: Study, summary: dict) -> str:
