@@ -246,10 +246,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _examples_in_chunk(attack: PlannedAttack, size: int, offset: int) -> int:
+    """How many examples of a chunk of ``size`` starting at ``offset`` lie before ``attack.examples``."""
+    return size if attack.examples is None else max(0, min(size, attack.examples - offset))
+
+
 def _run_on_first(attack: PlannedAttack, xs, ys, offset: int, generator, seed) -> torch.Tensor:
     """The attack on a chunk starting at example ``offset``; with ``attack.examples`` only the examples
     before that index are attacked, the others returned as they are."""
-    take = len(xs) if attack.examples is None else max(0, min(len(xs), attack.examples - offset))
+    take = _examples_in_chunk(attack, len(xs), offset)
     if take == len(xs):
         return attack.run(xs, ys, generator, seed)
     x_adv = xs.clone()
@@ -263,7 +268,7 @@ def _run_on_survivors(model: nn.Module, attack: PlannedAttack, xs, ys, survivors
     """A cascaded attack on the examples of the chunk that ``survivors`` marks (and, with ``attack.examples``,
     only those before that index): its row is robust where the example survived the white-box attacks and
     this one. Unattacked survivors (beyond ``attack.examples``) count as surviving it, as in _run_on_first."""
-    limit = len(xs) if attack.examples is None else max(0, min(len(xs), attack.examples - offset))
+    limit = _examples_in_chunk(attack, len(xs), offset)
     take = survivors.clone()
     take[limit:] = False
     robust = survivors.clone()
