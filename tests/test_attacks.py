@@ -216,6 +216,30 @@ def test_autoattack_standard_runs_on_a_model_with_few_classes(digits_test):
     assert (x_adv - x[keep][:16]).abs().max() <= EPS + 1e-6
 
 
+@pytest.mark.parametrize("eot_iter", [None, 3], ids=["autoattack-default-20", "eot_samples-3"])
+def test_autoattack_rand_averages_eot_iter_draws_per_gradient(eot_iter, digits_test, sap_mlp):
+    # Every APGD iteration of the rand version takes eot_iter forward passes for its gradient, so the count of
+    # gradient-carrying passes of one iteration-run tells the draws used (AutoAttack's own default: 20).
+    x, y = digits_test
+    passes = []
+    hook = sap_mlp.register_forward_hook(lambda m, i, o: passes.append(torch.is_grad_enabled()))
+    try:
+        autoattack(sap_mlp, x[:4], y[:4], EPS, version="rand", attacks=["apgd-ce"], n_iter=2, seed=0,
+                   eot_iter=eot_iter)
+    finally:
+        hook.remove()
+    draws = 20 if eot_iter is None else eot_iter
+    # APGD's first gradient and one per iteration (n_iter=2), each over the draws; plus one more pass that
+    # pyautoattack makes with gradients on (counted, measured: 4 passes with eot_iter=1)
+    assert sum(passes) == draws * 3 + 1, sum(passes)
+
+
+def test_autoattack_refuses_eot_iter_outside_the_rand_version(mlp, digits_test):
+    x, y = digits_test
+    with pytest.raises(ValueError, match="eot_iter"):
+        autoattack(mlp, x[:4], y[:4], EPS, version="standard", eot_iter=4)
+
+
 def test_autoattack_rejects_unknown_attack_names(mlp, digits_test):
     x, y = digits_test
     with pytest.raises(ValueError, match="apgd-xx"):

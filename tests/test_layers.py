@@ -257,6 +257,31 @@ def test_sap_scale_matches_formula():
     torch.testing.assert_close(out[kept], (h / naive_sap_expectation_scale(h[0], 0.8))[kept])
 
 
+@pytest.mark.parametrize("numba_merge", [True, False], ids=["numba-merge", "torch-searchsorted"])
+def test_sap_draws_hit_each_activation_with_the_naive_probability(numba_merge, monkeypatch):
+    # r draws with replacement hit category j with probability 1 - (1 - p_j)^r (SAP's formula); drawing
+    # without replacement, or a shifted bin edge, would not. 20,000 rows are 20,000 independent trials.
+    from topkconv.layers.kernels import sampling
+    monkeypatch.setattr(sampling, "NUMBA_AVAILABLE", numba_merge and sampling.NUMBA_AVAILABLE)
+    weights = torch.tensor([0.5, 3.0, 0.0, 1.0, 0.2, 2.0, 0.0, 0.8], dtype=torch.float64)
+    p, draws, trials = weights / weights.sum(), 4, 20_000
+    hits = sampling.categories_hit(weights.expand(trials, -1), draws, torch.Generator().manual_seed(0))
+    expected = 1 - (1 - p) ** draws
+    standard_error = (expected * (1 - expected) / trials).sqrt()
+    assert ((hits.double().mean(0) - expected).abs() <= 4 * standard_error + 1e-12).all(), hits.double().mean(0)
+    assert not hits[:, weights == 0].any()
+
+
+def test_sap_numba_merge_and_torch_searchsorted_hit_the_same_categories(monkeypatch):
+    from topkconv.layers.kernels import sampling
+    weights = torch.rand(64, 300, generator=torch.Generator().manual_seed(1)) * (torch.rand(64, 300) > 0.3)
+    compiled = sampling.categories_hit(weights, 240, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(sampling, "NUMBA_AVAILABLE", False)
+    plain = sampling.categories_hit(weights, 240, torch.Generator().manual_seed(5))
+    assert torch.equal(compiled, plain)
+    assert 0 < compiled.sum() < compiled.numel()
+
+
 # ------------------------------------------------------------------ BPDA switch
 
 @pytest.mark.parametrize("make", [

@@ -81,7 +81,7 @@ class AttackConfig:
     pgd_steps: int = 16
     pgd_step_size: float = 0.75       # 0-255 units
     restarts: int = 1
-    eot_samples: int = 20             # EOT draws for stochastic defences
+    eot_samples: int = 20             # EOT draws for stochastic defences: EOT-PGD and AutoAttack rand
     eps_curve: list = field(default_factory=lambda: [0, 2, 4, 8, 16, 32, 64])  # 0-255 units
     n_examples: Optional[int] = None  # attack only the first N test examples
     batch_size: int = 256

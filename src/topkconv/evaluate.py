@@ -170,12 +170,14 @@ def plan_attacks(model: nn.Module, cfg: AttackConfig, traits: "ModelTraits",
         whitebox = "eot_pgd" if eot else "pgd"
         version = "rand" if traits.stochastic else "standard"
         subset = list(cfg.autoattack_attacks) or None
+        # The rand version's APGD averages as many draws as EOT-PGD does (eot_samples; AutoAttack's own: 20).
+        eot_iter = cfg.eot_samples if version == "rand" else None
         plan.append(PlannedAttack(
-            "autoattack", eps, {"eps": eps, "version": version, "attacks": subset,
-                                "n_iter": cfg.apgd_iters, "square_queries": cfg.square_queries},
+            "autoattack", eps, {"eps": eps, "version": version, "attacks": subset, "n_iter": cfg.apgd_iters,
+                                "square_queries": cfg.square_queries, "eot_iter": eot_iter},
             lambda x, y, g, s: autoattack(model, x, y, eps / 255, version=version, attacks=subset,
                                           n_iter=cfg.apgd_iters, square_queries=cfg.square_queries,
-                                          seed=s, batch_size=cfg.batch_size)))
+                                          seed=s, batch_size=cfg.batch_size, eot_iter=eot_iter)))
         plan.append(PlannedAttack(
             "square", eps, {"eps": eps, "n_queries": cfg.square_queries},
             lambda x, y, g, s: square(model, x, y, eps / 255, n_queries=cfg.square_queries, seed=s)))

@@ -49,13 +49,14 @@ def _set_iterations(apgd, n_iter: int) -> None:
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
                attacks: Optional[list] = None, n_iter: int = 100, square_queries: int = 5000,
-               seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+               seed: int = 0, batch_size: int = 256, eot_iter: Optional[int] = None) -> torch.Tensor:
     """AutoAttack (Croce and Hein 2020), L-inf, ``eps`` a fraction of 1; returns the adversarial images.
 
     ``version``: ``standard`` (APGD-CE, APGD-T, FAB-T, Square) for deterministic models, ``rand``
     (APGD-CE and APGD-DLR with 20 EOT iterations) for randomised ones. ``attacks`` (a list of
     pyautoattack names such as ``["apgd-ce"]``) runs only those, with the version's parameters. ``n_iter`` and
-    ``square_queries`` below the defaults (100 and 5000) give a cheaper, weaker run for quick presets.
+    ``square_queries`` below the defaults (100 and 5000) give a cheaper, weaker run for quick presets;
+    ``eot_iter`` (``rand`` only; None keeps AutoAttack's 20) sets the draws each APGD gradient averages.
     """
     check_inputs(x, y, eps)
     if version not in AA_VERSIONS:
@@ -65,6 +66,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
         raise ValueError(f"attacks: unknown AutoAttack attacks {unknown}; expected names from {AA_ATTACKS}")
     if n_iter < 1 or square_queries < 1:
         raise ValueError(f"n_iter and square_queries: expected >= 1, got {n_iter} and {square_queries}")
+    if eot_iter is not None and (version != "rand" or eot_iter < 1):
+        raise ValueError(f"eot_iter: expected an integer >= 1 with version 'rand', got {eot_iter} with {version!r}")
     from pyautoattack import AutoAttack
 
     with attack_mode(model) as device, _isolated_rng(device), _quiet_logger():
@@ -74,6 +77,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
         runner.verbose = False
         for apgd in (runner.apgd, runner.apgd_targeted):
             _set_iterations(apgd, n_iter)
+            if eot_iter is not None:
+                apgd.eot_iter = eot_iter
         runner.fab.n_iter = n_iter
         runner.square.n_queries = square_queries
         with torch.no_grad():  # 9 target classes assume 10 or more classes; fewer would index past the logits

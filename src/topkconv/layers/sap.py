@@ -9,6 +9,7 @@ from torch import nn
 
 from ._args import check_frac
 from .bpda import gradient_mode, straight_through
+from .kernels.sampling import categories_hit
 
 
 def stochastic_activation_pruning(h: torch.Tensor, frac: float = 0.8,
@@ -20,17 +21,15 @@ def stochastic_activation_pruning(h: torch.Tensor, frac: float = 0.8,
     identity's: SAP has no top-k selection to relax, and its expectation is the identity."""
     frac = check_frac(frac)
     flat = h.reshape(h.shape[0], -1)
-    n = flat.shape[1]
-    draws = max(1, round(frac * n))
+    draws = max(1, round(frac * flat.shape[1]))
     magnitude = flat.detach().abs()
-    total = magnitude.sum(1, keepdim=True)
-    alive = total.squeeze(1) > 0
-    p = torch.where(total > 0, magnitude / total.clamp_min(torch.finfo(magnitude.dtype).tiny),
-                    torch.full_like(magnitude, 1.0 / n))
-    sampled = torch.multinomial(p, draws, replacement=True, generator=generator)
-    kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, sampled, True) & alive[:, None]
-    keep_prob = -torch.expm1(draws * torch.log1p(-p.clamp(max=1.0 - 1e-12)))  # 1 - (1 - p)^r, stable
-    scale = torch.where(kept, 1.0 / keep_prob.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(p))
+    p = magnitude / magnitude.sum(1, keepdim=True).clamp_min(torch.finfo(magnitude.dtype).tiny)
+    # a zero activation is never drawn, but a row of zeros (or a rounding at the last bin edge) can mark one:
+    # its scale must be 0, not 1 / 0, or its gradient would be
+    kept = categories_hit(magnitude, draws, generator) & (magnitude > 0)
+    # 1 - (1 - p)^r, stable for small p (p == 1 gives 1)
+    keep_prob = p.neg_().log1p_().mul_(draws).expm1_().neg_()
+    scale = keep_prob.clamp_min_(torch.finfo(p.dtype).tiny).reciprocal_().mul_(kept)
     out = (flat * scale).reshape_as(h)
     return straight_through(out, h) if gradient_mode() != "exact" else out
 
