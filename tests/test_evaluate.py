@@ -147,6 +147,57 @@ def test_a_cascaded_bpda_is_judged_against_the_white_box_worst_case(acc, verdict
     assert checks["bpda_not_stronger"]["verdict"] == verdict, checks["bpda_not_stronger"]
 
 
+def _outcomes(n: int, **broken: list) -> dict:
+    """Per-example robust masks over n examples: every attack named breaks exactly the listed examples."""
+    masks = {}
+    for name, indices in broken.items():
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[list(indices)] = False
+        masks[name] = mask
+    return masks
+
+
+def _accuracies(outcomes: dict) -> dict:
+    return {name: mask.float().mean().item() for name, mask in outcomes.items()}
+
+
+@pytest.mark.parametrize("broken, name, verdict", [
+    # 100 examples: the quick baseline at 24/255 (random-start PGD keeps 3, doubled steps 1): noise
+    ({"pgd_random": range(97), "pgd_2x_steps": range(99), "pgd_2x_restarts": range(97)},
+     "steps_restarts_converged", "pass"),
+    # ... at 8/255 (19 broken, 30 with doubled steps, the 19 among them): an attack that had not converged
+    ({"pgd_random": range(19), "pgd_2x_steps": range(30), "pgd_2x_restarts": range(19)},
+     "steps_restarts_converged", "flag"),
+    # a 3-point gap made of 10 examples one way and 7 the other is no evidence either
+    ({"pgd_random": range(0, 20), "pgd_2x_steps": list(range(7, 20)) + list(range(20, 30)),
+      "pgd_2x_restarts": range(0, 20)}, "steps_restarts_converged", "pass"),
+    ({"pgd": range(10), "fgsm": range(7)}, "pgd_beats_fgsm", "pass"),
+    ({"pgd": range(10), "square": range(12)}, "blackbox_not_stronger", "pass"),
+    ({"pgd": range(10), "square": range(20)}, "blackbox_not_stronger", "flag"),
+    ({"pgd": range(10), "bpda_soft": range(12)}, "bpda_not_stronger", "pass"),
+    ({"pgd": range(10), "bpda_soft": range(16)}, "bpda_not_stronger", "flag"),
+], ids=["2-examples-noise", "11-examples-not-converged", "10-vs-7-disagree", "fgsm-3-weaker",
+        "square-2-more", "square-10-more", "bpda-2-more", "bpda-6-more"])
+def test_a_gap_between_two_attacks_counts_only_when_the_sign_test_finds_it(broken, name, verdict):
+    outcomes = _outcomes(100, **broken)
+    acc = _accuracies(outcomes)
+    check = masking_checks(acc, n=100, num_classes=10, routing=True, outcomes=outcomes)[name]
+    assert check["verdict"] == verdict, check
+    # every one of these gaps is beyond the 1-example tolerance, so without the outcomes each would flag
+    if name != "pgd_beats_fgsm":
+        assert masking_checks(acc, n=100, num_classes=10, routing=True)[name]["verdict"] == "flag"
+
+
+def test_the_paired_test_counts_the_examples_the_attacks_disagree_on():
+    from topkconv.attacks.masking import paired_test
+
+    outcomes = _outcomes(50, pgd=range(0, 10), square=range(5, 18))
+    test = paired_test(outcomes, "pgd", "square")
+    assert test["broken_only_by"] == {"square": 8, "pgd": 5}
+    assert test["p_value"] == pytest.approx(0.2905, abs=1e-4)   # P(Binomial(13, 1/2) >= 8)
+    assert paired_test(outcomes, "pgd", "missing") is None
+
+
 def test_bpda_check_is_not_applicable_without_routing_layers():
     check = masking_checks({"pgd": 0.3, "bpda_dense": 0.1}, n=1000, num_classes=10, routing=False)
     assert check["bpda_not_stronger"]["verdict"] == "n/a"

@@ -143,6 +143,26 @@ def test_verdict_from_numbers(acc, indicators, expected):
     assert verdict(acc, indicators, ["pgd", "eot_pgd"], n=1000)["text"] == expected
 
 
+@pytest.mark.parametrize("broken, expected", [
+    # 100 examples; the cascaded square can only break what the white-box worst case left
+    ({"pgd": range(10), "whitebox": range(14), "square": range(18)}, "masking suspected (indicators randomness)"),   # 4: p = 0.06
+    ({"pgd": range(10), "whitebox": range(14), "square": range(20)},
+     "masking shown: attack square broke 6.0 points of examples that every white-box gradient attack left "
+     "robust"),                                                                                   # 6: p = 0.016
+], ids=["4-examples-not-significant", "6-examples-shown"])
+def test_masking_is_shown_only_when_the_sign_test_finds_the_gap(broken, expected):
+    outcomes = {}
+    for name, indices in broken.items():
+        outcomes[name] = torch.ones(100, dtype=torch.bool)
+        outcomes[name][list(indices)] = False
+    acc = {name: mask.float().mean().item() for name, mask in outcomes.items()}
+    result = verdict(acc, {"randomness": {"verdict": "flag"}}, ["pgd", "eot_pgd"], n=100, cascaded=["square"],
+                     outcomes=outcomes)
+    assert result["text"] == expected, result
+    # the 4-example gap is beyond the one-example slack: without the outcomes it is shown
+    assert verdict(acc, {}, ["pgd", "eot_pgd"], n=100, cascaded=["square"])["verdict"] == "masking shown"
+
+
 @pytest.mark.parametrize("acc, expected", [
     # square ran on the white-box survivors only: 0.5 -> 0.395 is mostly pgd_2x_steps's doing, not square's
     ({"pgd": 0.50, "pgd_2x_steps": 0.40, "whitebox": 0.40, "square": 0.395}, "no masking indicated"),

@@ -426,7 +426,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
     bpda_cascaded = any(name.startswith("bpda_") for name in cascaded)
     checks = masking_checks(acc, n, num_classes, eps_curve, routing=traits.routing,
                             whitebox="whitebox" if cascaded else whitebox,
-                            bpda_reference="whitebox" if bpda_cascaded else "pgd")
+                            bpda_reference="whitebox" if bpda_cascaded else "pgd", outcomes=merged)
     if cfg.suite == "paper":
         # Only check 1 has its numbers in the paper suite; say so rather than leave the others blank.
         for name, check in checks.items():
@@ -448,7 +448,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
         "attacks": attacks,
         "worst_case": main_worst,
         "worst_cases": worst_cases,
-        "verdict": verdict(at_eps, found, ["pgd", "eot_pgd"], n, subsets, cascaded=cascaded),
+        "verdict": verdict(at_eps, found, ["pgd", "eot_pgd"], n, subsets, cascaded=cascaded, outcomes=merged),
         "indicators": found,
         "indicator_examples": min(n, cfg.indicator_examples) if cfg.suite == "full" else 0,
         "masking_checks": checks,

@@ -27,6 +27,7 @@ from torch import nn
 
 from .common import attack_mode
 from .gradient import attack_loss, input_gradient
+from .masking import ALPHA, paired_test
 from .zeroth_order import estimate_gradient
 
 # An attack for the traced indicators: (x, y, trace: list) -> x_adv, appending {"loss", "fooled"} per iterate.
@@ -290,7 +291,7 @@ def gradient_agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma
 # ---------------------------------------------------------------- one verdict per model
 
 def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Optional[dict] = None,
-            cascaded: Optional[list] = None) -> dict:
+            cascaded: Optional[list] = None, outcomes: Optional[dict] = None) -> dict:
     """One line per model, from the attacks' accuracies at the main eps and the indicators:
 
     - ``masking shown: attack X beat attack Y by Z points`` when an attack that should be weaker than the
@@ -303,29 +304,35 @@ def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Option
     ``subsets`` maps an attack run on the first m examples only to ``(accuracies on those m, m)``: it is
     compared with the white-box attacks on the same examples. A ``cascaded`` attack ran only on the examples
     every white-box gradient attack left robust, so its row is compared with that worst case (``whitebox``):
-    the gap is what it broke beyond all of them.
+    the gap is what it broke beyond all of them. With ``outcomes`` (per-example robust masks) a gap counts
+    only if the exact sign test on the examples the two attacks disagree on gives p < ALPHA (as the checks of
+    :mod:`.masking` do): on 100 examples 4 broken one way and none the other (p = 0.06) is not shown.
     """
     subsets = subsets or {}
     cascaded = set(cascaded or ())
     present = [name for name in whitebox if name in acc]
     beaten = min(present, key=lambda name: acc[name]) if present else None
-    gaps, excess, references = {}, {}, {}
+    gaps, excess, references, tests = {}, {}, {}, {}
     for name in NOT_STRONGER_THAN_WHITEBOX:
         if name in acc and beaten:
             table, size = subsets.get(name, (acc, n))
             references[name] = "whitebox" if name in cascaded and "whitebox" in table else beaten
             gaps[name] = table[references[name]] - table[name]
             excess[name] = gaps[name] - one_example_slack(size)
+            first = {key: mask[:size] for key, mask in (outcomes or {}).items()}
+            tests[name] = paired_test(first if outcomes else None, references[name], name)
+    shown = {name: value for name, value in excess.items()
+             if value > 1e-9 and (tests[name] is None or tests[name]["p_value"] < ALPHA)}
     flags = sorted(name for name, result in indicators.items() if result.get("verdict") == "flag")
-    if excess and max(excess.values()) > 1e-9:
-        strongest = max(excess, key=excess.get)
+    if shown:
+        strongest = max(shown, key=shown.get)
         points = 100 * gaps[strongest]
         beaten = references[strongest]
         text = (f"masking shown: attack {strongest} broke {points:.1f} points of examples that every white-box "
                 f"gradient attack left robust" if beaten == "whitebox" else
                 f"masking shown: attack {strongest} beat attack {beaten} by {points:.1f} points")
         return {"verdict": "masking shown", "attack": strongest, "beaten": beaten, "points": points,
-                "flags": flags, "text": text}
+                "paired_test": tests[strongest], "flags": flags, "text": text}
     if flags:
         return {"verdict": "masking suspected", "flags": flags,
                 "text": f"masking suspected (indicators {', '.join(flags)})"}
