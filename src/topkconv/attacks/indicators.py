@@ -27,7 +27,7 @@ from torch import nn
 
 from .common import attack_mode
 from .gradient import attack_loss, input_gradient
-from .masking import ALPHA, paired_test
+from .masking import paired_test, significant_gap
 from .zeroth_order import estimate_gradient
 
 # An attack for the traced indicators: (x, y, trace: list) -> x_adv, appending {"loss", "fooled"} per iterate.
@@ -305,8 +305,9 @@ def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Option
     compared with the white-box attacks on the same examples. A ``cascaded`` attack ran only on the examples
     every white-box gradient attack left robust, so its row is compared with that worst case (``whitebox``):
     the gap is what it broke beyond all of them. With ``outcomes`` (per-example robust masks) a gap counts
-    only if the exact sign test on the examples the two attacks disagree on gives p < ALPHA (as the checks of
-    :mod:`.masking` do): on 100 examples 4 broken one way and none the other (p = 0.06) is not shown.
+    only if the exact sign test on the examples the two attacks disagree on gives p < :data:`.masking.ALPHA`
+    (:func:`.masking.significant_gap`, as the checks do): on 100 examples 4 broken one way and none the other
+    (p = 0.06) is not shown.
     """
     subsets = subsets or {}
     cascaded = set(cascaded or ())
@@ -321,8 +322,7 @@ def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Option
             excess[name] = gaps[name] - one_example_slack(size)
             first = {key: mask[:size] for key, mask in (outcomes or {}).items()}
             tests[name] = paired_test(first if outcomes else None, references[name], name)
-    shown = {name: value for name, value in excess.items()
-             if value > 1e-9 and (tests[name] is None or tests[name]["p_value"] < ALPHA)}
+    shown = {name: value for name, value in excess.items() if significant_gap(value > 1e-9, tests[name])}
     flags = sorted(name for name, result in indicators.items() if result.get("verdict") == "flag")
     if shown:
         strongest = max(shown, key=shown.get)

@@ -60,7 +60,7 @@ def paired_test(outcomes: Optional[dict], reference: str, variant: str, two_side
             "alpha": ALPHA}
 
 
-def _beyond(gap: bool, test: Optional[dict]) -> bool:
+def significant_gap(gap: bool, test: Optional[dict]) -> bool:
     """A gap beyond the tolerance counts when it is also significant (or no per-example outcomes were given)."""
     return gap and (test is None or test["p_value"] < ALPHA)
 
@@ -70,7 +70,7 @@ def check_pgd_beats_fgsm(acc: dict, tol: float, outcomes: Optional[dict] = None)
     if "pgd" not in acc or "fgsm" not in acc:
         return _na("needs fgsm and pgd")
     test = paired_test(outcomes, "pgd", "fgsm")
-    flagged = _beyond(acc["pgd"] > acc["fgsm"] + tol + _ROUNDING, test)
+    flagged = significant_gap(acc["pgd"] > acc["fgsm"] + tol + _ROUNDING, test)
     return {"value": acc["pgd"] - acc["fgsm"], "threshold": tol, "verdict": _verdict(not flagged),
             "pgd": acc["pgd"], "fgsm": acc["fgsm"], "tolerance": tol, "paired_test": test}
 
@@ -97,7 +97,7 @@ def check_blackbox_not_stronger(acc: dict, whitebox: str, tol: float, outcomes: 
         return _na("needs square or transfer (full suite; transfer needs --surrogate)")
     tests = {name: paired_test(outcomes, whitebox, name) for name in others}
     stronger = [name for name, value in others.items()
-                if _beyond(value < acc[whitebox] - tol - _ROUNDING, tests[name])]
+                if significant_gap(value < acc[whitebox] - tol - _ROUNDING, tests[name])]
     return {"value": acc[whitebox] - min(others.values()), "threshold": tol, "verdict": _verdict(not stronger),
             "whitebox": whitebox, whitebox: acc[whitebox], **others,
             "stronger_than_whitebox": stronger, "tolerance": tol, "paired_tests": tests}
@@ -114,7 +114,7 @@ def check_steps_restarts_converged(acc: dict, tol: float, outcomes: Optional[dic
         return _na("needs pgd_2x_steps / pgd_2x_restarts (full suite)")
     moves = {name: acc[reference] - value for name, value in variants.items()}
     tests = {name: paired_test(outcomes, reference, name, two_sided=True) for name in variants}
-    moved = [name for name, move in moves.items() if _beyond(abs(move) > tol + _ROUNDING, tests[name])]
+    moved = [name for name, move in moves.items() if significant_gap(abs(move) > tol + _ROUNDING, tests[name])]
     return {"value": max(abs(move) for move in moves.values()), "threshold": tol, "verdict": _verdict(not moved),
             "reference": reference, reference: acc[reference], **variants, "drops": moves, "tolerance": tol,
             "paired_tests": tests}
@@ -135,7 +135,7 @@ def check_bpda_not_stronger(acc: dict, routing: bool, tol: float, reference: str
         return _na("needs bpda_dense or bpda_soft (full suite)")
     strongest = min(bpda, key=bpda.get)
     test = paired_test(outcomes, reference, strongest)
-    flagged = _beyond(bpda[strongest] < acc[reference] - tol - _ROUNDING, test)
+    flagged = significant_gap(bpda[strongest] < acc[reference] - tol - _ROUNDING, test)
     return {"value": acc[reference] - bpda[strongest], "threshold": tol, "verdict": _verdict(not flagged),
             "reference": reference, reference: acc[reference], **bpda, "strongest": strongest, "tolerance": tol,
             "paired_test": test}
