@@ -8,7 +8,7 @@ import pytest
 from topkconv.reproduce import claims as C
 from topkconv.reproduce import load_table_spec
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "src" / "topkconv" / "experiments"
 
 
 @pytest.mark.parametrize("preset", ["quick", "paper"])

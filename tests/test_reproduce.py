@@ -10,7 +10,7 @@ from topkconv import reproduce as R
 from topkconv.cli import main
 from topkconv.models import build_model
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "src" / "topkconv" / "experiments"
 
 # Merged into every column of the real quick specs: the same tables, shrunk to seconds.
 TINY = {"data": {"limit_train": 48, "limit_test": 20, "image_size": 16},

@@ -489,7 +489,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--preset", default="quick", choices=("quick", "paper"),
                    help="quick: digits + small VGG on a CPU; paper: CINIC-10 + VGG16 at 224 px (GPUs)")
     p.add_argument("--spec", default=None, metavar="FILE",
-                   help="a table spec TOML to use instead of experiments/<table>-<preset>.toml")
+                   help="a table spec TOML to use instead of the shipped topkconv/experiments/<table>-<preset>.toml")
     p.add_argument("--data", default=None, metavar="PATH", help="root folder of the data set (paper: CINIC-10)")
     p.add_argument("--pretrained", default=None, metavar="PATH",
                    help="torchvision's vgg16-397923af.pth to initialise VGG16's features")

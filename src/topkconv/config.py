@@ -1,6 +1,6 @@
 """Typed run configuration. One :class:`RunSpec` describes a whole run: data, model, training, attacks.
 
-Specs are read from TOML (``experiments/*.toml``) or built in code; unknown keys are errors that name
+Specs are read from TOML (``topkconv/experiments/*.toml``) or built in code; unknown keys are errors that name
 the key, so a typo never silently falls back to a default.
 """
 

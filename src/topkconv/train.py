@@ -24,7 +24,7 @@ Reusable pieces
 Scale-out
     One machine, N GPUs (or N CPU processes with gloo)::
 
-        torchrun --nproc_per_node=N -m topkconv.cli train --spec experiments/... --out runs/x
+        torchrun --nproc_per_node=N -m topkconv.cli train --spec src/topkconv/experiments/... --out runs/x
 
     Several machines: the same on every node, with ``--nnodes=M --node_rank=i
     --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT`` (the run folder on a shared file system for

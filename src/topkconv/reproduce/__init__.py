@@ -1,6 +1,6 @@
 """Reproduce the paper's tables, over seeds, with intervals and a verdict on each of the paper's claims.
 
-* :mod:`.spec`: the table-spec format (``experiments/<table>-<preset>.toml``) and :class:`Study`, where
+* :mod:`.spec`: the table-spec format (``topkconv/experiments/<table>-<preset>.toml``) and :class:`Study`, where
   every run's spec is built (column, seed, command-line overrides).
 * :mod:`.workspace`: :class:`Workspace`, the run and evaluation cache (``runs/<hash>/``), which plans the
   missing :class:`Job` s and runs one (:func:`execute`).

@@ -1,4 +1,4 @@
-"""The paper's claims as data (``experiments/claims.toml``), and a verdict on each from the reproduced tables.
+"""The paper's claims as data (``topkconv/experiments/claims.toml``), and a verdict on each from the reproduced tables.
 
 A claim compares two columns of one table on one measure: ``a`` against ``b`` under ``clean``, ``fgsm``
 or ``pgd``, in a ``direction`` (``greater``, ``less``, ``equivalent`` within ``margin``, or ``not_less``

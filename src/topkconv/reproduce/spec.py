@@ -1,4 +1,4 @@
-"""The table-spec format (``experiments/<table>-<preset>.toml``) and :class:`Study`, the one place a
+"""The table-spec format (``topkconv/experiments/<table>-<preset>.toml``, package data) and :class:`Study`, the one place a
 run's spec is built.
 
 A table spec names the table, a ``base`` RunSpec and a list of ``columns``; each column is the base with
@@ -104,11 +104,12 @@ def merge(base: dict, overrides: dict) -> dict:
 
 
 def experiments_dir() -> Path:
-    """``./experiments`` when it exists (a clone, or a user's own specs), else the one beside the source."""
-    here = Path.cwd() / "experiments"
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parents[3] / "experiments"
+    """The shipped specs and claims: package data (``topkconv/experiments``), installed with the package.
+
+    Never looked up from the working directory: a folder that happens to be called ``experiments`` there
+    must not change what ``reproduce`` runs. A user's own spec is given with ``--spec FILE``.
+    """
+    return Path(__file__).resolve().parents[1] / "experiments"
 
 
 def spec_path(table: str, preset: str) -> Path:
