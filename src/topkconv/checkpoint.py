@@ -40,19 +40,28 @@ STATE_FILE = "train_state.json"      # the trainer's per-epoch commit record (se
 STATE_DIR = "state"                  # the tensors that STATE_FILE names
 EVAL_FILE = "eval.json"              # evaluate's default output
 PLOT_FILE = "acc-vs-eps.png"         # beside eval.json; ``<stem>-acc-vs-eps.png`` beside other eval files
-EVAL_PATTERN = "eval*.json"
-PLOT_PATTERN = f"*{PLOT_FILE}"
+# Every artefact an evaluation leaves (evaluate's ``write_results``: the JSON, its Markdown and its plot; the
+# strong suites' ``eval-<suite>.json``). One list, used by every retrain, replace and extend, so that no
+# verdict of older weights survives beside new ones.
+EVALUATION_PATTERNS = ("eval*.json", "eval*.md", f"*{PLOT_FILE}")
 LOCK_FILE = ".topkconv.lock"         # held by the one process writing the folder (see run_lock)
 STAGING_DIR = ".replacing"           # a --force retrain's first epoch, until it replaces the old run
 FORMAT_VERSION = 1
 SPEC_HASH_KEY = "topkconv.spec_hash"  # safetensors metadata: the resolved spec the weights were trained for
 
 
+def evaluation_files(run_dir) -> list[Path]:
+    """Every evaluation artefact in ``run_dir`` (:data:`EVALUATION_PATTERNS`), each once, sorted."""
+    run_dir = Path(run_dir)
+    found = {path for pattern in EVALUATION_PATTERNS for path in run_dir.glob(pattern) if path.is_file()}
+    return sorted(found)
+
+
 def result_files(run_dir) -> list[Path]:
-    """The files that describe a run's final weights: ``run.json`` (first), every ``eval*.json`` and plot."""
+    """The files that describe a run's final weights: ``run.json`` (first), then :func:`evaluation_files`."""
     run_dir = Path(run_dir)
     found = [run_dir / RUN_FILE] if (run_dir / RUN_FILE).exists() else []
-    return found + sorted(run_dir.glob(EVAL_PATTERN)) + sorted(run_dir.glob(PLOT_PATTERN))
+    return found + evaluation_files(run_dir)
 
 
 def run_files(run_dir) -> list[Path]:
@@ -269,10 +278,12 @@ def load_checkpoint(path, device: str = "cpu", allow_unfinished: bool = False) -
         state = load_file(weights_file, device=str(device))
     except Exception as err:  # safetensors raises its own error types for a torn or foreign file
         raise ValueError(f"{weights_file}: cannot read safetensors ({type(err).__name__}: {err})") from None
-    recorded = record.get("resolved_hash") or spec.hash()
-    if tagged is not None and tagged != recorded:
-        raise ValueError(f"{weights_file}: these weights were trained for spec {tagged}, but {run_file} describes "
-                         f"spec {recorded} (weights copied from another run?)")
+    # The spec the model is rebuilt from is the identity: its hash is computed here, never read from the
+    # record, so an edited spec (another defence under the old resolved_hash) cannot pass.
+    rebuilt = spec.hash()
+    if tagged is not None and tagged != rebuilt:
+        raise UserError(f"{weights_file}: these weights were trained for spec {tagged}, but the spec in {run_file} "
+                        f"hashes to {rebuilt} (weights copied from another run, or the spec edited?)")
     model = build_model(spec.model)
     try:
         model.load_state_dict(state, strict=True)

@@ -30,7 +30,10 @@ def convert(model: "nn.Module", defence: str, targets: "Targets" = None, k: Any 
       leaves out layers the forward never calls. **Without ``example_input`` it is definition order**
       (``model.named_modules()``), which is the forward order of sequential models but not of every model.
     - ``k``: a count, a fraction of each target's fan-in (TopKConv and Dynamic-k: input channels/features;
-      TKC-neuron: output channels), or a list with one entry per target (in the order above).
+      TKC-neuron: output channels), or a list with one entry per target (in the order above). Numpy
+      scalars and 0-d tensors count as the Python number they hold; a 1-d array or tensor as a list.
+    - A module with several names (``self.again = self.conv``) may be targeted by any of them; it is
+      replaced under every name by the one new layer, which also takes over its forward and backward hooks.
     - ``options``: the defence's own layer options, e.g. ``criterion="sum"`` or ``positive_only=True``.
 
     Defences without a per-layer swap (``"sap"``, ``"dropout"`` ...) take no ``targets`` or ``k``: their
@@ -39,7 +42,8 @@ def convert(model: "nn.Module", defence: str, targets: "Targets" = None, k: Any 
     The result lists what was replaced in its ``topkconv_replaced`` attribute (one dict per layer: name,
     replaced type, new type, k, fan and options) and each new layer's ``repr`` shows its k and criterion.
     Errors name the target: an unknown name, a target that is not a conv or linear layer, a grouped or
-    depthwise conv, or a k outside 1..fan-in for that layer; nothing is changed then.
+    depthwise conv, a parametrized (weight-normed, pruned) weight, or a k outside 1..fan-in for that
+    layer; nothing is changed then.
     """
     import copy
 
@@ -65,10 +69,22 @@ def convert(model: "nn.Module", defence: str, targets: "Targets" = None, k: Any 
         raise ValueError(f"convert: k is required for {defence!r}: a count, a fraction of each target's fan-in, "
                          f"or a list with one per target")
     chosen = resolve_targets(model, targets, routing.dense, example_input, defence)
-    ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(chosen)
+    k = plain_number(k)
+    ks = [plain_number(each) for each in k] if isinstance(k, (list, tuple)) else [k] * len(chosen)
     if len(ks) != len(chosen):
         raise ValueError(f"convert: k has {len(ks)} entries but targets selects {len(chosen)} layers "
                          f"({', '.join(name for name, _ in chosen)})")
     names = [f"k for target {name!r}" for name, _ in chosen]
     convert_layers(model, chosen, ks, routing.layer, routing.fan, names, **options)
     return model
+
+
+def plain_number(value: Any) -> Any:
+    """A numpy scalar or a 0-d tensor as the Python number it holds; a 1-d array or tensor as a list;
+    anything else unchanged (the layers' own checks then name what is wrong with it)."""
+    ndim = getattr(value, "ndim", None)
+    if ndim == 0 and hasattr(value, "item"):
+        return value.item()
+    if ndim == 1 and hasattr(value, "tolist"):
+        return value.tolist()
+    return value

@@ -27,6 +27,9 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     # Same folder as the target: os.replace is only atomic within one file system.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 less the umask), so that
+        # colleagues can read a shared results folder.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -40,6 +43,20 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         if isinstance(err, OSError) and err.filename is None:  # a full disk: say which file could not be written
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

@@ -5,6 +5,11 @@ forward order when an example input is given (one traced forward pass with hooks
 order (``model.named_modules()``) otherwise; the two agree for sequential models such as the VGGs.
 Every swap reuses the dense layer's Parameter objects (``from_dense``), so state_dict keys stay the same
 and a trained model keeps its weights.
+
+A module may have several names (``self.again = self.conv``). ``named_modules()`` drops the duplicates, so
+the walk here keeps them (``remove_duplicate=False``): a target may be named by any of its names, and a
+swap puts the one new module under every name, so that sharing stays sharing. The old module's forward and
+backward hooks move to the new one.
 """
 
 from __future__ import annotations
@@ -22,9 +27,18 @@ Targets = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 REPLACED_ATTR = "topkconv_replaced"
 
 
+def all_names(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> every qualified name it has in model`` (aliases included; not the root)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and name not in names.setdefault(id(module), []):
+            names[id(module)].append(name)
+    return names
+
+
 def layers_in_order(model: nn.Module, layer_type: type, example_input=None) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every ``layer_type`` module, in forward order when ``example_input`` is given
-    (modules the traced pass never calls are left out), else in definition order."""
+    """``(name, module)`` of every ``layer_type`` module (once, under its first name), in forward order when
+    ``example_input`` is given (modules the traced pass never calls are left out), else in definition order."""
     named = [(name, m) for name, m in model.named_modules() if isinstance(m, layer_type) and name]  # not the root
     if example_input is None:
         return named
@@ -66,7 +80,7 @@ def resolve_targets(model: nn.Module, targets: Targets, layer_type: type, exampl
     elif callable(targets):
         chosen = [(name, m) for name, m in ordered if targets(name, m)]
     elif isinstance(targets, (list, tuple)):
-        modules = dict(model.named_modules())
+        modules = dict(model.named_modules(remove_duplicate=False))  # any alias names its module
         for name in targets:
             if not isinstance(name, str):
                 raise ValueError(f"targets: expected qualified module names, got {name!r}")
@@ -79,9 +93,10 @@ def resolve_targets(model: nn.Module, targets: Targets, layer_type: type, exampl
             if not isinstance(modules[name], layer_type):
                 raise ValueError(f"target {name!r} is a {type(modules[name]).__name__}, not a {kind}"
                                  f"{f': {defense!r} converts {kind} layers' if defense else ''}")
-        wanted = set(targets)
-        rank = {name: i for i, (name, _) in enumerate(ordered)}
-        chosen = sorted([(n, modules[n]) for n in wanted], key=lambda item: rank.get(item[0], len(rank)))
+        first_name = {id(m): name for name, m in model.named_modules()}
+        wanted = {first_name[id(modules[name])] for name in targets}  # two aliases of one module: one target
+        position = {name: i for i, (name, _) in enumerate(ordered)}
+        chosen = sorted([(n, modules[n]) for n in wanted], key=lambda item: position.get(item[0], len(position)))
     else:
         raise ValueError(f"targets: expected None, 'last:N', a list of module names or a predicate, got {targets!r}")
     if not chosen:
@@ -98,11 +113,44 @@ def _last_n(text: str, available: int, kind: str) -> int:
     return int(count)
 
 
-def swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` is (its parent's attribute), keeping the key names."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def swap(model: nn.Module, name: str, new: nn.Module) -> list[str]:
+    """Put ``new`` where the submodule ``name`` is, under every name that module has (its parents'
+    attributes), keeping the key names; its hooks move to ``new``. Returns the names."""
+    old = model.get_submodule(name)
+    names = all_names(model).get(id(old), [name])
+    carry_hooks(name, old, new)
+    for each in names:
+        parent_name, _, child = each.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return names
+
+
+# The hook tables of an nn.Module that run around its forward (and its backward, through the forward).
+HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def carry_hooks(name: str, old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the hooks of ``old``: the very same tables, so a handle the user holds still removes its
+    hook. Refuses, naming the hooks, when ``new`` already has hooks of its own."""
+    if not any(getattr(old, table, None) for table in HOOK_TABLES):
+        return
+    own = [table for table in HOOK_TABLES if getattr(new, table, None)]
+    if own:
+        raise ValueError(f"target {name!r}: its hooks ({hook_names(old)}) cannot be carried over to the new "
+                         f"{type(new).__name__}, which has hooks of its own ({', '.join(own)})")
+    for table in HOOK_TABLES:
+        if hasattr(old, table):
+            setattr(new, table, getattr(old, table))
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
+def hook_names(module: nn.Module) -> str:
+    hooks = [hook for table in HOOK_TABLES for hook in (getattr(module, table, None) or {}).values()
+             if callable(hook)]
+    return ", ".join(getattr(hook, "__qualname__", type(hook).__name__) for hook in hooks)
 
 
 def check_convertible(name: str, module: nn.Module) -> None:
@@ -110,6 +158,12 @@ def check_convertible(name: str, module: nn.Module) -> None:
 
     (``from_dense`` refuses them too, naming the layer; here the message names the target and nothing has
     been swapped yet.)"""
+    weight = getattr(module, "weight", None)
+    if weight is not None and not isinstance(weight, nn.Parameter):
+        raise ValueError(f"target {name!r} ({type(module).__name__}) has a computed weight (weight norm, pruning or "
+                         f"another parametrization); routing layers need a plain weight: remove it first "
+                         f"(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.remove_weight_norm "
+                         f"or torch.nn.utils.prune.remove)")
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             what = "depthwise" if module.groups == module.in_channels else "grouped"
@@ -138,9 +192,12 @@ def convert_layers(model: nn.Module, chosen: list[tuple[str, nn.Module]], ks: li
             raise ValueError(f"{err} (target {name!r}: {type(module).__name__} with fan-in {fan(module)})") from None
     replaced = []
     for (name, module), k in zip(chosen, counts):
-        swap(model, name, layer_type.from_dense(module, k, **options))
-        replaced.append({"name": name, "replaced": type(module).__name__, "by": layer_type.__name__, "k": k,
-                         "fan": fan(module), **options})
+        names = swap(model, name, layer_type.from_dense(module, k, **options))
+        entry = {"name": name, "replaced": type(module).__name__, "by": layer_type.__name__, "k": k,
+                 "fan": fan(module), **options}
+        if len(names) > 1:
+            entry["aliases"] = [each for each in names if each != name]
+        replaced.append(entry)
     record(model, replaced)
     return replaced
 
@@ -154,6 +211,7 @@ def record(model: nn.Module, replaced: list[dict]) -> None:
 def replace_modules(model: nn.Module, layer_type: type, make: Callable[[nn.Module], nn.Module]) -> list[str]:
     """Replace every ``layer_type`` submodule by ``make(module)``; returns their names."""
     names = [name for name, m in model.named_modules() if isinstance(m, layer_type) and name]
-    for name in names:
-        swap(model, name, make(model.get_submodule(name)))
-    return names
+    replaced: list[str] = []
+    for name in names:  # each module once; swap puts its replacement under every alias
+        replaced += swap(model, name, make(model.get_submodule(name)))
+    return replaced

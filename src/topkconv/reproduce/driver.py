@@ -89,9 +89,9 @@ def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str]
               jobs: Optional[int] = None, claims_file=None) -> dict:
     """``topkconv reproduce``: one table, the figures, or ``all``; then the verdicts on the paper's claims.
 
-    ``spec_file`` replaces the shipped ``topkconv/experiments/<table>-<preset>.toml`` (for one table, or for the figures, which
-    use Table III's models). ``overrides`` (a RunSpec dict) is merged into every column; ``seeds``
-    replaces the specs' ``seeds``; ``jobs`` is the number of worker processes. Returns, per table, the
+    ``spec_file`` replaces the shipped ``topkconv/experiments/<table>-<preset>.toml`` (for one table, or for
+    the figures, which use Table III's models). ``overrides`` (a RunSpec dict) is merged into every
+    column; ``seeds`` replaces the specs' ``seeds``; ``jobs`` is the number of worker processes. Returns, per table, the
     report paths and the per-cell summary, plus ``claims`` and ``log``.
     """
     from .. import distributed
