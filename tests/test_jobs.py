@@ -18,6 +18,7 @@ table = "table3"
 preset = "quick"
 title = "tiny"
 seeds = 2
+surrogate = "Baseline"
 strong_eps = [24.0]
 [base.data]
 name = "digits"

@@ -200,21 +200,6 @@ def test_sweep_over_any_key_reports_intervals_and_checks_values_first(tmp_path):
     assert not (tmp_path / "bad" / "runs").exists()  # checked before the first training
 
 
-def test_older_k_sweep_still_works(tmp_path):
-    from topkconv.reproduce.sweep import sweep_k
-
-    out = sweep_k([0.25, 1.0], layer="conv", out=tmp_path, overrides=dict(TINY, attack=dict(TINY["attack"],
-                                                                                          suite="paper")),
-                  progress=False, seeds=1, jobs=1)
-    lines = (tmp_path / "reports" / "sweep-conv.csv").read_text().splitlines()
-    assert lines[1].startswith("model.defense.conv_k,0.25,TKC-max,clean,")
-    assert [p["value"] for p in out["points"]] == [0.25, 1.0]
-    with pytest.raises(ValueError, match="--k"):
-        sweep_k([0], out=tmp_path)
-    with pytest.raises(ValueError, match="--layer"):
-        sweep_k([0.5], layer="attention", out=tmp_path)
-
-
 def test_routing_selections_are_the_layers_own():
     """Summing what selection_mask says each layer selected gives back the layer's output."""
     from topkconv import functional as TF

@@ -551,19 +551,13 @@ def _add_sweep(sub) -> None:
                     "spec key (model.defense.conv_k, model.width, train.epochs), each (value, column, seed) its own "
                     "cached run; every value is checked before the first training. Writes "
                     "OUT/reports/sweep-<KEY>.md/.csv/.json/.png: clean, paper-attack and worst-case accuracy with "
-                    "95%% intervals, and the verdicts on the table's claims at each value. The older form "
-                    "`sweep --k K... --layer conv|fc` varies TopKConv's k on TKC-max or Dynamic-k's on Dynamic-k.")
+                    "95%% intervals, and the verdicts on the table's claims at each value.")
     p.add_argument("key", nargs="?", metavar="KEY", help="a dotted spec key, e.g. model.defense.conv_k")
     p.add_argument("values", nargs="*", metavar="VALUE",
                    help="values, read as TOML: 10 (a count), 0.1, [0.05, 0.1], true, text")
     p.add_argument("--columns", nargs="+", default=None, metavar="LABEL",
-                   help="the table's columns to vary (default: every reproduced column)")
+                   help="the table's columns to vary (default: the spec's sweep_columns, else every reproduced column)")
     p.add_argument("--table", default="table3", choices=("table1", "table2", "table3"))
-    p.add_argument("--k", nargs="+", type=_k_value, metavar="K",
-                   help="older form: k values, counts (10) or fractions of the fan-in (0.1)")
-    p.add_argument("--layer", default="conv", choices=("conv", "fc"),
-                   help="with --k: conv: TopKConv's conv_k (column TKC-max); fc: every Dynamic-k layer's k")
-    p.add_argument("--column", default=None, help="with --k: the Table III column to vary (default by --layer)")
     p.add_argument("--preset", default="quick", choices=("quick", "paper"))
     p.add_argument("--spec", default=None, metavar="FILE", help="a table spec TOML instead of <table>-<preset>.toml")
     p.add_argument("--data", default=None, metavar="PATH")
@@ -576,18 +570,12 @@ def _add_sweep(sub) -> None:
 
 
 def _run_sweep(args) -> int:
-    from .reproduce.sweep import sweep, sweep_k
+    from .reproduce.sweep import sweep
 
     options = dict(data=args.data, pretrained=args.pretrained, out=args.out, force=args.force,
                    progress=not args.no_progress, seeds=args.seeds, jobs=args.jobs)
-    if args.k is not None:
-        if args.key is not None:
-            raise ValueError("sweep: give either KEY VALUE... or --k K..., not both")
-        sweep_k(args.k, layer=args.layer, column=args.column, preset=args.preset, spec_file=args.spec, **options)
-        return 0
     if args.key is None or not args.values:
-        raise ValueError("sweep: give a spec KEY and at least one VALUE (e.g. `sweep model.width 0.25 0.5`), "
-                         "or --k K...")
+        raise ValueError("sweep: give a spec KEY and at least one VALUE (e.g. `sweep model.width 0.25 0.5`)")
     sweep(args.key, args.values, preset=args.preset, columns=args.columns, table=args.table, spec_file=args.spec,
           **options)
     return 0

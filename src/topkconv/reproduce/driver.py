@@ -42,14 +42,29 @@ def load_study(table: str, preset: str, spec_file, overrides: dict, seeds: Optio
 
 
 def workers_for(studies: list, jobs: Optional[int]) -> int:
-    """``--jobs``, or its default: the CPU cores when no GPU is used; 1 under torchrun."""
+    """``--jobs``, or its default: the CPU cores when no GPU is used; 1 under torchrun. Capped at the CPUs
+    and at what the available memory holds (one line says so)."""
     from .. import distributed
 
     if distributed.context().world_size > 1:
         return 1
     if jobs is not None:
-        return jobs_module.check_jobs(jobs)
-    return jobs_module.default_jobs(studies[0].first_spec.train.device)
+        return jobs_module.cap_workers(jobs_module.check_jobs(jobs), jobs_module._say)
+    return jobs_module.cap_workers(jobs_module.default_jobs(studies[0].first_spec.train.device), lambda _: None)
+
+
+@contextlib.contextmanager
+def one_writer(out):
+    """Hold ``out``'s lock for the whole command: a second ``reproduce`` or ``sweep`` into the same folder is
+    refused with one line naming this process's pid. (Under torchrun, rank 0 holds it for every rank.)"""
+    from .. import distributed
+    from ..checkpoint import run_lock
+
+    if not distributed.context().is_main:
+        yield
+        return
+    with run_lock(out):
+        yield
 
 
 @contextlib.contextmanager
@@ -80,7 +95,8 @@ def run_plan(workspace: Workspace, table_studies: list, train_only: list, worker
     with process_group(device) if workers == 1 else contextlib.nullcontext():
         # one torch thread per job on the CPU, in a worker or here: the same numbers whatever --jobs is
         done = jobs_module.run_jobs(planned, workers, threads=None if jobs_module.uses_gpu(device) else 1, say=say)
-    return {"workers": workers, "jobs": done, "cached": cached, "seconds": round(time.perf_counter() - start, 1)}
+    return {"workers": workers, "jobs": done, "cached": cached, "notes": list(workspace.notes),
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str] = None,
@@ -91,12 +107,10 @@ def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str]
 
     ``spec_file`` replaces the shipped ``topkconv/experiments/<table>-<preset>.toml`` (for one table, or for
     the figures, which use Table III's models). ``overrides`` (a RunSpec dict) is merged into every
-    column; ``seeds`` replaces the specs' ``seeds``; ``jobs`` is the number of worker processes. Returns, per table, the
-    report paths and the per-cell summary, plus ``claims`` and ``log``.
+    column; ``seeds`` replaces the specs' ``seeds``; ``jobs`` is the number of worker processes. Returns,
+    per table, the report paths and the per-cell summary, plus ``claims`` and ``log``. One process at a
+    time writes ``out`` (:func:`one_writer`).
     """
-    from .. import distributed
-    from ..io import atomic_write_json
-
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     overrides = merge(cli_overrides(data, pretrained), overrides or {})
@@ -112,8 +126,17 @@ def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str]
     claims = (claims_module.load_claims(claims_file, {s.name: s.table for s in studies},
                                         skip_missing_columns=claims_file is None and spec_file is not None)
               if studies else [])
-    workspace = Workspace(out, force)
     workers = workers_for(studies or [figure_study], jobs)
+    with one_writer(out):
+        return _reproduce_in(Workspace(out, force), studies, figure_study, claims, claims_file, workers, progress)
+
+
+def _reproduce_in(workspace: Workspace, studies: list, figure_study, claims: list, claims_file, workers: int,
+                  progress: bool) -> dict:
+    """Run the plan in ``workspace`` and write the reports (the body of :func:`reproduce`, under its lock)."""
+    from .. import distributed
+    from ..io import atomic_write_json
+
     log = run_plan(workspace, studies, [figure_study] if figure_study else [], workers, progress)
     if progress:
         jobs_module._say(f"jobs done in {log['seconds']:.0f} s ({len(log['jobs'])} run, {len(log['cached'])} "

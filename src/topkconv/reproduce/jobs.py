@@ -12,6 +12,11 @@ runs a job, in which order, or on N: ``--jobs 2`` writes the same reports as ``-
   ``topkconv`` process out of it.
 * A killed worker leaves no file that counts (writes are atomic; ``run.json`` is written last), so the
   next call redoes its run.
+* Workers die with their parent, however it ends (SIGKILL, Ctrl-C, an error): each asks Linux for SIGKILL
+  when its parent dies (``prctl(PR_SET_PDEATHSIG)``) and also watches its parent's pid. Workers ignore
+  Ctrl-C (the parent stops them), so an interrupt prints the parent's one line and no worker tracebacks.
+* ``--jobs`` is capped at the CPUs this process may use, and further at what the available memory holds
+  (:data:`WORKER_MEMORY` a worker); a lower cap than asked is said in one line.
 * Of the jobs that are ready, a worker takes the longest kind first (strong suite, then training, then
   the paper's attacks), so the end of a run is short jobs on both workers, not one long job beside an idle one.
 * Progress: one line per finished job, ``[ 3/30] <what> (<seconds> s)``, never interleaved bars.
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional
@@ -29,6 +36,8 @@ from typing import Callable, Optional
 from .workspace import Job, execute
 
 START_METHOD = "spawn"
+WORKER_MEMORY = 1 << 30   # bytes a worker may take: measured about 650 MB for a quick-preset worker, idle
+PR_SET_PDEATHSIG = 1      # linux/prctl.h
 
 
 def uses_gpu(device: str = "auto") -> bool:
@@ -38,9 +47,46 @@ def uses_gpu(device: str = "auto") -> bool:
     return device != "cpu" and torch.cuda.is_available()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the system has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available for new processes (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def default_jobs(device: str = "auto") -> int:
     """The number of CPU cores when the work runs on the CPU; 1 when a GPU does it."""
-    return 1 if uses_gpu(device) else max(1, os.cpu_count() or 1)
+    return 1 if uses_gpu(device) else usable_cpus()
+
+
+def cap_workers(requested: int, say: Callable[[str], None]) -> int:
+    """``requested`` workers, at most one per usable CPU and as many as the available memory holds; a cap
+    below the request is said in one line."""
+    cpus = usable_cpus()
+    workers = requested
+    if workers > cpus:
+        say(f"--jobs {requested}: capped at {cpus}, the number of CPUs")
+        workers = cpus
+    memory = available_memory()
+    if memory is not None and workers > max(1, memory // WORKER_MEMORY):
+        fits = max(1, memory // WORKER_MEMORY)
+        say(f"--jobs {requested}: capped at {fits}: {memory / 2**30:.1f} GiB of memory is available and a worker "
+            f"may take {WORKER_MEMORY / 2**30:.0f} GiB")
+        workers = fits
+    return workers
 
 
 def check_jobs(jobs) -> int:
@@ -93,12 +139,13 @@ def _run_pool(jobs: list, workers: int, report) -> None:
     running: dict = {}
     failure: Optional[BaseException] = None
     context = multiprocessing.get_context(START_METHOD)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool, \
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool, \
             _stop_workers_on_interrupt(pool):
         while pending or running:
             if failure is None:
                 ready = [j for j in pending if all(n in finished for n in j.needs)]
-                for job in sorted(ready, key=lambda j: -j.rank):  # stable: plan order within a rank
+                for job in sorted(ready, key=lambda j: -j.priority):  # stable: plan order within a priority
                     if len(running) >= workers:
                         break
                     pending.remove(job)
@@ -135,11 +182,33 @@ def _stop_workers_on_interrupt(pool):
         raise
 
 
-def _init_worker() -> None:
-    """One torch thread per worker: N workers then use N cores, and nothing oversubscribes."""
+def _init_worker(parent_pid: int) -> None:
+    """One torch thread per worker (N workers then use N cores, and nothing oversubscribes); Ctrl-C is the
+    parent's to handle; the worker dies with its parent."""
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid)
     torch.set_num_threads(1)
+
+
+def die_with_parent(parent_pid: int, every: float = 0.5) -> None:
+    """End this process when ``parent_pid`` (its parent) dies: Linux's parent-death signal where there is
+    one, and on every system a thread that checks the parent's pid ``every`` seconds."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the signal was asked for
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            threading.Event().wait(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="topkconv-parent-watch", daemon=True).start()
 
 
 @contextlib.contextmanager

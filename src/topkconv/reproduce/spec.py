@@ -56,6 +56,8 @@ class TableSpec:
     eval_examples: Optional[int] = None   # test images for the paper's FGSM and PGD (None: the whole test set)
     strong_eps: Optional[list] = None     # radii (0-255) of the strong suite on attack.n_examples; None: attack.eps
     threads: Optional[int] = None         # torch intra-op threads of an in-process run; None: torch's default
+    surrogate: Optional[str] = None       # column whose model (same seed) is the strong suite's transfer source
+    sweep_columns: Optional[list] = None  # columns `topkconv sweep` varies by default; None: every reproduced one
     base: dict = field(default_factory=dict)
     columns: list = field(default_factory=list)
     figures: Optional[dict] = None
@@ -157,6 +159,7 @@ def load_table_spec(path) -> TableSpec:
                              f"{column.prune_from!r}, which is not a column ({labels})")
         if column.not_reproduced is None:
             spec.run_spec(column.label)  # validates the merged RunSpec now, not mid-run
+    _check_roles(spec, path)
     if spec.threads is not None and (not isinstance(spec.threads, int) or spec.threads < 1):
         raise ValueError(f"{path}: key 'threads' must be a positive int, got {spec.threads!r}")
     if spec.figures is not None:
@@ -168,6 +171,21 @@ def load_table_spec(path) -> TableSpec:
             if label not in labels:
                 raise ValueError(f"{path}: key 'figures' names column {label!r}, which is not one of {labels}")
     return spec
+
+
+def _check_roles(spec: TableSpec, path: Path) -> None:
+    """The columns named by role (``surrogate``, ``sweep_columns``) are reproduced columns of the spec."""
+    reproduced = spec.reproduced_labels
+    if spec.surrogate is not None and spec.surrogate not in reproduced:
+        raise ValueError(f"{path}: key 'surrogate' names {spec.surrogate!r}, which is not a reproduced column "
+                         f"({reproduced})")
+    if spec.sweep_columns is not None:
+        if not isinstance(spec.sweep_columns, list) or not spec.sweep_columns:
+            raise ValueError(f"{path}: key 'sweep_columns' must be a non-empty list of column labels")
+        for label in spec.sweep_columns:
+            if label not in reproduced:
+                raise ValueError(f"{path}: key 'sweep_columns' names {label!r}, which is not a reproduced column "
+                                 f"({reproduced})")
 
 
 def check_seeds(seeds, where: str) -> int:

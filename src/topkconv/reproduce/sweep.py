@@ -8,8 +8,10 @@ column, seed) is its own cached run. The report gives, per value and column, cle
 attacks and the strong suite's worst case with their 95% intervals (``reports/sweep-<key>.md/.csv/.json``),
 the verdicts on the table's claims per value, and a plot (``.png``).
 
-The older form ``--k K... --layer conv|fc`` is :func:`sweep_k`: ``model.defense.conv_k`` on TKC-max, or
-every Dynamic-k layer's k (``model.defense.fc_k``) on Dynamic-k.
+The columns are ``--columns``, else the spec's ``sweep_columns``, else every reproduced column. Before the
+first job, every value is checked against every column: its spec and training config (``train.epochs 0``
+fails here), its model, values given twice, and values that give the same runs and attacks (a key that
+changes nothing). One process at a time writes ``out``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import json
 import re
 from typing import Optional
 
+from ..errors import UserError, one_line
 from . import claims as claims_module
 from . import measures, tables
-from .driver import cli_overrides, load_study, run_plan, workers_for
+from .driver import cli_overrides, load_study, one_writer, run_plan, workers_for
 from .spec import Study, merge
 from .stats import Estimate
 from .workspace import Workspace
@@ -60,18 +63,40 @@ def _restricted(study: Study, columns: list) -> Study:
     return Study(table, study.overrides, study.seeds)
 
 
-def check_point(study: Study, label: str, where: str) -> None:
-    """Build the RunSpec and the model of one (value, column): a bad value fails before any training."""
+def check_point(study: Study, label: str, where: str) -> tuple:
+    """Build the RunSpec, check its training config and build the model of one (value, column): a bad value
+    fails before any training. Returns what the value decides for the column: (run hash, attack configs)."""
     from ..models import build_model
-    from ..train import resolve_spec
+    from ..train import check_train_config, resolve_spec
     from .workspace import test_tensors
 
     try:
         spec = study.run_spec(label)
+        check_train_config(spec.train)
         _, _, splits = test_tensors(spec, 1)
         build_model(resolve_spec(spec, splits).model)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}: column {label!r}: {err}") from None
+        raise UserError(f"{where}: column {label!r}: {one_line(err)}") from None
+    attacks = {name: dataclasses.asdict(cfg) for name, cfg in study.attack_configs(spec).items()}
+    return spec.hash(), json.dumps(attacks, sort_keys=True)
+
+
+def check_values(key: str, values: list, studies: list, labels: list) -> None:
+    """Every value is checked against every column, and no two values give the same runs and attacks."""
+    seen: dict = {}
+    for value in values:
+        text = json.dumps(value, sort_keys=True)
+        if text in seen:
+            raise UserError(f"sweep {key}: value {value!r} is given twice; give each value once")
+        seen[text] = value
+    for label in labels:
+        decided: dict = {}
+        for value, study in zip(values, studies):
+            point = check_point(study, label, f"sweep {key}={value!r}")
+            if point in decided:
+                raise UserError(f"sweep {key}: values {decided[point]!r} and {value!r} give the same runs and attacks "
+                                f"in column {label!r}: the key changes nothing there")
+            decided[point] = value
 
 
 def sweep(key: str, values: list, preset: str = "quick", columns: Optional[list] = None, table: str = "table3",
@@ -79,27 +104,31 @@ def sweep(key: str, values: list, preset: str = "quick", columns: Optional[list]
           progress: bool = True, spec_file: Optional[str] = None, overrides: Optional[dict] = None,
           seeds: Optional[int] = None, jobs: Optional[int] = None, claims_file=None, name: Optional[str] = None) -> dict:
     """Train and attack ``columns`` of ``table`` for every value of ``key``; see the module docstring."""
-    from .. import distributed
-    from ..io import atomic_write_json, atomic_write_text
-
     if not values:
-        raise ValueError("sweep: give at least one value")
+        raise UserError("sweep: give at least one value")
     values = [parse_value(v) if isinstance(v, str) else v for v in values]
     base = merge(cli_overrides(data, pretrained), overrides or {})
     first = load_study(table, preset, spec_file, base, seeds)
-    labels = list(columns) if columns else first.table.reproduced_labels
+    labels = list(columns or first.table.sweep_columns or first.table.reproduced_labels)
     for label in labels:
         first.table.column(label)  # an unknown column is an error naming the spec and its columns
-    studies = []
-    for value in values:
-        study = _restricted(Study(first.table, merge(base, nested(key, value)), first.seeds), labels)
-        for label in labels:
-            check_point(study, label, f"sweep {key}={value!r}")
-        studies.append(study)
+    studies = [_restricted(Study(first.table, merge(base, nested(key, value)), first.seeds), labels)
+               for value in values]
+    check_values(key, values, studies, labels)
     judged_claims = claims_module.load_claims(claims_file, {first.name: first.table},
                                               skip_missing_columns=claims_file is None and spec_file is not None)
-    workspace = Workspace(out, force)
     workers = workers_for(studies, jobs)
+    with one_writer(out):
+        return _sweep_in(Workspace(out, force), key, values, labels, studies, first, judged_claims, workers,
+                         progress, name)
+
+
+def _sweep_in(workspace: Workspace, key: str, values: list, labels: list, studies: list, first: Study,
+              judged_claims: list, workers: int, progress: bool, name: Optional[str]) -> dict:
+    """Run the sweep's plan in ``workspace`` and write its reports (the body of :func:`sweep`, under its lock)."""
+    from .. import distributed
+    from ..io import atomic_write_json, atomic_write_text
+
     log = run_plan(workspace, studies, [], workers, progress)
     if not distributed.context().is_main:
         return {"log": log}
@@ -164,28 +193,3 @@ def render_csv(key: str, points: list, seeds: int) -> str:
                                      round(cell["lo"], 6), round(cell["hi"], 6), cell["n"]]
                                     + [round(v, 6) for v in cell["per_seed"]])
     return buffer.getvalue()
-
-
-SWEEP_TARGETS = {"conv": ("TKC-max", "conv_k"), "fc": ("Dynamic-k", "fc_k")}
-
-
-def sweep_k(ks: list, layer: str = "conv", column: Optional[str] = None, preset: str = "quick",
-            spec_file: Optional[str] = None, overrides: Optional[dict] = None, **options) -> dict:
-    """The older ``sweep --k K... --layer conv|fc``: TopKConv's ``conv_k`` on TKC-max, or every Dynamic-k
-    layer's k on Dynamic-k (a k is a count or a fraction)."""
-    if layer not in SWEEP_TARGETS:
-        raise ValueError(f"--layer must be one of {sorted(SWEEP_TARGETS)}, got {layer!r}")
-    if not ks:
-        raise ValueError("--k: give at least one k value")
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or k <= 0:
-            raise ValueError(f"--k: expected positive counts or fractions in (0, 1], got {k!r}")
-    default_column, field = SWEEP_TARGETS[layer]
-    column = column or default_column
-    values = list(ks)
-    if layer == "fc":
-        study = load_study("table3", preset, spec_file, merge({}, overrides or {}), 1)
-        layers = len(study.run_spec(column).model.defense.fc_k)
-        values = [[k] * layers for k in ks]
-    return sweep(f"model.defense.{field}", values, preset=preset, columns=[column], spec_file=spec_file,
-                 overrides=overrides, name=f"sweep-{layer}", **options)
