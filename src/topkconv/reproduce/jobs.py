@@ -13,8 +13,9 @@ runs a job, in which order, or on N: ``--jobs 2`` writes the same reports as ``-
 * A killed worker leaves no file that counts (writes are atomic; ``run.json`` is written last), so the
   next call redoes its run.
 * Workers die with their parent, however it ends (SIGKILL, Ctrl-C, an error): each asks Linux for SIGKILL
-  when its parent dies (``prctl(PR_SET_PDEATHSIG)``) and also watches its parent's pid. Workers ignore
-  Ctrl-C (the parent stops them), so an interrupt prints the parent's one line and no worker tracebacks.
+  when its parent dies (``prctl(PR_SET_PDEATHSIG)``) and also watches its parent's pid
+  (:mod:`topkconv.lifeline`). Workers start with Ctrl-C ignored (the parent stops them), so an interrupt
+  prints the parent's one line and no worker tracebacks.
 * ``--jobs`` is capped at the CPUs this process may use, and further at what the available memory holds
   (:data:`WORKER_MEMORY` a worker); a lower cap than asked is said in one line.
 * Of the jobs that are ready, a worker takes the longest kind first (strong suite, then training, then
@@ -33,11 +34,11 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional
 
+from ..lifeline import init_worker
 from .workspace import Job, execute
 
 START_METHOD = "spawn"
 WORKER_MEMORY = 1 << 30   # bytes a worker may take: measured about 650 MB for a quick-preset worker, idle
-PR_SET_PDEATHSIG = 1      # linux/prctl.h
 
 
 def uses_gpu(device: str = "auto") -> bool:
@@ -139,7 +140,7 @@ def _run_pool(jobs: list, workers: int, report) -> None:
     running: dict = {}
     failure: Optional[BaseException] = None
     context = multiprocessing.get_context(START_METHOD)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=init_worker,
                              initargs=(os.getpid(),)) as pool, \
             _stop_workers_on_interrupt(pool):
         while pending or running:
@@ -149,7 +150,8 @@ def _run_pool(jobs: list, workers: int, report) -> None:
                     if len(running) >= workers:
                         break
                     pending.remove(job)
-                    running[pool.submit(execute, job)] = job
+                    with _sigint_ignored():  # a worker it spawns starts with Ctrl-C ignored, even while importing
+                        running[pool.submit(execute, job)] = job
             if not running:
                 break
             ready, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -176,39 +178,26 @@ def _stop_workers_on_interrupt(pool):
     try:
         yield
     except BaseException:
+        # no public way to reach the workers before 3.14; taken before shutdown, which forgets them
+        processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way before 3.14
+        for process in processes:  # they ignore Ctrl-C: stopping them is this process's job
             process.terminate()
         raise
 
 
-def _init_worker(parent_pid: int) -> None:
-    """One torch thread per worker (N workers then use N cores, and nothing oversubscribes); Ctrl-C is the
-    parent's to handle; the worker dies with its parent."""
-    import torch
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent(parent_pid)
-    torch.set_num_threads(1)
-
-
-def die_with_parent(parent_pid: int, every: float = 0.5) -> None:
-    """End this process when ``parent_pid`` (its parent) dies: Linux's parent-death signal where there is
-    one, and on every system a thread that checks the parent's pid ``every`` seconds."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before the signal was asked for
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            threading.Event().wait(every)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="topkconv-parent-watch", daemon=True).start()
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored for the block: a process spawned in it inherits that (Python keeps an ignored SIGINT
+    ignored), so Ctrl-C reaches the parent alone, which then stops the workers. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @contextlib.contextmanager
