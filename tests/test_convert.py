@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -208,3 +209,77 @@ def test_grouped_and_depthwise_convs_are_refused_by_name(groups, word):
     with pytest.raises(ValueError, match=rf"target '1' is a {word} conv \(groups={groups}\)"):
         topkconv.convert(model, "topk_conv", targets="last:2", k=1.0, inplace=True)
     assert all(type(m) is nn.Conv2d for m in model)  # nothing swapped, not even the valid last conv
+
+
+# ---------------------------------------------------------------- a module with two names, hooks, integer-like k
+
+class Shared(nn.Module):
+    """One conv under two names (``again`` is ``conv``), called twice in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.again = self.conv
+
+    def forward(self, x):
+        return self.again(torch.relu(self.conv(x)))
+
+
+def _reference_routed(conv, k):
+    """The same model built by hand: one TopKConv2d on the conv's weights, used at both places."""
+    routed = TopKConv2d.from_conv(conv, k)
+    return lambda x: routed(torch.relu(routed(x)))
+
+
+@pytest.mark.parametrize("targets", [None, ["conv"], ["again"], ["conv", "again"]])
+def test_a_shared_module_is_replaced_under_every_name_by_one_layer(targets):
+    model = Shared()
+    converted = topkconv.convert(model, "topk_conv", targets=targets, k=1)
+    assert type(converted.conv) is TopKConv2d and converted.again is converted.conv  # sharing stays sharing
+    x = torch.rand(2, 4, 5, 5)
+    torch.testing.assert_close(converted(x), _reference_routed(model.conv, 1)(x))
+    (entry,) = converted.topkconv_replaced
+    assert entry["name"] == "conv" and entry["aliases"] == ["again"]
+    assert type(model.conv) is nn.Conv2d  # not inplace: the original is left alone
+
+
+def test_hooks_move_to_the_new_layer_and_their_handles_still_remove_them():
+    model = Shared()
+    seen = []
+    pre = model.conv.register_forward_pre_hook(lambda module, args: seen.append(("pre", type(module).__name__)))
+    post = model.conv.register_forward_hook(lambda module, args, out: seen.append(("post", type(module).__name__)))
+    topkconv.convert(model, "topk_conv", k=2, inplace=True)
+    model(torch.rand(1, 4, 5, 5))
+    assert seen == [("pre", "TopKConv2d"), ("post", "TopKConv2d")] * 2
+    pre.remove()
+    post.remove()
+    seen.clear()
+    model(torch.rand(1, 4, 5, 5))
+    assert seen == []
+
+
+@pytest.mark.parametrize("k", [np.int64(2), np.int32(2), torch.tensor(2), np.float64(0.5), torch.tensor(0.5),
+                               np.array([2]), torch.tensor([2])], ids=["np.int64", "np.int32", "tensor-int",
+                                                                       "np.float64", "tensor-float", "np.array",
+                                                                       "tensor-1d"])
+def test_an_integer_like_k_is_accepted(k):
+    converted = topkconv.convert(Shared(), "topk_conv", k=k)
+    assert converted.conv.k == 2 and type(converted.conv.k) is int
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "old_weight_norm", "prune"])
+def test_a_parametrized_conv_is_refused_naming_the_target(parametrize):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    if parametrize == "weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(model[2])
+    elif parametrize == "old_weight_norm":
+        with pytest.warns(FutureWarning):  # deprecated by torch, still met in older code
+            torch.nn.utils.weight_norm(model[2])
+    else:
+        from torch.nn.utils import prune
+
+        prune.l1_unstructured(model[2], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"target '2' .*computed weight.*remove it first"):
+        topkconv.convert(model, "topk_conv", k=1, inplace=True)
+    assert type(model[0]) is nn.Conv2d  # nothing swapped

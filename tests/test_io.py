@@ -90,3 +90,17 @@ def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
         atomic_write_bytes(tmp_path / "model.safetensors", b"weights")
     assert one_line(caught.value) == f"{tmp_path / 'model.safetensors'}: No space left on device"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_the_mode_plain_open_would(tmp_path, umask, mode):
+    before = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        atomic_save_safetensors(tmp_path / "w.safetensors", {"w": torch.zeros(2)})
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+    finally:
+        os.umask(before)
+    for name in ("a.json", "w.safetensors", "plain.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
