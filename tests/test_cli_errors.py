@@ -251,3 +251,48 @@ def test_a_failure_of_the_computation_is_one_line_with_exit_1(monkeypatch, tmp_p
     assert main(["train", *TINY, "--out", str(tmp_path / "x")]) == 1
     assert capsys.readouterr().err.strip() == ("topkconv train: error: CUDA out of memory. Tried to allocate 2.00 GiB "
                                                "(--debug shows the traceback)")
+
+
+# ---------------------------------------------------------------- your own model: the factory and its weights (issue 21)
+
+USER_CODE = '''
+import torch
+from torch import nn
+
+
+def needs_an_argument(width):
+    return nn.Linear(width, 10)
+
+
+def raises():
+    raise RuntimeError("no GPU here\\nsecond line")
+
+
+def good():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+'''
+
+FACTORY_CASES = [  # id, factory, --weights (under tmp), words in the one line
+    ("factory-needs-an-argument", "{tmp}/mine.py:needs_an_argument", "{tmp}/w.safetensors",
+     ["needs_an_argument()", "TypeError", "width", "no arguments"]),
+    ("factory-raises", "{tmp}/mine.py:raises", "{tmp}/w.safetensors", ["raises()", "RuntimeError", "no GPU here"]),
+    ("weights-is-a-folder", "{tmp}/mine.py:good", "{tmp}", ["--weights", "is a folder", "safetensors file"]),
+]
+
+
+@pytest.mark.parametrize("factory, weights, words", [case[1:] for case in FACTORY_CASES],
+                         ids=[case[0] for case in FACTORY_CASES])
+def test_a_user_factory_error_is_one_line_naming_the_factory(factory, weights, words, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    (tmp_path / "mine.py").write_text(USER_CODE)
+    save_file({"1.weight": torch.zeros(10, 64), "1.bias": torch.zeros(10)}, str(tmp_path / "w.safetensors"))
+    before = snapshot(tmp_path, ["mine.py", "w.safetensors"])
+    argv = ["evaluate", "--model", factory.format(tmp=tmp_path), "--weights", weights.format(tmp=tmp_path),
+            "--dataset", "digits", "--n", "4", "--out", str(tmp_path / "eval.json"), "--no-progress"]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert snapshot(tmp_path, ["mine.py", "w.safetensors"]) == before and not (tmp_path / "eval.json").exists()
