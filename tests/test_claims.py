@@ -187,3 +187,28 @@ def test_a_report_names_the_claims_file_relative_never_absolute(tmp_path, monkey
     (tmp_path / "mine").mkdir()
     assert C.display_path(tmp_path / "mine" / "claims.toml") == "mine/claims.toml"
     assert C.display_path(C.default_path()) == "experiments/claims.toml"
+
+
+def test_the_verdict_run_is_the_quick_table_with_ten_seeds_and_shares_its_runs(tmp_path):
+    """experiments/table3-verdict.toml: the main job's table with >= 10 seeds and nothing else changed, so
+    seeds 0-2 are the main job's cached runs and evaluations; it plans 10 trainings and 3 evaluations
+    (the paper's attacks, the strong suite at 8 and 24) per column, and every claim of Table III fits it."""
+    from topkconv.reproduce import Workspace, spec_path
+    from topkconv.reproduce.driver import load_study
+
+    quick = load_table_spec(EXPERIMENTS / "table3-quick.toml")
+    verdict = load_table_spec(EXPERIMENTS / "table3-verdict.toml")
+    assert verdict.seeds >= 10 and quick.seeds == 3
+    differing = {key for key in vars(quick) if getattr(quick, key) != getattr(verdict, key)}
+    assert differing == {"seeds", "title", "path"}
+    study = load_study("table3", "quick", EXPERIMENTS / "table3-verdict.toml", {}, None)
+    main = load_study("table3", "quick", spec_path("table3", "quick"), {}, None)
+    for label in quick.labels:
+        for seed in range(3):
+            assert study.run_spec(label, seed).hash() == main.run_spec(label, seed).hash()
+        assert study.attack_configs(study.run_spec(label)) == main.attack_configs(main.run_spec(label))
+    planned, cached = Workspace(tmp_path).plan([study])
+    steps = [job.step for job in planned]
+    assert (steps.count("train"), steps.count("evaluate"), cached) == (10 * 5, 10 * 5 * 3, [])
+    claims = C.load_claims(EXPERIMENTS / "claims.toml", {"table3": verdict})
+    assert len([c for c in claims if c.table == "table3"]) == 7
