@@ -188,6 +188,18 @@ def test_p_value_is_the_one_sided_t_test_on_the_seed_differences():
     assert difference.p_value(difference.high, "less") == pytest.approx(0.025, rel=1e-3)
 
 
+def test_p_value_inverts_the_interval_when_the_shared_examples_add_to_it():
+    """Crossed: A is right on a fixed set of easy examples for every seed, plus its own luck on the rest."""
+    rng = np.random.default_rng(9)
+    easy = rng.random(300) < 0.5
+    a = [(easy | (rng.random(300) < 0.2)).astype(np.int8) for _ in range(4)]
+    b = [(easy & (rng.random(300) < 0.9)).astype(np.int8) for _ in range(4)]
+    for estimate in (stats.difference_estimate(a, b), stats.cell_estimate(a)):
+        assert estimate.example_var > 0 and estimate.method == stats.T_SEEDS
+        assert estimate.p_value(estimate.low, "greater") == pytest.approx(0.025, rel=1e-3)
+        assert estimate.p_value(estimate.high, "less") == pytest.approx(0.025, rel=1e-3)
+
+
 def _seed_differences(values, n=400):
     """A and B whose per-seed differences are ``values`` exactly, with a shared base so that A - B is the
     only change (B right on the first 40%, A on the first 40% + value)."""
@@ -224,9 +236,9 @@ def test_the_four_verdicts_on_constructed_differences(values, direction, margin,
 
 def test_a_gain_shown_but_below_delta_is_still_reproduced():
     """(0, delta) lies above 0 and below delta: the claim's direction is shown, so reproduced wins."""
-    decided = stats.verdict(stats.difference_estimate(*_seed_differences((0.010, 0.0125, 0.0100, 0.0125))),
-                            "greater", delta=0.02)
-    assert decided.verdict == stats.REPRODUCED
+    difference = stats.difference_estimate(*_seed_differences((0.010, 0.0125, 0.0100, 0.0125), n=4000))
+    assert 0 < difference.low and difference.high < 0.02
+    assert stats.verdict(difference, "greater", delta=0.02).verdict == stats.REPRODUCED
 
 
 def test_verdict_rejects_a_bad_direction_or_margin():

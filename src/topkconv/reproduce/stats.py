@@ -10,15 +10,18 @@ cell form an S x n matrix (seeds x test examples) of a crossed design. Its grand
 The two-way ANOVA of the matrix estimates the three (mean squares ``MS_seed``, ``MS_example``,
 ``MS_rest``). The variance of the grand mean is estimated by ``A + B`` with
 
-* ``A = max(MS_seed, MS_rest) / (S n)``: the variance of the mean of the S per-seed accuracies (the
-  classic t-interval's ``s^2 / S``), never below what the examples alone put into it (S seeds can tie by
-  chance when each has few examples);
+* ``A = MS_seed / (S n)``: the variance of the mean of the S per-seed accuracies (the classic t-interval's
+  ``s^2 / S``); when every seed has exactly the same accuracy (a tie, common with few successes) the spread
+  is unseen rather than zero, and ``MS_rest`` (what the examples alone put into a seed's accuracy) stands in;
 * ``B = max(0, MS_example - MS_rest) / (S n)``: the shared examples' share, which the seed means cannot see
   (they all contain the same examples). It is about 0 when each seed has its own examples (nested).
 
-The critical value is Student's t with Satterthwaite's degrees of freedom; with ``B = 0`` they are
-exactly S - 1 and the interval is the t-interval on the per-seed accuracies. A paired difference A - B
-(same seed index, same examples) is the same computation on the per-example differences.
+The half-width is ``sqrt(t(S - 1)^2 A + t(m - 1)^2 B)``: each share with its own Student t critical value,
+``m`` the examples that inform B (those off the most common per-example total; near an edge a handful of
+examples carry every success). With ``B = 0`` this is exactly the t-interval on the per-seed accuracies,
+df = S - 1. (A Satterthwaite df on ``A + B`` under-covered with 3 seeds: 0.90-0.91 in the tests' settings.)
+A paired difference A - B (same seed index, same examples) is the same computation on the per-example
+differences.
 
 Edges. When every outcome is the same (every seed at 0, or every seed at 1) the spread is zero and says
 nothing: the cell then gets the exact (Clopper-Pearson) interval of the pooled S n examples (0 of 300:
@@ -29,10 +32,12 @@ the example-level one (Clopper-Pearson for a cell, t over the n paired differenc
 and is labelled so.
 
 Coverage of the 95% intervals, measured by simulation (tests/test_stats.py: nested and crossed designs,
-seed SD 0 to 0.15, 3 to 10 seeds, 100 and 2,000 examples, 400 trials each), lies in [0.92, 0.99].
+seed SD 0 to 0.15, 3 to 10 seeds, 100 and 2,000 examples, 1,000 trials each) lies in [0.92, 0.98]. Within
+1% of an edge on 100 examples (crossed) a cell's coverage fell to 0.92: a mean carried by a few examples is
+skewed, and a symmetric interval's far side is short.
 
-Verdicts (:func:`verdict`) come from one-sided t-tests on the same standard error and degrees of freedom,
-so the p-values and the interval agree; :func:`holm` adjusts the p-values of a report's claims, and
+Verdicts (:func:`verdict`) come from the one-sided tests that invert these intervals (Student's one-sample
+t-test on the per-seed values when ``B = 0``), so the p-values and the intervals agree; :func:`holm` adjusts the p-values of a report's claims, and
 :func:`seeds_needed` says how many seeds would narrow an interval to a target half-width.
 """
 
@@ -47,6 +52,7 @@ from scipy import stats as sps
 
 LEVEL = 0.95          # two-sided interval; a one-sided test behind a verdict is at (1 - LEVEL) / 2
 DELTA = 0.02          # default non-superiority margin of "greater"/"less" claims (2 points)
+P_FLOOR = 1e-100      # smaller p-values are reported as this (a t quantile beyond it overflows when squared)
 
 # Methods of an interval
 T_SEEDS = "t over seeds"                  # t, Satterthwaite df (S - 1 unless the shared examples add)
@@ -73,7 +79,8 @@ class Estimate:
     method: str = T_SEEDS
     level: float = LEVEL
     seed_var: float = 0.0    # the seeds' share of the variance of the mean (A), t with df S - 1
-    example_var: float = 0.0  # the shared test examples' share (B), t with df n - 1
+    example_var: float = 0.0  # the shared test examples' share (B), t with df examples_informative - 1
+    examples_informative: int = 0  # the examples B rests on (see :func:`_informative_examples`)
 
     @property
     def n_seeds(self) -> int:
@@ -100,12 +107,12 @@ class Estimate:
     def from_dict(cls, cell: dict) -> "Estimate":
         return cls(cell["mean"], cell["lo"], cell["hi"], tuple(cell["per_seed"]), cell["n"],
                    cell.get("method", T_SEEDS), cell.get("level", LEVEL), cell.get("seed_var", 0.0),
-                   cell.get("example_var", 0.0))
+                   cell.get("example_var", 0.0), cell.get("examples_informative", 0))
 
     def as_dict(self) -> dict:
         return {"mean": self.mean, "lo": self.low, "hi": self.high, "per_seed": list(self.per_seed), "n": self.n,
                 "seeds": self.n_seeds, "method": self.method, "level": self.level, "seed_var": self.seed_var,
-                "example_var": self.example_var}
+                "example_var": self.example_var, "examples_informative": self.examples_informative}
 
     def p_value(self, threshold: float = 0.0, alternative: str = "greater") -> float:
         """One-sided p-value of ``mean > threshold`` (``alternative="greater"``) or ``< threshold``: the test
@@ -117,28 +124,30 @@ class Estimate:
             return _exact_difference_p(sign * self.per_seed[0], sign * threshold, self.n * self.n_seeds)
         if self.seed_var + self.example_var <= 0:
             raise ValueError(f"p_value: an interval by {self.method!r} has no variance to test with")
-        return _combined_p(sign * (self.mean - threshold), self.seed_var, self.example_var, self.n_seeds, self.n)
+        return _combined_p(sign * (self.mean - threshold), self.seed_var, self.example_var, self.n_seeds,
+                           self.examples_informative)
 
 
-def _combined_critical(p, seed_var, example_var, seeds: int, n: int):
-    """``sqrt(t(1 - p, S - 1)^2 A + t(1 - p, n - 1)^2 B)`` with the sign of the t quantiles: the distance from
+def _combined_critical(p, seed_var, example_var, seeds: int, examples):
+    """``sqrt(t(1 - p, S - 1)^2 A + t(1 - p, m - 1)^2 B)`` with the sign of the t quantiles: the distance from
     the mean at which a one-sided test rejects at ``p`` (vectorised). Each variance share keeps its own
-    degrees of freedom, so a seed-dominated mean gets t with S - 1 and an example-dominated one t with n - 1."""
+    degrees of freedom: a seed-dominated mean gets t with S - 1, an example-dominated one t with m - 1
+    (``examples``: the examples B rests on)."""
     seed_t = sps.t.isf(p, max(seeds - 1, 1))
-    example_t = sps.t.isf(p, np.maximum(np.asarray(n) - 1, 1))
+    example_t = sps.t.isf(p, np.maximum(np.asarray(examples) - 1, 1))
     return np.sign(example_t) * np.sqrt(seed_t ** 2 * seed_var + example_t ** 2 * example_var)
 
 
-def _combined_p(distance: float, seed_var: float, example_var: float, seeds: int, n: int) -> float:
+def _combined_p(distance: float, seed_var: float, example_var: float, seeds: int, examples: int) -> float:
     """The one-sided p at which :func:`_combined_critical` equals ``distance`` (closed form when B = 0)."""
     if example_var <= 0:
         return float(sps.t.sf(distance / np.sqrt(seed_var), seeds - 1))
     if seed_var <= 0:
-        return float(sps.t.sf(distance / np.sqrt(example_var), n - 1))
-    gap = lambda log_p: _combined_critical(np.exp(log_p), seed_var, example_var, seeds, n) - distance  # noqa: E731
-    low, high = np.log(1e-300), np.log1p(-1e-15)
+        return float(sps.t.sf(distance / np.sqrt(example_var), max(examples - 1, 1)))
+    gap = lambda log_p: _combined_critical(np.exp(log_p), seed_var, example_var, seeds, examples) - distance  # noqa: E731
+    low, high = np.log(P_FLOOR), np.log1p(-1e-15)
     if gap(low) <= 0:
-        return 1e-300
+        return P_FLOOR
     if gap(high) >= 0:
         return 1.0
     return float(np.exp(optimize.brentq(gap, low, high, xtol=1e-10)))
@@ -179,11 +188,12 @@ def crossed_t(batch: np.ndarray, level: float = LEVEL) -> dict:
     tied = np.all(rows == rows[..., :1], axis=-1)   # every seed at the same accuracy: a spread unseen, not zero
     seed_var = np.where(tied, ms_rest, ms_seed) / (s * n)
     example_var = np.maximum(ms_example - ms_rest, 0) / (s * n)
-    half = _combined_critical((1.0 - level) / 2, seed_var, example_var, s, _informative_examples(cols, s))
+    informative = _informative_examples(cols, s)
+    half = _combined_critical((1.0 - level) / 2, seed_var, example_var, s, informative)
     mean = total / (s * n)
     constant = (squares == np.abs(total)) & ((total == 0) | (np.abs(total) == s * n))  # every value 0, or all +-1
     return {"mean": mean, "low": mean - half, "high": mean + half, "seed_var": seed_var,
-            "example_var": example_var, "constant": constant}
+            "example_var": example_var, "informative": informative, "constant": constant}
 
 
 def _informative_examples(cols: np.ndarray, seeds: int) -> np.ndarray:
@@ -286,7 +296,7 @@ def difference_estimate(a: Sequence, b: Sequence, level: float = LEVEL) -> Estim
     example_var = float(values.var(ddof=1) / n)
     half = float(_combined_critical((1.0 - level) / 2, 0.0, example_var, 1, n))
     return Estimate(mean, max(-1.0, mean - half), min(1.0, mean + half), (mean,), n, ONE_SEED, level,
-                    0.0, example_var)
+                    0.0, example_var, n)
 
 
 def _estimate(matrix: np.ndarray, level: float, kind: str) -> Estimate:
@@ -294,7 +304,7 @@ def _estimate(matrix: np.ndarray, level: float, kind: str) -> Estimate:
     low, high = _final_bounds(out, matrix.size, level, kind)
     return Estimate(float(out["mean"]), float(low), float(high), tuple(float(m) for m in matrix.mean(axis=1)),
                     matrix.shape[1], EXACT if out["constant"] else T_SEEDS, level, float(out["seed_var"]),
-                    float(out["example_var"]))
+                    float(out["example_var"]), int(out["informative"]))
 
 
 @dataclass(frozen=True)
