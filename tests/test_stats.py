@@ -277,3 +277,11 @@ def test_unpaired_inputs_are_errors():
         stats.cell_estimate([np.ones(4), np.ones(5)])
     with pytest.raises(ValueError, match="no seeds"):
         stats.cell_estimate([])
+
+
+def test_seeds_needed_counts_the_part_more_seeds_cannot_narrow():
+    """The same case with 0.03 of the half-width from the shared examples: the seeds must bring their part
+    to sqrt(0.05^2 - 0.03^2) = 0.04, i.e. t(S - 1) / sqrt(S) <= 0.4: S = 27 (2.056 / 5.196 = 0.396; at 26:
+    2.060 / 5.099 = 0.404). When the examples alone reach the target, no number of seeds does."""
+    assert stats.seeds_needed(0.1, 0.05, example_half=0.03) == 27
+    assert stats.seeds_needed(0.1, 0.05, example_half=0.05) is None

@@ -190,12 +190,13 @@ def _decide(claim: Claim, difference: stats.Estimate) -> dict:
     """The raw verdict on the deciding measure, its p-value, and the seeds that would settle the claim."""
     decided = stats.verdict(difference, claim.direction, claim.margin, claim.gain_margin)
     target, target_from = _target_half_width(claim)
+    examples_part = stats.example_half_width(difference)
     needed = None
     if difference.method == stats.T_SEEDS and difference.seed_sd > 0:
-        needed = stats.seeds_needed(difference.seed_sd, target, difference.level)
+        needed = stats.seeds_needed(difference.seed_sd, target, difference.level, example_half=examples_part)
     return {"verdict": decided.verdict, "p_value": decided.p_value, "reason": decided.reason,
-            "seed_sd": difference.seed_sd, "target_half_width": target, "target_from": target_from,
-            "seeds_needed": needed}
+            "seed_sd": difference.seed_sd, "examples_half_width": examples_part, "target_half_width": target,
+            "target_from": target_from, "seeds_needed": needed}
 
 
 def _target_half_width(claim: Claim) -> tuple:
@@ -235,10 +236,14 @@ def _seeds_text(claim: dict) -> str:
     difference = decision["difference"]
     if difference["method"] != stats.T_SEEDS:
         return f"unknown ({difference['method']})"
-    needed = decision["seeds_needed"]
-    count = f">{100_000}" if needed is None else str(needed)
-    return (f"{count} (seed SD {decision['seed_sd']:.3f}; half-width {decision['target_half_width']:.3f} = "
-            f"{decision['target_from']})")
+    needed, target = decision["seeds_needed"], decision["target_half_width"]
+    examples_part = decision.get("examples_half_width", 0.0)
+    if needed is None and examples_part >= target:
+        count = f"none: the test examples alone give +-{examples_part:.3f}; more test examples needed"
+    else:
+        count = f">{100_000}" if needed is None else str(needed)
+    shared = f", +-{examples_part:.3f} from the shared examples" if examples_part > 0 else ""
+    return f"{count} (seed SD {decision['seed_sd']:.3f}{shared}; half-width {target:.3f} = {decision['target_from']})"
 
 
 def _p_text(value) -> str:
@@ -256,8 +261,9 @@ def render_markdown(judged: list, meta: dict) -> str:
               "- **p**: the one-sided test behind the verdict, doubled to compare with 5% (decisive when p < 0.05); "
               "**Holm**: the same, adjusted over this report's claims (family-wise 5%); a claim is decided only "
               "if its Holm p is below 0.05",
-              "- **seeds needed** (inconclusive claims): the seeds at which the interval's half-width, "
-              "t(0.975, S-1) x seed SD / sqrt(S), falls to the target given", ""]
+              "- **seeds needed** (inconclusive claims): the seeds S at which the interval's half-width, "
+              "t(0.975, S-1) x seed SD / sqrt(S) (combined with the shared test examples' part, which more seeds "
+              "do not narrow), falls to the target given", ""]
     lines.append("| Claim | Decided on | Paper A - B | Ours A - B [95%] | p | Holm p | Verdict | After Holm | "
                  "Seeds needed |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -305,7 +311,12 @@ def count(judged: list, key: str = "verdict_holm") -> dict:
 def count_lines(judged: list) -> dict:
     """The counts for a report's header: after Holm, then raw."""
     text = lambda key: ", ".join(f"{k}: {v}" for k, v in count(judged, key).items()) or "none"  # noqa: E731
-    return {"claims (after Holm)": text("verdict_holm"), "claims (raw)": text("verdict")}
+    lines = {"claims (after Holm)": text("verdict_holm"), "claims (raw)": text("verdict")}
+    measured = [claim for claim in judged if claim["verdict_holm"] != stats.NOT_MEASURED]
+    if measured and all(claim["verdict_holm"] == stats.INCONCLUSIVE for claim in measured):
+        lines["note"] = ("every measured claim is inconclusive with these seeds; 'Seeds needed' says how many "
+                         "seeds each would take")
+    return lines
 
 
 def display_path(path) -> str:

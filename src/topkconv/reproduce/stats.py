@@ -37,8 +37,9 @@ seed SD 0 to 0.15, 3 to 10 seeds, 100 and 2,000 examples, 1,000 trials each) lie
 skewed, and a symmetric interval's far side is short.
 
 Verdicts (:func:`verdict`) come from the one-sided tests that invert these intervals (Student's one-sample
-t-test on the per-seed values when ``B = 0``), so the p-values and the intervals agree; :func:`holm` adjusts the p-values of a report's claims, and
-:func:`seeds_needed` says how many seeds would narrow an interval to a target half-width.
+t-test on the per-seed values when ``B = 0``), so the p-values and the intervals agree; :func:`holm` adjusts
+the p-values of a report's claims, and :func:`seeds_needed` says how many seeds would narrow an interval to a
+target half-width.
 """
 
 from __future__ import annotations
@@ -144,7 +145,10 @@ def _combined_p(distance: float, seed_var: float, example_var: float, seeds: int
         return float(sps.t.sf(distance / np.sqrt(seed_var), seeds - 1))
     if seed_var <= 0:
         return float(sps.t.sf(distance / np.sqrt(example_var), max(examples - 1, 1)))
-    gap = lambda log_p: _combined_critical(np.exp(log_p), seed_var, example_var, seeds, examples) - distance  # noqa: E731
+
+    def gap(log_p: float) -> float:
+        return float(_combined_critical(np.exp(log_p), seed_var, example_var, seeds, examples)) - distance
+
     low, high = np.log(P_FLOOR), np.log1p(-1e-15)
     if gap(low) <= 0:
         return P_FLOOR
@@ -363,19 +367,35 @@ def holm(p_values: Sequence) -> np.ndarray:
     return adjusted
 
 
-def seeds_needed(seed_sd: float, half_width: float, level: float = LEVEL, limit: int = 100_000) -> Optional[int]:
-    """The fewest seeds S >= 2 with ``t(level, S - 1) * seed_sd / sqrt(S) <= half_width``; None beyond ``limit``."""
+def seeds_needed(seed_sd: float, half_width: float, level: float = LEVEL, limit: int = 100_000,
+                 example_half: float = 0.0) -> Optional[int]:
+    """The fewest seeds S >= 2 with ``sqrt((t(level, S - 1) seed_sd / sqrt(S))^2 + example_half^2) <= half_width``.
+
+    ``example_half`` is the shared test examples' part of the half-width, which more seeds do not shrink
+    (0: the t-interval on seeds alone). None when no number of seeds up to ``limit`` reaches the target.
+    """
     if not half_width > 0:
         raise ValueError(f"seeds_needed: the target half-width must be positive, got {half_width!r}")
+    if example_half >= half_width:
+        return None
     quantile = 0.5 + level / 2
+    reachable = np.sqrt(half_width ** 2 - example_half ** 2)
     half = lambda s: sps.t.ppf(quantile, s - 1) * seed_sd / np.sqrt(s)  # noqa: E731 (decreasing in s)
-    if half(limit) > half_width:
+    if half(limit) > reachable:
         return None
     low, high = 2, limit
     while low < high:
         middle = (low + high) // 2
-        low, high = (low, middle) if half(middle) <= half_width else (middle + 1, high)
+        low, high = (low, middle) if half(middle) <= reachable else (middle + 1, high)
     return int(low)
+
+
+def example_half_width(estimate: Estimate) -> float:
+    """The shared test examples' part of an interval's half-width: what more seeds cannot narrow."""
+    if estimate.example_var <= 0:
+        return 0.0
+    return float(sps.t.ppf(0.5 + estimate.level / 2, max(estimate.examples_informative - 1, 1))
+                 * np.sqrt(estimate.example_var))
 
 
 def holds(difference: float, direction: str, margin: Optional[float] = None) -> bool:
