@@ -217,3 +217,11 @@ def test_the_verdict_run_is_the_quick_table_with_ten_seeds_and_shares_its_runs(t
     assert (steps.count("train"), steps.count("evaluate"), cached) == (10 * 5, 10 * 5 * 3, [])
     claims = C.load_claims(EXPERIMENTS / "claims.toml", {"table3": verdict})
     assert len([c for c in claims if c.table == "table3"]) == 7
+
+
+def test_a_claim_the_test_examples_alone_cannot_settle_says_so():
+    decision = {"difference": {"method": stats.T_SEEDS}, "seeds_needed": None, "target_half_width": 0.014,
+                "examples_half_width": 0.032, "seed_sd": 0.014, "target_from": "half the paper's effect -0.028"}
+    text = C._seeds_text({"decision": decision, "verdict_holm": "inconclusive"})
+    assert text.startswith("none: the shared test examples alone give +-0.032") and "more test examples" in text
+    assert C._seeds_text({"decision": decision, "verdict_holm": "reproduced"}) == ""

@@ -238,12 +238,12 @@ def _seeds_text(claim: dict) -> str:
         return f"unknown ({difference['method']})"
     needed, target = decision["seeds_needed"], decision["target_half_width"]
     examples_part = decision.get("examples_half_width", 0.0)
+    goal = f"half-width {target:.3f} = {decision['target_from']}"
     if needed is None and examples_part >= target:
-        count = f"none: the test examples alone give +-{examples_part:.3f}; more test examples needed"
-    else:
-        count = f">{100_000}" if needed is None else str(needed)
+        return f"none: the shared test examples alone give +-{examples_part:.3f} ({goal}); more test examples needed"
+    count = f">{100_000}" if needed is None else str(needed)
     shared = f", +-{examples_part:.3f} from the shared examples" if examples_part > 0 else ""
-    return f"{count} (seed SD {decision['seed_sd']:.3f}{shared}; half-width {target:.3f} = {decision['target_from']})"
+    return f"{count} (seed SD {decision['seed_sd']:.3f}{shared}; {goal})"
 
 
 def _p_text(value) -> str:

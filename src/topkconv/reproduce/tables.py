@@ -114,7 +114,7 @@ def render_csv(study: Study, summary: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["table", "row", "measure", "column", "mean", "lo", "hi", "paper", "n"]
-                    + [f"seed {i}" for i in range(study.seeds)])
+                    + [f"seed {i}" for i in range(study.seeds)] + ["interval"])
     for measure in summary["measures"]:
         for label, cells in summary["cells"].items():
             cell = cells[measure]
@@ -123,7 +123,7 @@ def render_csv(study: Study, summary: dict) -> str:
             paper = paper_value(study.name, label, measure)
             writer.writerow([study.name, row_name(measure), measure, label, _round(cell["mean"]),
                              _round(cell["lo"]), _round(cell["hi"]), "" if paper is None else paper, cell["n"]]
-                            + [_round(v) for v in cell["per_seed"]])
+                            + [_round(v) for v in cell["per_seed"]] + [cell.get("method", "")])
     return buffer.getvalue()
 
 
