@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from topkconv.reproduce import claims as C
-from topkconv.reproduce import load_table_spec
+from topkconv.reproduce import Study, load_table_spec
+from topkconv.reproduce import stats
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "src" / "topkconv" / "experiments"
 
@@ -25,6 +26,13 @@ def test_the_claims_file_names_real_columns_of_every_table(preset):
         assert needed in ids, needed
     within = next(c for c in claims if c.id == "T3-tkc-max-clean-within-2")
     assert (within.direction, within.margin, within.paper) == ("equivalent", 0.02, [0.903, 0.921])
+    # one deciding measure per claim, declared in advance, and one the table's spec measures
+    assert {c.decide for c in claims if c.metric == "pgd"} == {"worst@8"}
+    assert {c.decide for c in claims if c.metric == "clean"} == {"clean"}
+    assert {c.decide for c in claims if c.metric == "fgsm"} == {"fgsm@8"}
+    for claim in claims:
+        study = Study(tables[claim.table])
+        assert claim.decide in C.measures_for(claim, study.eps_list(), study.strong_radii()), claim.id
 
 
 GOOD = """
@@ -37,6 +45,7 @@ metric = "pgd"
 direction = "greater"
 paper = [0.421, 0.324]
 text = "TKC-max beats Dynamic-k."
+decide = "worst@8"
 """
 
 
@@ -50,6 +59,11 @@ text = "TKC-max beats Dynamic-k."
     (('direction = "greater"', 'direction = "equivalent"'), "needs 'margin'"),
     (('table = "table3"', 'table = "table7"'), "unknown table"),
     (('text = "TKC-max beats Dynamic-k."', 'txt = "typo"'), "unknown key 'claims[1].txt'"),
+    (('decide = "worst@8"\n', ''), "key 'decide' is missing"),
+    (('decide = "worst@8"', 'decide = "fgsm@8"'), "'decide' must be 'pgd@EPS' or 'worst@EPS'"),
+    (('decide = "worst@8"', 'decide = "worst@x"'), "'decide' must be"),
+    (('decide = "worst@8"', 'decide = "clean"'), "'decide' must be"),
+    (('decide = "worst@8"', 'decide = "worst@8"\ndelta = 2'), "'delta' must be a fraction"),
 ])
 def test_a_malformed_claim_is_an_error_naming_the_entry(tmp_path, change, message):
     path = tmp_path / "claims.toml"
@@ -84,22 +98,80 @@ def _column(rng, clean, pgd, worst, seeds=3, n=300):
     return [_seed(f"r{s}", rng.random(n) < clean, rng.random(n) < pgd, rng.random(n) < worst) for s in range(seeds)]
 
 
-def test_verdicts_on_the_paper_attack_and_on_the_worst_case():
+def _claim(**changes):
+    base = dict(id="c", table="table3", a="TKC-max", b="Dynamic-k", metric="pgd", direction="greater",
+                paper=[0.421, 0.324], text="t", decide="pgd@8")
+    return C.Claim(**{**base, **changes})
+
+
+def test_the_deciding_measure_gives_the_verdict_and_the_others_only_support():
     """TKC-max clearly beats Dynamic-k under PGD but not under the strong suite (both near zero)."""
     rng = np.random.default_rng(0)
     results = {"TKC-max": _column(rng, 0.95, 0.7, 0.02), "Dynamic-k": _column(rng, 0.95, 0.3, 0.02)}
-    claim = C.Claim(id="c", table="table3", a="TKC-max", b="Dynamic-k", metric="pgd", direction="greater",
-                    paper=[0.421, 0.324], text="t")
-    judged = C.judge(claim, results, [8.0], [24.0])
-    verdicts = {row["measure"]: row["verdict"] for row in judged["verdicts"]}
-    assert verdicts == {"pgd@8": "reproduced", "worst@24": "inconclusive"}
+    judged = C.judge(_claim(), results, [8.0], [24.0])
+    assert (judged["decide"], judged["verdict"]) == ("pgd@8", "reproduced") and judged["p_value"] < 0.05
+    assert judged["decision"]["measure"] == "pgd@8" and judged["decision"]["difference"]["method"] == stats.T_SEEDS
+    assert [row["measure"] for row in judged["supporting"]] == ["worst@24"]
+    assert "verdict" not in judged["supporting"][0]
     assert judged["paper_difference"] == pytest.approx(0.097) and judged["paper_itself_agrees"]
-    backwards = C.judge(C.Claim(**{**claim.__dict__, "direction": "less"}), results, [8.0], [24.0])
-    assert backwards["verdicts"][0]["verdict"] == "contradicted"
-    lines = C.console_lines([judged])
-    assert lines[0].startswith("c: TKC-max > Dynamic-k") and "pgd@8" in lines[0] and "reproduced" in lines[0]
-    text = C.render_markdown([judged], {"tables": "table3"})
-    assert "| c: TKC-max > Dynamic-k" in text and "**reproduced**" in text and '"t"' in text
+    on_worst = C.judge(_claim(decide="worst@24"), results, [8.0], [24.0])
+    assert on_worst["verdict"] in ("inconclusive", "no gain shown") and on_worst["supporting"][0]["measure"] == "pgd@8"
+    backwards = C.judge(_claim(direction="less"), results, [8.0], [24.0])
+    assert backwards["verdict"] == "contradicted"
+    missing = C.judge(_claim(decide="worst@8"), results, [8.0], [24.0])
+    assert missing["verdict"] == stats.NOT_MEASURED and missing["decision"] is None
+
+
+def test_holm_adjusts_across_the_claims_of_a_report_and_the_report_shows_both():
+    """Three decisive raw verdicts with p = 0.004, 0.03 and 0.04 (one-sided x 2): Holm keeps the first
+    (0.004 x 3 = 0.012) and turns the other two inconclusive (0.03 x 2 = 0.06; 0.04 -> 0.06)."""
+    judged = [_fake("x", 0.004, "reproduced"), _fake("y", 0.03, "contradicted"), _fake("z", 0.04, "no gain shown"),
+              _fake("w", 0.5, "inconclusive"), {**_fake("v", 0.5, "not measured"), "decision": None, "p_value": None}]
+    C.adjust(judged)
+    assert [c["verdict_holm"] for c in judged] == ["reproduced", "inconclusive", "inconclusive", "inconclusive",
+                                                   "not measured"]
+    assert [c["p_holm"] for c in judged[:4]] == pytest.approx([0.016, 0.09, 0.09, 0.5])
+    assert C.count(judged) == {"inconclusive": 3, "not measured": 1, "reproduced": 1}
+    assert C.count(judged, "verdict") == {"contradicted": 1, "inconclusive": 1, "no gain shown": 1,
+                                          "not measured": 1, "reproduced": 1}
+    text = C.render_markdown(judged, C.count_lines(judged))
+    assert "| x: s | worst@8 |" in text and "**reproduced**" in text and "Holm" in text
+    assert "claims (after Holm)**: inconclusive: 3, not measured: 1, reproduced: 1" in text
+    line = next(line for line in C.console_lines(judged) if line.startswith("y:"))
+    assert "p=0.03 contradicted; Holm p=0.09 inconclusive; seeds needed 9 " in line, line
+
+
+def _fake(claim_id, p, verdict):
+    difference = {"mean": 0.1, "lo": 0.01, "hi": 0.19, "method": stats.T_SEEDS}
+    decision = {"measure": "worst@8", "difference": difference, "verdict": verdict, "p_value": p,
+                "seed_sd": 0.05, "seeds_needed": 9, "target_half_width": 0.05, "target_from": "half the paper's effect"}
+    return {"id": claim_id, "statement": "s", "decide": "worst@8", "paper_difference": 0.1,
+            "paper_itself_agrees": True, "decision": decision, "verdict": verdict, "p_value": p, "supporting": [],
+            "text": "t"}
+
+
+def test_an_inconclusive_claim_says_how_many_seeds_would_settle_it():
+    """Per-seed differences +0.10, -0.05, +0.02 (SD 0.0751); the paper's effect +0.097, so a target half-width
+    of 0.0485. On seeds alone that is S = 12 (tests/test_stats.py works it by hand); here the gains sit on the
+    same examples in every seed, so the shared examples hold part of the half-width and it takes more."""
+    from test_stats import _seed_differences
+
+    a, b = _seed_differences((0.10, -0.05, 0.02))
+    results = {"TKC-max": [_seed(f"r{i}", x, x, x) for i, x in enumerate(a)],
+               "Dynamic-k": [_seed(f"r{i}", y, y, y) for i, y in enumerate(b)]}
+    judged = C.adjust([C.judge(_claim(), results, [8.0], [24.0])])[0]
+    assert judged["verdict_holm"] == "inconclusive"
+    decision = judged["decision"]
+    assert decision["seed_sd"] == pytest.approx(np.std([0.10, -0.05, 0.02], ddof=1), rel=1e-3)
+    assert decision["target_half_width"] == pytest.approx(0.0485)
+    assert 0 < decision["examples_half_width"] < 0.0485
+    assert stats.seeds_needed(decision["seed_sd"], 0.0485) == 12
+    assert decision["seeds_needed"] == stats.seeds_needed(decision["seed_sd"], 0.0485,
+                                                          example_half=decision["examples_half_width"]) > 12
+    line = C.console_lines([judged])[0]
+    assert f"seeds needed {decision['seeds_needed']} (seed SD 0.075, +-" in line, line
+    assert "half-width 0.048 = half the paper's effect +0.097)" in line
+    assert C.count_lines([judged])["note"].startswith("every measured claim is inconclusive")
 
 
 def test_equivalence_claim_on_clean_accuracy():
@@ -107,9 +179,49 @@ def test_equivalence_claim_on_clean_accuracy():
     same = _column(rng, 0.9, 0.5, 0.1, n=2000)
     results = {"A": same, "B": [dict(s) for s in same]}  # identical outcomes: the difference is exactly 0
     claim = C.Claim(id="e", table="table3", a="A", b="B", metric="clean", direction="equivalent", margin=0.02,
-                    paper=[0.903, 0.921], text="t")
+                    paper=[0.903, 0.921], text="t", decide="clean")
     judged = C.judge(claim, results, [8.0], [24.0])
-    assert [row["measure"] for row in judged["verdicts"]] == ["clean"]
-    assert judged["verdicts"][0]["verdict"] == "reproduced"
+    assert judged["decision"]["measure"] == "clean" and judged["supporting"] == []
+    assert judged["verdict"] == "reproduced" and judged["decision"]["difference"]["method"] == stats.EXACT
     worse = {"A": _column(rng, 0.6, 0.5, 0.1, n=2000), "B": results["B"]}
-    assert C.judge(claim, worse, [8.0], [24.0])["verdicts"][0]["verdict"] == "contradicted"
+    assert C.judge(claim, worse, [8.0], [24.0])["verdict"] == "contradicted"
+
+
+def test_a_report_names_the_claims_file_relative_never_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    assert C.display_path(tmp_path / "mine" / "claims.toml") == "mine/claims.toml"
+    assert C.display_path(C.default_path()) == "experiments/claims.toml"
+
+
+def test_the_verdict_run_is_the_quick_table_with_ten_seeds_and_shares_its_runs(tmp_path):
+    """experiments/table3-verdict.toml: the main job's table with >= 10 seeds and nothing else changed, so
+    seeds 0-2 are the main job's cached runs and evaluations; it plans 10 trainings and 3 evaluations
+    (the paper's attacks, the strong suite at 8 and 24) per column, and every claim of Table III fits it."""
+    from topkconv.reproduce import Workspace, spec_path
+    from topkconv.reproduce.driver import load_study
+
+    quick = load_table_spec(EXPERIMENTS / "table3-quick.toml")
+    verdict = load_table_spec(EXPERIMENTS / "table3-verdict.toml")
+    assert verdict.seeds >= 10 and quick.seeds == 3
+    differing = {key for key in vars(quick) if getattr(quick, key) != getattr(verdict, key)}
+    assert differing == {"seeds", "title", "path"}
+    study = load_study("table3", "quick", EXPERIMENTS / "table3-verdict.toml", {}, None)
+    main = load_study("table3", "quick", spec_path("table3", "quick"), {}, None)
+    for label in quick.labels:
+        for seed in range(3):
+            assert study.run_spec(label, seed).hash() == main.run_spec(label, seed).hash()
+        assert study.attack_configs(study.run_spec(label)) == main.attack_configs(main.run_spec(label))
+    planned, cached = Workspace(tmp_path).plan([study])
+    steps = [job.step for job in planned]
+    assert (steps.count("train"), steps.count("evaluate"), cached) == (10 * 5, 10 * 5 * 3, [])
+    claims = C.load_claims(EXPERIMENTS / "claims.toml", {"table3": verdict})
+    assert len([c for c in claims if c.table == "table3"]) == 7
+
+
+def test_a_claim_the_test_examples_alone_cannot_settle_says_so():
+    decision = {"difference": {"method": stats.T_SEEDS}, "seeds_needed": None, "target_half_width": 0.014,
+                "examples_half_width": 0.032, "seed_sd": 0.014, "target_from": "half the paper's effect -0.028"}
+    text = C._seeds_text({"decision": decision, "verdict_holm": "inconclusive"})
+    assert text.startswith("none: the shared test examples alone give +-0.032") and "more test examples" in text
+    assert C._seeds_text({"decision": decision, "verdict_holm": "reproduced"}) == ""

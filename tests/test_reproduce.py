@@ -28,7 +28,8 @@ def test_every_experiment_spec_parses_and_builds(path):
     from topkconv.train import resolve_spec
 
     table = R.load_table_spec(path)
-    assert path.name == f"{table.table}-{table.preset}.toml"
+    # <table>-<preset>.toml, or <table>-verdict.toml: a quick table with more seeds (tests/test_claims.py)
+    assert path.name in (f"{table.table}-{table.preset}.toml", f"{table.table}-verdict.toml")
     for column in table.columns:
         if column.not_reproduced is None:
             spec = table.run_spec(column.label)
@@ -117,7 +118,7 @@ def test_reproduce_all_writes_every_report_and_figure_then_hits_the_cache(tmp_pa
     table3 = (reports / "table3.md").read_text()
     for needle in ("| Attack | Baseline ours | Baseline paper |", "TKC-sum paper", "| PGD |", "0.421",
                    "Strong-suite worst case (eps=24)", "**Masking verdicts**", "; flagged: ", "**preset**", "**seeds**",
-                   "**intervals**", "**hardware**", "**data**", "two-level bootstrap"):
+                   "**intervals**", "**hardware**", "**data**", "with 1 seed the seed-to-seed"):
         assert needle in table3, needle
     table1 = (reports / "table1.md").read_text()
     assert "not reproduced" in table1 and "undefined in the paper" in table1
@@ -131,8 +132,8 @@ def test_reproduce_all_writes_every_report_and_figure_then_hits_the_cache(tmp_pa
 
     claims = json.loads((reports / "claims.json").read_text())["claims"]
     assert {c["table"] for c in claims} == {"table1", "table2", "table3"}
-    assert all(row["verdict"] in ("reproduced", "contradicted", "inconclusive")
-               for c in claims for row in c["verdicts"])
+    assert all(c["verdict_holm"] in ("reproduced", "contradicted", "no gain shown", "inconclusive", "not measured")
+               for c in claims)
     routing = json.loads((reports / "routing.json").read_text())
     assert set(routing) == {"Dynamic-k", "TKC-neuron", "TKC-max", "TKC-sum"}
 

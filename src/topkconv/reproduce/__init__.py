@@ -5,7 +5,7 @@
 * :mod:`.workspace`: :class:`Workspace`, the run and evaluation cache (``runs/<hash>/``), which plans the
   missing :class:`Job` s and runs one (:func:`execute`).
 * :mod:`.jobs`: ``--jobs N`` worker processes, one progress line per job.
-* :mod:`.measures`, :mod:`.stats`: per-example outcomes, the two-level bootstrap and the verdicts.
+* :mod:`.measures`, :mod:`.stats`: per-example outcomes, intervals over seeds (t, exact at the edges), the verdicts and Holm.
 * :mod:`.tables`, :mod:`.claims`, :mod:`.paper_figures`: the reports.
 * :mod:`.driver` (:func:`reproduce`) and :mod:`.sweep` (:func:`sweep`): what the command line calls.
 """

@@ -3,11 +3,13 @@
 A claim compares two columns of one table on one measure: ``a`` against ``b`` under ``clean``, ``fgsm``
 or ``pgd``, in a ``direction`` (``greater``, ``less``, ``equivalent`` within ``margin``, or ``not_less``
 than ``b`` by more than ``margin``), with the paper's two numbers and the sentence it comes from. The
-difference ``a - b`` is estimated on the same seeds and test examples (:func:`.stats.paired_difference`),
-and the verdict (:func:`.stats.verdict`) is given
+difference ``a - b`` is estimated on the same seeds and test examples (:func:`.stats.difference_estimate`).
 
-* on the paper's attack at the paper's eps (8/255), and at any larger eps the table's spec adds, and
-* again on the strong suite's per-example worst case at each radius where it ran (an attack claim only).
+One measure decides each claim, declared in advance (``decide``, e.g. ``worst@8``); the others the claim
+can be read on (the paper's attack at every eps of the spec, the strong suite's worst case at each radius)
+are shown as supporting evidence, without verdicts. The deciding measure's verdict (:func:`.stats.verdict`:
+reproduced, contradicted, no gain shown, inconclusive) is then Holm-adjusted across the claims of one report
+(:func:`adjust`, family-wise 5%), and an inconclusive claim gets the seeds that would settle it.
 
 ``reports/claims.md`` and ``claims.json`` hold them all; :func:`console_lines` is what is printed.
 """
@@ -37,6 +39,12 @@ class Claim:
     margin: Optional[float] = None     # equivalent / not_less: the margin, as a fraction (0.02 = 2 points)
     paper: list = field(default_factory=list)  # the paper's numbers for a and b, as fractions
     text: str = ""                     # the paper's sentence
+    decide: str = ""                   # the measure that decides the verdict: clean | <metric>@<eps> | worst@<eps>
+    delta: Optional[float] = None      # greater / less: the smallest gain that counts (default stats.DELTA)
+
+    @property
+    def gain_margin(self) -> float:
+        return stats.DELTA if self.delta is None else self.delta
 
     @property
     def paper_difference(self) -> float:
@@ -95,7 +103,7 @@ def load_claims(path=None, tables: Optional[dict] = None, skip_missing_columns: 
 
 
 def _check(claim: Claim, tables: Optional[dict]) -> None:
-    for key in ("id", "table", "a", "b", "metric", "direction", "text"):
+    for key in ("id", "table", "a", "b", "metric", "direction", "text", "decide"):
         if not getattr(claim, key):
             raise ValueError(f"key {key!r} is missing or empty")
     if claim.table not in TABLES:
@@ -107,6 +115,9 @@ def _check(claim: Claim, tables: Optional[dict]) -> None:
     if claim.direction in ("equivalent", "not_less") and not (isinstance(claim.margin, (int, float))
                                                               and 0 < claim.margin < 1):
         raise ValueError(f"direction {claim.direction!r} needs 'margin', a fraction in (0, 1), got {claim.margin!r}")
+    _check_decide(claim)
+    if claim.delta is not None and not (isinstance(claim.delta, (int, float)) and 0 < claim.delta < 1):
+        raise ValueError(f"'delta' must be a fraction in (0, 1), got {claim.delta!r}")
     if (len(claim.paper) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in claim.paper)):
         raise ValueError(f"missing paper number: 'paper' must hold the paper's two numbers [{claim.a}, {claim.b}] "
                          f"as fractions, got {claim.paper!r}")
@@ -123,6 +134,19 @@ def _check(claim: Claim, tables: Optional[dict]) -> None:
                 raise ValueError(f"column {label!r} (key {key!r}) is not reproduced in {table.path}")
 
 
+def _check_decide(claim: Claim) -> None:
+    """``decide`` names a measure the claim can be read on: ``clean``, or its attack or the worst case at an eps."""
+    family, _, eps = claim.decide.partition("@")
+    allowed = ("clean",) if claim.metric == "clean" else (claim.metric, "worst")
+    try:
+        number = float(eps) if eps else None
+    except ValueError:
+        number = -1.0
+    if family not in allowed or (family == "clean") != (number is None) or (number is not None and number <= 0):
+        shapes = "'clean'" if claim.metric == "clean" else f"'{claim.metric}@EPS' or 'worst@EPS' (EPS in 0-255 units)"
+        raise ValueError(f"'decide' must be {shapes} for a {claim.metric} claim, got {claim.decide!r}")
+
+
 def measures_for(claim: Claim, eps_list: list, strong_eps: list) -> list:
     """The measures a claim is judged on: clean; or the paper's attack at every eps, then the worst case."""
     if claim.metric == "clean":
@@ -130,24 +154,73 @@ def measures_for(claim: Claim, eps_list: list, strong_eps: list) -> list:
     return [f"{claim.metric}@{e:g}" for e in eps_list] + [f"worst@{e:g}" for e in strong_eps]
 
 
+def _same_measure(first: str, second: str) -> bool:
+    (family, eps), (other, other_eps) = measures.split(first), measures.split(second)
+    return family == other and (eps == other_eps or (eps is not None and other_eps is not None
+                                                      and abs(eps - other_eps) < 1e-6))
+
+
 def judge(claim: Claim, results: dict, eps_list: list, strong_eps: list) -> dict:
-    """The claim's difference and verdict on each of its measures, from one table's per-seed results."""
-    rows = []
+    """The claim's difference on each of its measures, and the raw verdict from its deciding measure."""
+    rows, decision = [], None
     for measure in measures_for(claim, eps_list, strong_eps):
         a = measures.seed_outcomes(results[claim.a], measure)
         b = measures.seed_outcomes(results[claim.b], measure)
         if a is None or b is None:
             continue
-        difference = stats.paired_difference(a, b)
-        decided = stats.verdict(difference, claim.direction, claim.margin)
+        difference = stats.difference_estimate(a, b)
         family, _ = measures.split(measure)
-        rows.append({"measure": measure, "on": "worst case" if family == "worst" else "paper's attack",
-                     "difference": difference.as_dict(), "verdict": decided.verdict, "reason": decided.reason})
+        row = {"measure": measure, "on": "worst case" if family == "worst" else "paper's attack",
+               "difference": difference.as_dict()}
+        if _same_measure(measure, claim.decide):
+            decision = {**row, **_decide(claim, difference)}
+        else:
+            rows.append(row)
     paper_holds = stats.holds(claim.paper_difference, claim.direction, claim.margin)
     return {"id": claim.id, "table": claim.table, "statement": claim.statement(), "a": claim.a, "b": claim.b,
-            "metric": claim.metric, "direction": claim.direction, "margin": claim.margin, "text": claim.text,
+            "metric": claim.metric, "direction": claim.direction, "margin": claim.margin,
+            "delta": claim.gain_margin if claim.direction in ("greater", "less") else None, "text": claim.text,
             "paper": list(claim.paper), "paper_difference": round(claim.paper_difference, 6),
-            "paper_itself_agrees": paper_holds, "verdicts": rows}
+            "paper_itself_agrees": paper_holds, "decide": claim.decide, "decision": decision,
+            "verdict": decision["verdict"] if decision else stats.NOT_MEASURED,
+            "p_value": decision["p_value"] if decision else None, "supporting": rows}
+
+
+def _decide(claim: Claim, difference: stats.Estimate) -> dict:
+    """The raw verdict on the deciding measure, its p-value, and the seeds that would settle the claim."""
+    decided = stats.verdict(difference, claim.direction, claim.margin, claim.gain_margin)
+    target, target_from = _target_half_width(claim)
+    examples_part = stats.example_half_width(difference)
+    needed = None
+    if difference.method == stats.T_SEEDS and difference.seed_sd > 0:
+        needed = stats.seeds_needed(difference.seed_sd, target, difference.level, example_half=examples_part)
+    return {"verdict": decided.verdict, "p_value": decided.p_value, "reason": decided.reason,
+            "seed_sd": difference.seed_sd, "examples_half_width": examples_part, "target_half_width": target,
+            "target_from": target_from, "seeds_needed": needed}
+
+
+def _target_half_width(claim: Claim) -> tuple:
+    """Half the paper's effect (a directional claim), else half the claim's margin, and which it is."""
+    effect = claim.paper_difference
+    if claim.direction in ("greater", "less") and stats.holds(effect, claim.direction) and abs(effect) > 1e-9:
+        return abs(effect) / 2, f"half the paper's effect {effect:+.3f}"
+    if claim.direction in ("greater", "less"):
+        return claim.gain_margin / 2, f"half of delta {claim.gain_margin:g} (the paper's own numbers disagree)"
+    return claim.margin / 2, f"half the margin {claim.margin:g}"
+
+
+def adjust(judged: list, alpha: float = 1 - stats.LEVEL) -> list:
+    """Holm-Bonferroni across the measured claims of one report (family-wise ``alpha``): adds ``p_holm`` and
+    ``verdict_holm`` (the raw verdict where the adjusted p-value is below ``alpha``, else inconclusive)."""
+    measured = [claim for claim in judged if claim["decision"] is not None]
+    adjusted = stats.holm([claim["p_value"] for claim in measured]) if measured else []
+    for claim, p in zip(measured, adjusted):
+        claim["p_holm"] = float(p)
+        claim["verdict_holm"] = claim["verdict"] if p < alpha else stats.INCONCLUSIVE
+    for claim in judged:
+        if claim["decision"] is None:
+            claim["p_holm"], claim["verdict_holm"] = None, stats.NOT_MEASURED
+    return judged
 
 
 def _difference_text(row: dict) -> str:
@@ -155,43 +228,105 @@ def _difference_text(row: dict) -> str:
     return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
 
 
+def _seeds_text(claim: dict) -> str:
+    """The seeds that would settle an inconclusive (after Holm) claim, and at what spread."""
+    decision = claim["decision"]
+    if decision is None or claim["verdict_holm"] != stats.INCONCLUSIVE:
+        return ""
+    difference = decision["difference"]
+    if difference["method"] != stats.T_SEEDS:
+        return f"unknown ({difference['method']})"
+    needed, target = decision["seeds_needed"], decision["target_half_width"]
+    examples_part = decision.get("examples_half_width", 0.0)
+    goal = f"half-width {target:.3f} = {decision['target_from']}"
+    if needed is None and examples_part >= target:
+        return f"none: the shared test examples alone give +-{examples_part:.3f} ({goal}); more test examples needed"
+    count = f">{100_000}" if needed is None else str(needed)
+    shared = f", +-{examples_part:.3f} from the shared examples" if examples_part > 0 else ""
+    return f"{count} (seed SD {decision['seed_sd']:.3f}{shared}; {goal})"
+
+
+def _p_text(value) -> str:
+    return "–" if value is None else f"{value:.2g}" if value >= 1e-4 else "<1e-4"
+
+
 def render_markdown(judged: list, meta: dict) -> str:
     lines = ["# The paper's claims, tested", ""]
     lines += [f"- **{key}**: {value}" for key, value in meta.items()]
-    lines += ["- **verdicts**: reproduced = the 95% interval of the paired difference A - B lies on the paper's "
-              "side (inside the margin for 'within'); contradicted = wholly on the other side; inconclusive = "
-              "otherwise", ""]
-    lines.append("| Claim | Measure | Paper A - B | Ours A - B [95%] | Verdict |")
-    lines.append("|---|---|---|---|---|")
+    lines += ["- **verdicts** (on the claim's deciding measure, declared in the claims file): reproduced = the "
+              "95% interval of the paired difference A - B lies on the paper's side of 0 (inside the margin for "
+              "'within'); contradicted = wholly on the other side; no gain shown = a 'greater'/'less' claim whose "
+              "interval lies short of the smallest gain that counts (delta, 2 points unless declared); "
+              "inconclusive = otherwise",
+              "- **p**: the one-sided test behind the verdict, doubled to compare with 5% (decisive when p < 0.05); "
+              "**Holm**: the same, adjusted over this report's claims (family-wise 5%); a claim is decided only "
+              "if its Holm p is below 0.05",
+              "- **seeds needed** (inconclusive claims): the seeds S at which the interval's half-width, "
+              "t(0.975, S-1) x seed SD / sqrt(S) (combined with the shared test examples' part, which more seeds "
+              "do not narrow), falls to the target given", ""]
+    lines.append("| Claim | Decided on | Paper A - B | Ours A - B [95%] | p | Holm p | Verdict | After Holm | "
+                 "Seeds needed |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for claim in judged:
         paper = f"{claim['paper_difference']:+.3f}" + ("" if claim["paper_itself_agrees"] else " (paper's own "
                                                                                            "numbers disagree)")
-        for i, row in enumerate(claim["verdicts"]):
-            first = i == 0
-            lines.append(f"| {claim['id'] + ': ' + claim['statement'] if first else ''} | {row['measure']} | "
-                         f"{paper if first else ''} | {_difference_text(row)} | **{row['verdict']}** |")
-        if not claim["verdicts"]:
-            lines.append(f"| {claim['id']}: {claim['statement']} | – | {paper} | not measured | – |")
+        decision = claim["decision"]
+        ours = _difference_text(decision) if decision else "not measured"
+        lines.append(f"| {claim['id']}: {claim['statement']} | {claim['decide']} | {paper} | {ours} | "
+                     f"{_p_text(claim['p_value'])} | {_p_text(claim['p_holm'])} | {claim['verdict']} | "
+                     f"**{claim['verdict_holm']}** | {_seeds_text(claim)} |")
+    lines += ["", "## Supporting measures (no verdicts of their own)", "", "| Claim | Measure | Ours A - B [95%] |",
+              "|---|---|---|"]
+    for claim in judged:
+        lines += [f"| {claim['id']} | {row['measure']} | {_difference_text(row)} |" for row in claim["supporting"]]
     lines += ["", "## The paper's sentences", ""]
     lines += [f"- **{claim['id']}**: \"{claim['text']}\"" for claim in judged]
     return "\n".join(lines) + "\n"
 
 
 def console_lines(judged: list) -> list:
-    """One line per claim: the statement, then the verdict on each measure."""
+    """One line per claim: the deciding measure, its verdict raw and after Holm, the seeds an open one needs."""
     lines = []
     for claim in judged:
-        parts = [f"{row['measure']} {_difference_text(row)} {row['verdict']}" for row in claim["verdicts"]]
+        decision = claim["decision"]
+        if decision is None:
+            lines.append(f"{claim['id']}: {claim['statement']}: {claim['decide']} not measured")
+            continue
+        seeds = _seeds_text(claim)
         lines.append(f"{claim['id']}: {claim['statement']} (paper {claim['paper_difference']:+.3f}): "
-                     + ("; ".join(parts) or "not measured"))
+                     f"{claim['decide']} {_difference_text(decision)} p={_p_text(claim['p_value'])} "
+                     f"{claim['verdict']}; Holm p={_p_text(claim['p_holm'])} {claim['verdict_holm']}"
+                     + (f"; seeds needed {seeds}" if seeds else ""))
     return lines
 
 
-def count(judged: list) -> dict:
-    """How many verdicts of each kind, on the paper's attacks and on the worst case."""
+def count(judged: list, key: str = "verdict_holm") -> dict:
+    """How many claims (not measures) got each verdict: Holm-adjusted by default, raw with ``key="verdict"``."""
     out: dict = {}
     for claim in judged:
-        for row in claim["verdicts"]:
-            key = f"{row['on']}: {row['verdict']}"
-            out[key] = out.get(key, 0) + 1
+        out[claim[key]] = out.get(claim[key], 0) + 1
     return dict(sorted(out.items()))
+
+
+def count_lines(judged: list) -> dict:
+    """The counts for a report's header: after Holm, then raw."""
+    text = lambda key: ", ".join(f"{k}: {v}" for k, v in count(judged, key).items()) or "none"  # noqa: E731
+    lines = {"claims (after Holm)": text("verdict_holm"), "claims (raw)": text("verdict")}
+    measured = [claim for claim in judged if claim["verdict_holm"] != stats.NOT_MEASURED]
+    if measured and all(claim["verdict_holm"] == stats.INCONCLUSIVE for claim in measured):
+        lines["note"] = ("every measured claim is inconclusive with these seeds; 'Seeds needed' says how many "
+                         "seeds each would take")
+    return lines
+
+
+def display_path(path) -> str:
+    """A file named for a report: relative to the working folder or to the project, never absolute."""
+    from .spec import experiments_dir
+
+    path = Path(path).resolve()
+    for root in (Path.cwd(), experiments_dir().resolve().parent):
+        try:
+            return path.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+    return path.name

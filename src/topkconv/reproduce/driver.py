@@ -165,14 +165,15 @@ def write_claims(workspace: Workspace, studies: list, judged: list, source) -> d
     """``reports/claims.md`` and ``.json``; prints one line per claim (Table III's last)."""
     from ..io import atomic_write_json, atomic_write_text
 
+    judged = claims_module.adjust(judged)   # Holm over this report's claims
     meta = {"tables": ", ".join(f"{s.name} ({s.table.preset}, {s.seeds} seeds)" for s in studies),
-            "claims file": str(source),
-            "counts": ", ".join(f"{k}: {v}" for k, v in claims_module.count(judged).items()) or "none"}
+            "claims file": claims_module.display_path(source),
+            **claims_module.count_lines(judged)}
     md = workspace.reports / "claims.md"
     js = workspace.reports / "claims.json"
     atomic_write_text(md, claims_module.render_markdown(judged, meta))
     atomic_write_json(js, {"meta": meta, "claims": judged})
-    print("\nThe paper's claims (A - B, 95% interval, verdict):", flush=True)
+    print("\nThe paper's claims (deciding measure: A - B [95% interval], p, verdict; Holm-adjusted):", flush=True)
     for line in claims_module.console_lines(judged):
         print(line, flush=True)
     return {"md": str(md), "json": str(js), "claims": judged}

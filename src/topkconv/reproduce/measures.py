@@ -3,7 +3,7 @@
 A measure is ``clean``, ``fgsm@<eps>`` or ``pgd@<eps>`` (the paper's attacks, from ``eval.json``) or
 ``worst@<eps>`` (the strong suite's per-example worst case, from ``eval-strong-<eps>.json``). Its value
 for one seed is a 0/1 vector over the test examples (1: classified correctly, or robust); the cell is
-the mean over seeds with the two-level bootstrap interval of :mod:`.stats`.
+the mean over seeds with the interval of :mod:`.stats` (t over seeds).
 
 The per-example vectors come from the evaluation's ``per_example`` record (one ``"0110..."`` string per
 attack, ``clean`` and ``worst_case``).
@@ -85,7 +85,7 @@ def seed_outcomes(seeds: list, measure: str) -> Optional[list]:
 
 def estimate(seeds: list, measure: str) -> Optional[stats.Estimate]:
     vectors = seed_outcomes(seeds, measure)
-    return None if vectors is None else stats.bootstrap(vectors)
+    return None if vectors is None else stats.cell_estimate(vectors)
 
 
 def masking_flags(seeds: list) -> str:

@@ -163,7 +163,7 @@ def _sweep_in(workspace: Workspace, key: str, values: list, labels: list, studie
 def render_markdown(key: str, labels: list, points: list, first: Study) -> str:
     measures_ = points[0]["summary"]["measures"]
     lines = [f"# Sweep of {key} ({first.name}, {first.table.preset} preset, {first.seeds} seeds)", "",
-             f"Mean over seeds [95% interval, two-level bootstrap]. Columns: {', '.join(labels)}.", ""]
+             f"Mean over seeds [{tables.interval_note(first.seeds)}]. Columns: {', '.join(labels)}.", ""]
     header = [key, "column"] + [tables.row_name(m) for m in measures_] + ["masking flags"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")

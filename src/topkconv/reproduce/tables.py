@@ -1,8 +1,9 @@
 """The table drivers: from a finished :class:`~.spec.Study` to ``reports/<table>.md``, ``.csv``, ``.json``
 and ``.png``.
 
-Every cell is the mean over seeds with its 95% two-level bootstrap interval (:mod:`.stats`), written
-``0.306 [0.221, 0.390]`` in Markdown with the paper's number in the column beside it. The CSV has one line
+Every cell is the mean over seeds with its 95% interval (:mod:`.stats`: t over the seeds, or the exact
+Clopper-Pearson bound of the pooled examples where every seed is at 0 or 1, marked ``*``), written
+``0.306 [0.22, 0.39]`` in Markdown with the paper's number in the column beside it. The CSV has one line
 per cell (mean, interval, paper, and each seed's value); the JSON holds the same plus the runs. Nothing
 in these files depends on timing or on ``--jobs``, so two runs of the same command write the same bytes.
 """
@@ -44,10 +45,24 @@ def paper_value(table: str, label: str, measure: str):
     return PAPER.get(table, {}).get((ROW_NAMES[family], label))
 
 
+EXACT_MARK = "*"   # a cell whose interval is the exact one of the pooled examples (every seed at 0 or at 1)
+
+
 def cell_text(estimate) -> str:
     if estimate is None:
         return "–"
-    return f"{estimate.mean:.3f} [{estimate.lo:.2f}, {estimate.hi:.2f}]"
+    mark = EXACT_MARK if estimate.method == stats.EXACT else ""
+    return f"{estimate.mean:.3f} [{estimate.low:.2f}, {estimate.high:.2f}]{mark}"
+
+
+def interval_note(seeds: int) -> str:
+    """How the cells' intervals were made, for a table's notes and header."""
+    if seeds == 1:
+        return ("95% interval of the test examples only (Clopper-Pearson): with 1 seed the seed-to-seed "
+                "variation is not measured")
+    return (f"95% interval: Student's t over the {seeds} seed accuracies (df {seeds - 1}), widened by the share "
+            f"of the test examples every seed shares; {EXACT_MARK} = every seed at 0 or at 1: exact "
+            f"(Clopper-Pearson) bound of the {seeds} x n pooled examples")
 
 
 def summarise(study: Study, results: dict) -> dict:
@@ -88,8 +103,8 @@ def build_table(study: Study, summary: dict):
     headline = [f"{label}: {summary['verdicts'].get(label) or 'no strong suite'}; flagged: {summary['flags'][label]}"
                 for label in table.labels if label not in not_reproduced]
     notes = [table.note] if table.note else []
-    notes.append(f"ours: mean over {study.seeds} training seeds [95% interval: two-level bootstrap over seeds "
-                 f"and test examples, {stats.RESAMPLES} resamples]; per-seed values in {table.table}.csv/.json.")
+    notes.append(f"ours: mean over {study.seeds} training seeds [{interval_note(study.seeds)}]; per-seed values "
+                 f"in {table.table}.csv/.json.")
     notes += [f"{label}: not reproduced: {reason}." for label, reason in not_reproduced.items()]
     return Table(table.table, table.title or table.table, header, rows, notes, headline=headline)
 
@@ -99,7 +114,7 @@ def render_csv(study: Study, summary: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["table", "row", "measure", "column", "mean", "lo", "hi", "paper", "n"]
-                    + [f"seed {i}" for i in range(study.seeds)])
+                    + [f"seed {i}" for i in range(study.seeds)] + ["interval"])
     for measure in summary["measures"]:
         for label, cells in summary["cells"].items():
             cell = cells[measure]
@@ -108,7 +123,7 @@ def render_csv(study: Study, summary: dict) -> str:
             paper = paper_value(study.name, label, measure)
             writer.writerow([study.name, row_name(measure), measure, label, _round(cell["mean"]),
                              _round(cell["lo"]), _round(cell["hi"]), "" if paper is None else paper, cell["n"]]
-                            + [_round(v) for v in cell["per_seed"]])
+                            + [_round(v) for v in cell["per_seed"]] + [cell.get("method", "")])
     return buffer.getvalue()
 
 
@@ -140,8 +155,7 @@ def meta(study: Study) -> dict:
                    f"{', '.join(f'{e:g}' for e in study.strong_radii()) or 'none'} on the {strong} test images",
         "seeds": f"{study.seeds} training seeds (train.seed {seeds}: initialisation, batch order, augmentation); "
                  f"attack seed {attack.seed}",
-        "intervals": f"95%, two-level bootstrap (seeds, then test examples), {stats.RESAMPLES} resamples, "
-                     f"bootstrap seed {stats.SEED}",
+        "intervals": interval_note(study.seeds),
         "hardware": f"{env['device']}, {env['cpu_count']} CPU cores; torch {env['torch']}; {env['platform']}",
         "commit": env.get("git_commit") or "unknown",
     }
