@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -391,3 +392,60 @@ def test_cli_dataset_choices_are_the_registry():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     dataset = next(a for a in train._actions if a.dest == "dataset")
     assert sorted(dataset.choices) == sorted(LOADERS)
+
+
+# ---------------------------------------------------------------- the fashion and cifar10 table specs
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _build_every_column(table, root):
+    """Each reproduced column's model, built on the data at ``root``, maps 2 test images to 10 logits."""
+    from topkconv.models import build_model
+    from topkconv.train import resolve_spec
+
+    for label in table.reproduced_labels:
+        spec = table.run_spec(label, {"data": {"root": str(root)}})
+        data = load_data(spec.data)
+        model = build_model(resolve_spec(spec, data).model).eval()
+        with torch.no_grad():
+            assert model(data.test_tensors(2)[0]).shape == (2, 10), label
+
+
+def test_cifar10_table3_spec_builds_full_width_models_on_cifar_files(tmp_path):
+    from topkconv.reproduce import load_table_spec
+
+    write_cifar(tmp_path / "cifar")
+    table = load_table_spec(EXPERIMENTS / "table3-cifar10.toml")
+    base = table.run_spec("Baseline")
+    assert (table.preset, base.data.name, base.data.image_size, base.model.arch, base.model.width) == \
+        ("cifar10", "cifar10", 32, "vgg-small", 1.0)
+    assert (base.attack.eps, base.attack.pgd_steps, base.attack.pgd_step_size) == (8.0, 16, 0.75)
+    _build_every_column(table, tmp_path / "cifar")
+
+
+@pytest.mark.parametrize("name", ["table1", "table2", "table3"])
+def test_fashion_specs_load_plan_and_build_on_idx_files(tmp_path, name):
+    from topkconv.reproduce import Study, Workspace, load_table_spec
+
+    write_fashion(tmp_path / "fm")
+    table = load_table_spec(EXPERIMENTS / f"{name}-fashion.toml")
+    base = table.run_spec(table.reproduced_labels[0])
+    assert (table.preset, base.data.name, base.data.image_size, base.attack.eps) == ("fashion", "fashion-mnist", 32, 8.0)
+    assert table.seeds >= 10 and base.attack.n_examples >= 500 and base.attack.suite == "full"
+    study = Study(table)
+    jobs, cached = Workspace(tmp_path / "out").plan([study])
+    trainings = [j for j in jobs if j.step in ("train", "prune")]
+    assert not cached and len(trainings) == table.seeds * len(table.reproduced_labels)
+    assert len(jobs) - len(trainings) == table.seeds * len(table.reproduced_labels) * len(study.attack_configs(base))
+    _build_every_column(table, tmp_path / "fm")
+
+
+def test_reproduce_preset_choices_are_the_spec_presets():
+    from topkconv.cli import build_parser
+    from topkconv.reproduce import PRESETS
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("reproduce", "sweep"):
+        preset = next(a for a in commands[command]._actions if a.dest == "preset")
+        assert tuple(preset.choices) == PRESETS, command
