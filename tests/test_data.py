@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,3 +238,214 @@ def test_a_loader_workers_error_arrives_as_its_own_message(tmp_path):
 def test_workers_must_not_be_negative():
     with pytest.raises(ValueError, match="data.workers"):
         load_data(DataConfig(name="digits", workers=-1))
+
+
+# ---------------------------------------------------------------- Fashion-MNIST IDX files
+
+IDX_STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def idx_bytes(array, magic):
+    """An IDX file as its format defines it: big-endian magic, one big-endian uint32 per dim, the bytes."""
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_fashion(root, n_train=40, n_test=12, gz=True, seed=0):
+    """Four small IDX files (every class in both splits); returns {split: (images, labels)}."""
+    import gzip
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        for stem, array, magic in zip(IDX_STEMS[split], (images, labels), (2051, 2049)):
+            data = idx_bytes(array, magic)
+            if gz:
+                (root / f"{stem}.gz").write_bytes(gzip.compress(data))
+            else:
+                (root / stem).write_bytes(data)
+        written[split] = (images, labels)
+    return written
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_reads_idx_files_and_pads_28_to_32(tmp_path, gz):
+    written = write_fashion(tmp_path / "fm", gz=gz)
+    data = load_data(DataConfig(name="fashion-mnist", root=str(tmp_path / "fm")))
+    assert (len(data.train), len(data.test), data.in_channels, data.num_classes) == (40, 12, 1, 10)
+    assert data.classes[0] == "T-shirt/top" and data.classes[9] == "Ankle boot"
+    assert data.train.images.dtype == torch.uint8  # held as bytes, converted per batch
+    x, y = data.test_tensors()
+    images, labels = written["test"]
+    assert x.shape == (12, 1, 32, 32) and y.tolist() == labels.tolist()
+    torch.testing.assert_close(x[:, 0, 2:30, 2:30], torch.from_numpy(images).float() / 255)
+    assert x[:, :, :2].abs().sum() == 0 and x[:, :, :, 30:].abs().sum() == 0  # a black (zero) border
+    padded = np.pad(written["train"][0] / 255, ((0, 0), (2, 2), (2, 2)))
+    assert data.mean == pytest.approx([padded.mean()], abs=1e-5)
+    assert data.std == pytest.approx([padded.std()], abs=1e-5)
+    native = load_data(DataConfig(name="fashion-mnist", root=str(tmp_path / "fm"), image_size=28))
+    torch.testing.assert_close(native.test_tensors()[0][:, 0], torch.from_numpy(images).float() / 255)
+    assert load_data(DataConfig(name="fashion-mnist", root=str(tmp_path / "fm"), image_size=16)).test_tensors(3)[0].shape == (3, 1, 16, 16)
+    assert load_data(DataConfig(name="fashion-mnist", root=str(tmp_path / "fm"), image_size=64)).test_tensors(3)[0].shape == (3, 1, 64, 64)
+
+
+def test_fashion_mnist_validation_split_is_fixed_stratified_and_disjoint(tmp_path):
+    from topkconv.data.fashion_mnist import VALIDATION_SIZE
+    from topkconv.data.splits import validation_split
+
+    written = write_fashion(tmp_path / "fm", n_train=60, gz=False)
+    data = load_data(DataConfig(name="fashion-mnist-val", root=str(tmp_path / "fm")))
+    again = load_data(DataConfig(name="fashion-mnist-val", root=str(tmp_path / "fm")))
+    other = load_data(DataConfig(name="fashion-mnist-val", root=str(tmp_path / "fm"), split_seed=1))
+    assert (len(data.train), len(data.test)) == (30, 30)  # 60 images: at most half held out
+    assert torch.equal(data.test.images, again.test.images) and torch.equal(data.train.images, again.train.images)
+    assert not torch.equal(data.test.images, other.test.images)
+    train_rows = {bytes(row) for row in data.train.images.numpy()}
+    val_rows = {bytes(row) for row in data.test.images.numpy()}
+    all_rows = {bytes(np.pad(row, ((2, 2), (2, 2)))) for row in written["train"][0]}
+    assert not train_rows & val_rows and train_rows | val_rows == all_rows  # disjoint, and together all of train
+    assert data.test.labels.bincount(minlength=10).tolist() == [3] * 10  # stratified
+    assert "validation" in data.info["tested_on"]
+    labels = torch.arange(60000) % 10
+    train_idx, val_idx = validation_split(labels, VALIDATION_SIZE, 0)
+    assert (len(train_idx), len(val_idx)) == (55000, 5000)
+    assert not set(train_idx.tolist()) & set(val_idx.tolist())
+    assert torch.equal(val_idx, validation_split(labels, VALIDATION_SIZE, 0)[1])
+    with pytest.raises(ValueError, match="0 < size < 10"):
+        validation_split(labels[:10], 10, 0)
+
+
+def test_fashion_mnist_missing_files_name_them_and_both_sources(tmp_path):
+    from topkconv.errors import one_line
+
+    write_fashion(tmp_path / "fm")
+    (tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        load_data(DataConfig(name="fashion-mnist", root=str(tmp_path / "fm")))
+    text = one_line(err.value)
+    assert text == str(err.value)  # already one line
+    for part in ("t10k-labels-idx1-ubyte", str(tmp_path / "fm"), "apt-get install dataset-fashion-mnist",
+                 "zalandoresearch/fashion-mnist", "--data-root"):
+        assert part in text, part
+    assert "train-images-idx3-ubyte" not in text  # only the missing file is named
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*t10k-labels-idx1-ubyte"):
+        load_data(DataConfig(name="fashion-mnist-val", root=str(tmp_path / "empty")))
+
+
+def test_fashion_mnist_defaults_to_debians_folder(tmp_path, monkeypatch):
+    from topkconv.data import fashion_mnist
+
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_ROOT", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"nowhere \(the default folder"):
+        load_data(DataConfig(name="fashion-mnist"))
+    write_fashion(tmp_path / "nowhere")
+    data = load_data(DataConfig(name="fashion-mnist"))
+    assert (len(data.train), data.info["root"]) == (40, str(tmp_path / "nowhere"))
+
+
+def _corrupt(path, data):
+    import gzip
+
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("stem, damage, message", [
+    ("train-images-idx3-ubyte", lambda raw: (2049).to_bytes(4, "big") + raw[4:], "magic number 2049, expected 2051"),
+    ("t10k-labels-idx1-ubyte", lambda raw: (2051).to_bytes(4, "big") + raw[4:], "magic number 2051, expected 2049"),
+    ("train-images-idx3-ubyte", lambda raw: raw[:-5], "truncated IDX file.*31360 data bytes, found 31355"),
+    ("train-labels-idx1-ubyte", lambda raw: raw[:6], "truncated IDX file: 6 bytes"),
+    ("t10k-images-idx3-ubyte", lambda raw: raw + b"\0", "longer than its header says"),
+    ("train-labels-idx1-ubyte", lambda raw: raw[:-1] + bytes([10]), r"labels must lie in 0..9, found 10"),
+    ("t10k-labels-idx1-ubyte", lambda raw: idx_bytes(np.zeros(11, np.uint8), 2049), "11 labels but .* 12 images"),
+    ("t10k-images-idx3-ubyte", lambda raw: idx_bytes(np.zeros((12, 32, 32), np.uint8), 2051), "expected 28x28"),
+])
+def test_fashion_mnist_bad_files_are_one_line_errors_naming_the_file(tmp_path, gz, stem, damage, message):
+    import gzip
+
+    write_fashion(tmp_path / "fm", gz=gz)
+    path = tmp_path / "fm" / (f"{stem}.gz" if gz else stem)
+    raw = path.read_bytes()
+    _corrupt(path, damage(gzip.decompress(raw) if gz else raw))
+    with pytest.raises(ValueError, match=message) as err:
+        load_data(DataConfig(name="fashion-mnist", root=str(tmp_path / "fm")))
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_fashion_mnist_cut_gzip_stream_names_the_file(tmp_path):
+    write_fashion(tmp_path / "fm")
+    path = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{path}: truncated or corrupt gzip file"):
+        load_data(DataConfig(name="fashion-mnist", root=str(tmp_path / "fm")))
+
+
+def test_cli_dataset_choices_are_the_registry():
+    from topkconv.cli import build_parser
+    from topkconv.data import LOADERS
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    dataset = next(a for a in train._actions if a.dest == "dataset")
+    assert sorted(dataset.choices) == sorted(LOADERS)
+
+
+# ---------------------------------------------------------------- the fashion and cifar10 table specs
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _build_every_column(table, root):
+    """Each reproduced column's model, built on the data at ``root``, maps 2 test images to 10 logits."""
+    from topkconv.models import build_model
+    from topkconv.train import resolve_spec
+
+    for label in table.reproduced_labels:
+        spec = table.run_spec(label, {"data": {"root": str(root)}})
+        data = load_data(spec.data)
+        model = build_model(resolve_spec(spec, data).model).eval()
+        with torch.no_grad():
+            assert model(data.test_tensors(2)[0]).shape == (2, 10), label
+
+
+def test_cifar10_table3_spec_builds_full_width_models_on_cifar_files(tmp_path):
+    from topkconv.reproduce import load_table_spec
+
+    write_cifar(tmp_path / "cifar")
+    table = load_table_spec(EXPERIMENTS / "table3-cifar10.toml")
+    base = table.run_spec("Baseline")
+    assert (table.preset, base.data.name, base.data.image_size, base.model.arch, base.model.width) == \
+        ("cifar10", "cifar10", 32, "vgg-small", 1.0)
+    assert (base.attack.eps, base.attack.pgd_steps, base.attack.pgd_step_size) == (8.0, 16, 0.75)
+    _build_every_column(table, tmp_path / "cifar")
+
+
+@pytest.mark.parametrize("name", ["table1", "table2", "table3"])
+def test_fashion_specs_load_plan_and_build_on_idx_files(tmp_path, name):
+    from topkconv.reproduce import Study, Workspace, load_table_spec
+
+    write_fashion(tmp_path / "fm")
+    table = load_table_spec(EXPERIMENTS / f"{name}-fashion.toml")
+    base = table.run_spec(table.reproduced_labels[0])
+    assert (table.preset, base.data.name, base.data.image_size, base.attack.eps) == ("fashion", "fashion-mnist", 32, 8.0)
+    assert table.seeds >= 10 and base.attack.n_examples >= 500 and base.attack.suite == "full"
+    study = Study(table)
+    jobs, cached = Workspace(tmp_path / "out").plan([study])
+    trainings = [j for j in jobs if j.step in ("train", "prune")]
+    assert not cached and len(trainings) == table.seeds * len(table.reproduced_labels)
+    assert len(jobs) - len(trainings) == table.seeds * len(table.reproduced_labels) * len(study.attack_configs(base))
+    _build_every_column(table, tmp_path / "fm")
+
+
+def test_reproduce_preset_choices_are_the_spec_presets():
+    from topkconv.cli import build_parser
+    from topkconv.reproduce import PRESETS
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("reproduce", "sweep"):
+        preset = next(a for a in commands[command]._actions if a.dest == "preset")
+        assert tuple(preset.choices) == PRESETS, command

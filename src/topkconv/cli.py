@@ -28,8 +28,10 @@ def _add_train(sub) -> None:
                    help="replace a finished run in --out (it stays intact until the new run's first epoch is done)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=("digits", "cifar10", "cinic10", "imagefolder"), help="data.name")
-    data.add_argument("--data-root", metavar="DIR", help="data.root: the folder of a local data set")
+    data.add_argument("--dataset", choices=("digits", "fashion-mnist", "fashion-mnist-val", "cifar10", "cinic10",
+                                            "imagefolder"), help="data.name")  # = data.LOADERS (a test checks)
+    data.add_argument("--data-root", metavar="DIR", help="data.root: the folder of a local data set (fashion-mnist: "
+                      "default /usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist puts it)")
     data.add_argument("--image-size", type=_at_least(1), help="data.image_size: resize to this many pixels (paper: 224)")
     data.add_argument("--no-augment", action="store_true", help="no random crop and flip")
     data.add_argument("--limit-train", type=_at_least(1), help="use only the first N training images")
@@ -309,7 +311,8 @@ def _add_evaluate(sub) -> None:
                      help="'package.module:factory' or 'file.py:factory': called with no arguments, it returns an "
                           "nn.Module taking images in [0, 1] (normalisation inside)")
     own.add_argument("--weights", metavar="FILE", help="its weights, a .safetensors file (never a pickle)")
-    own.add_argument("--dataset", metavar="NAME", help="test set to attack: digits, cifar10, cinic10, imagefolder")
+    own.add_argument("--dataset", metavar="NAME", help="test set to attack: digits, fashion-mnist, cifar10, cinic10, "
+                                                      "imagefolder")
     own.add_argument("--data", dest="data_root", metavar="PATH", help="folder of the data set (not for digits)")
     own.add_argument("--image-size", type=_at_least(1), help="image size the model takes (default 32)")
     p.add_argument("--n", "--n-examples", dest="n", type=_at_least(1), metavar="N",
@@ -486,8 +489,9 @@ def _add_reproduce(sub) -> None:
                     "arguments: Table III on the quick preset and the embedded digits.")
     p.add_argument("target", nargs="?", default="table3",
                    choices=("table1", "table2", "table3", "figures", "all"), help="what to make (default table3)")
-    p.add_argument("--preset", default="quick", choices=("quick", "paper"),
-                   help="quick: digits + small VGG on a CPU; paper: CINIC-10 + VGG16 at 224 px (GPUs)")
+    p.add_argument("--preset", default="quick", choices=("quick", "paper", "fashion", "cifar10"),
+                   help="quick: digits + small VGG on a CPU; paper: CINIC-10 + VGG16 at 224 px (GPUs); fashion: "
+                        "Fashion-MNIST + small VGG on a CPU; cifar10: Table III, full-width small VGG (a GPU)")
     p.add_argument("--spec", default=None, metavar="FILE",
                    help="a table spec TOML to use instead of the shipped topkconv/experiments/<table>-<preset>.toml")
     p.add_argument("--data", default=None, metavar="PATH", help="root folder of the data set (paper: CINIC-10)")
@@ -558,7 +562,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--columns", nargs="+", default=None, metavar="LABEL",
                    help="the table's columns to vary (default: the spec's sweep_columns, else every reproduced column)")
     p.add_argument("--table", default="table3", choices=("table1", "table2", "table3"))
-    p.add_argument("--preset", default="quick", choices=("quick", "paper"))
+    p.add_argument("--preset", default="quick", choices=("quick", "paper", "fashion", "cifar10"))
     p.add_argument("--spec", default=None, metavar="FILE", help="a table spec TOML instead of <table>-<preset>.toml")
     p.add_argument("--data", default=None, metavar="PATH")
     p.add_argument("--pretrained", default=None, metavar="PATH")

@@ -3,6 +3,8 @@
 | name | source |
 | --- | --- |
 | ``digits`` | scikit-learn's handwritten digits (embedded; 1 channel, upsampled to ``image_size``) |
+| ``fashion-mnist`` | the four IDX files of Fashion-MNIST (``data.root``, else Debian's ``dataset-fashion-mnist``), in memory |
+| ``fashion-mnist-val`` | the same training images less a fixed 5,000-image validation split, tested on that split |
 | ``cifar10`` | a local "python version" folder (``data_batch_1..5``, ``test_batch``), held in memory |
 | ``cinic10`` | ``root/{train,test}/<class>/*.png``, streamed with DataLoader workers |
 | ``imagefolder`` | ``root/<class>/*`` (split 80/20) or ``root/{train,test}/<class>/*``, streamed |
@@ -16,11 +18,13 @@ from __future__ import annotations
 from ..config import DataConfig
 from .cifar10 import load_cifar10
 from .digits import load_digits
+from .fashion_mnist import load_fashion_mnist, load_fashion_mnist_validation
 from .folders import load_cinic10, load_imagefolder
-from .splits import DataSplits, FileSplit, TensorSplit, channel_stats, plan_epoch
+from .splits import DataSplits, FileSplit, TensorSplit, channel_stats, plan_epoch, validation_split
 from .transforms import AugmentParams, resize
 
-LOADERS = {"digits": load_digits, "cifar10": load_cifar10, "cinic10": load_cinic10, "imagefolder": load_imagefolder}
+LOADERS = {"digits": load_digits, "fashion-mnist": load_fashion_mnist, "fashion-mnist-val": load_fashion_mnist_validation,
+           "cifar10": load_cifar10, "cinic10": load_cinic10, "imagefolder": load_imagefolder}
 
 
 def load_data(cfg: DataConfig) -> DataSplits:
@@ -38,4 +42,4 @@ def load_data(cfg: DataConfig) -> DataSplits:
 
 
 __all__ = ["load_data", "DataSplits", "TensorSplit", "FileSplit", "AugmentParams", "plan_epoch", "resize",
-           "channel_stats", "LOADERS"]
+           "channel_stats", "validation_split", "LOADERS"]

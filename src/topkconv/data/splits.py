@@ -222,6 +222,21 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list, list]:
     return [round(v, 6) for v in mean.tolist()], [round(max(v, 1e-3), 6) for v in std.tolist()]
 
 
+def validation_split(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(train, validation)`` of a fixed hold-out of ``size`` examples, stratified by label.
+
+    The same ``labels``, ``size`` and ``seed`` give the same split on every machine (scikit-learn's seeded
+    ``train_test_split``, as digits' test split); both halves are sorted, so a ``limit`` keeps file order.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < size < len(labels):
+        raise ValueError(f"a validation split needs 0 < size < {len(labels)} examples, got {size}")
+    train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=size, stratify=labels.numpy(),
+                                          random_state=seed)
+    return torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
+
+
 def require_root(cfg, what: str, expected: str = "") -> Path:
     """``cfg.root`` as a Path; a missing setting or folder is an error naming it and what belongs there."""
     if not cfg.root:
