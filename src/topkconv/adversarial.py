@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks.common import attack_mode
-from .attacks.gradient import pgd
+from .attacks import pgd  # the function (the attacks package re-exports it wherever its module lives)
 from .config import AdversarialConfig
 
 # Madry et al.'s rule of thumb for the PGD step: the steps together travel 2.5 times the radius, so a
