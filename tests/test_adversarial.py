@@ -158,3 +158,30 @@ def test_the_cli_and_a_spec_file_train_adversarially(tmp_path):
     assert main(["train", *flags, "--spec", str(tmp_path / "spec.toml"), "--out", str(tmp_path / "spec")]) == 0
     spec = json.loads((tmp_path / "spec" / "run.json").read_text())["spec"]
     assert spec["train"]["adversarial"]["method"] == "trades" and spec["train"]["adversarial"]["beta"] == 3.0
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_killed_adversarial_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The random starts draw from the generator the trainer reseeds every epoch, so a resume repeats them."""
+    spec = tiny_spec(method="pgd", steps=2, check_examples=8)
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=2))
+    straight, _ = fit(spec, tmp_path / "straight", progress=False)
+    real, calls = train_module._criterion, {"n": 0}
+
+    def die_in_epoch_two(logits, labels):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise Interrupt()
+        return real(logits, labels)
+
+    monkeypatch.setattr(train_module, "_criterion", die_in_epoch_two)
+    with pytest.raises(Interrupt):
+        fit(spec, tmp_path / "killed", progress=False)
+    monkeypatch.undo()
+    resumed, summary = fit(spec, tmp_path / "killed", resume=True, progress=False)
+    assert summary["resumed_from_epoch"] == 1
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
