@@ -57,6 +57,16 @@ def _add_train(sub) -> None:
     train.add_argument("--seed", type=int)
     train.add_argument("--device", choices=("auto", "cpu", "cuda"))
     train.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    adv = p.add_argument_group("adversarial training ([train.adversarial]; radii in 0-255 units)")
+    adv.add_argument("--adversarial", choices=("none", "pgd", "trades", "fgsm"),
+                     help="pgd (Madry et al.), trades (Zhang et al.) or fgsm (fast, Wong et al.); default none")
+    adv.add_argument("--adv-eps", type=_positive_number, help="training radius (default 8)")
+    adv.add_argument("--adv-steps", type=_at_least(1), help="inner steps of pgd and trades (default 10)")
+    adv.add_argument("--adv-step-size", type=_positive_number,
+                     help="inner step (default 2.5 * eps / steps; fgsm: 1.25 * eps)")
+    adv.add_argument("--adv-beta", type=_positive_number, help="trades: weight of the KL term (default 6)")
+    adv.add_argument("--adv-check-examples", type=_at_least(0),
+                     help="PGD-10 check after each epoch on the first N test images (default 200; 0: off)")
     p.set_defaults(func=_run_train)
 
 
@@ -225,6 +235,9 @@ _TRAIN_FLAGS = {  # CLI destination -> (spec section, key)
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
     "weight_decay": ("train", "weight_decay"), "schedule": ("train", "schedule"),
     "warmup_epochs": ("train", "warmup_epochs"), "seed": ("train", "seed"), "device": ("train", "device"),
+    "adversarial": ("train.adversarial", "method"), "adv_eps": ("train.adversarial", "eps"),
+    "adv_steps": ("train.adversarial", "steps"), "adv_step_size": ("train.adversarial", "step_size"),
+    "adv_beta": ("train.adversarial", "beta"), "adv_check_examples": ("train.adversarial", "check_examples"),
 }
 
 

@@ -56,6 +56,49 @@ class ModelConfig:
     defense: Any = field(default_factory=defense_config, metadata={"from_dict": "defense"})  # a defence's config
 
 
+ADVERSARIAL_METHODS = ("none", "pgd", "trades", "fgsm")
+
+
+@dataclass
+class AdversarialConfig:
+    """Adversarial training (:mod:`topkconv.adversarial`); radii and steps in 0-255 units, as in ``[attack]``.
+
+    pgd: Madry et al. 2018 (CE on PGD examples from a random start); trades: Zhang et al. 2019 (CE(clean) +
+    beta * KL(clean || adversarial), the inner maximum on the KL); fgsm: Wong et al. 2020's fast training (one
+    step of step_size, default 1.25 * eps, from a uniform random start; ``steps`` is not used).
+    """
+    method: str = "none"              # none | pgd | trades | fgsm
+    eps: float = 8.0                  # L-inf radius of the training examples, 0-255 units
+    steps: int = 10                   # inner steps of pgd and trades
+    step_size: Optional[float] = None  # 0-255 units; None: 2.5 * eps / steps (pgd, trades), 1.25 * eps (fgsm)
+    beta: float = 6.0                 # trades: weight of the KL term (Zhang et al.'s CIFAR-10 value)
+    check_examples: int = 200         # after each epoch, PGD-10 at eps on the first N test images (0: off); it
+                                      # shows fgsm's catastrophic overfitting (robust accuracy collapsing)
+
+    def __post_init__(self):
+        def bad(key, expected, value):
+            return ValueError(f"train.adversarial.{key}: expected {expected}, got {value!r}")
+
+        if self.method not in ADVERSARIAL_METHODS:
+            raise bad("method", f"one of {', '.join(ADVERSARIAL_METHODS)}", self.method)
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= 255:
+            raise bad("eps", "a radius in (0, 255] (0-255 units: 8 means 8/255)", self.eps)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise bad("steps", "an integer >= 1", self.steps)
+        if self.step_size is not None and (isinstance(self.step_size, bool) or not isinstance(
+                self.step_size, (int, float)) or not 0 < self.step_size <= 255):
+            raise bad("step_size", "a step in (0, 255] (0-255 units), or unset", self.step_size)
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta < float("inf"):
+            raise bad("beta", "a positive number", self.beta)
+        if isinstance(self.check_examples, bool) or not isinstance(self.check_examples, int) \
+                or self.check_examples < 0:
+            raise bad("check_examples", "an integer >= 0", self.check_examples)
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -71,6 +114,7 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda
     warmup_epochs: float = 0.0        # linear learning-rate warm-up before the schedule (VGG has no BatchNorm)
     eval_examples: Optional[int] = None  # test images scored after each epoch (None: the whole test split)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)  # [train.adversarial]
 
 
 @dataclass
@@ -122,6 +166,8 @@ class RunSpec:
         d = self.to_dict()
         d.pop("attack")
         d.pop("name")
+        if not self.train.adversarial.enabled:  # so runs from before adversarial training keep their hash
+            d["train"].pop("adversarial")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -241,50 +241,89 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True, force: bool
     summary) and ``metrics.jsonl``; returns ``(model in eval mode, summary)``.
     """
     from . import distributed, train
-    from .checkpoint import (METRICS_FILE, STAGING_DIR, clear_run, is_complete, load_checkpoint, read_run_json,
-                             replace_run, save_checkpoint)
+    from .checkpoint import replace_run, save_checkpoint
     from .data import load_data
-    from .errors import UserError
-    from .io import append_jsonl
 
-    defense = spec.model.defense
-    if defense.kind != "pruned":
-        raise ValueError(f"spec {spec.name!r}: model.defense.kind must be 'pruned' to prune, got {defense.kind!r}")
-    dataclasses.replace(defense)  # re-runs the config's own checks of scope, sparsity, epochs and lr
-    train.check_train_config(spec.train)
-    model, source_spec = load_checkpoint(source)  # errors name the missing or broken file
-    source_dir = Path(source) if Path(source).is_dir() else Path(source).parent
-    source_record = read_run_json(source_dir)
-    out_dir = Path(out_dir)
-    if out_dir.resolve() == source_dir.resolve():
-        raise ValueError(f"--out {out_dir}: the pruned run needs its own folder, not the source run's")
-    if source_spec.model.defense.kind != "standard":
-        raise ValueError(f"{source_dir}: pruning starts from a standard model; this run's defense is "
-                         f"{source_spec.model.defense.kind!r}")
+    model, source_spec, source_dir, source_hash = _load_source(source, spec, Path(out_dir))
     splits = load_data(spec.data)
     resolved = train.resolve_spec(spec, splits)
     if _model_without_defense(resolved) != _model_without_defense(source_spec):
         raise ValueError(f"{source_dir}: its model ({_model_without_defense(source_spec)}) differs from the "
                          f"one spec {spec.name!r} describes ({_model_without_defense(resolved)})")
+    process = distributed.context()
+    writes = process.is_main  # under torchrun every rank computes the same; one writes
+    work_dir, replacing = _output_folder(Path(out_dir), force, writes)
+    device = distributed.pick_device(spec.train.device, process.local_rank)
+    model.to(device)
+    start = time.perf_counter()
+    acc_before = train.evaluate_accuracy(model, splits.test, batch_size=spec.train.batch_size, device=device,
+                                         limit=spec.train.eval_examples)
+    result, lr = _prune_and_fine_tune(model, spec, splits, source_spec.train.epochs, device, progress,
+                                      work_dir if writes else None)
+    defense = spec.model.defense
+    summary = {
+        "source": {"run_dir": str(source_dir), "hash": source_hash},
+        "scope": defense.prune_scope, "target_sparsity": defense.prune_sparsity, "epochs": defense.prune_epochs,
+        "lr": lr, "sparsity": result["sparsity"], "test_acc_before": acc_before,
+        "test_acc": result["history"][-1]["test_acc"], "seconds": round(time.perf_counter() - start, 3),
+        "device": str(device), "complete": True,
+    }
+    if writes:
+        save_checkpoint(work_dir, model, resolved, extra={"sparsity": result["sparsity"], "prune": summary},
+                        requested_hash=spec.hash())
+        if replacing:
+            replace_run(Path(out_dir), work_dir)
+    return model.eval(), summary
+
+
+def _load_source(source, spec: RunSpec, out_dir: Path) -> tuple[nn.Module, RunSpec, Path, Optional[str]]:
+    """The source run's model, spec, folder and hash, after checking that ``spec`` prunes and that the source
+    is a standard run in another folder."""
+    from .checkpoint import load_checkpoint, read_run_json
+    from .train import check_train_config
+
+    defense = spec.model.defense
+    if defense.kind != "pruned":
+        raise ValueError(f"spec {spec.name!r}: model.defense.kind must be 'pruned' to prune, got {defense.kind!r}")
+    dataclasses.replace(defense)  # re-runs the config's own checks of scope, sparsity, epochs and lr
+    check_train_config(spec.train)
+    model, source_spec = load_checkpoint(source)  # errors name the missing or broken file
+    source_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+    source_hash = read_run_json(source_dir).get("hash")
+    if out_dir.resolve() == source_dir.resolve():
+        raise ValueError(f"--out {out_dir}: the pruned run needs its own folder, not the source run's")
+    if source_spec.model.defense.kind != "standard":
+        raise ValueError(f"{source_dir}: pruning starts from a standard model; this run's defense is "
+                         f"{source_spec.model.defense.kind!r}")
+    return model, source_spec, source_dir, source_hash
+
+
+def _output_folder(out_dir: Path, force: bool, writes: bool) -> tuple[Path, bool]:
+    """``(folder to write, whether it replaces a finished run)``: a finished run in ``out_dir`` is refused
+    unless ``force``, and then stays complete until the new one is (the new one is written beside it)."""
+    from .checkpoint import STAGING_DIR, clear_run, is_complete
+    from .errors import UserError
 
     replacing = is_complete(out_dir)
     if replacing and not force:
         raise UserError(f"{out_dir} already holds a finished run; to keep it, prune into another --out; to replace "
                         f"it, add --force (it stays intact until the pruned run is complete)")
-    process = distributed.context()
-    device = distributed.pick_device(spec.train.device, process.local_rank)
-    model.to(device)
-    writes = process.is_main  # under torchrun every rank computes the same; one writes
-    final_dir = out_dir
-    if replacing:  # the old run stays complete until the new one is
-        out_dir = final_dir / STAGING_DIR
+    work_dir = out_dir / STAGING_DIR if replacing else out_dir
     if writes:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clear_run(out_dir)
-    start = time.perf_counter()
-    eval_limit = spec.train.eval_examples
-    acc_before = train.evaluate_accuracy(model, splits.test, batch_size=spec.train.batch_size, device=device,
-                                         limit=eval_limit)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        clear_run(work_dir)
+    return work_dir, replacing
+
+
+def _prune_and_fine_tune(model: nn.Module, spec: RunSpec, splits, source_epochs: int, device, progress: bool,
+                         metrics_dir: Optional[Path]) -> tuple[dict, float]:
+    """Run :func:`gradual_prune` with :func:`topkconv.train.train_epochs` as the fine-tuning; returns its
+    result and the fine-tuning learning rate. Each epoch's record goes to ``metrics_dir`` (when given)."""
+    from . import train
+    from .checkpoint import METRICS_FILE
+    from .io import append_jsonl
+
+    defense = spec.model.defense
     lr = defense.prune_lr if defense.prune_lr is not None else FINE_TUNE_LR_SCALE * spec.train.lr
     fine_tune_cfg = dataclasses.replace(spec.train, warmup_epochs=0.0)
     trainable = freeze_all_but_fc(model)
@@ -293,12 +332,12 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True, force: bool
         # Epochs continue the source run's seeded stream, so fine-tuning sees fresh shuffles.
         return train.train_epochs(model, splits, fine_tune_cfg, params=trainable, lr=lr,
                                   epochs=defense.prune_epochs, augment=spec.data.augment, device=device,
-                                  progress=progress, eval_limit=eval_limit, on_epoch=after_epoch,
-                                  first_epoch=source_spec.train.epochs)
+                                  progress=progress, eval_limit=spec.train.eval_examples, on_epoch=after_epoch,
+                                  first_epoch=source_epochs)
 
     def log_epoch(record):
-        if writes:
-            append_jsonl(out_dir / METRICS_FILE, record)
+        if metrics_dir is not None:
+            append_jsonl(metrics_dir / METRICS_FILE, record)
         if progress:
             mean = sum(record["sparsity"].values()) / len(record["sparsity"])
             print(f"prune epoch {record['epoch']}/{defense.prune_epochs}: sparsity {mean:.3f}, loss "
@@ -308,17 +347,4 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True, force: bool
                            on_epoch=log_epoch)
     for param in model.parameters():
         param.requires_grad_(True)
-    summary = {
-        "source": {"run_dir": str(source_dir), "hash": source_record.get("hash")},
-        "scope": defense.prune_scope, "target_sparsity": defense.prune_sparsity, "epochs": defense.prune_epochs,
-        "lr": lr, "sparsity": result["sparsity"], "test_acc_before": acc_before,
-        "test_acc": result["history"][-1]["test_acc"], "seconds": round(time.perf_counter() - start, 3),
-        "device": str(device), "complete": True,
-    }
-    if writes:
-        save_checkpoint(out_dir, model, resolved, extra={"sparsity": result["sparsity"], "prune": summary},
-                        requested_hash=spec.hash())
-        if replacing:
-            replace_run(final_dir, out_dir)
-    return model.eval(), summary
-
+    return result, lr

@@ -17,6 +17,9 @@ Reusable pieces
     * :func:`epoch_generator` gives the seeded generator that shuffles and augments one epoch.
     * :func:`train_one_epoch` runs one pass over an iterable of ``(x, y)`` batches and returns
       ``{"loss", "train_acc", "n", "steps"}``; it raises :class:`NonFiniteLossError` on a NaN/inf loss.
+      With ``train.adversarial`` enabled it trains on adversarial examples (:mod:`topkconv.adversarial`:
+      PGD, TRADES or fast FGSM training), and each epoch's record adds ``test_robust_acc`` (PGD-10 at the
+      training radius on ``train.adversarial.check_examples`` test images).
     * :func:`evaluate_accuracy` scores a split (or ``(x, y)`` tensors) in eval mode.
     * :func:`train_epochs` is the checkpoint-free loop (e.g. fine-tuning selected parameters):
       ``train_epochs(model, splits, train_cfg, params=..., lr=..., epochs=..., augment=...)``.
@@ -62,7 +65,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import (METRICS_FILE, MODEL_FILE, RUN_FILE, STAGING_DIR, STATE_DIR, STATE_FILE, clear_run,
                          is_complete, replace_run, run_files, run_lock, save_checkpoint, save_weights, unwrap)
-from .config import RunSpec, TrainConfig
+from .config import AdversarialConfig, RunSpec, TrainConfig
 from .errors import UserError
 from .io import append_jsonl, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 
@@ -95,6 +98,9 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"train.step_size must be at least 1, got {cfg.step_size!r}")
     if not cfg.warmup_epochs >= 0 or not math.isfinite(cfg.warmup_epochs):
         raise ValueError(f"train.warmup_epochs must be 0 or more, got {cfg.warmup_epochs!r}")
+    if not isinstance(cfg.adversarial, AdversarialConfig):
+        raise ValueError(f"train.adversarial must be an AdversarialConfig, got {type(cfg.adversarial).__name__}")
+    dataclasses.replace(cfg.adversarial)  # re-runs its own checks (errors name e.g. train.adversarial.eps)
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: Optional[float] = None) -> torch.optim.SGD:
@@ -136,14 +142,28 @@ def _criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
+def _batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool,
+                adversarial: Optional[AdversarialConfig]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, logits)`` of one batch: plain cross-entropy, or the adversarial-training loss."""
+    if adversarial is not None and adversarial.enabled:
+        from .adversarial import training_loss
+
+        return training_loss(model, unwrap(model), x, y, adversarial, _criterion, amp)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    return _criterion(logits, y), logits
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer, scheduler=None, *, device="cpu",
                     amp: bool = False, epoch: int = 0, ctx: Optional[distributed.Context] = None,
-                    progress: bool = False, total: Optional[int] = None, desc: str = "train") -> dict:
+                    progress: bool = False, total: Optional[int] = None, desc: str = "train",
+                    adversarial: Optional[AdversarialConfig] = None) -> dict:
     """One pass of SGD over ``batches`` (``(x, y)`` pairs); returns ``{"loss", "train_acc", "n", "steps"}``.
 
     The scheduler, when given, steps after every batch. ``epoch`` only labels errors and the progress bar.
-    Under DDP the loss and accuracy are summed over all processes every step, so every rank sees a
-    non-finite loss at the same step and stops together.
+    ``adversarial`` (enabled) trains on adversarial examples (:mod:`topkconv.adversarial`); ``train_acc`` is
+    then the accuracy on them. Under DDP the loss and accuracy are summed over all processes every step, so
+    every rank sees a non-finite loss at the same step and stops together.
     """
     from tqdm import tqdm
 
@@ -156,9 +176,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer, scheduler=No
     for step, (x, y) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        loss = _criterion(logits, y)
+        loss, logits = _batch_loss(model, x, y, amp, adversarial)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stats = torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
@@ -238,7 +256,7 @@ def train_epochs(model: nn.Module, splits, cfg: TrainConfig, *, params=None, lr:
         lr_now = optimizer.param_groups[0]["lr"]
         batches = splits.train.batches(cfg.batch_size, shuffle=True, augment=augment, generator=generator)
         stats = train_one_epoch(model, batches, optimizer, scheduler, device=device, epoch=e, progress=progress,
-                                total=steps, desc=f"epoch {e + 1}/{epochs}")
+                                total=steps, desc=f"epoch {e + 1}/{epochs}", adversarial=cfg.adversarial)
         stats["test_acc"] = evaluate_accuracy(model, splits.test, batch_size=cfg.batch_size, device=device,
                                               limit=eval_limit)
         record = {"epoch": e + 1, "lr": lr_now, "seconds": round(time.perf_counter() - start, 3), **stats}
@@ -350,6 +368,21 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 
 # ---------------------------------------------------------------- fit
 
+class _Run:
+    """What one call of :func:`fit` carries from step to step: the spec, the process, the model and its
+    optimiser, the epochs already done, and the folder being written (``staging`` while an earlier run's
+    files must stay intact)."""
+
+    def __init__(self, spec: RunSpec, run_dir: Path, ctx: distributed.Context, progress: bool):
+        self.spec, self.run_dir, self.ctx, self.progress = spec, run_dir, ctx, progress
+        self.requested_hash = spec.hash()
+        self.state: Optional[dict] = None
+        self.extended_from: Optional[dict] = None
+        self.staging: Optional[Path] = None
+        self.work_dir = run_dir
+        self.first_epoch, self.elapsed = 0, 0.0
+
+
 def fit(spec: RunSpec, run_dir, resume: bool = False, progress: bool = True, splits=None,
         force: bool = False) -> tuple[nn.Module, dict]:
     """Train ``spec`` into ``run_dir``; returns ``(model, summary)``. See the module docstring.
@@ -361,116 +394,158 @@ def fit(spec: RunSpec, run_dir, resume: bool = False, progress: bool = True, spl
     finished run (the spec must match up to ``epochs``). ``splits`` (a :class:`~topkconv.data.DataSplits`)
     skips loading the data again when the caller has it.
     """
+    check_train_config(spec.train)
+    run = _Run(spec, Path(run_dir), distributed.setup(spec.train.device), progress)
+    try:
+        with contextlib.ExitStack() as held:
+            _claim_folder(run, held, resume, force)
+            if resume:
+                run.state = load_training_state(run.run_dir)
+            if run.state is not None:
+                run.extended_from = _check_resume(run.run_dir, run.state, spec)
+            _build(run, splits)
+            _prepare_folder(run)
+            record: dict = {}
+            for epoch in range(run.first_epoch, spec.train.epochs):
+                record = _train_epoch(run, epoch)
+                if run.ctx.is_main:
+                    _commit_epoch(run, epoch, record)
+                distributed.barrier(run.ctx)
+            return _finish(run, record)
+    finally:
+        if run.staging is not None and run.staging.exists():  # the new run failed before its first epoch was done
+            shutil.rmtree(run.staging, ignore_errors=True)
+        distributed.teardown(run.ctx)
+
+
+def _claim_folder(run: _Run, held: contextlib.ExitStack, resume: bool, force: bool) -> None:
+    """Rank 0 takes the folder's lock and checks it may train there, before any compute; all ranks stop
+    together when it may not."""
+    error = None
+    if run.ctx.is_main:
+        try:
+            held.enter_context(run_lock(run.run_dir))
+            _check_target(run.run_dir, resume, force)
+        except Exception as err:  # re-raised below, after telling the other ranks
+            error = err
+    if not distributed.all_ok(error is None, run.ctx):
+        raise error or RuntimeError(f"rank 0 could not start the run in {run.run_dir} (see its message)")
+
+
+def _build(run: _Run, splits) -> None:
+    """Load the data (unless given), build the model on the device, its optimiser and schedule, and restore
+    them from the committed state when resuming."""
     from .data import load_data
     from .models import build_model, load_pretrained_vgg16
 
-    check_train_config(spec.train)
-    run_dir = Path(run_dir)
-    ctx = distributed.setup(spec.train.device)
-    staging: Optional[Path] = None
+    spec, ctx, state = run.spec, run.ctx, run.state
+    run.amp = spec.train.amp and ctx.device.type == "cuda"
+    if spec.train.amp and not run.amp:
+        warnings.warn("train.amp (bf16 autocast) needs CUDA; training in float32 on the CPU", stacklevel=3)
+    run.splits = splits if splits is not None else load_data(spec.data)
+    run.resolved = resolve_spec(spec, run.splits)
+    torch.manual_seed(epoch_seed(spec.train.seed, -1))  # the initial weights
+    run.model = build_model(run.resolved.model)
+    if state is None and run.resolved.model.pretrained:
+        load_pretrained_vgg16(run.model, run.resolved.model.pretrained)
+    run.model.to(ctx.device)
+    run.ddp_model = distributed.wrap(run.model, ctx)
+    run.optimizer = make_optimizer(run.model.parameters(), spec.train)
+    run.steps = run.splits.train.num_batches(spec.train.batch_size, ctx.world_size)
+    run.scheduler = make_scheduler(run.optimizer, spec.train, run.steps)
+    if state is not None:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.first_epoch, run.elapsed = state["epoch"], state.get("seconds", 0.0)
+
+
+def _prepare_folder(run: _Run) -> None:
+    """Rank 0 clears a killed retrain's staging folder, drops metric lines past the committed epoch, and
+    stages a fresh run beside an earlier one, which stays intact until this run's first epoch is done."""
+    run_dir = run.run_dir
+    if run.ctx.is_main:
+        if (run_dir / STAGING_DIR).exists():  # left by a killed --force retrain
+            shutil.rmtree(run_dir / STAGING_DIR)
+        if run.state is not None:
+            _truncate_metrics(run_dir / METRICS_FILE, run.first_epoch)
+        elif run_files(run_dir):
+            run.staging = run.work_dir = run_dir / STAGING_DIR
+            run.staging.mkdir()
+    distributed.barrier(run.ctx)
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict:
+    """Train epoch ``epoch`` (0-based) and score it; returns its metrics record."""
+    cfg, ctx = run.spec.train, run.ctx
+    start = time.perf_counter()
+    generator = epoch_generator(cfg.seed, epoch)
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))  # dropout masks and adversarial random starts
+    lr_now = run.optimizer.param_groups[0]["lr"]
+    batches = run.splits.train.batches(cfg.batch_size, shuffle=True, augment=run.spec.data.augment,
+                                       generator=generator, rank=ctx.rank, world_size=ctx.world_size)
     try:
-        with contextlib.ExitStack() as held:
-            error = None
-            if ctx.is_main:  # before any compute: the folder can be written and nobody else writes it
-                try:
-                    held.enter_context(run_lock(run_dir))
-                    _check_target(run_dir, resume, force)
-                except Exception as err:  # re-raised below, after telling the other ranks
-                    error = err
-            if not distributed.all_ok(error is None, ctx):
-                raise error or RuntimeError(f"rank 0 could not start the run in {run_dir} (see its message)")
-            requested_hash = spec.hash()
-            state = load_training_state(run_dir) if resume else None
-            extended_from = _check_resume(run_dir, state, spec) if state is not None else None
+        stats = train_one_epoch(run.ddp_model, batches, run.optimizer, run.scheduler, device=ctx.device, amp=run.amp,
+                                epoch=epoch, ctx=ctx, progress=run.progress and ctx.is_main, total=run.steps,
+                                desc=f"epoch {epoch + 1}/{cfg.epochs}", adversarial=cfg.adversarial)
+        _check_finite_weights(run.model, epoch)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err}; {_what_is_kept(run.run_dir, run.staging, epoch)}") from None
+    test_acc = evaluate_accuracy(run.model, run.splits.test, batch_size=cfg.batch_size, device=ctx.device,
+                                 limit=cfg.eval_examples, ctx=ctx, amp=run.amp)
+    record = {"epoch": epoch + 1, "loss": stats["loss"], "train_acc": stats["train_acc"], "test_acc": test_acc,
+              "lr": lr_now, "seconds": 0.0, "steps": stats["steps"], "images": stats["n"]}
+    if cfg.adversarial.enabled and cfg.adversarial.check_examples:
+        from .adversarial import robust_accuracy
 
-            amp = spec.train.amp and ctx.device.type == "cuda"
-            if spec.train.amp and not amp:
-                warnings.warn("train.amp (bf16 autocast) needs CUDA; training in float32 on the CPU", stacklevel=2)
-            splits = splits if splits is not None else load_data(spec.data)
-            resolved = resolve_spec(spec, splits)
+        x, y = run.splits.test.tensors(cfg.adversarial.check_examples)
+        record["test_robust_acc"] = robust_accuracy(run.model, x, y, cfg.adversarial, cfg.batch_size)
+    seconds = time.perf_counter() - start
+    run.elapsed += seconds
+    record["seconds"] = round(seconds, 3)
+    return record
 
-            torch.manual_seed(epoch_seed(spec.train.seed, -1))  # the initial weights
-            model = build_model(resolved.model)
-            if state is None and resolved.model.pretrained:
-                load_pretrained_vgg16(model, resolved.model.pretrained)
-            model.to(ctx.device)
-            ddp_model = distributed.wrap(model, ctx)
-            optimizer = make_optimizer(model.parameters(), spec.train)
-            steps = splits.train.num_batches(spec.train.batch_size, ctx.world_size)
-            scheduler = make_scheduler(optimizer, spec.train, steps)
-            first_epoch, elapsed = 0, 0.0
-            if state is not None:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                first_epoch, elapsed = state["epoch"], state.get("seconds", 0.0)
-            work_dir = run_dir
-            if ctx.is_main:
-                if (run_dir / STAGING_DIR).exists():  # left by a killed --force retrain
-                    shutil.rmtree(run_dir / STAGING_DIR)
-                if state is not None:
-                    _truncate_metrics(run_dir / METRICS_FILE, first_epoch)
-                elif run_files(run_dir):  # an earlier run stays intact until this one's first epoch is done
-                    staging = work_dir = run_dir / STAGING_DIR
-                    staging.mkdir()
-            distributed.barrier(ctx)
 
-            record: dict = {}
-            for epoch in range(first_epoch, spec.train.epochs):
-                start = time.perf_counter()
-                generator = epoch_generator(spec.train.seed, epoch)
-                torch.manual_seed(epoch_seed(spec.train.seed, epoch, ctx.rank))  # dropout masks
-                lr_now = optimizer.param_groups[0]["lr"]
-                batches = splits.train.batches(spec.train.batch_size, shuffle=True, augment=spec.data.augment,
-                                               generator=generator, rank=ctx.rank, world_size=ctx.world_size)
-                try:
-                    stats = train_one_epoch(ddp_model, batches, optimizer, scheduler, device=ctx.device, amp=amp,
-                                            epoch=epoch, ctx=ctx, progress=progress and ctx.is_main, total=steps,
-                                            desc=f"epoch {epoch + 1}/{spec.train.epochs}")
-                    _check_finite_weights(model, epoch)
-                except NonFiniteLossError as err:
-                    raise NonFiniteLossError(f"{err}; {_what_is_kept(run_dir, staging, epoch)}") from None
-                test_acc = evaluate_accuracy(model, splits.test, batch_size=spec.train.batch_size,
-                                             device=ctx.device, limit=spec.train.eval_examples, ctx=ctx, amp=amp)
-                seconds = time.perf_counter() - start
-                elapsed += seconds
-                record = {"epoch": epoch + 1, "loss": stats["loss"], "train_acc": stats["train_acc"],
-                          "test_acc": test_acc, "lr": lr_now, "seconds": round(seconds, 3), "steps": stats["steps"],
-                          "images": stats["n"]}
-                if ctx.is_main:
-                    if epoch == first_epoch and work_dir == run_dir:
-                        clear_run(run_dir, results_only=True)  # run.json and evaluations of older weights
-                    append_jsonl(work_dir / METRICS_FILE, record)
-                    save_training_state(work_dir, model, optimizer, scheduler, epoch + 1, resolved, requested_hash,
-                                        {"seconds": elapsed, "metrics": record, "requested_spec": spec.to_dict(),
-                                         "hash_ignoring_epochs": hash_ignoring_epochs(spec),
-                                         "resolved_hash": resolved.hash()})
-                    save_weights(work_dir / MODEL_FILE, model, resolved.hash())
-                    if staging is not None:
-                        replace_run(run_dir, staging)
-                        staging = None
-                        work_dir = run_dir
-                    if progress:
-                        print(f"epoch {epoch + 1}/{spec.train.epochs}: loss {record['loss']:.4f}, train acc "
-                              f"{record['train_acc']:.4f}, test acc {test_acc:.4f}, {seconds:.1f} s", file=sys.stderr)
-                distributed.barrier(ctx)
+def _commit_epoch(run: _Run, epoch: int, record: dict) -> None:
+    """Rank 0 writes the epoch: its metrics line, the training state (which commits it) and the weights;
+    the first epoch of a staged run then replaces the earlier run's files."""
+    spec, run_dir = run.spec, run.run_dir
+    if epoch == run.first_epoch and run.work_dir == run_dir:
+        clear_run(run_dir, results_only=True)  # run.json and evaluations of older weights
+    append_jsonl(run.work_dir / METRICS_FILE, record)
+    save_training_state(run.work_dir, run.model, run.optimizer, run.scheduler, epoch + 1, run.resolved,
+                        run.requested_hash, {"seconds": run.elapsed, "metrics": record,
+                                             "requested_spec": spec.to_dict(),
+                                             "hash_ignoring_epochs": hash_ignoring_epochs(spec),
+                                             "resolved_hash": run.resolved.hash()})
+    save_weights(run.work_dir / MODEL_FILE, run.model, run.resolved.hash())
+    if run.staging is not None:
+        replace_run(run_dir, run.staging)
+        run.staging = None
+        run.work_dir = run_dir
+    if run.progress:
+        robust = f", robust acc {record['test_robust_acc']:.4f}" if "test_robust_acc" in record else ""
+        print(f"epoch {epoch + 1}/{spec.train.epochs}: loss {record['loss']:.4f}, train acc "
+              f"{record['train_acc']:.4f}, test acc {record['test_acc']:.4f}{robust}, {record['seconds']:.1f} s",
+              file=sys.stderr)
 
-            if not record and state is not None:
-                record = state.get("metrics", {})
-            summary = {"epochs": spec.train.epochs, "resumed_from_epoch": first_epoch if state is not None else None,
-                       "final": record, "test_acc": record.get("test_acc"), "seconds": round(elapsed, 3),
-                       "world_size": ctx.world_size, "device": str(ctx.device), "amp": amp, "seed": spec.train.seed,
-                       "complete": True}
-            if extended_from is not None:
-                summary["extended_from"] = extended_from
-            if ctx.is_main:
-                save_checkpoint(run_dir, model, resolved, extra={"train": summary}, requested_hash=requested_hash)
-            distributed.barrier(ctx)
-            return model.eval(), summary
-    finally:
-        if staging is not None and staging.exists():  # the new run failed before its first epoch was done
-            shutil.rmtree(staging, ignore_errors=True)
-        distributed.teardown(ctx)
+
+def _finish(run: _Run, record: dict) -> tuple[nn.Module, dict]:
+    """Write run.json (rank 0), which marks the run complete; returns ``(model in eval mode, summary)``."""
+    spec = run.spec
+    if not record and run.state is not None:
+        record = run.state.get("metrics", {})
+    summary = {"epochs": spec.train.epochs, "resumed_from_epoch": run.first_epoch if run.state is not None else None,
+               "final": record, "test_acc": record.get("test_acc"), "seconds": round(run.elapsed, 3),
+               "world_size": run.ctx.world_size, "device": str(run.ctx.device), "amp": run.amp,
+               "seed": spec.train.seed, "complete": True}
+    if run.extended_from is not None:
+        summary["extended_from"] = run.extended_from
+    if run.ctx.is_main:
+        save_checkpoint(run.run_dir, run.model, run.resolved, extra={"train": summary},
+                        requested_hash=run.requested_hash)
+    distributed.barrier(run.ctx)
+    return run.model.eval(), summary
 
 
 def _check_target(run_dir: Path, resume: bool, force: bool) -> None:
