@@ -304,7 +304,7 @@ def render_evaluation(result: dict, title: str = "") -> str:
     each indicator with its value, threshold and verdict."""
     verdict = (result.get("verdict") or {}).get("text", "no verdict (an older eval.json)")
     lines = [f"# {title or 'Robustness evaluation'}", "", f"**Verdict: {verdict}**", "",
-             f"- suite: {result['suite']}; n = {result['n']}; clean accuracy {_number(result['clean'])}",
+             f"- suite: {result['suite']}; n = {result.get('n_examples', result.get('n'))}; clean accuracy {_number(result['clean'])}",
              f"- model: " + ", ".join(f"{k} {v}" for k, v in (result.get("model") or {}).items()), ""]
     lines += ["## Worst case per eps (an example counts only if it survives every attack at that eps)", "",
               "| eps | accuracy | attacks |", "|---|---|---|"]
