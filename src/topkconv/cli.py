@@ -704,25 +704,27 @@ def main(argv=None) -> int:
         print(f"topkconv {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        status = _exit_status(err)
-        if debug or status is None:
+        if debug:
             raise
         from .errors import one_line
 
-        hint = "" if status == EXIT_USER_ERROR else " (--debug shows the traceback)"
-        print(f"topkconv {args.command}: error: {one_line(err)}{hint}", file=sys.stderr)
+        status, kind, hint = _exit_status(err)
+        print(f"topkconv {args.command}: {kind}: {one_line(err)}{hint}", file=sys.stderr)
         return status
 
 
-def _exit_status(err: Exception):
-    """2 for user errors, 1 for other runtime failures, None for bugs (their traceback is shown)."""
+def _exit_status(err: Exception) -> tuple[int, str, str]:
+    """(status, kind, hint): 2 for a user error (:func:`topkconv.errors.is_user_error`, a run folder in use,
+    a corrupt weights file), 1 for a failure of the computation (a RuntimeError such as out of memory), and 1
+    as an ``internal error`` for anything else: a bug, even one that raises ValueError."""
     from .checkpoint import RunLockedError
+    from .errors import is_user_error
 
-    if isinstance(err, (ValueError, OSError, RunLockedError)) or type(err).__name__ == "SafetensorError":
-        return EXIT_USER_ERROR
+    if is_user_error(err) or isinstance(err, RunLockedError) or type(err).__name__ == "SafetensorError":
+        return EXIT_USER_ERROR, "error", ""
     if isinstance(err, RuntimeError):
-        return EXIT_FAILURE
-    return None
+        return EXIT_FAILURE, "error", " (--debug shows the traceback)"
+    return EXIT_FAILURE, "internal error", " (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":
