@@ -24,7 +24,7 @@ def test_zero_start_pgd_is_the_stronger_start_here_and_counts_in_the_worst_case(
     # The gradient exists only at images on the data's 1/16 grid: a zero start begins there and gets one
     # true step (here a full-eps one), a random start never sees a gradient.
     model = GradientOnlyOnTheDataGrid(mlp)
-    cfg = AttackConfig(suite="paper", eps=16, pgd_step_size=16, pgd_steps=4, n_examples=150)
+    cfg = AttackConfig(suite="paper", eps=16, n_examples=150, budgets={"pgd": {"step_size": 16, "steps": 4}})
     result = evaluate(model, *digits_test, cfg, progress=False)
     attacks = result["attacks"]
     assert attacks["pgd_zero"]["accuracy"] < attacks["pgd_random"]["accuracy"] - 0.2, attacks
@@ -45,9 +45,10 @@ def test_soft_bpda_is_at_least_as_strong_as_dense_bpda_on_an_exact_k_routing_mod
 
 
 def test_full_suite_runs_both_bpda_stand_ins_on_a_routing_model(routing_mlp, digits_test):
-    cfg = AttackConfig(suite="full", eps=16, pgd_step_size=2.5, eps_curve=[0, 64], apgd_iters=5, square_queries=20,
-                       autoattack_attacks=["apgd-ce"], n_examples=40, zo_steps=3, zo_samples=[[0, 10]],
-                       indicator_examples=20, indicator_draws=5, indicator_steps=5)
+    cfg = AttackConfig(suite="full", eps=16, eps_curve=[0, 64], n_examples=40,
+                       budgets={"pgd": {"step_size": 2.5}, "autoattack": {"iterations": 5, "attacks": ["apgd-ce"]},
+                                "square": {"queries": 20}, "zeroth_order": {"steps": 3, "samples": [[0, 10]]}},
+                       indicators={"examples": 20, "draws": 5, "steps": 5})
     result = evaluate(routing_mlp, *digits_test, cfg, progress=False)
     assert {"bpda_dense", "bpda_soft", "zeroth_order"} <= set(result["worst_case"]["attacks"])
     assert result["attacks"]["bpda_soft"]["params"]["tau"] == "per layer from the score spread"
@@ -59,10 +60,11 @@ def test_an_attack_limited_to_the_first_examples_is_judged_on_them(digits_test, 
     from masked_models import RoundedInput
 
     model = RoundedInput(cnn)   # PGD cannot move it; the zeroth-order attack can
-    cfg = AttackConfig(suite="full", eps=24, pgd_step_size=3, pgd_steps=8, eps_curve=[], apgd_iters=2,
-                       square_queries=5, autoattack_attacks=["apgd-ce"], n_examples=120, batch_size=50,
-                       zo_steps=12, zo_step_size=3, zo_samples=[[0, 40]], zo_examples=60, indicator_examples=20,
-                       indicator_draws=5, indicator_steps=5)
+    cfg = AttackConfig(suite="full", eps=24, eps_curve=[], n_examples=120, batch_size=50,
+                       budgets={"pgd": {"step_size": 3, "steps": 8}, "square": {"queries": 5},
+                                "autoattack": {"iterations": 2, "attacks": ["apgd-ce"]},
+                                "zeroth_order": {"steps": 12, "step_size": 3, "samples": [[0, 40]], "examples": 60}},
+                       indicators={"examples": 20, "draws": 5, "steps": 5})
     result = evaluate(model, *digits_test, cfg, progress=False)
     zo = result["attacks"]["zeroth_order"]
     assert zo["n_attacked"] == 60 and zo["params"]["examples"] == 60
@@ -76,10 +78,11 @@ def test_a_cascaded_attack_runs_on_the_white_box_survivors_only(digits_test, cnn
     from masked_models import RoundedInput
 
     model = RoundedInput(cnn)   # PGD cannot move it; the zeroth-order attack can
-    cfg = AttackConfig(suite="full", eps=24, pgd_step_size=3, pgd_steps=8, eps_curve=[], apgd_iters=2,
-                       square_queries=5, autoattack_attacks=["apgd-ce"], n_examples=80, batch_size=50,
-                       zo_steps=12, zo_step_size=3, zo_samples=[[0, 40]], indicator_examples=20,
-                       indicator_draws=5, indicator_steps=5, cascade_attacks=["square", "zeroth_order"])
+    cfg = AttackConfig(suite="full", eps=24, eps_curve=[], n_examples=80, batch_size=50,
+                       budgets={"pgd": {"step_size": 3, "steps": 8}, "square": {"queries": 5},
+                                "autoattack": {"iterations": 2, "attacks": ["apgd-ce"]},
+                                "zeroth_order": {"steps": 12, "step_size": 3, "samples": [[0, 40]]}},
+                       indicators={"examples": 20, "draws": 5, "steps": 5}, cascade_attacks=["square", "zeroth_order"])
     result = evaluate(model, *digits_test, cfg, progress=False)
     outcomes, attacks = result["per_example"], result["attacks"]
     whitebox = outcomes["whitebox"]

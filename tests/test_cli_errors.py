@@ -205,15 +205,18 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
         main(["train", "--resume"])
 
 
-def test_a_bug_is_not_hidden_as_a_user_error(monkeypatch, tmp_path):
+def test_a_bug_is_not_hidden_as_a_user_error(monkeypatch, tmp_path, capsys):
     import topkconv.train
 
     def broken(*args, **kwargs):
         raise KeyError("oops")
 
     monkeypatch.setattr(topkconv.train, "fit", broken)
+    assert main(["train", *TINY, "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err.strip() == ("topkconv train: internal error: missing key 'oops' "
+                                               "(rerun with --debug for the traceback)")
     with pytest.raises(KeyError):
-        main(["train", *TINY, "--out", str(tmp_path / "x")])
+        main(["--debug", "train", *TINY, "--out", str(tmp_path / "x")])
 
 
 def test_the_paper_preset_without_a_gpu_states_the_measured_cost_and_asks_to_confirm(monkeypatch, capsys):
@@ -296,3 +299,29 @@ def test_a_user_factory_error_is_one_line_naming_the_factory(factory, weights, w
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert snapshot(tmp_path, ["mine.py", "w.safetensors"]) == before and not (tmp_path / "eval.json").exists()
+
+# ---------------------------------------------------------------- (attacks) a ValueError from a bug is not a user error
+
+def test_a_value_error_inside_the_training_loop_is_an_internal_error_with_exit_1(monkeypatch, tmp_path, capsys):
+    import torch.nn.functional as F
+
+    def buggy_loss(*args, **kwargs):   # what a bug looks like: a ValueError raised outside topkconv's checks
+        raise ValueError("too many values to unpack (expected 2)")
+
+    monkeypatch.setattr(F, "cross_entropy", buggy_loss)
+    assert main(["train", *TINY, "--out", str(tmp_path / "x")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["topkconv train: internal error: too many values to unpack (expected 2) "
+                     "(rerun with --debug for the traceback)"]
+    with pytest.raises(ValueError, match="too many values"):
+        main(["train", *TINY, "--out", str(tmp_path / "y"), "--debug"])
+
+
+def test_a_validation_error_raised_on_purpose_is_still_a_user_error(tmp_path, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text("[attack.pgd]\nstepz = 3\n")
+    assert main(["train", "--spec", str(spec), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "spec.toml" in err and "attack.pgd.stepz" in err
+    assert "internal error" not in err and "--debug" not in err
+

@@ -24,11 +24,11 @@ N = 200
 
 # Fast full suite: AutoAttack reduced to APGD-CE with 20 iterations, Square to 300 queries, the
 # zeroth-order attack to 10 steps of 50 noise pairs, the indicators to 100 examples and 20 draws.
-FULL = AttackConfig(suite="full", eps=16, pgd_step_size=2.5, pgd_steps=16, eot_samples=4,
-                    eps_curve=[0, 8, 16, 32, 64], apgd_iters=20, square_queries=300,
-                    autoattack_attacks=["apgd-ce"], n_examples=N, batch_size=128, seed=0,
-                    zo_steps=10, zo_step_size=4.0, zo_samples=[[0, 50]], indicator_examples=100,
-                    indicator_draws=20, indicator_steps=30)
+FULL = AttackConfig(suite="full", eps=16, eps_curve=[0, 8, 16, 32, 64], n_examples=N, batch_size=128, seed=0,
+                    budgets={"pgd": {"step_size": 2.5, "steps": 16}, "eot_pgd": {"samples": 4},
+                             "autoattack": {"iterations": 20, "attacks": ["apgd-ce"]}, "square": {"queries": 300},
+                             "zeroth_order": {"steps": 10, "step_size": 4.0, "samples": [[0, 50]]}},
+                    indicators={"examples": 100, "draws": 20, "steps": 30})
 
 
 # ---------------------------------------------------------------- models that mask gradients on purpose
@@ -227,7 +227,7 @@ def test_full_result_reports_every_attack_and_the_per_example_worst_case(full_re
     assert result["worst_case"] == result["worst_cases"][1]
     assert set(result["worst_case"]["attacks"]) == {name for name, a in attacks.items()
                                                     if a["params"]["eps"] == 16 and "worst_of" not in a["params"]}
-    assert result["config"]["suite"] == "full" and result["seed"] == 0 and result["n"] == N
+    assert result["config"]["suite"] == "full" and result["seed"] == 0 and result["n_examples"] == N
 
 
 def test_full_suite_on_a_stochastic_model_uses_eot_and_autoattack_rand(digits_test, sap_mlp):
@@ -236,7 +236,7 @@ def test_full_suite_on_a_stochastic_model_uses_eot_and_autoattack_rand(digits_te
                       progress=False)
     assert result["model"]["stochastic"] is True
     assert result["attacks"]["autoattack"]["params"]["version"] == "rand"
-    assert result["attacks"]["eot_pgd"]["params"]["eot_samples"] == FULL.eot_samples
+    assert result["attacks"]["eot_pgd"]["params"]["eot_samples"] == FULL.budget("eot_pgd").samples
     assert [p["attack"] for p in result["eps_curve"]] == ["clean", "eot_pgd", "eot_pgd@64"]
     assert result["masking_checks"]["blackbox_not_stronger"]["whitebox"] == "eot_pgd"
 
@@ -257,7 +257,7 @@ def test_randomness_is_detected_by_behaviour_too(wrap, expected, mlp, digits_tes
     from topkconv.evaluate import model_traits
 
     traits = model_traits(wrap(mlp), digits_test[0][:8])
-    assert traits.stochastic is expected and ("eot" in traits.adaptive) is expected
+    assert traits.stochastic is expected and ("eot_pgd" in traits.adaptive) is expected
 
 
 def test_paper_suite_is_fgsm_and_pgd_at_each_eps(mlp, digits_test):
@@ -294,7 +294,7 @@ def test_evaluate_leaves_the_model_in_its_mode(mlp, digits_test):
 
 
 def test_evaluation_is_reproducible_and_independent_of_the_chunking_order(mlp, digits_test, monkeypatch):
-    import topkconv.evaluate as evaluate_module
+    import topkconv.evaluate.run as evaluate_module
 
     x, y = digits_test
     cfg = dataclasses.replace(FULL, suite="paper", extra_eps=[32], n_examples=150, batch_size=50)
@@ -374,7 +374,8 @@ def test_cli_evaluate_writes_eval_json_and_plot_for_a_checkpoint(tmp_path, capsy
     assert (run / "acc-vs-eps.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["evaluate", str(run), "--n", "8", "--out", str(run / "eval-paper.json"), "--no-progress"]) == 0
     assert (run / "eval-paper-acc-vs-eps.png").is_file()   # the full suite's plot is kept
-    assert result["n"] == 24 and result["config"]["eps"] == 8 and result["config"]["pgd_steps"] == 3
+    assert result["n_examples"] == 24 and result["config"]["eps"] == 8
+    assert result["config"]["budgets"]["pgd"]["steps"] == 3
     assert {"fgsm", "pgd", "autoattack", "square", "transfer", "zeroth_order", "bpda_dense",
             "bpda_soft"} <= set(result["attacks"])
     assert result["model"]["routing"] is True
@@ -419,7 +420,8 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, digits_test):
     import torch.multiprocessing as mp
 
     # 3 chunks of 50: rank 0 attacks chunks 0 and 2, rank 1 chunk 1
-    cfg = dataclasses.replace(FULL, suite="paper", extra_eps=[32], eot_samples=2, n_examples=150, batch_size=50)
+    cfg = dataclasses.replace(FULL.with_budget("eot_pgd", samples=2), suite="paper", extra_eps=[32], n_examples=150,
+                              batch_size=50)
     mp.spawn(_sharded_worker, args=(2, tmp_path / "init", tmp_path, dataclasses.asdict(cfg)), nprocs=2, join=True)
     x, y = digits_test
     for name in SHARD_MODELS:

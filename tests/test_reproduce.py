@@ -41,7 +41,8 @@ def test_paper_preset_follows_the_paper():
     table = R.load_table_spec(EXPERIMENTS / "table3-paper.toml")
     base = table.run_spec("Baseline")
     assert (base.data.name, base.data.image_size, base.model.arch) == ("cinic10", 224, "vgg16")
-    assert (base.attack.eps, base.attack.pgd_steps, base.attack.pgd_step_size) == (8.0, 16, 0.75)
+    pgd = base.attack.budget("pgd")
+    assert (base.attack.eps, pgd.steps, pgd.step_size) == (8.0, 16, 0.75)
     assert table.run_spec("Dynamic-k").model.defense.fc_k == [250, 10]
     tkc = table.run_spec("TKC-max").model.defense
     assert (tkc.conv_layers, tkc.conv_k, tkc.criterion) == (2, 0.1, "max")

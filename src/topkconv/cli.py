@@ -46,7 +46,7 @@ def _add_train(sub) -> None:
     model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                        help="BatchNorm after each conv (default: on for vgg-small, off for vgg16)")
     model.add_argument("--pretrained", metavar="FILE", help="torchvision's vgg16-397923af.pth for `features`")
-    p.__class__ = _TrainParser  # the defence options come from the registry, added when `train` is parsed
+    p.later(_add_defense_options)  # from the defence registry, added when `train` is parsed
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=_at_least(1))
     train.add_argument("--batch-size", type=_at_least(1), help="global batch (split across torchrun processes)")
@@ -120,29 +120,40 @@ def _arch_value(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(PLANS)} or torchvision:NAME, got {text!r}")
 
 
-class _TrainParser(argparse.ArgumentParser):
-    """The `train` parser: adds the registry's defence options on first use, so that building the parser
-    (``topkconv --help``, other commands) does not import torch through :mod:`topkconv.defenses`."""
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the CLI: an argument error is one line naming the flag (argparse's default prints the
+    whole usage first), and :meth:`later` adds arguments on first use, so that building the parser
+    (``topkconv --help``, other commands) does not import torch through the registries."""
 
-    def _add_defense_options_once(self) -> None:
-        if not getattr(self, "_defense_options_added", False):
-            self._defense_options_added = True
-            _add_defense_options(self.add_argument_group("defence (options of the registered defences)"))
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._later: list = []
+
+    def later(self, add) -> None:
+        """``add(parser)`` runs when this parser first parses or prints its help."""
+        self._later.append(add)
+
+    def _add_later(self) -> None:
+        while self._later:
+            self._later.pop(0)(self)
 
     def parse_known_args(self, args=None, namespace=None):
-        self._add_defense_options_once()
+        self._add_later()
         return super().parse_known_args(args, namespace)
 
     def format_help(self):
-        self._add_defense_options_once()
+        self._add_later()
         return super().format_help()
 
     def format_usage(self):
-        self._add_defense_options_once()
+        self._add_later()
         return super().format_usage()
 
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-def _add_defense_options(group) -> None:
+
+def _add_defense_options(parser) -> None:
     """``--defense`` (the registry's names) and one flag per defence option, made from the registered config
     dataclasses: ``--conv-k`` sets ``conv_k`` and so on. Which defence uses a flag is checked in ``_run_train``."""
     import dataclasses
@@ -150,26 +161,24 @@ def _add_defense_options(group) -> None:
 
     from . import defenses
 
+    group = parser.add_argument_group("defence (options of the registered defences)")
     group.add_argument("--defense", choices=tuple(defenses.REGISTRY), metavar="DEFENSE",
                        help="model.defense.kind: " + "; ".join(f"{d.name} ({d.description})" if d.description
                                                                else d.name for d in defenses.REGISTRY.values()))
-    _DEFENSE_OPTIONS.clear()  # a parser is built per main() call; a defence may have been registered since
+    added = set()
     for entry in defenses.REGISTRY.values():
         hints = typing.get_type_hints(entry.config)
         for field in dataclasses.fields(entry.config):
-            if field.name == "kind" or field.name in _DEFENSE_OPTIONS:
+            if field.name == "kind" or field.name in added:
                 continue
+            added.add(field.name)
             users = [d.name for d in defenses.REGISTRY.values() if field.name in defenses.config_fields(d)]
-            _DEFENSE_OPTIONS[field.name] = _option_flag(field.name)
             help_text = field.metadata.get("help", field.name)
             parsing = _option_parsing(hints[field.name], field.metadata)
             if "type" in parsing and "nargs" not in parsing:
                 parsing["metavar"] = field.name.upper()
             group.add_argument(_option_flag(field.name), dest=f"defense_{field.name}", default=None,
                                help=f"{help_text} [{', '.join(users)}]", **parsing)
-
-
-_DEFENSE_OPTIONS: dict = {}  # defence option name -> its flag, filled by _add_defense_options
 
 
 def _option_flag(name: str) -> str:
@@ -199,21 +208,26 @@ def _defense_options(args, spec: dict) -> dict:
     """The defence options given as flags, checked against the chosen defence (errors name the flag)."""
     from . import defenses
 
-    given = {name: getattr(args, f"defense_{name}") for name in _DEFENSE_OPTIONS
-             if getattr(args, f"defense_{name}", None) is not None}
+    given = _defense_flags_given(args)
     kind = spec.get("model", {}).get("defense", {}).get("kind", "standard")
     if not given or kind not in defenses.REGISTRY:
         return given  # an unknown kind from a spec file is reported by the spec parser
     known = defenses.config_fields(defenses.get(kind))
     for name, value in given.items():
         if name not in known:
-            raise ValueError(f"{_DEFENSE_OPTIONS[name]}: defense {kind!r} has no option {name} "
+            raise ValueError(f"{_option_flag(name)}: defense {kind!r} has no option {name} "
                              f"(its options: {', '.join(_option_flag(k) for k in known) or 'none'})")
         try:
             defenses.make_config(kind, **{name: value})
         except ValueError as err:
-            raise ValueError(f"{_DEFENSE_OPTIONS[name]}: {err}") from None
+            raise ValueError(f"{_option_flag(name)}: {err}") from None
     return given
+
+
+def _defense_flags_given(args) -> dict:
+    """``{option: value}`` of the defence flags given (their dests are ``defense_<option>``)."""
+    return {dest[len("defense_"):]: value for dest, value in vars(args).items()
+            if dest.startswith("defense_") and value is not None}
 
 
 def _k_value(text: str):
@@ -254,7 +268,7 @@ def _run_train(args) -> int:
         raise UserError("--resume and --force: choose one (continue the run in --out, or replace it)")
     spec = read_toml(args.spec, "spec file") if args.spec else {}
     flags_given = any(getattr(args, dest) is not None for dest in _TRAIN_FLAGS) or args.no_augment or args.amp \
-        or any(getattr(args, f"defense_{name}", None) is not None for name in _DEFENSE_OPTIONS)
+        or bool(_defense_flags_given(args))
     if args.resume and not args.spec:
         # `train --out DIR --resume [--epochs N]` continues (or extends) DIR's own run; other flags override it.
         spec = _spec_of_unfinished_run(args.out, required=not flags_given) or spec
@@ -333,32 +347,12 @@ def _add_evaluate(sub) -> None:
                         "torchrun reads --n as one of its own options)")
     p.add_argument("--eps", type=float, help="L-inf radius in 0-255 units (default: the run's, 8)")
     p.add_argument("--extra-eps", type=float, nargs="+", metavar="EPS", help="more radii (0-255) for FGSM/PGD")
-    p.add_argument("--steps", type=_at_least(1), dest="pgd_steps", help="PGD steps (default 16)")
-    p.add_argument("--step-size", type=_positive_number, dest="pgd_step_size", help="PGD step in 0-255 units (default 0.75)")
-    p.add_argument("--restarts", type=int, help="PGD random restarts (default 1)")
-    p.add_argument("--eot-samples", type=int, help="EOT draws for stochastic models (default 20)")
-    p.add_argument("--eps-curve", type=float, nargs="+", metavar="EPS", help="radii (0-255) of the curve")
-    p.add_argument("--apgd-iters", type=int, help="AutoAttack iterations (default 100; fewer = quicker, weaker)")
-    p.add_argument("--square-queries", type=int, help="Square's query budget (default 5000)")
-    p.add_argument("--autoattack-attacks", nargs="+", metavar="NAME",
-                   help="run only these AutoAttack attacks (apgd-ce apgd-t fab-t square apgd-dlr fab)")
-    p.add_argument("--cascade-attacks", nargs="+", metavar="NAME", choices=("square", "transfer", "zeroth_order", "bpda_dense", "bpda_soft"),
-                   help="run these only on the examples every white-box gradient attack left robust (AutoAttack's "
-                        "cascade: same worst case, less cost)")
-    p.add_argument("--batch-size", type=int, help="examples per attack batch (default 256)")
-    p.add_argument("--zo-steps", type=_at_least(0), help="zeroth-order attack steps (default 100; 0 = skip it)")
-    p.add_argument("--zo-step-size", type=_positive_number, help="its sign step, 0-255 units (default 2.55)")
-    p.add_argument("--zo-sigma", type=_positive_number, help="its finite-difference scale, 0-255 units (default 8)")
-    p.add_argument("--zo-samples", type=_sample_step, nargs="+", metavar="FROM:PAIRS",
-                   help="its noise pairs per step from a step on (default 0:100 20:1000 40:20000)")
-    p.add_argument("--zo-max-batch", type=_at_least(2), help="inputs per forward call of it (default 1024)")
-    p.add_argument("--zo-examples", type=_at_least(1), help="attack only the first N examples with it (default all)")
-    p.add_argument("--bpda-soft-tau", type=_positive_number,
-                   help="soft BPDA temperature for every layer (default: per layer from the score spread)")
-    p.add_argument("--indicator-examples", type=_at_least(1), help="examples the indicators run on (default 100)")
-    p.add_argument("--indicator-draws", type=_at_least(1), help="noise draws per example of the indicators (100)")
-    p.add_argument("--indicator-steps", type=_at_least(1), help="steps of the indicators' own PGD (default 50)")
-    p.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
+    p.add_argument("--eps-curve", type=float, nargs="+", metavar="EPS",
+                   help=f"radii (0-255) of the curve (default {_attack_default('eps_curve')})")
+    p.add_argument("--batch-size", type=_at_least(1),
+                   help=f"examples per attack batch (default {_attack_default('batch_size')})")
+    p.later(_add_attack_options)  # from the attack registry, added when `evaluate` is parsed
+    p.add_argument("--seed", type=int, help=f"seed of every random draw (default {_attack_default('seed')})")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", metavar="FILE", help="eval.json path (default CHECKPOINT/eval.json)")
     p.add_argument("--allow-unfinished", action="store_true",
@@ -367,18 +361,97 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=_run_evaluate)
 
 
-_EVALUATE_OVERRIDES = ("extra_eps", "pgd_steps", "pgd_step_size", "restarts", "eot_samples", "eps_curve",
-                       "apgd_iters", "square_queries", "autoattack_attacks", "cascade_attacks", "batch_size", "seed",
-                       "zo_steps", "zo_step_size", "zo_sigma", "zo_samples", "zo_max_batch", "zo_examples", "bpda_soft_tau",
-                       "indicator_examples", "indicator_draws", "indicator_steps")
+def _attack_default(name: str, config=None):
+    """A config field's default as the help shows it (from the dataclass: the one place it is written)."""
+    import dataclasses
+
+    from .config import AttackConfig
+
+    field = next(f for f in dataclasses.fields(config or AttackConfig) if f.name == name)
+    value = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if isinstance(value, list):
+        return " ".join(":".join(map(str, v)) if isinstance(v, list) else str(v) for v in value) or "none"
+    return "unset" if value is None else value
 
 
-def _sample_step(text: str) -> list:
-    """``--zo-samples 0:100``: from step 0 on, 100 noise pairs per step."""
+def _add_attack_options(parser) -> None:
+    """``--cascade-attacks`` (the registry's cascadable attacks) and one flag per field of every attack's
+    budget dataclass (``[attack.<budget>]``) and of the indicators' settings that name a flag: the flag is the
+    field's ``flag`` metadata, else ``--<budget>-<field>``; its help ends with the dataclass default."""
+    import dataclasses
+
+    from .attacks import registry
+    from .config import IndicatorConfig
+
+    group = parser.add_argument_group("attacks (budgets of the registered attacks; spec: [attack.<name>])")
+    group.add_argument("--cascade-attacks", nargs="+", metavar="NAME", choices=registry.cascadable(),
+                       help="run these only on the examples every white-box reference attack left robust "
+                            "(AutoAttack's cascade: same worst case, less cost): " + ", ".join(registry.cascadable()))
+    tables = dict(registry.budget_configs(), indicators=IndicatorConfig)
+    for table, config in tables.items():
+        for field in dataclasses.fields(config):
+            if table == "indicators" and "flag" not in field.metadata:
+                continue  # the thresholds stay in the spec's [attack.indicators]
+            flag = field.metadata.get("flag") or _option_flag(f"{table}_{field.name}")
+            help_text = f"{field.metadata.get('help', field.name)} (default {_attack_default(field.name, config)})"
+            group.add_argument(flag, dest=f"attack__{table}__{field.name}", default=None,
+                               help=help_text.replace("%", "%%"), **_budget_parsing(config, field))
+
+
+def _budget_parsing(config, field) -> dict:
+    """argparse keywords for a budget field: its type, with the metadata's bounds, choices and parser."""
+    import typing
+
+    metadata = field.metadata
+    if metadata.get("parse") == "sample_schedule":
+        return {"type": _sample_step, "nargs": "+", "metavar": metadata.get("metavar", "VALUE"),
+                "action": _ScheduleAction}
+    hint = typing.get_type_hints(config)[field.name]
+    parsing = _option_parsing(list[str] if hint is list else hint, metadata)
+    if parsing.get("type") is int and "minimum" in metadata:
+        parsing["type"] = _at_least(metadata["minimum"])
+    elif parsing.get("type") is _number and metadata.get("positive"):
+        parsing["type"] = _positive_number
+    if "choices" in metadata and "nargs" in parsing:
+        parsing.update(choices=tuple(metadata["choices"]), type=str)
+    parsing.setdefault("metavar", metadata.get("metavar") or field.name.upper()) if "type" in parsing else None
+    return parsing
+
+
+def _attack_overrides(args) -> dict:
+    """The attack flags given, as an ``[attack]`` table: ``{"pgd": {"steps": 3}, "seed": 1, ...}``."""
+    changes: dict = {}
+    for name in ("extra_eps", "eps_curve", "batch_size", "seed", "cascade_attacks"):
+        if getattr(args, name, None) is not None:
+            changes[name] = getattr(args, name)
+    for dest, value in vars(args).items():
+        if dest.startswith("attack__") and value is not None:
+            _, table, field = dest.split("__")
+            changes.setdefault(table, {})[field] = value
+    return changes
+
+
+def _sample_step(text: str):
+    """``--zo-samples 0:100``: from step 0 on, 100 noise pairs per step; or a schedule's name."""
+    from .attacks.zeroth_order import SCHEDULES
+
+    if text in SCHEDULES:
+        return text
     start, sep, count = text.partition(":")
     if not sep or not start.isdigit() or not count.isdigit() or int(count) < 1:
-        raise argparse.ArgumentTypeError(f"expected FROM_STEP:PAIRS such as 0:100, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected FROM_STEP:PAIRS such as 0:100, or one of "
+                                         f"{', '.join(SCHEDULES)}, got {text!r}")
     return [int(start), int(count)]
+
+
+class _ScheduleAction(argparse.Action):
+    """A sample schedule: ``FROM:PAIRS ...`` pairs, or one schedule name standing alone."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        names = [value for value in values if isinstance(value, str)]
+        if names and len(values) > 1:
+            parser.error(f"argument {option_string}: a schedule's name ({names[0]}) stands alone")
+        setattr(namespace, self.dest, names[0] if names else values)
 
 
 def _run_evaluate_user_model(args, overrides: dict) -> int:
@@ -386,7 +459,7 @@ def _run_evaluate_user_model(args, overrides: dict) -> int:
     import dataclasses
 
     from .checkpoint import EVAL_FILE
-    from .config import AttackConfig, DataConfig
+    from .config import AttackConfig, DataConfig, attack_config_with
     from .evaluate import evaluate_user_model
 
     if args.checkpoint is not None:
@@ -399,7 +472,7 @@ def _run_evaluate_user_model(args, overrides: dict) -> int:
     changes = dict(overrides, suite=args.suite, **({"n_examples": args.n} if args.n else {}),
                    **({"eps": float(args.eps)} if args.eps is not None else {}))
     out = _writable_output(args.out or EVAL_FILE)
-    result = evaluate_user_model(args.model, args.weights, data, dataclasses.replace(AttackConfig(), **changes),
+    result = evaluate_user_model(args.model, args.weights, data, attack_config_with(AttackConfig(), changes),
                                  out=out, surrogate_dir=args.surrogate, device=args.device,
                                  progress=not args.no_progress)
     _print_evaluation(result)
@@ -411,7 +484,7 @@ def _print_evaluation(result: dict) -> None:
 
     if distributed.context().is_main:
         attacks = ", ".join(f"{name} {a['accuracy']:.4f}" for name, a in result["attacks"].items())
-        print(f"{result['verdict']['text']}\nn={result['n']} clean {result['clean']:.4f}; {attacks}; "
+        print(f"{result['verdict']['text']}\nn={result['n_examples']} clean {result['clean']:.4f}; {attacks}; "
               f"worst case {result['worst_case']['accuracy']:.4f}")
 
 
@@ -419,7 +492,7 @@ def _run_evaluate(args) -> int:
     from .checkpoint import EVAL_FILE, run_folder
     from .evaluate import evaluate_run
 
-    overrides = {name: getattr(args, name) for name in _EVALUATE_OVERRIDES if getattr(args, name) is not None}
+    overrides = _attack_overrides(args)
     if args.model is not None:
         return _run_evaluate_user_model(args, overrides)
     if args.checkpoint is None:
@@ -598,28 +671,19 @@ def _run_sweep(args) -> int:
     return 0
 
 
-def _one_line_error(parser: argparse.ArgumentParser, message: str):
-    """An argument error as one line naming the flag (argparse's default prints the whole usage first)."""
-    parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    import functools
-
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="topkconv",
         description="Sparse top-k routing defences (Dynamic-k, TopKConv, TKC-neuron) and their robustness evaluation.")
     parser.add_argument("--version", action="version", version=f"topkconv {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: TOPKCONV_DEBUG=1)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_add_train, _add_evaluate, _add_prune, _add_reproduce, _add_sweep):
         add(sub)
     for command in sub.choices.values():  # --debug is also accepted after the command's name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback of an error (also: TOPKCONV_DEBUG=1)")
-    for each in (parser, *sub.choices.values()):  # whatever parser class a command uses
-        each.error = functools.partial(_one_line_error, each)
     return parser
 
 
@@ -645,25 +709,27 @@ def main(argv=None) -> int:
         print(f"topkconv {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        status = _exit_status(err)
-        if debug or status is None:
+        if debug:
             raise
         from .errors import one_line
 
-        hint = "" if status == EXIT_USER_ERROR else " (--debug shows the traceback)"
-        print(f"topkconv {args.command}: error: {one_line(err)}{hint}", file=sys.stderr)
+        status, kind, hint = _exit_status(err)
+        print(f"topkconv {args.command}: {kind}: {one_line(err)}{hint}", file=sys.stderr)
         return status
 
 
-def _exit_status(err: Exception):
-    """2 for user errors, 1 for other runtime failures, None for bugs (their traceback is shown)."""
+def _exit_status(err: Exception) -> tuple[int, str, str]:
+    """(status, kind, hint): 2 for a user error (:func:`topkconv.errors.is_user_error`, a run folder in use,
+    a corrupt weights file), 1 for a failure of the computation (a RuntimeError such as out of memory), and 1
+    as an ``internal error`` for anything else: a bug, even one that raises ValueError."""
     from .checkpoint import RunLockedError
+    from .errors import is_user_error
 
-    if isinstance(err, (ValueError, OSError, RunLockedError)) or type(err).__name__ == "SafetensorError":
-        return EXIT_USER_ERROR
+    if is_user_error(err) or isinstance(err, RunLockedError) or type(err).__name__ == "SafetensorError":
+        return EXIT_USER_ERROR, "error", ""
     if isinstance(err, RuntimeError):
-        return EXIT_FAILURE
-    return None
+        return EXIT_FAILURE, "error", " (--debug shows the traceback)"
+    return EXIT_FAILURE, "internal error", " (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -118,36 +118,138 @@ class TrainConfig:
 
 
 @dataclass
+class IndicatorConfig:
+    """The masking indicators' settings (radii in 0-255 units, draws, steps, examples) and every threshold
+    the indicators, the masking checks and the verdict judge against: the ``[attack.indicators]`` table."""
+    examples: int = field(default=100, metadata={"flag": "--indicator-examples",
+                                                 "help": "examples the indicators run on"})
+    draws: int = field(default=100, metadata={"flag": "--indicator-draws",
+                                              "help": "noise draws per example (unstable predictions; the "
+                                                      "finite-difference pairs of gradient agreement)"})
+    steps: int = field(default=50, metadata={"flag": "--indicator-steps",
+                                             "help": "steps of the indicators' own PGD (traced; and eps = infinity)"})
+    unstable_radius: float = 8.0      # Pintor: uniform noise in [-r/2, r/2], r = 8/255 (0-255 units)
+    flip_radius: float = 1.0          # selection flips: uniform noise in [-r, r] (0-255 units)
+    flip_draws: int = 4
+    agreement_sigma: float = 1.0      # gradient agreement's finite-difference scale (0-255 units)
+    randomness_passes: int = 5        # AutoAttack: 5 forward passes
+    probe_examples: int = 8           # examples of the behavioural randomness probe that decides EOT
+    probe_passes: int = 2
+    unstable_threshold: float = 0.1   # mean relative margin change under noise (our choice)
+    incomplete_window: int = 10       # Pintor: the last 10 steps ...
+    incomplete_tolerance: float = 0.05  # ... of the [0, 1]-rescaled best-so-far loss move by more than 0.05
+    incomplete_threshold: float = 0.1  # share of never-fooled examples allowed to still move (our choice)
+    transfer_threshold: float = 0.9   # share of surrogate successes that fail on the target (our choice)
+    randomness_threshold: float = 1e-4  # AutoAttack: relative L2 change of the logits
+    square_threshold: float = 0.002   # AutoAttack: Square beats the white-box attacks by more than 0.2 points
+    flip_threshold: float = 0.1       # share of (example, output) selections that change under noise (our choice)
+    agreement_fraction: float = 0.5   # gradient agreement must reach half of what a smooth loss gives
+    slack_points: float = 0.01        # two accuracies differ beyond max(1 point, 1 example)
+    chance_slack: float = 0.05        # "falls to chance": within 5 points of 1 / classes
+    alpha: float = 0.05               # the sign test's level for a gap between two attacks on the same examples
+
+
+# Keys of the flat [attack] table of earlier versions (spec files, run.json) -> (sub-table, key).
+LEGACY_ATTACK_KEYS = {
+    "pgd_steps": ("pgd", "steps"), "pgd_step_size": ("pgd", "step_size"), "restarts": ("pgd", "restarts"),
+    "eot_samples": ("eot_pgd", "samples"), "apgd_iters": ("autoattack", "iterations"),
+    "autoattack_attacks": ("autoattack", "attacks"), "square_queries": ("square", "queries"),
+    "zo_steps": ("zeroth_order", "steps"), "zo_step_size": ("zeroth_order", "step_size"),
+    "zo_sigma": ("zeroth_order", "sigma"), "zo_samples": ("zeroth_order", "samples"),
+    "zo_max_batch": ("zeroth_order", "max_batch"), "zo_examples": ("zeroth_order", "examples"),
+    "bpda_soft_tau": ("bpda_soft", "tau"), "indicator_examples": ("indicators", "examples"),
+    "indicator_draws": ("indicators", "draws"), "indicator_steps": ("indicators", "steps"),
+}
+
+
+@dataclass
 class AttackConfig:
-    suite: str = "paper"              # paper (FGSM + PGD) | full (+ AutoAttack, Square, transfer, EOT, BPDA, checks)
+    """What an evaluation runs. The budget of each attack is its own config dataclass, declared beside the
+    attack in :mod:`topkconv.attacks` and held in ``budgets`` (one ``[attack.<name>]`` table each in a spec,
+    e.g. ``[attack.pgd]``); :meth:`budget` reads one, with the attack's defaults for any not given."""
+    suite: str = "paper"              # a suite of topkconv.attacks.SUITES: paper (FGSM + PGD) | full (+ the strong attacks)
     eps: float = 8.0                  # L-inf radius, 0-255 units
-    extra_eps: list = field(default_factory=list)  # more radii to report (0-255 units)
-    pgd_steps: int = 16
-    pgd_step_size: float = 0.75       # 0-255 units
-    restarts: int = 1
-    eot_samples: int = 20             # EOT draws for stochastic defences: EOT-PGD and AutoAttack rand
+    extra_eps: list = field(default_factory=list)  # more radii for the paper's attacks (0-255 units)
     eps_curve: list = field(default_factory=lambda: [0, 2, 4, 8, 16, 32, 64])  # 0-255 units
     n_examples: Optional[int] = None  # attack only the first N test examples
     batch_size: int = 256
     seed: int = 0
-    apgd_iters: int = 100             # AutoAttack's APGD/FAB iterations (100 = AutoAttack; lower = quick preset)
-    square_queries: int = 5000        # Square's query budget (5000 = AutoAttack; lower = quick preset)
-    autoattack_attacks: list = field(default_factory=list)  # [] = the version's own; e.g. ["apgd-ce", "apgd-t"] (quick)
-    # The zeroth-order attack of the full suite (Tramer et al. 2020's k-WTA break); defaults = the reference.
-    zo_steps: int = 100               # sign steps (0 = do not run it)
-    zo_step_size: float = 2.55        # 0-255 units (the reference's 0.01)
-    zo_sigma: float = 8.0             # finite-difference scale, 0-255 units
-    zo_samples: list = field(default_factory=lambda: [[0, 100], [20, 1000], [40, 20000]])  # [from step, pairs]
-    zo_max_batch: int = 1024          # inputs per forward call (the memory bound)
-    zo_examples: Optional[int] = None  # attack only the first N examples with it (None: all; a CPU budget)
-    # Attacks run only on the examples that every white-box gradient attack at eps left robust (AutoAttack's
+    # Attacks run only on the examples that every white-box reference attack at eps left robust (AutoAttack's
     # cascade): the per-example worst case is the same, the cost is that of the survivors; their rows then
-    # hold "white-box and this attack" (evaluate.CASCADE_BASE). [] = every attack on every example.
+    # hold "white-box and this attack". Only attacks registered as cascadable. [] = every attack on every example.
     cascade_attacks: list = field(default_factory=list)
-    bpda_soft_tau: Optional[float] = None  # soft BPDA temperature; None = per layer from the score spread
-    indicator_examples: int = 100     # the masking indicators run on the first N attacked examples
-    indicator_draws: int = 100        # noise draws per example (unstable predictions, selection flips)
-    indicator_steps: int = 50         # steps of the indicators' own PGD (traced; and the unbounded attack)
+    indicators: IndicatorConfig = field(default_factory=IndicatorConfig)
+    budgets: dict = field(default_factory=dict, metadata={"from_dict": "attack_budgets"})
+
+    def __post_init__(self):
+        if isinstance(self.indicators, dict):
+            self.indicators = from_dict(IndicatorConfig, self.indicators, "attack.indicators")
+        self.budgets = budgets_from_dict(self.budgets or {}, "attack")
+
+    def budget(self, name: str):
+        """The budget (config dataclass) of the attacks that read the ``[attack.<name>]`` table."""
+        if name not in self.budgets:
+            raise ValueError(f"attack.{name}: no such budget; expected one of {', '.join(sorted(self.budgets))}")
+        return self.budgets[name]
+
+    def with_budget(self, name: str, **changes) -> "AttackConfig":
+        """A copy with fields of budget ``name`` replaced."""
+        budgets = dict(self.budgets, **{name: dataclasses.replace(self.budget(name), **changes)})
+        return dataclasses.replace(self, budgets=budgets)
+
+
+def attack_config_with(cfg: AttackConfig, changes: dict, where: str = "attack") -> AttackConfig:
+    """``cfg`` with ``changes``, an ``[attack]`` table (sub-tables merge key by key: ``{"pgd": {"steps": 3}}``
+    changes PGD's steps only); unknown keys are errors naming them."""
+    base, extra = attack_table(dataclasses.asdict(cfg), where), attack_table(changes, where)
+    for table in ("indicators", "budgets"):
+        extra[table] = {**base.get(table, {}), **extra.get(table, {})}
+    for name, value in extra["budgets"].items():
+        if isinstance(value, dict) and isinstance(base["budgets"].get(name), dict):
+            extra["budgets"][name] = {**base["budgets"][name], **value}
+    return from_dict(AttackConfig, {**base, **extra}, where)
+
+
+def budgets_from_dict(data: dict, where: str) -> dict:
+    """Every registered attack budget, from ``{name: table or dataclass}`` (unknown names and keys are errors
+    naming them), with the attack's defaults for the budgets not given."""
+    from .attacks.registry import budget_configs  # lazily: the attacks import torch
+
+    configs = budget_configs()
+    unknown = sorted(set(data) - set(configs))
+    if unknown:
+        raise ValueError(f"unknown key {where}.{unknown[0]!r}; expected an attack budget among "
+                         f"{', '.join(sorted(configs))}")
+    out = {}
+    for name, config in configs.items():
+        value = data.get(name, {})
+        out[name] = value if isinstance(value, config) else from_dict(config, value, f"{where}.{name}",
+                                                                      owner=f"attack {name!r}")
+    return out
+
+
+def attack_table(data: dict, where: str = "attack") -> dict:
+    """An ``[attack]`` table in AttackConfig's shape: ``[attack.<budget>]`` sub-tables go to ``budgets``, and
+    the flat keys of earlier versions (``pgd_steps``, ``zo_samples`` ...) to their sub-table."""
+    from .attacks.registry import budget_configs
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a table, got {type(data).__name__}")
+    out, budgets, names = {}, dict(data.get("budgets") or {}), set(budget_configs())
+    for key, value in data.items():
+        if key in LEGACY_ATTACK_KEYS:
+            table, field_name = LEGACY_ATTACK_KEYS[key]
+            target = out.setdefault("indicators", {}) if table == "indicators" else budgets.setdefault(table, {})
+            target[field_name] = value
+        elif key in names:
+            budgets[key] = dict(budgets.get(key, {}), **value) if isinstance(value, dict) else value
+        elif key == "indicators" and isinstance(value, dict):
+            out["indicators"] = dict(out.get("indicators", {}), **value)
+        elif key != "budgets":
+            out[key] = value
+    if budgets:
+        out["budgets"] = budgets
+    return out
 
 
 @dataclass
@@ -180,6 +282,8 @@ def from_dict(cls, data: dict, where: str = "", owner: str = ""):
     """
     if not isinstance(data, dict):
         raise ValueError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
+    if cls is AttackConfig:
+        data = attack_table(data, where or "attack")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -190,6 +294,8 @@ def from_dict(cls, data: dict, where: str = "", owner: str = ""):
             raise ValueError(f"unknown key {path!r}{f' for {owner}' if owner else ''}; {expected}")
         if fields[key].metadata.get("from_dict") == "defense":
             kwargs[key] = defense_from_dict(value, path)
+        elif fields[key].metadata.get("from_dict") == "attack_budgets":
+            kwargs[key] = budgets_from_dict(value, where or "attack")
         else:
             kwargs[key] = _check_type(path, value, hints[key])
     return cls(**kwargs)  # a defence config checks its own values (errors name e.g. defense.dropout_p)

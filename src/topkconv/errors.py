@@ -1,15 +1,39 @@
 """Errors a user can fix, as opposed to bugs.
 
-The command line (:func:`topkconv.cli.main`) prints any :class:`UserError` (and any other ``ValueError``
-or ``OSError``) as one line and exits with status 2; ``--debug`` or ``TOPKCONV_DEBUG=1`` shows the
-traceback instead. Raise one with a message that names the file or the flag and says what was expected.
+The command line (:func:`topkconv.cli.main`) prints a user error (:func:`is_user_error`) as one line and
+exits with status 2; any other exception is a one-line ``internal error`` with status 1 (``--debug`` or
+``TOPKCONV_DEBUG=1`` shows the traceback instead). Raise a :class:`UserError` with a message that names the
+file or the flag and says what was expected.
 """
 
 from __future__ import annotations
 
+import linecache
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
+
 
 class UserError(ValueError):
     """A mistake in the input: a flag, a spec file, a data file or a run folder. Exit status 2."""
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A mistake in the input, reported as such: a :class:`UserError`, an ``OSError`` (a file that cannot be
+    read or written), or a ``ValueError`` that topkconv raised on purpose, i.e. at a ``raise`` statement of its
+    own code (the validation of configs, specs, data and arguments). A ``ValueError`` raised anywhere else
+    (torch, numpy, Python itself, a user's callback) is a bug or a failure, not a user error."""
+    if isinstance(err, (UserError, OSError)):
+        return True
+    if not isinstance(err, ValueError) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = Path(tb.tb_frame.f_code.co_filename).resolve()
+    if _PACKAGE not in filename.parents:
+        return False
+    return linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise")
 
 
 def one_line(err: BaseException) -> str:

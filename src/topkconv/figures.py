@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks.common import attack_mode
+from .attacks.common import attack_mode, is_routing_layer, routing_layers
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .layers import TopKConv2d
 
@@ -74,15 +74,6 @@ def selection_mask(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mask.unsqueeze(1) if mask.dim() == 2 else mask
 
 
-def is_routing_layer(module: nn.Module) -> bool:
-    """Whether ``module`` exposes its routing (a ``selection_mask(x)`` method, as every routing layer does)."""
-    return callable(getattr(module, "selection_mask", None))
-
-
-def routing_layers(model: nn.Module) -> dict:
-    return {name: module for name, module in model.named_modules() if is_routing_layer(module)}
-
-
 def _routing_kind(layer: nn.Module) -> str:
     """The registry name of the defence that inserts ``layer`` (its class name if none does)."""
     from .defenses import REGISTRY
@@ -106,7 +97,7 @@ class LayerRoutes:
 def collect_routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                    batch_size: int = 64) -> dict:
     """Run the test set through ``model`` and count every routing layer's selections per class."""
-    layers = routing_layers(model)
+    layers = dict(routing_layers(model))
     counts: dict = {}
     current: dict = {}
 
@@ -420,3 +411,40 @@ def sweep_plot(values: list, series: dict, path, title: str = "", xlabel: str = 
     axes[0][-1].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def plot_accuracy_vs_eps(result: dict, title: str = "") -> bytes:
+    """PNG bytes: accuracy against eps (the curve, or the PGD points of the paper suite), with chance."""
+    import io
+
+    from .attacks import registry
+
+    plt = _matplotlib()
+    points = [(p["eps"], p["accuracy"]) for p in result["eps_curve"]]
+    label = "white-box PGD" + (" (EOT)" if result["model"]["stochastic"] else "")
+    if not points:
+        points = [(0.0, result["clean"])] + sorted(
+            (a["params"]["eps"], a["accuracy"]) for name, a in result["attacks"].items()
+            if name == "pgd" or name.startswith("pgd@"))
+        label = "PGD"
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+    eps = result["worst_case"]["eps"]
+    # One marker per attack at eps that is neither the curve's, part of a row, nor a larger-budget variant.
+    markers = [name for name, entry in registry.REGISTRY.items()
+               if not (entry.curve or entry.row or entry.variant_of)]
+    for name in markers:
+        if name in result["attacks"]:
+            ax.plot([eps], [result["attacks"][name]["accuracy"]], "x", label=name)
+    ax.plot([eps], [result["worst_case"]["accuracy"]], "k*", label="worst case")
+    ax.axhline(1.0 / result["model"]["num_classes"], color="grey", ls="--", lw=1, label="chance")
+    ax.set_xlabel("eps (0-255 units)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or f"accuracy vs eps (n = {result['n_examples']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,22 +1,15 @@
-"""The paper's tables with our numbers beside the paper's: Markdown, CSV and console text.
+"""The paper's tables with our numbers beside the paper's, as Markdown and console text.
 
 The paper's numbers are the published constants in :data:`PAPER` (CINIC-10, VGG16, eps = 8/255),
-always shown in columns labelled "paper". Ours come from the ``eval.json`` dicts that
-:func:`topkconv.evaluate.evaluate` returns: the clean accuracy, the paper's FGSM and PGD, the same at
-any larger eps of the spec, the strong-suite worst case, the masking indicators' flags and one masking
-verdict per model in the report's first lines. :func:`render_evaluation` is the Markdown of one ``eval.json``.
+always shown in columns labelled "paper"; :mod:`topkconv.reproduce.tables` builds a :class:`Table` from the
+per-seed evaluations. :func:`masking_flags` and :func:`masking_verdicts` read one column's ``eval.json``
+dicts; :func:`render_evaluation` is the Markdown of one ``eval.json``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
-
-from .io import atomic_write_text
 
 # The paper's published numbers. Tables I and III: accuracy as a fraction; Table II: percent.
 PAPER: dict[str, dict[tuple[str, str], Optional[float]]] = {
@@ -74,30 +67,6 @@ def _parts(result: dict) -> tuple:
     return result, [result]
 
 
-def clean_accuracy(result: dict) -> Optional[float]:
-    return _parts(result)[0].get("clean")
-
-
-def attack_accuracy(result: dict, attack: str, eps: float) -> Optional[float]:
-    """Accuracy under the paper's ``attack`` ("fgsm" or "pgd") at ``eps`` (0-255 units), or None."""
-    paper, _ = _parts(result)
-    for name, entry in (paper.get("attacks") or {}).items():
-        if name.split("@")[0] != attack:
-            continue
-        if math.isclose(float(entry.get("params", {}).get("eps", float("nan"))), eps, abs_tol=1e-6):
-            return float(entry["accuracy"])
-    return None
-
-
-def worst_case(result: dict, eps: float) -> Optional[float]:
-    """The strong suite's per-example worst case at ``eps``: robust only if every attack fails."""
-    for part in _parts(result)[1]:
-        worst = part.get("worst_case") or {}
-        if part.get("suite") == "full" and math.isclose(float(worst.get("eps", float("nan"))), eps, abs_tol=1e-6):
-            return float(worst["accuracy"])
-    return None
-
-
 def masking_flags(result: dict) -> list:
     """The masking indicators (the five checks among them) whose verdict is ``flag``, as ``name@eps``."""
     flagged = []
@@ -110,99 +79,15 @@ def masking_flags(result: dict) -> list:
 
 
 def masking_verdicts(result: dict) -> list:
-    """The strong suite's one-line verdict at each of its eps, as ``"eps=E: text"``."""
-    lines = []
+    """The strong suite's verdict at each of its eps: ``[{"eps": E, "verdict": kind, "text": line}]``, where
+    ``kind`` is the structured field (``masking shown``, ``masking suspected``, ``no masking indicated``)."""
+    found = []
     for part in _parts(result)[1]:
-        text = (part.get("verdict") or {}).get("text")
-        eps = (part.get("worst_case") or {}).get("eps")
-        if text and part.get("suite") == "full":
-            lines.append(f"eps={eps:g}: {text}" if isinstance(eps, (int, float)) else text)
-    return lines
-
-
-def verdict_headline(labels: list, results: dict) -> list:
-    """One line per model: its masking verdicts (the first lines of a table's report)."""
-    lines = []
-    for label in labels:
-        result = results.get(label)
-        verdicts = masking_verdicts(result) if result is not None else []
-        if verdicts:
-            lines.append(f"{label}: " + "; ".join(verdicts))
-    return lines
-
-
-# ---------------------------------------------------------------- building tables
-
-def attack_table(name: str, title: str, labels: list, results: dict, eps_list: list,
-                 not_reproduced: Optional[dict] = None, notes: Optional[list] = None,
-                 strong_eps: Optional[list] = None) -> Table:
-    """Tables I and III: rows are attacks, each column has "<label> ours" and "<label> paper".
-
-    ``results`` maps a label to its column result (None while missing). ``eps_list`` holds the radii
-    of the paper's attacks in 0-255 units, the paper's first; ``strong_eps`` those of the strong suite.
-    """
-    not_reproduced = not_reproduced or {}
-    paper = PAPER.get(name, {})
-    header = ["Attack"]
-    for label in labels:
-        header += [f"{label} ours", f"{label} paper"]
-    rows = []
-
-    def row(row_name, paper_row, ours):
-        cells = [row_name]
-        for label in labels:
-            result = results.get(label)
-            if label in not_reproduced:
-                cells.append("not reproduced")
-            else:
-                cells.append(ours(result) if result is not None else None)
-            cells.append(paper.get((paper_row, label)) if paper_row else None)
-        rows.append(cells)
-
-    row("None", "None", clean_accuracy)
-    for i, eps in enumerate(eps_list):
-        suffix = "" if i == 0 and math.isclose(eps, PAPER_EPS) else f" (eps={eps:g})"
-        paper_row = i == 0 and math.isclose(eps, PAPER_EPS)
-        row(f"FGSM{suffix}", "FGSM" if paper_row else None, lambda r, e=eps: attack_accuracy(r, "fgsm", e))
-        row(f"PGD{suffix}", "PGD" if paper_row else None, lambda r, e=eps: attack_accuracy(r, "pgd", e))
-    for eps in (eps_list if strong_eps is None else strong_eps):
-        row(f"Strong-suite worst case (eps={eps:g})", None, lambda r, e=eps: worst_case(r, e))
-    row("Gradient-masking flags", None, lambda r: ", ".join(masking_flags(r)) or "none")
-    notes = list(notes or [])
-    for label, reason in not_reproduced.items():
-        notes.append(f"{label}: not reproduced: {reason}.")
-    return Table(name, title, header, rows, notes, headline=verdict_headline(labels, results))
-
-
-def pruning_table(title: str, labels: list, results: dict, eps: float,
-                  notes: Optional[list] = None, eps_list: Optional[list] = None,
-                  strong_eps: Optional[list] = None) -> Table:
-    """Table II: adversarial accuracy (percent) under PGD, per method and layers affected.
-
-    The paper's column is PGD at ``eps``; any larger radius of ``eps_list`` and the strong-suite worst
-    case at each of ``strong_eps`` get columns of their own (ours only).
-    """
-    paper = PAPER["table2"]
-    extra = [e for e in (eps_list or [eps]) if not math.isclose(e, eps)]
-    strong = list(strong_eps if strong_eps is not None else [eps])
-    header = (["Method", "Layers Affected", "Adv Acc ours", "Adv Acc paper"]
-              + [f"Adv Acc ours (eps={e:g})" for e in extra] + ["Clean ours"]
-              + [f"Worst case ours (eps={e:g})" for e in strong] + ["Gradient-masking flags"])
-    percent = lambda v: None if v is None else 100.0 * v  # noqa: E731 - Table II is in percent
-    rows = []
-    for label in labels:
-        method, _, layers = label.partition(TABLE2_SEPARATOR)
-        result = results.get(label)
-        if result is None:
-            rows.append([method, layers, None, paper.get((method, layers))] + [None] * (len(header) - 4))
-            continue
-        rows.append([method, layers, percent(attack_accuracy(result, "pgd", eps)), paper.get((method, layers))]
-                    + [percent(attack_accuracy(result, "pgd", e)) for e in extra]
-                    + [percent(clean_accuracy(result))]
-                    + [percent(worst_case(result, e)) for e in strong]
-                    + [", ".join(masking_flags(result)) or "none"])
-    return Table("table2", title, header, rows, list(notes or []), decimals=1,
-                 headline=verdict_headline(labels, results))
+        verdict = part.get("verdict") or {}
+        if verdict.get("text") and part.get("suite") == "full":
+            found.append({"eps": (part.get("worst_case") or {}).get("eps"), "verdict": verdict.get("verdict"),
+                          "text": verdict["text"]})
+    return found
 
 
 # ---------------------------------------------------------------- rendering
@@ -230,15 +115,6 @@ def render_markdown(table: Table, meta: dict) -> str:
         lines.append("")
         lines += [f"- {note}" for note in table.notes]
     return "\n".join(lines) + "\n"
-
-
-def render_csv(table: Table) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(table.header)
-    for row in table.rows:
-        writer.writerow(["" if v is None else (round(v, 6) if isinstance(v, float) else v) for v in row])
-    return buffer.getvalue()
 
 
 def _paired(table: Table) -> tuple:
@@ -279,16 +155,6 @@ def render_console(table: Table) -> str:
     return "\n".join(lines)
 
 
-def write_table(reports_dir, table: Table, meta: dict) -> dict:
-    """Write ``<reports_dir>/<name>.md`` and ``.csv``; returns their paths."""
-    reports_dir = Path(reports_dir)
-    md = reports_dir / f"{table.name}.md"
-    csv_path = reports_dir / f"{table.name}.csv"
-    atomic_write_text(md, render_markdown(table, meta))
-    atomic_write_text(csv_path, render_csv(table))
-    return {"md": str(md), "csv": str(csv_path)}
-
-
 # ---------------------------------------------------------------- one evaluation (eval.json) as Markdown
 
 def _number(value, decimals: int = 3) -> str:
@@ -304,7 +170,7 @@ def render_evaluation(result: dict, title: str = "") -> str:
     each indicator with its value, threshold and verdict."""
     verdict = (result.get("verdict") or {}).get("text", "no verdict (an older eval.json)")
     lines = [f"# {title or 'Robustness evaluation'}", "", f"**Verdict: {verdict}**", "",
-             f"- suite: {result['suite']}; n = {result['n']}; clean accuracy {_number(result['clean'])}",
+             f"- suite: {result['suite']}; n = {result.get('n_examples', result.get('n'))}; clean accuracy {_number(result['clean'])}",
              f"- model: " + ", ".join(f"{k} {v}" for k, v in (result.get("model") or {}).items()), ""]
     lines += ["## Worst case per eps (an example counts only if it survives every attack at that eps)", "",
               "| eps | accuracy | attacks |", "|---|---|---|"]

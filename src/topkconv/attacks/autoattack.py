@@ -1,4 +1,4 @@
-"""AutoAttack and Square through the ``pyautoattack`` package (0.2.0 API: ``attacks=``, ``batch_size=``,
+"""AutoAttack (and, in square.py, Square) through the ``pyautoattack`` package (0.2.0 API: ``attacks=``, ``batch_size=``,
 ``device`` defaulting to the CPU, and ``run_standard_evaluation`` returning ``(x_adv, y_adv)``).
 
 pyautoattack seeds torch's global generator; the calls here run inside ``torch.random.fork_rng`` so the
@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .common import attack_mode, check_inputs
+from .registry import Attack, PlanContext, Planned, Role, budget_field, register
 
 AA_VERSIONS = ("standard", "rand", "plus")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+
+
+@dataclass
+class AutoAttackBudget:
+    iterations: int = budget_field(default=100, flag="--apgd-iters", minimum=1,
+                                   help="AutoAttack's APGD/FAB iterations (100 = AutoAttack; fewer = quicker, "
+                                        "weaker)")
+    attacks: list = budget_field(default=[], metavar="NAME", choices=AA_ATTACKS,
+                                 help="run only these AutoAttack attacks (empty: the version's own)")
 
 
 def _isolated_rng(device: torch.device):
@@ -88,17 +99,19 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
     return x_adv.detach()
 
 
-def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_queries: int = 5000,
-           seed: int = 0, p_init: float = 0.8, loss: str = "margin") -> torch.Tensor:
-    """Square Attack (Andriushchenko et al. 2020), a score-based black-box attack: it uses the model's
-    outputs only, so gradient masking does not blunt it. ``eps`` is a fraction of 1."""
-    check_inputs(x, y, eps)
-    if n_queries < 1:
-        raise ValueError(f"n_queries: expected >= 1, got {n_queries}")
-    from pyautoattack.square import SquareAttack
+def _plan(ctx: PlanContext, eps: float) -> Planned:
+    """The ``standard`` version, or ``rand`` on a random model, whose APGD averages as many draws as
+    EOT-PGD does (``[attack.eot_pgd]``; AutoAttack's own: 20). Square's query budget is ``[attack.square]``'s."""
+    budget, queries = ctx.budget("autoattack"), ctx.budget("square").queries
+    version = "rand" if ctx.traits.stochastic else "standard"
+    subset = list(budget.attacks) or None
+    eot_iter = ctx.budget("eot_pgd").samples if version == "rand" else None
+    params = {"eps": eps, "version": version, "attacks": subset, "n_iter": budget.iterations,
+              "square_queries": queries, "eot_iter": eot_iter}
+    return Planned(params, lambda x, y, generator, seed: autoattack(
+        ctx.model, x, y, eps / 255, version=version, attacks=subset, n_iter=budget.iterations,
+        square_queries=queries, seed=seed, batch_size=ctx.cfg.batch_size, eot_iter=eot_iter))
 
-    with attack_mode(model) as device, _isolated_rng(device), torch.no_grad():
-        attack = SquareAttack(model, norm="Linf", n_queries=n_queries, eps=eps, p_init=p_init, n_restarts=1,
-                              seed=seed, verbose=False, loss=loss, resc_schedule=True, device=device)
-        x_adv = attack.perturb(x.detach().to(device), y.to(device))
-    return x_adv.detach()
+
+register(Attack("autoattack", _plan, Role.WHITEBOX, config=AutoAttackBudget,
+                description="AutoAttack (Croce and Hein 2020) via pyautoattack"))

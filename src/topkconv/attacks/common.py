@@ -13,8 +13,6 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .. import defenses
-from ..layers import StochasticActivationPruning
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -79,36 +77,49 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: Opt
     return mask.float().mean().item() if mask.numel() else float("nan")
 
 
-def has_routing(model: nn.Module) -> bool:
-    """Whether the model holds a routing defence's layer (BPDA applies); reads the defence registry."""
-    return defenses.has_routing(model)
+@torch.no_grad()
+def logit_change(model: nn.Module, x: torch.Tensor, passes: int) -> float:
+    """The largest L2 change of an example's logits, relative to their norm, over ``passes`` forward passes
+    of the same inputs in eval mode: 0 for a deterministic model. The one randomness test (AutoAttack's
+    ``check_randomized``), used by the randomness indicator and by the plan's choice of EOT."""
+    if x.numel() == 0 or passes < 2:
+        return 0.0
+    with attack_mode(model) as device:
+        x = x.to(device)
+        first = model(x)
+        norm = torch.linalg.vector_norm(first, dim=1).clamp_min(1e-12)
+        return max((torch.linalg.vector_norm(model(x) - first, dim=1) / norm).max().item()
+                   for _ in range(passes - 1))
 
 
-def is_stochastic(model: nn.Module, x_probe: Optional[torch.Tensor] = None) -> bool:
-    """Whether the model's eval-mode forward pass is random (EOT applies).
+def is_routing_layer(module: nn.Module) -> bool:
+    """Whether ``module`` exposes its routing (a ``selection_mask(x)`` method, as every routing layer does)."""
+    return callable(getattr(module, "selection_mask", None))
 
-    Registered stochastic defences (SAP) count by their layer types; any other randomness is caught by
-    running ``x_probe`` twice, as AutoAttack's ``check_randomized`` does.
-    """
-    if defenses.is_stochastic(model):
-        return True
-    if x_probe is None or x_probe.numel() == 0:
-        return False
-    with torch.no_grad(), attack_mode(model) as device:
-        probe = x_probe.to(device)
-        return not torch.equal(model(probe), model(probe))
+
+def routing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer of ``model`` that can report its selection (has ``selection_mask``)."""
+    return [(name, module) for name, module in model.named_modules() if is_routing_layer(module)]
+
+
+def _generator_holders(model: nn.Module) -> list[nn.Module]:
+    """The modules that draw from their own ``generator`` attribute (a random layer such as SAP)."""
+    return [module for module in model.modules()
+            if hasattr(module, "generator") and (module.generator is None
+                                                 or isinstance(module.generator, torch.Generator))]
 
 
 @contextlib.contextmanager
 def seeded(model: nn.Module, seed: int) -> Iterator[torch.Generator]:
     """Fix every random draw of an attack to ``seed``; yields a generator on the model's device.
 
-    Inside the block torch's global generators are seeded (and restored afterwards) and every SAP layer
-    draws from its own generator seeded with ``seed`` (its previous generator is put back), so an attack
-    on the same examples gives the same numbers wherever and in whatever order it runs.
+    Inside the block torch's global generators are seeded (and restored afterwards) and every layer with a
+    ``generator`` attribute (a random layer such as SAP) draws from its own generator seeded from ``seed``
+    (its previous generator is put back), so an attack on the same examples gives the same numbers wherever
+    and in whatever order it runs.
     """
     device = model_device(model)
-    saps = [module for module in model.modules() if isinstance(module, StochasticActivationPruning)]
+    saps = _generator_holders(model)
     previous = [layer.generator for layer in saps]
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

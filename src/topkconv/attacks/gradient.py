@@ -1,6 +1,6 @@
-"""White-box gradient attacks of the paper's protocol: FGSM and L-inf PGD (restarts, EOT, targeted).
+"""What the white-box gradient attacks share: the attack loss and the input gradient (with EOT).
 
-Both run batched on the model's device with no host round-trip inside the step loop: success per
+FGSM (fgsm.py) and PGD (pgd.py) run batched on the model's device with no host round-trip inside the step loop: success per
 example is tracked with tensor ops, so one PGD step costs one forward and one input-gradient
 backward (see benchmarks/bench_attacks.py for the measured overhead).
 """
@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import attack_mode, check_inputs
 
 LOSSES = ("ce", "margin")
 STARTS = ("random", "zero")
@@ -61,83 +60,15 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
     return grad.div_(eot_samples), logits_sum.div_(eot_samples)
 
 
-def _fooled(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
+def fooled_by(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
     labels = logits.argmax(1)
     return labels == y if targeted else labels != y
 
 
-def _per_example(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_example(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _check_loss(loss: str) -> None:
+def check_loss(loss: str) -> None:
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
-
-
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, loss: str = "ce",
-         targeted: bool = False) -> torch.Tensor:
-    """Fast Gradient Sign Method: one step of size ``eps`` (a fraction of 1) along the gradient's sign.
-
-    Returns adversarial images in [0, 1] on the model's device; ``y`` are target labels when ``targeted``.
-    """
-    check_inputs(x, y, eps)
-    _check_loss(loss)
-    with attack_mode(model) as device:
-        x = x.detach().to(device)
-        y = y.to(device)
-        grad, _ = input_gradient(model, x, y, loss, targeted)
-        return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
-
-
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
-        start: str = "random", restarts: int = 1, eot_samples: int = 1, loss: str = "ce",
-        targeted: bool = False, generator: Optional[torch.Generator] = None,
-        trace: Optional[list] = None) -> torch.Tensor:
-    """L-inf projected gradient descent (Madry et al. 2018); ``eps`` and ``step_size`` are fractions of 1.
-
-    ``start="random"`` starts every restart uniformly in the eps-ball; ``start="zero"`` starts the first
-    restart at ``x`` itself (the paper's reading of PGD, which spends no travel budget on the start) and
-    any further restart at random. Each restart takes ``steps`` signed-gradient steps, each projected onto
-    the eps-ball and [0, 1]. ``eot_samples`` > 1 averages the gradient over draws of a stochastic model
-    (EOT). Per example, the first iterate that fools the model (across all restarts) is returned; examples
-    never fooled get the last iterate. ``generator`` draws the random starts (pass one on the model's
-    device, or a CPU one, for reproducible results). ``trace``, a list, receives one
-    ``{"loss": (B,), "fooled": (B,)}`` record (CPU tensors) per iterate, for the masking indicators.
-    """
-    check_inputs(x, y, eps)
-    _check_loss(loss)
-    if start not in STARTS:
-        raise ValueError(f"start: expected one of {STARTS}, got {start!r}")
-    if step_size < 0 or int(steps) != steps or steps < 0:
-        raise ValueError(f"step_size and steps: expected step_size >= 0 and an integer steps >= 0, "
-                         f"got {step_size} and {steps}")
-    if restarts < 1 or eot_samples < 1:
-        raise ValueError(f"restarts and eot_samples: expected integers >= 1, got {restarts} and {eot_samples}")
-    with attack_mode(model) as device:
-        x = x.detach().to(device)
-        y = y.to(device)
-        low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
-        best = x.clone()
-        found = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
-        x_adv = x
-        for restart in range(restarts):
-            x_adv = x.clone()
-            if (start == "random" or restart > 0) and eps > 0:
-                gen_device = generator.device if generator is not None else device
-                noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
-                x_adv = torch.clamp(x + (2 * noise.to(device) - 1) * eps, low, high)
-            for step in range(steps + 1):
-                if step < steps:
-                    grad, logits = input_gradient(model, x_adv, y, loss, targeted, eot_samples)
-                else:  # the last iterate still needs judging; a forward pass suffices
-                    with torch.no_grad():
-                        logits = model(x_adv)
-                fooled = _fooled(logits, y, targeted)
-                if trace is not None:
-                    trace.append({"loss": attack_loss(logits, y, loss, targeted).cpu(), "fooled": fooled.cpu()})
-                best = torch.where(_per_example(fooled > found, x), x_adv, best)  # newly fooled
-                found |= fooled
-                if step < steps:
-                    x_adv = torch.clamp(x_adv.add(grad.sign_(), alpha=step_size), low, high)
-        return torch.where(_per_example(found, x), best, x_adv).detach()

@@ -25,42 +25,22 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .common import attack_mode
+from ..config import IndicatorConfig
+from . import registry
+from .common import attack_mode, logit_change, routing_layers
 from .gradient import attack_loss, input_gradient
-from .masking import paired_test, significant_gap
+from .masking import DEFAULTS, not_applicable, paired_test, significant_gap, slack
+from .registry import WHITEBOX
 from .zeroth_order import estimate_gradient
 
 # An attack for the traced indicators: (x, y, trace: list) -> x_adv, appending {"loss", "fooled"} per iterate.
 TracedAttack = Callable[[torch.Tensor, torch.Tensor, list], torch.Tensor]
-
-UNSTABLE_THRESHOLD = 0.1        # mean relative margin change under noise of radius r (our choice; Pintor: r = 8/255)
-INCOMPLETE_WINDOW = 10          # Pintor: the last 10 steps ...
-INCOMPLETE_TOLERANCE = 0.05     # ... of the [0, 1]-rescaled best-so-far loss move by more than 0.05
-INCOMPLETE_THRESHOLD = 0.1      # share of the never-fooled examples allowed to still move (our choice)
-TRANSFER_THRESHOLD = 0.9        # share of surrogate successes that fail on the target (our choice, see below)
-RANDOMNESS_THRESHOLD = 1e-4     # AutoAttack: relative L2 change of the logits over 5 passes
-SQUARE_THRESHOLD = 0.002        # AutoAttack: Square beats the white-box attacks by more than 0.2 points ...
-FLIP_THRESHOLD = 0.1            # share of (example, output) selections that change under noise (our choice)
-AGREEMENT_FRACTION = 0.5        # gradient agreement must reach half of what a smooth loss would give
-
-# Attacks that must not beat the plain white-box gradient attack: when one does by more than the
-# tolerance, the gradient is shown to be misleading (Athalye et al. 2018; Tramer et al. 2020).
-NOT_STRONGER_THAN_WHITEBOX = ("fgsm", "zeroth_order", "square", "transfer", "bpda_dense", "bpda_soft")
 
 
 def flagged(value: float, threshold: float, above: bool = True, **details) -> dict:
     """An indicator result; flagged when ``value`` is above (or, ``above=False``, below) ``threshold``."""
     flag = value > threshold if above else value < threshold
     return {"value": value, "threshold": threshold, "verdict": "flag" if flag else "pass", **details}
-
-
-def not_applicable(reason: str) -> dict:
-    return {"value": None, "threshold": None, "verdict": "n/a", "reason": reason}
-
-
-def one_example_slack(n: int, points: float = 0.01) -> float:
-    """``max(points, 1 example)``: a single example never decides a verdict on a small evaluation."""
-    return max(points, 1.0 / max(n, 1))
 
 
 def _margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -88,13 +68,14 @@ def unavailable_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return flagged(share, 0.0, **({"error": error} if error else {}))
 
 
-def unstable_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float = 8 / 255,
-                         draws: int = 100, max_batch: int = 1024,
-                         generator: Optional[torch.Generator] = None) -> dict:
+def unstable_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         radius: float = DEFAULTS.unstable_radius / 255, draws: int = DEFAULTS.draws,
+                         max_batch: int = 1024, generator: Optional[torch.Generator] = None,
+                         threshold: float = DEFAULTS.unstable_threshold) -> dict:
     """Pintor's second indicator: over ``draws`` uniform perturbations in [-r/2, r/2], the mean of
     |L(x) - L(x + delta)| / |L(x)| (capped at 1), averaged over examples; L is the logit margin."""
     changes = []
-    with attack_mode(model) as device, torch.no_grad():
+    with attack_mode(model) as device, torch.inference_mode():
         gen_device = generator.device if generator is not None else device
         per_call = max(1, max_batch // draws)   # examples per forward call, each repeated ``draws`` times
         for i in range(0, x.shape[0], per_call):
@@ -105,7 +86,7 @@ def unstable_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rad
             noisy = _margin(model, repeated + (noise - 0.5) * radius, ys.repeat_interleave(draws, 0))
             relative = (noisy.view(-1, draws) - base[:, None]).abs() / base.abs().clamp_min(1e-12)[:, None]
             changes.append(relative.clamp(max=1.0))
-    return flagged(torch.cat(changes).mean().item(), UNSTABLE_THRESHOLD, radius=radius * 255, draws=draws)
+    return flagged(torch.cat(changes).mean().item(), threshold, radius=radius * 255, draws=draws)
 
 
 def run_traced(model: nn.Module, attack: TracedAttack, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -128,8 +109,9 @@ def silent_success(run: dict) -> dict:
     return flagged(silent.float().mean().item(), 0.0, examples=int(silent.sum()))
 
 
-def incomplete_optimisation(run: dict, window: int = INCOMPLETE_WINDOW, tolerance: float = INCOMPLETE_TOLERANCE,
-                            threshold: float = INCOMPLETE_THRESHOLD) -> dict:
+def incomplete_optimisation(run: dict, window: int = DEFAULTS.incomplete_window,
+                            tolerance: float = DEFAULTS.incomplete_tolerance,
+                            threshold: float = DEFAULTS.incomplete_threshold) -> dict:
     """Pintor's fourth indicator: per example the loss trace is rescaled to [0, 1] and its best-so-far value
     taken; the example is still moving when that rose by more than ``tolerance`` over the last ``window``
     steps. The value is the share of still-moving examples among those the attack never fooled (a fooled
@@ -149,14 +131,14 @@ def incomplete_optimisation(run: dict, window: int = INCOMPLETE_WINDOW, toleranc
 
 
 def transfer_failure(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     x_adv: torch.Tensor) -> dict:
+                     x_adv: torch.Tensor, threshold: float = DEFAULTS.transfer_threshold) -> dict:
     """Pintor's fifth indicator: of the examples whose surrogate-crafted ``x_adv`` fools the surrogate (and
     which both models classify correctly clean), the share that does not fool the target.
 
     Some failure is normal between two independently trained models, so the flag is for near-total failure
     (above 0.9): the target then undoes perturbations that break a similar model, which is what input
     quantisation or gradient shattering does."""
-    with torch.no_grad(), attack_mode(surrogate) as s_device, attack_mode(model) as device:
+    with torch.inference_mode(), attack_mode(surrogate) as s_device, attack_mode(model) as device:
         y_s, y_t = y.to(s_device), y.to(device)
         clean_ok = (surrogate(x.to(s_device)).argmax(1) == y_s).cpu() & (model(x.to(device)).argmax(1) == y_t).cpu()
         on_surrogate = (surrogate(x_adv.to(s_device)).argmax(1) != y_s).cpu() & clean_ok
@@ -165,34 +147,31 @@ def transfer_failure(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y:
     if successes == 0:
         return not_applicable("the transfer attack fooled the surrogate on no example")
     failed = (on_surrogate & ~on_target).sum().item() / successes
-    return flagged(failed, TRANSFER_THRESHOLD, surrogate_successes=successes)
+    return flagged(failed, threshold, surrogate_successes=successes)
 
 
-def unconstrained_failure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 50,
-                          generator: Optional[torch.Generator] = None) -> dict:
+def unconstrained_failure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = DEFAULTS.steps,
+                          generator: Optional[torch.Generator] = None,
+                          slack_points: float = DEFAULTS.slack_points) -> dict:
     """Pintor's sixth indicator: the share of examples an attack with unbounded eps (the whole [0, 1] box)
     still fails on; it should be 0. PGD from the clean point on the margin loss, step 2 / ``steps``."""
-    from .gradient import pgd
+    from .pgd import pgd
 
     x_adv = pgd(model, x, y, 1.0, 2.0 / max(steps, 1), steps, start="zero", loss="margin", generator=generator)
-    with torch.no_grad(), attack_mode(model) as device:
+    with torch.inference_mode(), attack_mode(model) as device:
         survived = (model(x_adv.to(device)).argmax(1) == y.to(device)).float().mean().item()
-    n = x.shape[0]
-    return flagged(survived, one_example_slack(n), steps=steps)
+    return flagged(survived, slack(x.shape[0], slack_points), steps=steps)
 
 
 # ---------------------------------------------------------------- AutoAttack's flags
 
-def randomness(model: nn.Module, x: torch.Tensor, passes: int = 5) -> dict:
+def randomness(model: nn.Module, x: torch.Tensor, passes: int = DEFAULTS.randomness_passes,
+               threshold: float = DEFAULTS.randomness_threshold) -> dict:
     """AutoAttack's first flag: ``passes`` forward passes of the same inputs; the value is the largest L2
-    change of an example's logits relative to their norm (flagged above 1e-4)."""
-    with torch.no_grad(), attack_mode(model) as device:
-        x = x.to(device)
-        first = model(x)
-        change = max((torch.linalg.vector_norm(model(x) - first, dim=1)
-                      / torch.linalg.vector_norm(first, dim=1).clamp_min(1e-12)).max().item()
-                     for _ in range(passes - 1))
-    return flagged(change, RANDOMNESS_THRESHOLD, passes=passes)
+    change of an example's logits relative to their norm (:func:`.common.logit_change`; flagged above 1e-4)."""
+    with torch.inference_mode():
+        change = logit_change(model, x, passes)
+    return flagged(change, threshold, passes=passes)
 
 
 def zero_gradient_at_start(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -207,24 +186,18 @@ def zero_gradient_at_start(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
     return flagged(share, 0.0, **({"error": error} if error else {}))
 
 
-def square_beats_whitebox(acc: dict, whitebox: list, n: int) -> dict:
+def square_beats_whitebox(acc: dict, whitebox: list, n: int, threshold: float = DEFAULTS.square_threshold) -> dict:
     """AutoAttack's third flag: Square (black-box) leaves less accuracy than the best white-box attack, by
     more than 0.2 points (here at least one example, on small evaluations)."""
     present = [name for name in whitebox if name in acc]
     if "square" not in acc or not present:
         return not_applicable("needs square and a white-box attack (full suite)")
     best = min(present, key=lambda name: acc[name])
-    return flagged(acc[best] - acc["square"], max(SQUARE_THRESHOLD, 1.0 / max(n, 1)), square=acc["square"],
+    return flagged(acc[best] - acc["square"], slack(n, threshold), square=acc["square"],
                    whitebox=best, whitebox_accuracy=acc[best])
 
 
 # ---------------------------------------------------------------- routing
-
-def routing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every layer that can report its selection (has ``selection_mask``)."""
-    return [(name, module) for name, module in model.named_modules()
-            if callable(getattr(module, "selection_mask", None))]
-
 
 def _selections(model: nn.Module, layers: list, x: torch.Tensor) -> list[torch.Tensor]:
     """Each routing layer's (example, output) selection for input ``x``: which inputs it routes."""
@@ -243,15 +216,16 @@ def _selections(model: nn.Module, layers: list, x: torch.Tensor) -> list[torch.T
     return masks
 
 
-def selection_flip_rate(model: nn.Module, x: torch.Tensor, radius: float = 1 / 255, draws: int = 4,
-                        generator: Optional[torch.Generator] = None) -> dict:
+def selection_flip_rate(model: nn.Module, x: torch.Tensor, radius: float = DEFAULTS.flip_radius / 255,
+                        draws: int = DEFAULTS.flip_draws, generator: Optional[torch.Generator] = None,
+                        threshold: float = DEFAULTS.flip_threshold) -> dict:
     """For each routing layer, the share of (example, output) selections that change under uniform input
     noise in [-radius, radius] (averaged over ``draws``); the value is the largest layer's. High flip rates
     mean a discontinuous forward pass, k-WTA's failure mode (Tramer et al. 2020)."""
     layers = routing_layers(model)
     if not layers:
         return not_applicable("the model has no routing layer with selection_mask()")
-    with torch.no_grad(), attack_mode(model) as device:
+    with torch.inference_mode(), attack_mode(model) as device:
         x = x.to(device)
         clean = _selections(model, layers, x)
         flips = torch.zeros(len(layers), dtype=torch.float64)
@@ -262,12 +236,13 @@ def selection_flip_rate(model: nn.Module, x: torch.Tensor, radius: float = 1 / 2
             for i, (a, b) in enumerate(zip(clean, noisy)):
                 flips[i] += (a != b).any(-1).double().mean().item() / draws
     per_layer = {name: flips[i].item() for i, (name, _) in enumerate(layers)}
-    return flagged(max(per_layer.values()), FLIP_THRESHOLD, per_layer=per_layer, radius=radius * 255, draws=draws)
+    return flagged(max(per_layer.values()), threshold, per_layer=per_layer, radius=radius * 255, draws=draws)
 
 
-def gradient_agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float = 1 / 255,
-                       samples: int = 200, max_batch: int = 1024,
-                       generator: Optional[torch.Generator] = None) -> dict:
+def gradient_agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       sigma: float = DEFAULTS.agreement_sigma / 255, samples: int = 200, max_batch: int = 1024,
+                       generator: Optional[torch.Generator] = None,
+                       fraction: float = DEFAULTS.agreement_fraction) -> dict:
     """The median over examples of the cosine between the autograd input gradient of the margin loss and
     its paired Gaussian finite-difference estimate at scale ``sigma`` with ``samples`` pairs.
 
@@ -277,62 +252,74 @@ def gradient_agreement(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma
     with attack_mode(model) as device:
         x, y = x.to(device), y.to(device)
         autograd, _ = input_gradient(model, x, y, loss="margin")
-        with torch.no_grad():
+        with torch.inference_mode():
             estimate = estimate_gradient(model, x, y, sigma, samples, max_batch, generator)
         cosine = torch.nn.functional.cosine_similarity(autograd.flatten(1).double(), estimate.flatten(1).double(),
                                                        dim=1, eps=1e-30)
         cosine = torch.nan_to_num(cosine, nan=0.0)
     dims = x[0].numel()
     smooth = math.sqrt(samples / (samples + dims + 1))
-    return flagged(cosine.median().item(), AGREEMENT_FRACTION * smooth, above=False, smooth_loss_cosine=smooth,
+    return flagged(cosine.median().item(), fraction * smooth, above=False, smooth_loss_cosine=smooth,
                    sigma=sigma * 255, samples=samples)
 
 
 # ---------------------------------------------------------------- one verdict per model
 
+def bounded_attacks() -> list:
+    """The registered attacks that must not beat the white-box gradient attacks (one-step, gradient-free,
+    transfer, BPDA): every entry with a ``must_not_beat``."""
+    return [name for name, entry in registry.REGISTRY.items() if entry.must_not_beat]
+
+
+def _gaps(acc: dict, beaten: str, n: int, subsets: dict, cascaded: set, outcomes: Optional[dict],
+          settings: IndicatorConfig) -> dict:
+    """Per bounded attack present: the reference it is read against, its gap to it, the gap beyond the
+    slack, and the paired test (on the first m examples for an attack run on those only)."""
+    found = {}
+    for name in bounded_attacks():
+        if name not in acc:
+            continue
+        table, size = subsets.get(name, (acc, n))
+        reference = WHITEBOX if name in cascaded and WHITEBOX in table else beaten
+        gap = table[reference] - table[name]
+        first = {key: mask[:size] for key, mask in outcomes.items()} if outcomes else None
+        found[name] = {"reference": reference, "gap": gap, "excess": gap - slack(size, settings.slack_points),
+                       "test": paired_test(first, reference, name, alpha=settings.alpha)}
+    return found
+
+
 def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Optional[dict] = None,
-            cascaded: Optional[list] = None, outcomes: Optional[dict] = None) -> dict:
+            cascaded: Optional[list] = None, outcomes: Optional[dict] = None,
+            settings: IndicatorConfig = DEFAULTS) -> dict:
     """One line per model, from the attacks' accuracies at the main eps and the indicators:
 
-    - ``masking shown: attack X beat attack Y by Z points`` when an attack that should be weaker than the
-      plain white-box gradient attacks (one step, gradient-free, black-box, transfer, a BPDA stand-in)
-      leaves less accuracy than the strongest of them, Y (of ``whitebox``), by more than
-      max(1 point, 1 example);
+    - ``masking shown: attack X beat attack Y by Z points`` when an attack that must not beat the white-box
+      gradient attacks (:func:`bounded_attacks`) leaves less accuracy than the strongest of them, Y (of the
+      rows ``whitebox``), by more than max(1 point, 1 example);
     - ``masking suspected (indicators ...)`` when any indicator is flagged;
     - ``no masking indicated`` otherwise.
 
     ``subsets`` maps an attack run on the first m examples only to ``(accuracies on those m, m)``: it is
     compared with the white-box attacks on the same examples. A ``cascaded`` attack ran only on the examples
-    every white-box gradient attack left robust, so its row is compared with that worst case (``whitebox``):
+    every white-box reference attack left robust, so its row is compared with that worst case (``whitebox``):
     the gap is what it broke beyond all of them. With ``outcomes`` (per-example robust masks) a gap counts
-    only if the exact sign test on the examples the two attacks disagree on gives p < :data:`.masking.ALPHA`
+    only if the exact sign test on the examples the two attacks disagree on gives p < alpha
     (:func:`.masking.significant_gap`, as the checks do): on 100 examples 4 broken one way and none the other
     (p = 0.06) is not shown.
     """
-    subsets = subsets or {}
-    cascaded = set(cascaded or ())
     present = [name for name in whitebox if name in acc]
     beaten = min(present, key=lambda name: acc[name]) if present else None
-    gaps, excess, references, tests = {}, {}, {}, {}
-    for name in NOT_STRONGER_THAN_WHITEBOX:
-        if name in acc and beaten:
-            table, size = subsets.get(name, (acc, n))
-            references[name] = "whitebox" if name in cascaded and "whitebox" in table else beaten
-            gaps[name] = table[references[name]] - table[name]
-            excess[name] = gaps[name] - one_example_slack(size)
-            first = {key: mask[:size] for key, mask in (outcomes or {}).items()}
-            tests[name] = paired_test(first if outcomes else None, references[name], name)
-    shown = {name: value for name, value in excess.items() if significant_gap(value > 1e-9, tests[name])}
+    gaps = _gaps(acc, beaten, n, subsets or {}, set(cascaded or ()), outcomes, settings) if beaten else {}
+    shown = {name: g["excess"] for name, g in gaps.items() if significant_gap(g["excess"] > 1e-9, g["test"])}
     flags = sorted(name for name, result in indicators.items() if result.get("verdict") == "flag")
     if shown:
         strongest = max(shown, key=shown.get)
-        points = 100 * gaps[strongest]
-        beaten = references[strongest]
+        points, beaten = 100 * gaps[strongest]["gap"], gaps[strongest]["reference"]
         text = (f"masking shown: attack {strongest} broke {points:.1f} points of examples that every white-box "
-                f"gradient attack left robust" if beaten == "whitebox" else
+                f"gradient attack left robust" if beaten == WHITEBOX else
                 f"masking shown: attack {strongest} beat attack {beaten} by {points:.1f} points")
         return {"verdict": "masking shown", "attack": strongest, "beaten": beaten, "points": points,
-                "paired_test": tests[strongest], "flags": flags, "text": text}
+                "paired_test": gaps[strongest]["test"], "flags": flags, "text": text}
     if flags:
         return {"verdict": "masking suspected", "flags": flags,
                 "text": f"masking suspected (indicators {', '.join(flags)})"}

@@ -6,11 +6,11 @@ that identify it inside any model and the adaptive attacks it calls for. A new d
 that calls :func:`register` and one import line below.
 """
 
-from .registry import (ADAPTIVE_ATTACKS, REGISTRY, Defense, LayerRouting, adaptive_attacks, config_fields, defenses_in,
+from .registry import (REGISTRY, Defense, LayerRouting, adaptive_attacks, config_fields, defenses_in,
                        get, has_routing, is_stochastic, make_config, register)
 
 # Registry order: the CLI's choices and the attack plan follow it.
 from . import standard, dropout, dynamic_k, topk_conv, tkc_neuron, sap, pruned  # noqa: E402,F401  (they register)
 
-__all__ = ["Defense", "LayerRouting", "REGISTRY", "ADAPTIVE_ATTACKS", "register", "get", "make_config",
+__all__ = ["Defense", "LayerRouting", "REGISTRY", "register", "get", "make_config",
            "config_fields", "defenses_in", "has_routing", "is_stochastic", "adaptive_attacks"]

@@ -21,7 +21,7 @@ KSpec = Union[int, float]
 ROUTED_FC = {"final": 1, "final2": 2}
 
 # The adaptive attacks every routing defence calls for: gradients of a top-k selection are piecewise.
-ROUTING_ATTACKS = ("bpda_dense", "bpda_soft", "zeroth_order")
+ROUTING_ATTACKS = ("bpda_dense", "bpda_soft")
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 The CLI's choices and flags, ``build_model``, ``topkconv.convert``, the config parser and the attack plan
 (``has_routing``, ``is_stochastic``, ``adaptive_attacks``) all read :data:`REGISTRY`; none keeps a copy.
+A defence names the adaptive attacks it calls for by their names in :data:`topkconv.attacks.REGISTRY` (a BPDA
+stand-in or an EOT attack); the evaluation's plan checks them, so the defences never import the attacks.
 A new defence is one file that calls :func:`register` plus its import line in ``defenses/__init__.py``.
 """
 
@@ -12,10 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from torch import nn
-
-# Every adaptive attack a defence can call for, in the order the attack plan lists them.
-ADAPTIVE_ATTACKS = ("bpda_dense", "bpda_soft", "zeroth_order", "eot")
-
 
 @dataclass(frozen=True)
 class LayerRouting:
@@ -41,7 +39,7 @@ class Defense:
     stochastic: bool = False     # random at test time: EOT applies
     test_time_only: bool = False  # acts only in eval mode
     layer_types: tuple = ()      # module classes that identify it inside ANY model
-    adaptive_attacks: tuple = ()  # subset of ADAPTIVE_ATTACKS
+    adaptive_attacks: tuple = ()  # registry names of the attacks it calls for (topkconv.attacks.REGISTRY)
     layer_routing: Optional[LayerRouting] = None  # routing defences: the per-layer swap topkconv.convert uses
     description: str = ""        # one line for the CLI's help
 
@@ -57,10 +55,9 @@ def register(defense: Defense) -> Defense:
     if kind != defense.name:
         raise ValueError(f"defense {defense.name!r}: its config's `kind` field must default to {defense.name!r}, "
                          f"got {kind!r}")
-    unknown = set(defense.adaptive_attacks) - set(ADAPTIVE_ATTACKS)
-    if unknown:
-        raise ValueError(f"defense {defense.name!r}: unknown adaptive attacks {sorted(unknown)}; "
-                         f"expected some of {ADAPTIVE_ATTACKS}")
+    if isinstance(defense.adaptive_attacks, str) or not all(isinstance(a, str) for a in defense.adaptive_attacks):
+        raise TypeError(f"defense {defense.name!r}: adaptive_attacks must be a tuple of attack names, "
+                        f"got {defense.adaptive_attacks!r}")
     REGISTRY[defense.name] = defense
     return defense
 
@@ -104,6 +101,5 @@ def is_stochastic(model: nn.Module) -> bool:
 
 
 def adaptive_attacks(model: nn.Module) -> tuple[str, ...]:
-    """The adaptive attacks the defences in ``model`` call for, in the order of :data:`ADAPTIVE_ATTACKS`."""
-    wanted = {name for d in defenses_in(model) for name in d.adaptive_attacks}
-    return tuple(name for name in ADAPTIVE_ATTACKS if name in wanted)
+    """The adaptive attacks (registry names) the defences in ``model`` call for, each once, in registry order."""
+    return tuple(dict.fromkeys(name for d in defenses_in(model) for name in d.adaptive_attacks))

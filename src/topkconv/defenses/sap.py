@@ -35,5 +35,5 @@ def apply(model: nn.Module, cfg: SAPConfig) -> nn.Module:
 
 
 SAP = register(Defense("sap", SAPConfig, apply, stochastic=True, test_time_only=True,
-                       layer_types=(StochasticActivationPruning,), adaptive_attacks=("eot",),
+                       layer_types=(StochasticActivationPruning,), adaptive_attacks=("eot_pgd",),
                        description="stochastic activation pruning after every ReLU (eval mode only)"))

@@ -107,8 +107,7 @@ def masking_verdicts(seeds: list) -> str:
 
     counts: dict = {}
     for result in seeds:
-        for line in report.masking_verdicts(result):
-            where, _, text = line.partition(": ")
-            kind = text.split(":")[0].split(" (")[0]   # "masking shown: attack X ..." -> "masking shown"
-            counts[(where, kind)] = counts.get((where, kind), 0) + 1
+        for found in report.masking_verdicts(result):
+            where = f"eps={found['eps']:g}" if isinstance(found["eps"], (int, float)) else "eps=?"
+            counts[(where, found["verdict"])] = counts.get((where, found["verdict"]), 0) + 1
     return "; ".join(f"{where}: {kind} ({count}/{len(seeds)} seeds)" for (where, kind), count in sorted(counts.items()))

@@ -55,12 +55,12 @@ def figure4(fig: FiguresSpec, spec, eps_list: list, models: dict, x, y, path, cl
 
     eps = (fig.gradcam_eps if fig.gradcam_eps is not None else max(eps_list)) / 255.0
     # the paper's step (0.75 at eps 8) scaled with eps, so a larger radius is reached as the paper's is
-    step = spec.attack.pgd_step_size / 255.0 * (eps * 255.0 / spec.attack.eps)
+    step = spec.attack.budget("pgd").step_size / 255.0 * (eps * 255.0 / spec.attack.eps)
     pool = min(len(x), max(64, fig.n_images))
     device = next(models[fig.gradcam[0]].parameters()).device
     xs, ys = x[:pool].to(device), y[:pool].to(device)
     generator = torch.Generator().manual_seed(spec.attack.seed)
-    adversarial = {label: pgd(models[label], xs, ys, eps, step, spec.attack.pgd_steps, generator=generator)
+    adversarial = {label: pgd(models[label], xs, ys, eps, step, spec.attack.budget("pgd").steps, generator=generator)
                    for label in fig.gradcam}
     first = models[fig.gradcam[0]]
     with torch.no_grad():

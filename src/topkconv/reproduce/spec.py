@@ -258,5 +258,5 @@ class Study:
 def strong_config(attack: AttackConfig, eps: float) -> AttackConfig:
     """The strong suite at ``eps``, with the paper's step/eps ratio (0.75 at 8) so PGD reaches a larger
     radius as it reaches 8/255."""
-    step = attack.pgd_step_size * float(eps) / attack.eps
-    return dataclasses.replace(attack, eps=float(eps), extra_eps=[], pgd_step_size=step)
+    step = attack.budget("pgd").step_size * float(eps) / attack.eps
+    return dataclasses.replace(attack.with_budget("pgd", step_size=step), eps=float(eps), extra_eps=[])

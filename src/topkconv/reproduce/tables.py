@@ -150,7 +150,7 @@ def meta(study: Study) -> dict:
                     else "random init (the paper started from ImageNet weights)" if spec.model.arch == "vgg16"
                     else "random init"),
         "attacks": f"L-inf eps {', '.join(f'{e:g}' for e in study.eps_list())} /255; FGSM and PGD "
-                   f"{attack.pgd_steps} x {attack.pgd_step_size:g}/255 (the step scaled with eps) on "
+                   f"{attack.budget('pgd').steps} x {attack.budget('pgd').step_size:g}/255 (the step scaled with eps) on "
                    f"{f'the first {limit}' if limit else 'all'} test images; strong suite ({attack.suite}) at "
                    f"{', '.join(f'{e:g}' for e in study.strong_radii()) or 'none'} on the {strong} test images",
         "seeds": f"{study.seeds} training seeds (train.seed {seeds}: initialisation, batch order, augmentation); "

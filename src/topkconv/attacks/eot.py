@@ -1,0 +1,26 @@
+"""EOT-PGD: PGD with each gradient averaged over draws of a random model's randomness (Athalye et al. 2018).
+
+Without EOT a randomised defence looks stronger than it is. It runs on models that call for it: a defence
+naming ``eot_pgd``, or a forward pass found random on a probe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .pgd import plan_pgd
+from .registry import Attack, PlanContext, Planned, Role, budget_field, register
+
+
+@dataclass
+class EotBudget:
+    samples: int = budget_field(default=20, flag="--eot-samples", minimum=1,
+                                help="EOT draws per gradient for stochastic models (also AutoAttack rand's)")
+
+
+def _plan(ctx: PlanContext, eps: float) -> Planned:
+    return plan_pgd(ctx, eps, "random", eot=ctx.budget("eot_pgd").samples)
+
+
+register(Attack("eot_pgd", _plan, Role.EOT, config=EotBudget, suite="paper", curve=True,
+                description="PGD on the gradient averaged over draws of the model's randomness"))

@@ -1,0 +1,78 @@
+"""The masking indicators that run the model (:mod:`topkconv.attacks.indicators`), on the first
+``cfg.indicators.examples`` examples, each seeded and timed; rank 0 measures them."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..attacks.common import model_device, seeded
+from ..attacks.indicators import (gradient_agreement, incomplete_optimisation, randomness, run_traced,
+                                  selection_flip_rate, silent_success, transfer_failure, unavailable_gradients,
+                                  unconstrained_failure, unstable_predictions, zero_gradient_at_start)
+from ..attacks.masking import not_applicable
+from ..attacks.pgd import pgd, step_at
+from ..attacks.registry import PlanContext
+from ..attacks.transfer import transfer
+from ..config import AttackConfig
+from .run import attack_seed, sync
+
+
+def _measures(model: nn.Module, xi: torch.Tensor, yi: torch.Tensor, cfg: AttackConfig,
+              surrogate: Optional[nn.Module]) -> dict:
+    """``{indicator name: measure(generator) -> result}``."""
+    s, eps = cfg.indicators, cfg.eps / 255
+    step = 2.5 * eps / max(s.steps, 1)   # Madry et al.'s rule: 2.5 x eps of travel over the steps
+    batch = cfg.budget("zeroth_order").max_batch
+    runs: dict = {}
+
+    def traced(kind, **options):
+        if "run" not in runs:
+            runs["run"] = run_traced(model, lambda xs, ys, trace: pgd(
+                model, xs, ys, eps, step, s.steps, start="zero", loss="margin", trace=trace), xi, yi)
+        return kind(runs["run"], **options)
+
+    def transferred(generator):
+        if surrogate is None:
+            return not_applicable("needs a surrogate (--surrogate)")
+        ctx = PlanContext(model, cfg)
+        x_adv = transfer(surrogate, model, xi, yi, eps, step_at(ctx, cfg.eps) / 255, cfg.budget("pgd").steps,
+                         generator=generator)
+        return transfer_failure(model, surrogate, xi, yi, x_adv, s.transfer_threshold)
+
+    return {
+        "unavailable_gradients": lambda g: unavailable_gradients(model, xi, yi),
+        "unstable_predictions": lambda g: unstable_predictions(model, xi, yi, s.unstable_radius / 255, s.draws,
+                                                               batch, g, s.unstable_threshold),
+        "silent_success": lambda g: traced(silent_success),
+        "incomplete_optimisation": lambda g: traced(incomplete_optimisation, window=s.incomplete_window,
+                                                    tolerance=s.incomplete_tolerance,
+                                                    threshold=s.incomplete_threshold),
+        "transfer_failure": transferred,
+        "unconstrained_failure": lambda g: unconstrained_failure(model, xi, yi, s.steps, g, s.slack_points),
+        "randomness": lambda g: randomness(model, xi, s.randomness_passes, s.randomness_threshold),
+        "zero_gradient_at_start": lambda g: zero_gradient_at_start(model, xi, yi, eps, g),
+        "selection_flip_rate": lambda g: selection_flip_rate(model, xi, s.flip_radius / 255, s.flip_draws, g,
+                                                             s.flip_threshold),
+        "gradient_agreement": lambda g: gradient_agreement(model, xi, yi, s.agreement_sigma / 255, s.draws, batch,
+                                                           g, s.agreement_fraction),
+    }
+
+
+def measure_indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig,
+                       surrogate: Optional[nn.Module] = None) -> dict:
+    """Every indicator that runs the model, each seeded from ``(cfg.seed, name)`` and timed (``seconds``)."""
+    m = min(x.shape[0], cfg.indicators.examples)
+    device = model_device(model)
+    measures = _measures(model, x[:m].to(device), y[:m].to(device), cfg, surrogate)
+    found = {}
+    for name, measure in measures.items():
+        tic = time.perf_counter()
+        with seeded(model, attack_seed(cfg.seed, -1, name)) as generator:
+            found[name] = measure(generator)
+        sync(device)
+        found[name]["seconds"] = time.perf_counter() - tic
+    return found

@@ -1,0 +1,165 @@
+"""Run: every planned attack on every chunk of examples, giving per-example robust masks and timings.
+
+The examples are cut into fixed chunks of ``cfg.batch_size``; under ``torchrun`` rank r attacks chunks
+r, r + world, ... and the per-example masks are gathered with ``all_gather_object``. Every random draw of
+an attack on a chunk is seeded from ``(cfg.seed, chunk, attack)``, so the numbers do not depend on the
+number of processes or on the order the chunks run in.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..attacks.common import correct, model_device, seeded
+from ..config import AttackConfig
+from .plan import Plan, PlannedAttack
+
+
+@dataclass
+class Outcomes:
+    """What the attacks left: per chunk index ``{row: robust mask}``, seconds per row, and how many examples
+    each cascaded attack ran on."""
+    masks: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    attacked: dict = field(default_factory=dict)
+
+
+def attack_seed(base: int, chunk: int, name: str) -> int:
+    return zlib.crc32(f"{base}/{chunk}/{name}".encode()) & 0x7FFFFFFF
+
+
+def world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def chunk_order(n_chunks: int, rank: int, world_size: int) -> list[int]:
+    """The chunks rank ``rank`` attacks, in order: r, r + world, ... Results must not depend on it."""
+    return list(range(rank, n_chunks, world_size))
+
+
+def all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return [obj]
+    gathered = [None] * world()[1]
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _examples_in_chunk(attack: PlannedAttack, size: int, offset: int) -> int:
+    """How many examples of a chunk of ``size`` starting at ``offset`` lie before ``attack.examples``."""
+    return size if attack.examples is None else max(0, min(size, attack.examples - offset))
+
+
+def _run_on_first(model, attack: PlannedAttack, xs, ys, clean, offset: int, generator, seed) -> torch.Tensor:
+    """Robust mask of the attack on a chunk starting at example ``offset``; with ``attack.examples`` only the
+    examples before that index are attacked, the others count as they are."""
+    take = _examples_in_chunk(attack, len(xs), offset)
+    if take == len(xs):
+        x_adv = attack.run(xs, ys, generator, seed)
+    else:
+        x_adv = xs.clone()
+        if take:
+            x_adv[:take] = attack.run(xs[:take], ys[:take], generator, seed)
+    return correct(model, x_adv, ys) & clean
+
+
+def _run_on_survivors(model, attack: PlannedAttack, xs, ys, survivors, offset: int, generator,
+                      seed) -> tuple[torch.Tensor, int]:
+    """A cascaded attack on the examples of the chunk that ``survivors`` marks (and, with ``attack.examples``,
+    only those before that index): its row is robust where the example survived the reference attacks and
+    this one. Unattacked survivors count as surviving it, as in :func:`_run_on_first`."""
+    take = survivors.clone()
+    take[_examples_in_chunk(attack, len(xs), offset):] = False
+    robust = survivors.clone()
+    index = take.nonzero().squeeze(1)
+    if index.numel():
+        x_adv = attack.run(xs[index], ys[index], generator, seed)
+        robust[index] = correct(model, x_adv, ys[index])
+    return robust, index.numel()
+
+
+def _timed(outcomes: Outcomes, name: str, device, work):
+    tic = time.perf_counter()
+    value = work()
+    sync(device)
+    outcomes.seconds[name] = outcomes.seconds.get(name, 0.0) + time.perf_counter() - tic
+    return value
+
+
+def _attack_chunk(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys, outcomes: Outcomes, bar) -> dict:
+    device = model_device(model)
+    offset = index * cfg.batch_size
+    with seeded(model, attack_seed(cfg.seed, index, "clean")):
+        clean = _timed(outcomes, "clean", device, lambda: correct(model, xs, ys))
+    result, survivors, base = {"clean": clean.cpu()}, clean.clone(), set(plan.cascade_base())
+    bar.update()
+    for attack in plan.attacks:
+        bar.set_postfix_str(attack.name)
+        seed = attack_seed(cfg.seed, index, attack.name)
+        with seeded(model, seed) as generator:
+            if attack.cascade:
+                robust, count = _timed(outcomes, attack.name, device, lambda: _run_on_survivors(
+                    model, attack, xs, ys, survivors, offset, generator, seed))
+                outcomes.attacked[attack.name] = outcomes.attacked.get(attack.name, 0) + count
+            else:
+                robust = _timed(outcomes, attack.name, device, lambda: _run_on_first(
+                    model, attack, xs, ys, clean, offset, generator, seed))
+        if attack.name in base:
+            survivors &= robust
+        result[attack.name] = robust.cpu()
+        bar.update()
+    return result
+
+
+def run_plan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Plan, cfg: AttackConfig,
+             progress: bool = True) -> Outcomes:
+    """Every attack of ``plan`` on this rank's chunks of ``(x, y)``; the masks of every rank, gathered."""
+    from tqdm import tqdm
+
+    device = model_device(model)
+    chunks = list(range(0, x.shape[0], cfg.batch_size))
+    rank, world_size = world()
+    mine = chunk_order(len(chunks), rank, world_size)
+    outcomes = Outcomes(seconds=dict.fromkeys(["clean"] + [a.name for a in plan.attacks], 0.0),
+                        attacked={a.name: 0 for a in plan.attacks if a.cascade})
+    bar = tqdm(total=len(mine) * (len(plan.attacks) + 1), desc="evaluate", unit="attack",
+               disable=not progress or rank != 0 or not sys.stderr.isatty())
+    for index in mine:
+        xs = x[chunks[index]:chunks[index] + cfg.batch_size].to(device)
+        ys = y[chunks[index]:chunks[index] + cfg.batch_size].to(device)
+        outcomes.masks[index] = _attack_chunk(model, plan, cfg, index, xs, ys, outcomes, bar)
+    bar.close()
+    return outcomes
+
+
+def gather(outcomes: Outcomes, indicators: dict) -> tuple[Outcomes, dict]:
+    """Every rank's outcomes merged (ranks run side by side: the slowest sets an attack's time), and the
+    indicators measured on rank 0."""
+    merged = Outcomes(dict(outcomes.masks), dict(outcomes.seconds), dict.fromkeys(outcomes.attacked, 0))
+    parts = all_gather({"masks": outcomes.masks, "seconds": outcomes.seconds, "indicators": indicators,
+                        "attacked": outcomes.attacked})
+    for part in parts:
+        merged.masks.update(part["masks"])
+        indicators = indicators or part["indicators"]
+        for name, count in part["attacked"].items():
+            merged.attacked[name] += count
+        for name, value in part["seconds"].items():
+            merged.seconds[name] = max(merged.seconds[name], value)
+    return merged, indicators
