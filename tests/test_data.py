@@ -396,7 +396,7 @@ def test_cli_dataset_choices_are_the_registry():
 
 # ---------------------------------------------------------------- the fashion and cifar10 table specs
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "src" / "topkconv" / "experiments"
 
 
 def _build_every_column(table, root):
@@ -420,7 +420,8 @@ def test_cifar10_table3_spec_builds_full_width_models_on_cifar_files(tmp_path):
     base = table.run_spec("Baseline")
     assert (table.preset, base.data.name, base.data.image_size, base.model.arch, base.model.width) == \
         ("cifar10", "cifar10", 32, "vgg-small", 1.0)
-    assert (base.attack.eps, base.attack.pgd_steps, base.attack.pgd_step_size) == (8.0, 16, 0.75)
+    pgd = base.attack.budget("pgd")
+    assert (base.attack.eps, pgd.steps, pgd.step_size) == (8.0, 16, 0.75)
     _build_every_column(table, tmp_path / "cifar")
 
 
