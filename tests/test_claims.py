@@ -225,3 +225,16 @@ def test_a_claim_the_test_examples_alone_cannot_settle_says_so():
     text = C._seeds_text({"decision": decision, "verdict_holm": "inconclusive"})
     assert text.startswith("none: the shared test examples alone give +-0.032") and "more test examples" in text
     assert C._seeds_text({"decision": decision, "verdict_holm": "reproduced"}) == ""
+
+
+def test_table_cells_show_the_exact_bound_marked_and_say_how_intervals_were_made():
+    from topkconv.reproduce import tables
+
+    zero = stats.cell_estimate([np.zeros(100, np.int8)] * 3)
+    assert tables.cell_text(zero) == "0.000 [0.00, 0.01]" + tables.EXACT_MARK
+    rng = np.random.default_rng(2)
+    mixed = stats.cell_estimate([(rng.random(100) < p).astype(np.int8) for p in (0.3, 0.5, 0.4)])
+    assert tables.cell_text(mixed).endswith("]") and tables.cell_text(stats.Estimate.from_dict(mixed.as_dict())) \
+        == tables.cell_text(mixed)
+    assert "Student's t over the 3 seed accuracies (df 2)" in tables.interval_note(3)
+    assert "Clopper-Pearson" in tables.interval_note(1) and "not measured" in tables.interval_note(1)

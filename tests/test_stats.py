@@ -285,3 +285,11 @@ def test_seeds_needed_counts_the_part_more_seeds_cannot_narrow():
     2.060 / 5.099 = 0.404). When the examples alone reach the target, no number of seeds does."""
     assert stats.seeds_needed(0.1, 0.05, example_half=0.03) == 27
     assert stats.seeds_needed(0.1, 0.05, example_half=0.05) is None
+
+
+def test_an_exact_cell_tests_by_the_exact_binomial_that_clopper_pearson_inverts():
+    cell = stats.cell_estimate([np.zeros(100, np.int8)] * 3)
+    assert cell.p_value(cell.high, "less") == pytest.approx(0.025, rel=1e-6)   # (1 - 0.0122)^300
+    assert cell.p_value(0.0, "greater") == 1.0
+    one = stats.cell_estimate([np.array([1] * 30 + [0] * 70, np.int8)])
+    assert one.p_value(one.low, "greater") == pytest.approx(0.025, rel=1e-6)

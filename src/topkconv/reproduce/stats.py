@@ -56,7 +56,7 @@ DELTA = 0.02          # default non-superiority margin of "greater"/"less" claim
 P_FLOOR = 1e-100      # smaller p-values are reported as this (a t quantile beyond it overflows when squared)
 
 # Methods of an interval
-T_SEEDS = "t over seeds"                  # t, Satterthwaite df (S - 1 unless the shared examples add)
+T_SEEDS = "t over seeds"                  # t with S - 1 df, plus the shared examples' share (see above)
 EXACT = "exact (pooled examples)"         # every outcome the same: Clopper-Pearson on the pooled examples
 ONE_SEED = "1 seed: examples only"        # no seed-to-seed variation measured
 
@@ -82,6 +82,7 @@ class Estimate:
     seed_var: float = 0.0    # the seeds' share of the variance of the mean (A), t with df S - 1
     example_var: float = 0.0  # the shared test examples' share (B), t with df examples_informative - 1
     examples_informative: int = 0  # the examples B rests on (see :func:`_informative_examples`)
+    kind: str = "cell"       # "cell" (an accuracy) or "difference" (a paired A - B)
 
     @property
     def n_seeds(self) -> int:
@@ -108,12 +109,13 @@ class Estimate:
     def from_dict(cls, cell: dict) -> "Estimate":
         return cls(cell["mean"], cell["lo"], cell["hi"], tuple(cell["per_seed"]), cell["n"],
                    cell.get("method", T_SEEDS), cell.get("level", LEVEL), cell.get("seed_var", 0.0),
-                   cell.get("example_var", 0.0), cell.get("examples_informative", 0))
+                   cell.get("example_var", 0.0), cell.get("examples_informative", 0), cell.get("kind", "cell"))
 
     def as_dict(self) -> dict:
         return {"mean": self.mean, "lo": self.low, "hi": self.high, "per_seed": list(self.per_seed), "n": self.n,
                 "seeds": self.n_seeds, "method": self.method, "level": self.level, "seed_var": self.seed_var,
-                "example_var": self.example_var, "examples_informative": self.examples_informative}
+                "example_var": self.example_var, "examples_informative": self.examples_informative,
+                "kind": self.kind}
 
     def p_value(self, threshold: float = 0.0, alternative: str = "greater") -> float:
         """One-sided p-value of ``mean > threshold`` (``alternative="greater"``) or ``< threshold``: the test
@@ -121,8 +123,12 @@ class Estimate:
         if alternative not in ("greater", "less"):
             raise ValueError(f"alternative must be 'greater' or 'less', got {alternative!r}")
         sign = 1.0 if alternative == "greater" else -1.0
+        pooled = self.n * self.n_seeds
+        if self.kind == "cell" and self.method in (EXACT, ONE_SEED):   # the exact binomial test, as CP inverts
+            successes = int(round(self.mean * pooled))
+            return float(sps.binomtest(successes, pooled, min(max(threshold, 0.0), 1.0), alternative).pvalue)
         if self.method == EXACT:
-            return _exact_difference_p(sign * self.per_seed[0], sign * threshold, self.n * self.n_seeds)
+            return _exact_difference_p(sign * self.per_seed[0], sign * threshold, pooled)
         if self.seed_var + self.example_var <= 0:
             raise ValueError(f"p_value: an interval by {self.method!r} has no variance to test with")
         return _combined_p(sign * (self.mean - threshold), self.seed_var, self.example_var, self.n_seeds,
@@ -296,11 +302,11 @@ def difference_estimate(a: Sequence, b: Sequence, level: float = LEVEL) -> Estim
     mean = float(values.mean())
     if np.all(values == values[0]):
         low, high = _exact_difference_interval(values[0], n, level)
-        return Estimate(mean, float(low), float(high), (mean,), n, EXACT, level)
+        return Estimate(mean, float(low), float(high), (mean,), n, EXACT, level, kind="difference")
     example_var = float(values.var(ddof=1) / n)
     half = float(_combined_critical((1.0 - level) / 2, 0.0, example_var, 1, n))
     return Estimate(mean, max(-1.0, mean - half), min(1.0, mean + half), (mean,), n, ONE_SEED, level,
-                    0.0, example_var, n)
+                    0.0, example_var, n, "difference")
 
 
 def _estimate(matrix: np.ndarray, level: float, kind: str) -> Estimate:
@@ -308,7 +314,7 @@ def _estimate(matrix: np.ndarray, level: float, kind: str) -> Estimate:
     low, high = _final_bounds(out, matrix.size, level, kind)
     return Estimate(float(out["mean"]), float(low), float(high), tuple(float(m) for m in matrix.mean(axis=1)),
                     matrix.shape[1], EXACT if out["constant"] else T_SEEDS, level, float(out["seed_var"]),
-                    float(out["example_var"]), int(out["informative"]))
+                    float(out["example_var"]), int(out["informative"]), kind)
 
 
 @dataclass(frozen=True)
