@@ -191,8 +191,9 @@ def test_a_retrain_leaves_no_evaluation_of_the_old_weights(tmp_path):
     for name in old:
         (run / name).write_text("of the old weights\n")
     (run / "notes.txt").write_text("mine\n")
+    (run / ".train_state.json.k1ll3d.tmp").write_text("{ torn")  # a writer killed mid-write left it
     assert main(["train", *TRAIN, "--seed", "7", "--force", "--out", str(run)]) == 0
-    assert not [name for name in old if (run / name).exists()]
+    assert not [name for name in old if (run / name).exists()] and not list(run.glob(".*.tmp"))
     assert (run / "notes.txt").read_text() == "mine\n" and (run / RUN_FILE).is_file()
     for name in old:  # an extension (--resume with more epochs) clears them too
         (run / name).write_text("of the old weights\n")
