@@ -263,7 +263,8 @@ def test_the_surrogate_is_the_column_the_spec_names(tmp_path):
     assert strong == {"eval-strong-24.json": str(workspace.run_dir(study.run_spec("Baseline")))}
     alone = _restricted(study, ["Dynamic-k"])  # a sweep of one column: no surrogate, and its own file name
     jobs, _ = workspace.plan([alone])
-    strong = {job.key.split("/")[1]: job.surrogate_dir for job in jobs if job.step == "evaluate" and "strong" in job.key}
+    strong = {job.key.split("/")[1]: job.surrogate_dir for job in jobs
+              if job.step == "evaluate" and "strong" in job.key}
     assert strong == {"eval-strong-24-no-transfer.json": None}
     none = tmp_path / "none.toml"
     none.write_text(TINY_TABLE.replace('surrogate = "Baseline"\n', ""), encoding="utf-8")
