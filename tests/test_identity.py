@@ -221,6 +221,7 @@ def test_sweep_values_are_checked_before_the_first_job(values, words, tmp_path, 
     assert not (tmp_path / "out").exists()  # no run folder, no lock: nothing started
 
 
+@pytest.mark.slow
 def test_two_reproduce_commands_into_one_folder_train_each_run_once(tmp_path):
     spec = tmp_path / "tiny.toml"
     spec.write_text(TINY_TABLE.replace("epochs = 1", "epochs = 3"), encoding="utf-8")
