@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -191,8 +192,9 @@ def test_a_retrain_leaves_no_evaluation_of_the_old_weights(tmp_path):
     for name in old:
         (run / name).write_text("of the old weights\n")
     (run / "notes.txt").write_text("mine\n")
+    (run / ".train_state.json.k1ll3d.tmp").write_text("{ torn")  # a writer killed mid-write left it
     assert main(["train", *TRAIN, "--seed", "7", "--force", "--out", str(run)]) == 0
-    assert not [name for name in old if (run / name).exists()]
+    assert not [name for name in old if (run / name).exists()] and not list(run.glob(".*.tmp"))
     assert (run / "notes.txt").read_text() == "mine\n" and (run / RUN_FILE).is_file()
     for name in old:  # an extension (--resume with more epochs) clears them too
         (run / name).write_text("of the old weights\n")
@@ -217,3 +219,66 @@ def test_sweep_values_are_checked_before_the_first_job(values, words, tmp_path, 
     for word in words:
         assert word in err[0], (word, err[0])
     assert not (tmp_path / "out").exists()  # no run folder, no lock: nothing started
+
+
+@pytest.mark.slow
+def test_two_reproduce_commands_into_one_folder_train_each_run_once(tmp_path):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY_TABLE.replace("epochs = 1", "epochs = 3"), encoding="utf-8")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "topkconv.cli", "reproduce", "--spec", str(spec), "--out", str(out), "--jobs", "1",
+               "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = out / ".topkconv.lock"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.1)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"pid {first.pid}" in lines[0] and str(out) in lines[0]
+    finally:
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    for metrics in out.glob("runs/*/metrics.jsonl"):  # trained once: one line per epoch, no second training
+        assert len(metrics.read_text().splitlines()) == 3, metrics
+    third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr
+    assert json.loads((out / "reports" / "reproduce-log.json").read_text())["jobs"] == []
+
+
+def test_the_surrogate_is_the_column_the_spec_names(tmp_path):
+    from topkconv.reproduce import Study, Workspace, load_table_spec
+    from topkconv.reproduce.sweep import _restricted
+
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY_TABLE, encoding="utf-8")
+    study = Study(load_table_spec(spec))
+    workspace = Workspace(tmp_path / "out")
+    jobs, _ = workspace.plan([study])
+    strong = {job.key.split("/")[1]: job.surrogate_dir for job in jobs if job.step == "evaluate"
+              and "strong" in job.key and job.key.startswith(workspace.run_dir(study.run_spec("Dynamic-k")).name)}
+    assert strong == {"eval-strong-24.json": str(workspace.run_dir(study.run_spec("Baseline")))}
+    alone = _restricted(study, ["Dynamic-k"])  # a sweep of one column: no surrogate, and its own file name
+    jobs, _ = workspace.plan([alone])
+    strong = {job.key.split("/")[1]: job.surrogate_dir for job in jobs
+              if job.step == "evaluate" and "strong" in job.key}
+    assert strong == {"eval-strong-24-no-transfer.json": None}
+    none = tmp_path / "none.toml"
+    none.write_text(TINY_TABLE.replace('surrogate = "Baseline"\n', ""), encoding="utf-8")
+    jobs, _ = workspace.plan([Study(load_table_spec(none))])
+    assert all(job.surrogate_dir is None for job in jobs)  # no label is matched by its name
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY_TABLE.replace('surrogate = "Baseline"', 'surrogate = "Basline"'), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.toml: key 'surrogate' names 'Basline'"):
+        load_table_spec(bad)
+
+
+def test_the_older_sweep_k_form_is_gone(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--k", "0.5", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--k" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

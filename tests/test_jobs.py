@@ -145,3 +145,20 @@ def test_jobs_run_after_what_they_need_and_report_one_line_each(monkeypatch):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="--jobs"):
             check_jobs(bad)
+
+
+def test_workers_are_capped_at_the_cpus_and_the_free_memory_in_one_line(monkeypatch):
+    from topkconv.reproduce import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(jobs_module, "available_memory", lambda: 64 * jobs_module.WORKER_MEMORY)
+    said = []
+    assert jobs_module.cap_workers(3, said.append) == 3 and said == []
+    assert jobs_module.cap_workers(1000, said.append) == 4
+    assert said == ["--jobs 1000: capped at 4, the number of CPUs"]
+    monkeypatch.setattr(jobs_module, "available_memory", lambda: int(2.5 * jobs_module.WORKER_MEMORY))
+    said.clear()
+    assert jobs_module.cap_workers(3, said.append) == 2
+    assert len(said) == 1 and said[0].startswith("--jobs 3: capped at 2:") and "memory" in said[0]
+    monkeypatch.setattr(jobs_module, "available_memory", lambda: 0)
+    assert jobs_module.cap_workers(2, said.append) == 1  # always at least one

@@ -64,6 +64,7 @@ def wait_gone(pids, seconds=5.0) -> list:
     return [p for p in pids if alive(p)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_no_worker_outlives_a_sigkilled_parent(tmp_path):
     parent, workers = start(tmp_path)
@@ -77,6 +78,7 @@ def test_no_worker_outlives_a_sigkilled_parent(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_prints_one_line_and_stops_every_worker(tmp_path):
     parent, workers = start(tmp_path)

@@ -44,6 +44,7 @@ PLOT_FILE = "acc-vs-eps.png"         # beside eval.json; ``<stem>-acc-vs-eps.png
 # strong suites' ``eval-<suite>.json``). One list, used by every retrain, replace and extend, so that no
 # verdict of older weights survives beside new ones.
 EVALUATION_PATTERNS = ("eval*.json", "eval*.md", f"*{PLOT_FILE}")
+TEMP_PATTERN = ".*.tmp"               # topkconv.io's atomic writes: a writer killed mid-write leaves one
 LOCK_FILE = ".topkconv.lock"         # held by the one process writing the folder (see run_lock)
 STAGING_DIR = ".replacing"           # a --force retrain's first epoch, until it replaces the old run
 FORMAT_VERSION = 1
@@ -66,10 +67,12 @@ def result_files(run_dir) -> list[Path]:
 
 def run_files(run_dir) -> list[Path]:
     """Every file or folder of ``run_dir`` that belongs to a run: the results (:func:`result_files`, first),
-    weights, metrics and training state; not the lock, nor files a user put there."""
+    weights, metrics, training state and the temporary files of a writer killed mid-write
+    (:data:`TEMP_PATTERN`); not the lock, nor files a user put there."""
     run_dir = Path(run_dir)
     names = [MODEL_FILE, METRICS_FILE, STATE_FILE, STATE_DIR]
-    return result_files(run_dir) + [run_dir / name for name in names if (run_dir / name).exists()]
+    leftovers = sorted(run_dir.glob(TEMP_PATTERN))  # (those inside STATE_DIR go with it)
+    return result_files(run_dir) + [run_dir / name for name in names if (run_dir / name).exists()] + leftovers
 
 
 def is_complete(run_dir) -> bool:

@@ -599,7 +599,8 @@ def _add_seeds_and_jobs(p) -> None:
                         "own cached run, and every cell gets a 95%% interval over seeds and test examples")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="worker processes for the independent trainings and evaluations (default: the number "
-                        "of CPU cores, or 1 when a GPU is used); --jobs 2 gives the same reports as --jobs 1")
+                        "of CPU cores, or 1 when a GPU is used; capped at the CPUs and at what the free memory "
+                        "holds); --jobs 2 gives the same reports as --jobs 1")
 
 
 def _run_reproduce(args) -> int:

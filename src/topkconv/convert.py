@@ -69,14 +69,19 @@ def convert(model: "nn.Module", defence: str, targets: "Targets" = None, k: Any 
         raise ValueError(f"convert: k is required for {defence!r}: a count, a fraction of each target's fan-in, "
                          f"or a list with one per target")
     chosen = resolve_targets(model, targets, routing.dense, example_input, defence)
+    names = [f"k for target {name!r}" for name, _ in chosen]
+    convert_layers(model, chosen, per_target(k, chosen), routing.layer, routing.fan, names, **options)
+    return model
+
+
+def per_target(k: Any, chosen: list) -> list:
+    """One k per chosen target: ``k`` repeated, or the list given (which must have one per target)."""
     k = plain_number(k)
     ks = [plain_number(each) for each in k] if isinstance(k, (list, tuple)) else [k] * len(chosen)
     if len(ks) != len(chosen):
         raise ValueError(f"convert: k has {len(ks)} entries but targets selects {len(chosen)} layers "
                          f"({', '.join(name for name, _ in chosen)})")
-    names = [f"k for target {name!r}" for name, _ in chosen]
-    convert_layers(model, chosen, ks, routing.layer, routing.fan, names, **options)
-    return model
+    return ks
 
 
 def plain_number(value: Any) -> Any:

@@ -1,5 +1,5 @@
-"""The table-spec format (``topkconv/experiments/<table>-<preset>.toml``, package data) and :class:`Study`, the one place a
-run's spec is built.
+"""The table-spec format (``topkconv/experiments/<table>-<preset>.toml``, package data) and :class:`Study`,
+the one place a run's spec is built.
 
 A table spec names the table, a ``base`` RunSpec and a list of ``columns``; each column is the base with
 its own overrides merged in (``[columns.spec]``), so a column says only how it differs. A column may
@@ -7,7 +7,8 @@ instead be marked ``not_reproduced`` with the reason, or be a pruned copy of ano
 (``prune_from``). ``seeds`` is how many training seeds each column gets: seed i trains with
 ``train.seed = base train.seed + i``, which changes the initialisation, the batch order and the
 augmentation; the data split (``data.split_seed``) stays fixed, so every seed is tested on the same
-examples.
+examples. Columns have roles by declaration, never by label: ``surrogate`` names the column whose model
+(same seed) is the strong suite's transfer source, ``sweep_columns`` the columns ``sweep`` varies by default.
 """
 
 from __future__ import annotations

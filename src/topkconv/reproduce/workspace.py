@@ -49,7 +49,8 @@ class Job:
     test_limit: Optional[int] = None      # evaluate: test images to load
     priority: int = 0                     # workers take the ready job of highest priority first (the longest
                                           # kind), so the last minutes are not one long job beside an idle worker
-    replace: str = ""                     # train/prune over a finished run, and why: "--force" or "unreadable"
+    replace: str = ""                     # train/prune over a finished run, and why: "--force", "unreadable"
+                                          # (weights), "source retrained" (a pruned run); decided by the plan
 
 
 class Workspace:
@@ -124,8 +125,8 @@ class Workspace:
             source_key = self._plan_run(study, column.prune_from, seed, jobs, cached)
             source = str(self.runs / source_key)
             needs = (source_key,) if source_key in jobs else ()
-        replace = self._replace_reason(run_dir)
-        if is_complete(run_dir) and not replace and not needs:
+        replace = self._replace_reason(run_dir) or ("source retrained" if needs and is_complete(run_dir) else "")
+        if is_complete(run_dir) and not replace:
             cached.append({"column": label, "seed": seed, "run": key, "action": "cached"})
             return key
         jobs[key] = Job(PRUNE if source else TRAIN, key, title, spec.to_dict(), str(run_dir), needs,
@@ -320,12 +321,12 @@ def execute(job: Job) -> dict:
 
 def _replace_under_lock(job: Job, run_dir: Path) -> Optional[bool]:
     """Decided under the run's lock, so no finished run is trained twice: None when the run is now finished
-    and readable and the plan did not ask to replace it (--force); else whether ``fit`` replaces a run."""
+    and readable and the plan did not ask to replace it; else whether ``fit`` replaces a finished run."""
     if not is_complete(run_dir):
         return False
     if weights_problem(run_dir) is not None:
         return True  # the plan logged it; a run whose weights cannot be read is trained again
-    return True if job.replace == "--force" else None
+    return True if job.replace in ("--force", "source retrained") else None  # "unreadable": readable now
 
 
 def _evaluate(job: Job, spec, run_dir: Path) -> None:
