@@ -449,3 +449,13 @@ def test_reproduce_preset_choices_are_the_spec_presets():
     for command in ("reproduce", "sweep"):
         preset = next(a for a in commands[command]._actions if a.dest == "preset")
         assert tuple(preset.choices) == PRESETS, command
+
+
+def test_the_built_in_claims_name_real_columns_of_the_fashion_tables():
+    from topkconv.reproduce import claims as C
+    from topkconv.reproduce import load_table_spec
+
+    tables = {t: load_table_spec(EXPERIMENTS / f"{t}-fashion.toml") for t in ("table1", "table2", "table3")}
+    claims = C.load_claims(EXPERIMENTS / "claims.toml", tables)  # an unknown column would be an error
+    assert {c.table for c in claims} == set(tables)
+    assert C.load_claims(EXPERIMENTS / "claims.toml", {"table3": load_table_spec(EXPERIMENTS / "table3-cifar10.toml")})
