@@ -330,7 +330,7 @@ def test_fashion_mnist_missing_files_name_them_and_both_sources(tmp_path):
     text = one_line(err.value)
     assert text == str(err.value)  # already one line
     for part in ("t10k-labels-idx1-ubyte", str(tmp_path / "fm"), "apt-get install dataset-fashion-mnist",
-                 "zalandoresearch/fashion-mnist", "--data-root"):
+                 "zalandoresearch/fashion-mnist", "--data-root DIR", "--data DIR"):
         assert part in text, part
     assert "train-images-idx3-ubyte" not in text  # only the missing file is named
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*t10k-labels-idx1-ubyte"):
@@ -341,7 +341,7 @@ def test_fashion_mnist_defaults_to_debians_folder(tmp_path, monkeypatch):
     from topkconv.data import fashion_mnist
 
     monkeypatch.setattr(fashion_mnist, "DEBIAN_ROOT", tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"nowhere \(the default folder"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere \(the default folder, as no data.root"):
         load_data(DataConfig(name="fashion-mnist"))
     write_fashion(tmp_path / "nowhere")
     data = load_data(DataConfig(name="fashion-mnist"))
@@ -450,3 +450,13 @@ def test_reproduce_preset_choices_are_the_spec_presets():
     for command in ("reproduce", "sweep"):
         preset = next(a for a in commands[command]._actions if a.dest == "preset")
         assert tuple(preset.choices) == PRESETS, command
+
+
+def test_the_built_in_claims_name_real_columns_of_the_fashion_tables():
+    from topkconv.reproduce import claims as C
+    from topkconv.reproduce import load_table_spec
+
+    tables = {t: load_table_spec(EXPERIMENTS / f"{t}-fashion.toml") for t in ("table1", "table2", "table3")}
+    claims = C.load_claims(EXPERIMENTS / "claims.toml", tables)  # an unknown column would be an error
+    assert {c.table for c in claims} == set(tables)
+    assert C.load_claims(EXPERIMENTS / "claims.toml", {"table3": load_table_spec(EXPERIMENTS / "table3-cifar10.toml")})

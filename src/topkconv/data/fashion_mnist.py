@@ -74,11 +74,12 @@ def fashion_root(cfg: DataConfig) -> Path:
     root = Path(cfg.root) if cfg.root else DEBIAN_ROOT
     missing = [stem for stems in FILES.values() for stem in stems if find_idx(root, stem) is None]
     if missing:
-        where = "data.root" if cfg.root else "the default folder (no --data-root given)"
+        where = "data.root" if cfg.root else "the default folder, as no data.root was given"
         raise FileNotFoundError(
             f"Fashion-MNIST files not found in {root} ({where}): looked for {', '.join(missing)} (each .gz or not); "
             f"install Debian's package (apt-get install dataset-fashion-mnist, which puts them in {DEBIAN_ROOT}) "
-            f"or download the four files of the public release ({RELEASE}) and pass --data-root DIR")
+            f"or download the four files of the public release ({RELEASE}) into a folder DIR and set data.root "
+            f"(train --data-root DIR, reproduce --data DIR)")
     return root
 
 
