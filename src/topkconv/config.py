@@ -36,11 +36,6 @@ def defense_config(kind: str = "standard", **options):
     return defenses.make_config(kind, **options)
 
 
-# The old name: one flat config for every defence is gone, ``DefenseConfig(kind=..., ...)`` now returns
-# the chosen defence's own config.
-DefenseConfig = defense_config
-
-
 @dataclass
 class ModelConfig:
     arch: str = "vgg-small"           # vgg16 (the paper's variant) | vgg-small (32 px, CPU) | torchvision:NAME
@@ -255,7 +250,7 @@ def from_dict(cls, data: dict, where: str = "", owner: str = ""):
     return cls(**kwargs)  # a defence config checks its own values (errors name e.g. defense.dropout_p)
 
 
-# The keys of the one flat DefenseConfig that run.json files of earlier versions hold for every defence.
+# The keys of the one flat defence config that run.json files of earlier versions hold for every defence.
 _LEGACY_DEFENSE_KEYS = {"kind", "dropout_p", "fc_k", "fc_scope", "positive_only", "conv_layers", "conv_k",
                         "criterion", "sap_frac", "prune_scope", "prune_sparsity", "prune_epochs", "prune_lr"}
 
