@@ -6,6 +6,7 @@ the key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -321,6 +322,19 @@ def _describe(hint) -> str:
     names = {int: "an int", float: "a number", str: "a string", bool: "true or false", list: "a list",
              type(None): "nothing (unset)"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def with_keys(table: dict, values: dict) -> dict:
+    """A copy of ``table`` (a spec as read from TOML) with each dotted key of ``values`` set, e.g.
+    ``{"model.defense.kind": "sap"}``: what the command line's flags change in a spec."""
+    out = copy.deepcopy(table)
+    for dotted, value in values.items():
+        *sections, key = dotted.split(".")
+        target = out
+        for part in sections:
+            target = target.setdefault(part, {})
+        target[key] = value
+    return out
 
 
 def spec_from_dict(data: dict) -> RunSpec:
