@@ -153,7 +153,7 @@ class AttackConfig:
 def attack_config_with(cfg: AttackConfig, changes: dict, where: str = "attack") -> AttackConfig:
     """``cfg`` with ``changes``, an ``[attack]`` table (sub-tables merge key by key: ``{"pgd": {"steps": 3}}``
     changes PGD's steps only); unknown keys are errors naming them."""
-    base, extra = attack_table(dataclasses.asdict(cfg), where), attack_table(changes, where)
+    base, extra = attack_table_in_shape(dataclasses.asdict(cfg), where), attack_table_in_shape(changes, where)
     for table in ("indicators", "budgets"):
         extra[table] = {**base.get(table, {}), **extra.get(table, {})}
     for name, value in extra["budgets"].items():
@@ -180,7 +180,7 @@ def budgets_from_dict(data: dict, where: str) -> dict:
     return out
 
 
-def attack_table(data: dict, where: str = "attack") -> dict:
+def attack_table_in_shape(data: dict, where: str = "attack") -> dict:
     """An ``[attack]`` table in AttackConfig's shape: ``[attack.<budget>]`` sub-tables go to ``budgets``, and
     the flat keys of earlier versions (``pgd_steps``, ``zo_samples`` ...) to their sub-table."""
     from .attacks.registry import budget_configs
@@ -233,7 +233,7 @@ def from_dict(cls, data: dict, where: str = "", owner: str = ""):
     if not isinstance(data, dict):
         raise ValueError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
     if cls is AttackConfig:
-        data = attack_table(data, where or "attack")
+        data = attack_table_in_shape(data, where or "attack")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
