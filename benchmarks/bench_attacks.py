@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topkconv.attacks import pgd
-from topkconv.config import DefenseConfig, ModelConfig
+from topkconv.config import defense_config, ModelConfig
 from topkconv.models import build_model
 
 
@@ -94,7 +94,7 @@ def models(quick: bool):
     yield "mlp-digits-8px", mlp, (1, 8, 8), 256
     base = dict(arch="vgg-small", num_classes=10, in_channels=3, image_size=32, hidden=128, width=0.25)
     yield "vgg-small-0.25 (standard)", build_model(ModelConfig(**base)), (3, 32, 32), 32 if quick else 64
-    topk = ModelConfig(**base, defense=DefenseConfig(kind="dynamic_k", fc_k=[0.1, 0.5]))
+    topk = ModelConfig(**base, defense=defense_config(kind="dynamic_k", fc_k=[0.1, 0.5]))
     yield "vgg-small-0.25 (dynamic_k)", build_model(topk), (3, 32, 32), 32 if quick else 64
 
 

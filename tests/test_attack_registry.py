@@ -70,6 +70,15 @@ def test_every_entry_declares_what_the_checks_read():
     assert {n for n, e in REGISTRY.items() if e.cascadable} >= {"square", "zeroth_order", "bpda_dense"}
 
 
+def test_a_defence_naming_an_unregistered_adaptive_attack_is_an_error_naming_it(monkeypatch, mlp, digits_test):
+    from topkconv import defenses
+    from topkconv.evaluate import model_traits
+
+    monkeypatch.setattr(defenses, "adaptive_attacks", lambda model: ("bpda_magic",))
+    with pytest.raises(ValueError, match="adaptive attack 'bpda_magic'.*bpda_dense"):
+        model_traits(mlp, digits_test[0][:4])
+
+
 def test_an_unknown_key_of_an_attack_budget_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"attack\.pgd\.stepz"):
         from_dict(AttackConfig, {"pgd": {"stepz": 3}}, "attack")

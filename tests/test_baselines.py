@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from topkconv.config import DefenseConfig, ModelConfig
+from topkconv.config import defense_config, ModelConfig
 from topkconv.layers import StochasticActivationPruning, TopKLinear, resolve_k
 from topkconv.models import build_model
 from topkconv.attacks.common import seeded
@@ -14,7 +14,7 @@ from topkconv.defenses.dropout import DropoutLinear
 
 def _tiny(kind: str, **defense) -> nn.Module:
     cfg = ModelConfig(arch="vgg-small", width=0.125, hidden=16, in_channels=1, mean=[0.5], std=[0.25],
-                      image_size=16, defense=DefenseConfig(kind=kind, **defense))
+                      image_size=16, defense=defense_config(kind=kind, **defense))
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -151,7 +151,7 @@ def test_each_baseline_trains_or_prunes_and_evaluates_from_the_cli(kind, standar
     assert record["spec"]["model"]["defense"]["kind"] == kind
     assert main(["evaluate", str(run_dir), *EVALUATE, *(SAP_FULL if kind == "sap" else [])]) == 0
     result = json.loads((run_dir / "eval.json").read_text())
-    assert result["n"] == 8 and 0.0 <= result["clean"] <= 1.0
+    assert result["n_examples"] == 8 and 0.0 <= result["clean"] <= 1.0
     assert {"fgsm", "pgd"} <= set(result["attacks"])
     assert result["model"]["stochastic"] == (kind == "sap"), kind
     if kind == "sap":

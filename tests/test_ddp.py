@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from topkconv.config import DataConfig, DefenseConfig, ModelConfig, RunSpec, TrainConfig
+from topkconv.config import DataConfig, defense_config, ModelConfig, RunSpec, TrainConfig
 from topkconv.data import load_data
 from topkconv.models import build_model
 from topkconv.train import epoch_seed, fit, resolve_spec
@@ -44,7 +44,7 @@ def test_two_processes_match_one_process(tmp_path):
     # The same run in this process: augmentation on, 80 images = batches of 32, 32 and 16 per epoch.
     spec = RunSpec(data=DataConfig(name="digits", image_size=16, limit_train=80, limit_test=20),
                    model=ModelConfig(arch="vgg-small", width=0.25, hidden=32, batch_norm=False,
-                                     defense=DefenseConfig(kind="dynamic_k", fc_k=[0.1, 0.5])),
+                                     defense=defense_config(kind="dynamic_k", fc_k=[0.1, 0.5])),
                    train=TrainConfig(epochs=2, batch_size=32, lr=0.02, seed=3, device="cpu"))
     single, summary = fit(spec, tmp_path / "single", progress=False)
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from topkconv import defenses
-from topkconv.config import DefenseConfig, ModelConfig, RunSpec, spec_from_dict
+from topkconv import attacks, defenses
+from topkconv.config import defense_config, ModelConfig, RunSpec, spec_from_dict
 from topkconv.io import read_toml
 from topkconv.layers import StochasticActivationPruning, TopKConv2d, TopKLinear
 from topkconv.models import build_model
 
 BUILT_IN = ["standard", "dropout", "dynamic_k", "topk_conv", "tkc_neuron", "sap", "pruned"]
-ROUTING_ATTACKS = ("bpda_dense", "bpda_soft", "zeroth_order")
+ROUTING_ATTACKS = ("bpda_dense", "bpda_soft")   # registry names of the BPDA stand-ins
 
 TINY_TRAIN = ["--dataset", "digits", "--image-size", "16", "--limit-train", "64", "--limit-test", "16",
               "--no-augment", "--width", "0.125", "--hidden", "16", "--epochs", "1", "--batch-size", "32",
@@ -24,7 +24,7 @@ TINY_TRAIN = ["--dataset", "digits", "--image-size", "16", "--limit-train", "64"
 
 def tiny(kind="standard", **options):
     return ModelConfig(arch="vgg-small", width=0.125, hidden=16, in_channels=1, mean=[0.5], std=[0.25],
-                       image_size=16, defense=DefenseConfig(kind=kind, **options))
+                       image_size=16, defense=defense_config(kind=kind, **options))
 
 
 # ---------------------------------------------------------------- the registry
@@ -34,7 +34,7 @@ def test_the_registry_holds_every_defence_with_its_own_config():
     for name, entry in defenses.REGISTRY.items():
         cfg = entry.config()
         assert dataclasses.is_dataclass(cfg) and cfg.kind == name
-        assert set(entry.adaptive_attacks) <= set(defenses.ADAPTIVE_ATTACKS)
+        assert set(entry.adaptive_attacks) <= set(attacks.REGISTRY)   # named by the attack registry
     assert defenses.config_fields(defenses.get("standard")) == []
     assert defenses.config_fields(defenses.get("sap")) == ["sap_frac"]
     assert {"conv_k", "criterion", "fc_k"} <= set(defenses.config_fields(defenses.get("tkc_neuron")))
@@ -47,7 +47,7 @@ def test_flags_and_adaptive_attacks_follow_the_paper():
     stochastic = {n for n, d in defenses.REGISTRY.items() if d.stochastic}
     assert routing == {"dynamic_k", "topk_conv", "tkc_neuron"} and stochastic == {"sap"}
     assert all(defenses.get(n).adaptive_attacks == ROUTING_ATTACKS for n in routing)
-    assert defenses.get("sap").adaptive_attacks == ("eot",) and defenses.get("sap").test_time_only
+    assert defenses.get("sap").adaptive_attacks == ("eot_pgd",) and defenses.get("sap").test_time_only
 
 
 @pytest.mark.parametrize("kind,found,attacks", [
@@ -56,7 +56,7 @@ def test_flags_and_adaptive_attacks_follow_the_paper():
     ("dynamic_k", ["dynamic_k"], ROUTING_ATTACKS),
     ("topk_conv", ["dynamic_k", "topk_conv"], ROUTING_ATTACKS),  # on top of Dynamic-k, as in the paper
     ("tkc_neuron", ["dynamic_k", "tkc_neuron"], ROUTING_ATTACKS),
-    ("sap", ["sap"], ("eot",)),
+    ("sap", ["sap"], ("eot_pgd",)),
     ("pruned", [], ()),
 ])
 def test_defences_are_recognised_inside_a_built_model(kind, found, attacks):
@@ -68,22 +68,25 @@ def test_defences_are_recognised_inside_a_built_model(kind, found, attacks):
     assert defenses.is_stochastic(model) == (kind == "sap")
 
 
-def test_the_attacks_helpers_read_the_registry():
-    from topkconv.attacks.common import has_routing, is_stochastic
+def test_the_evaluation_reads_the_registry_and_the_randomness_test():
+    from topkconv.evaluate import model_traits
 
     plain = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
-    assert not has_routing(plain) and not is_stochastic(plain, torch.rand(2, 16))
-    routed = defenses.get("dynamic_k").apply(plain, DefenseConfig("dynamic_k", fc_k=[4, 2]))
-    assert has_routing(routed) and not is_stochastic(routed)
-    sap = defenses.get("sap").apply(nn.Sequential(nn.Linear(16, 8), nn.ReLU()), DefenseConfig("sap"))
-    assert is_stochastic(sap) and not has_routing(sap)
+    traits = model_traits(plain, torch.rand(2, 16))
+    assert not traits.routing and not traits.stochastic and traits.adaptive == ()
+    routed = defenses.get("dynamic_k").apply(plain, defense_config("dynamic_k", fc_k=[4, 2]))
+    traits = model_traits(routed, torch.rand(2, 16))
+    assert traits.routing and not traits.stochastic and traits.adaptive == ROUTING_ATTACKS
+    sap = defenses.get("sap").apply(nn.Sequential(nn.Linear(16, 8), nn.ReLU()), defense_config("sap"))
+    traits = model_traits(sap, torch.rand(2, 16))
+    assert traits.stochastic and not traits.routing and traits.adaptive == ("eot_pgd",)
 
 
 def test_apply_routes_the_last_layers_of_any_model():
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3),
                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 12), nn.ReLU(), nn.Linear(12, 4))
     keys = list(net.state_dict())
-    defenses.get("topk_conv").apply(net, DefenseConfig("topk_conv", conv_layers=2, conv_k=3, criterion="sum",
+    defenses.get("topk_conv").apply(net, defense_config("topk_conv", conv_layers=2, conv_k=3, criterion="sum",
                                                        fc_k=[5, 2], fc_scope="final2"))
     assert [type(net[i]) for i in (0, 2, 4)] == [nn.Conv2d, TopKConv2d, TopKConv2d]
     assert (net[2].k, net[4].k, net[4].criterion) == (3, 3, "sum")
@@ -96,10 +99,10 @@ def test_apply_routes_the_last_layers_of_any_model():
 def test_sap_wraps_every_relu_and_dropout_rides_on_the_final_linear():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     keys = list(net.state_dict())
-    defenses.get("sap").apply(net, DefenseConfig("sap", sap_frac=0.5))
+    defenses.get("sap").apply(net, defense_config("sap", sap_frac=0.5))
     saps = [m for m in net.modules() if isinstance(m, StochasticActivationPruning)]
     assert len(saps) == 2 and all(s.frac == 0.5 for s in saps)
-    defenses.get("dropout").apply(net, DefenseConfig("dropout", dropout_p=0.25))
+    defenses.get("dropout").apply(net, defense_config("dropout", dropout_p=0.25))
     assert net[4].dropout.p == 0.25 and list(net.state_dict()) == keys
     net.train()
     torch.manual_seed(0)
@@ -113,7 +116,7 @@ def test_routing_errors_name_the_option_and_the_layer():
     with pytest.raises(ValueError, match=r"defense\.conv_k must lie in 1\.\.16.*got 40.*target 'features\.21'"):
         build_model(tiny("topk_conv", conv_k=40, fc_k=[0.1, 0.5]))
     with pytest.raises(ValueError, match=r"fc_scope='final2' routes the last 2 linear layers; the model has 1"):
-        defenses.get("dynamic_k").apply(nn.Sequential(nn.Linear(4, 2)), DefenseConfig("dynamic_k", fc_k=[1]))
+        defenses.get("dynamic_k").apply(nn.Sequential(nn.Linear(4, 2)), defense_config("dynamic_k", fc_k=[1]))
 
 
 # ---------------------------------------------------------------- configs: TOML and the CLI
@@ -143,7 +146,7 @@ def test_a_key_the_chosen_defence_lacks_is_an_error_naming_both():
     with pytest.raises(ValueError, match=r"defense\.dropout_p must lie in \[0, 1\), got 2"):
         spec_from_dict({"model": {"defense": {"kind": "dropout", "dropout_p": 2}}})
     with pytest.raises(ValueError, match="defense 'sap' has no option 'fc_k'"):
-        DefenseConfig("sap", fc_k=[1, 2])
+        defense_config("sap", fc_k=[1, 2])
 
 
 def test_the_spec_round_trips_and_its_hash_covers_the_defence():
@@ -159,7 +162,7 @@ def test_a_run_json_of_the_flat_config_still_loads():
     flat = {"kind": "dropout", "dropout_p": 0.3, "fc_k": [250, 10], "fc_scope": "final2", "positive_only": False,
             "conv_layers": 2, "conv_k": 0.1, "criterion": "max", "sap_frac": 0.8, "prune_scope": "final",
             "prune_sparsity": 0.9, "prune_epochs": 3, "prune_lr": None}
-    assert spec_from_dict({"model": {"defense": flat}}).model.defense == DefenseConfig("dropout", dropout_p=0.3)
+    assert spec_from_dict({"model": {"defense": flat}}).model.defense == defense_config("dropout", dropout_p=0.3)
     partial = {k: v for k, v in flat.items() if k != "prune_lr"}  # not the old layout: every key is checked
     with pytest.raises(ValueError, match="unknown key 'model.defense.fc_k' for defense 'dropout'"):
         spec_from_dict({"model": {"defense": partial}})
@@ -212,7 +215,7 @@ def test_load_checkpoint_rebuilds_what_fit_trained(tmp_path):
 
     spec = RunSpec(name="tiny", data=DataConfig(limit_train=64, limit_test=16, image_size=16, augment=False),
                    model=ModelConfig(width=0.125, hidden=16,
-                                     defense=DefenseConfig("tkc_neuron", conv_k=3, fc_k=[0.2, 0.5])),
+                                     defense=defense_config("tkc_neuron", conv_k=3, fc_k=[0.2, 0.5])),
                    train=TrainConfig(epochs=1, batch_size=32, lr=0.05))
     trained, _ = fit(spec, tmp_path / "run", progress=False)
     loaded, loaded_spec = load_checkpoint(tmp_path / "run")
@@ -259,7 +262,7 @@ def toy_apply(model, cfg):
 def toy_defence():
     entry = defenses.register(defenses.Defense("toy_noise", ToyConfig, toy_apply, stochastic=True,
                                                test_time_only=True, layer_types=(NoisyReLU,),
-                                               adaptive_attacks=("eot",)))
+                                               adaptive_attacks=("eot_pgd",)))
     yield entry
     del defenses.REGISTRY["toy_noise"]
 
@@ -276,11 +279,11 @@ def test_a_registered_toy_defence_trains_and_evaluates_from_the_cli(toy_defence,
     model, _ = load_checkpoint(run)
     noisy = [m for m in model.modules() if isinstance(m, NoisyReLU)]
     assert len(noisy) == 9 and all(m.sigma == 0.05 for m in noisy)
-    assert defenses.adaptive_attacks(model) == ("eot",)
+    assert defenses.adaptive_attacks(model) == ("eot_pgd",)
     assert main(["evaluate", str(run), "--n", "8", "--steps", "2", "--eot-samples", "2", "--device", "cpu",
                  "--no-progress"]) == 0
     result = json.loads((run / "eval.json").read_text())
-    assert result["model"]["stochastic"] is True and result["n"] == 8
+    assert result["model"]["stochastic"] is True and result["n_examples"] == 8
     assert "eot_pgd" in result["attacks"]
     capsys.readouterr()
     assert main(["train", *TINY_TRAIN, "--defense", "toy_noise", "--toy-sigma", "-1", "--out", str(tmp_path / "x")]) == 2
@@ -294,6 +297,6 @@ def test_registering_checks_the_entry():
 
     with pytest.raises(ValueError, match="`kind` field must default to 'mismatch'"):
         defenses.register(defenses.Defense("mismatch", Wrong, toy_apply))
-    with pytest.raises(ValueError, match="unknown adaptive attacks"):
-        defenses.register(defenses.Defense("toy_noise", ToyConfig, toy_apply, adaptive_attacks=("magic",)))
+    with pytest.raises(TypeError, match="a tuple of attack names"):   # the names are checked by the evaluation
+        defenses.register(defenses.Defense("toy_noise", ToyConfig, toy_apply, adaptive_attacks="eot_pgd"))
     assert "mismatch" not in defenses.REGISTRY and "toy_noise" not in defenses.REGISTRY

@@ -347,13 +347,13 @@ def test_bad_configs_raise_clear_errors(change, match, mlp, digits_test):
 
 def _tiny_checkpoint(folder, defense="dynamic_k"):
     from topkconv.checkpoint import save_checkpoint
-    from topkconv.config import DataConfig, DefenseConfig, ModelConfig, RunSpec
+    from topkconv.config import DataConfig, defense_config, ModelConfig, RunSpec
     from topkconv.models import build_model
 
     torch.manual_seed(0)
     model_cfg = ModelConfig(arch="vgg-small", num_classes=10, in_channels=1, image_size=32, hidden=16, width=0.125,
                             mean=[0.3], std=[0.3],
-                            defense=DefenseConfig(kind=defense, **({"fc_k": [0.5, 0.5]} if defense != "standard" else {})))
+                            defense=defense_config(kind=defense, **({"fc_k": [0.5, 0.5]} if defense != "standard" else {})))
     spec = RunSpec(name=f"tiny-{defense}", data=DataConfig(name="digits", augment=False), model=model_cfg)
     save_checkpoint(folder, build_model(model_cfg).eval(), spec)
     return folder

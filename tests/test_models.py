@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from topkconv.config import DefenseConfig, ModelConfig, spec_from_dict
+from topkconv.config import defense_config, ModelConfig, spec_from_dict
 from topkconv.defenses import config_fields, get
 from topkconv.layers import StochasticActivationPruning, TopKConv2d, TopKLinear, TopKNeuronConv2d
 from topkconv.models import build_model, load_pretrained_vgg16
@@ -17,7 +17,7 @@ def small(kind="standard", **defense):
     if "fc_k" in config_fields(get(kind)):
         defense = {"fc_k": [0.05, 0.2], **defense}  # the default 250 of vgg-small's 512 features is not the point
     return ModelConfig(arch="vgg-small", in_channels=1, mean=[0.3], std=[0.3], width=0.5,
-                       defense=DefenseConfig(kind=kind, **defense))
+                       defense=defense_config(kind=kind, **defense))
 
 
 def test_vgg16_has_torchvision_feature_keys_and_the_papers_head():
@@ -127,7 +127,7 @@ def test_unknown_arch_or_defence_is_named():
     with pytest.raises(ValueError, match="model.arch"):
         build_model(ModelConfig(arch="resnet"))
     with pytest.raises(ValueError, match="unknown defense 'magic'; expected one of standard, dropout"):
-        build_model(ModelConfig(defense=DefenseConfig(kind="magic")))
+        build_model(ModelConfig(defense=defense_config(kind="magic")))
     with pytest.raises(ValueError, match=r"model\.defense\.kind.*'magic'"):
         spec_from_dict({"model": {"defense": {"kind": "magic"}}})
 
@@ -149,7 +149,7 @@ def vgg16_file(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["standard", "topk_conv", "tkc_neuron"])
 def test_pretrained_vgg16_loads_into_features_whatever_the_defence(vgg16_file, kind):
     path, state = vgg16_file
-    model = build_model(ModelConfig(arch="vgg16", image_size=32, defense=DefenseConfig(kind=kind)))
+    model = build_model(ModelConfig(arch="vgg16", image_size=32, defense=defense_config(kind=kind)))
     loaded = load_pretrained_vgg16(model, path)
     assert len(loaded) == 26
     for key in loaded:
@@ -182,7 +182,7 @@ def test_pretrained_errors_name_the_file_and_key(tmp_path, vgg16_file):
 @pytest.mark.parametrize("kind", DEFENSES)
 def test_paper_vgg16_forward_and_backward_at_224px(kind):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="vgg16", image_size=224, defense=DefenseConfig(kind=kind)))
+    model = build_model(ModelConfig(arch="vgg16", image_size=224, defense=defense_config(kind=kind)))
     model.eval()  # SAP acts at eval; gradients still flow (attacks differentiate the eval model)
     x = torch.rand(2, 3, 224, 224, requires_grad=True)
     out = model(x)
@@ -204,7 +204,7 @@ def test_dynamic_k_starts_at_a_dense_layers_output_scale():
     torch.manual_seed(0)
     cfg = dict(arch="vgg-small", in_channels=1, mean=[0.3], std=[0.3], batch_norm=False)
     dense = build_model(ModelConfig(**cfg)).classifier[0]
-    routed = build_model(ModelConfig(**cfg, defense=DefenseConfig(kind="dynamic_k", fc_k=[0.05, 0.2]))).classifier[0]
+    routed = build_model(ModelConfig(**cfg, defense=defense_config(kind="dynamic_k", fc_k=[0.05, 0.2]))).classifier[0]
     features = torch.relu(torch.randn(256, dense.in_features))
     ratio = routed(features).pow(2).mean().sqrt() / dense(features).pow(2).mean().sqrt()
     assert 0.5 < ratio < 2.0, ratio

@@ -202,10 +202,10 @@ def test_fine_tuning_that_stops_early_is_an_error():
 # ---------------------------------------------------------------- prune_run on digits (a tiny VGG)
 
 def _tiny_spec(**defense):
-    from topkconv.config import DataConfig, DefenseConfig, ModelConfig, RunSpec, TrainConfig
+    from topkconv.config import DataConfig, defense_config, ModelConfig, RunSpec, TrainConfig
 
     return RunSpec(name="tiny", data=DataConfig(limit_train=64, limit_test=32, image_size=16, augment=False),
-                   model=ModelConfig(width=0.125, hidden=16, defense=DefenseConfig(**defense)),
+                   model=ModelConfig(width=0.125, hidden=16, defense=defense_config(**defense)),
                    train=TrainConfig(epochs=1, batch_size=32, lr=0.05))
 
 
@@ -270,7 +270,7 @@ def test_prune_run_refuses_a_non_standard_source_and_its_own_folder(standard_run
     import dataclasses
 
     from topkconv.checkpoint import load_checkpoint, save_checkpoint
-    from topkconv.config import DefenseConfig
+    from topkconv.config import defense_config
 
     _, source_spec = load_checkpoint(standard_run)
     spec = pruning.pruned_spec(source_spec, "final", 0.5, 1)
@@ -281,7 +281,7 @@ def test_prune_run_refuses_a_non_standard_source_and_its_own_folder(standard_run
     dropout_dir = tmp_path / "dropout"
     model, _ = load_checkpoint(standard_run)
     dropout_spec = dataclasses.replace(source_spec, model=dataclasses.replace(
-        source_spec.model, defense=DefenseConfig("dropout")))
+        source_spec.model, defense=defense_config("dropout")))
     save_checkpoint(dropout_dir, model, dropout_spec)
     with pytest.raises(ValueError, match="starts from a standard model.*'dropout'"):
         pruning.prune_run(dropout_dir, spec, tmp_path / "out", progress=False)

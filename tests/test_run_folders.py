@@ -165,5 +165,5 @@ def test_allow_unfinished_evaluates_the_last_good_epoch(tmp_path, capsys):
     assert "--allow-unfinished" in capsys.readouterr().err
     assert main(["evaluate", str(out), *flags, "--allow-unfinished"]) == 0
     result = json.loads((out / "eval.json").read_text())
-    assert result["n"] == 8 and 0 <= result["clean"] <= 1
+    assert result["n_examples"] == 8 and 0 <= result["clean"] <= 1
     assert_no_leftovers(tmp_path)

@@ -6,14 +6,14 @@ import torch
 import topkconv.train as train_module
 from topkconv.checkpoint import load_checkpoint
 from topkconv.cli import main
-from topkconv.config import DataConfig, DefenseConfig, ModelConfig, RunSpec, TrainConfig
+from topkconv.config import DataConfig, defense_config, ModelConfig, RunSpec, TrainConfig
 from topkconv.train import NonFiniteLossError, fit, lr_factor, make_optimizer, make_scheduler
 
 
 def tiny_spec(epochs=2, kind="dynamic_k", **train):
     return RunSpec(data=DataConfig(name="digits", image_size=16, limit_train=96, limit_test=32),
                    model=ModelConfig(arch="vgg-small", width=0.25, hidden=32,
-                                     defense=DefenseConfig(kind=kind, fc_k=[0.1, 0.5])),
+                                     defense=defense_config(kind=kind, fc_k=[0.1, 0.5])),
                    train=TrainConfig(**{"epochs": epochs, "batch_size": 32, "lr": 0.02, **train}))
 
 
@@ -169,7 +169,7 @@ def test_training_reaches_a_sensible_digits_accuracy(tmp_path):
     """Dynamic-k vgg-small on the embedded digits (16 px to keep it quick): far above chance (10%)."""
     spec = RunSpec(data=DataConfig(name="digits", image_size=16),
                    model=ModelConfig(arch="vgg-small", width=0.5,
-                                     defense=DefenseConfig(kind="dynamic_k", fc_k=[0.05, 0.2])),
+                                     defense=defense_config(kind="dynamic_k", fc_k=[0.05, 0.2])),
                    train=TrainConfig(epochs=4, batch_size=64))  # the default lr, 0.05
     _, summary = fit(spec, tmp_path / "digits", progress=False)
     assert summary["test_acc"] >= 0.75, summary

@@ -72,7 +72,7 @@ def test_cli_trains_and_evaluates_a_torchvision_resnet18_and_reloads_it(tmp_path
         torch.testing.assert_close(model(x), again(x), rtol=0, atol=0)
     assert main(["evaluate", str(run), "--n", "8", "--steps", "2", "--device", "cpu", "--no-progress"]) == 0
     result = json.loads((run / "eval.json").read_text())
-    assert result["n"] == 8 and {"fgsm", "pgd"} <= set(result["attacks"])
+    assert result["n_examples"] == 8 and {"fgsm", "pgd"} <= set(result["attacks"])
 
 
 def test_unknown_torchvision_names_are_errors(tmp_path, capsys):

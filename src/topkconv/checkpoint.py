@@ -305,3 +305,22 @@ def run_folder(path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} (expected a run folder or its {MODEL_FILE})")
     raise ValueError(f"{path}: expected a run folder or its {MODEL_FILE}")
+
+
+def requested_spec(run_dir, required: bool = True) -> Optional[dict]:
+    """The spec (a dict, as given) that the training state in ``run_dir`` was started with: what
+    ``train --out DIR --resume`` continues. None if there is no state and it is not ``required``."""
+    from .io import read_json
+
+    state_file = Path(run_dir) / STATE_FILE
+    if not state_file.is_file():
+        if not required:
+            return None
+        raise FileNotFoundError(f"{state_file}: nothing to resume (no finished epoch in {run_dir}); "
+                                f"give the run's flags or --spec to start it")
+    state = read_json(state_file, "training state")
+    if not isinstance(state, dict) or "requested_spec" not in state:
+        raise ValueError(f"{state_file}: written by an older version without its spec; "
+                         f"give the run's flags or --spec together with --resume")
+    return state["requested_spec"]
+

@@ -257,7 +257,8 @@ _TRAIN_FLAGS = {  # CLI destination -> (spec section, key)
 
 def _run_train(args) -> int:
     from . import distributed
-    from .config import spec_from_dict
+    from .checkpoint import requested_spec
+    from .config import spec_from_dict, with_keys
     from .errors import UserError
     from .io import read_toml
     from .train import fit
@@ -267,23 +268,12 @@ def _run_train(args) -> int:
     if args.resume and args.force:
         raise UserError("--resume and --force: choose one (continue the run in --out, or replace it)")
     spec = read_toml(args.spec, "spec file") if args.spec else {}
-    flags_given = any(getattr(args, dest) is not None for dest in _TRAIN_FLAGS) or args.no_augment or args.amp \
-        or bool(_defense_flags_given(args))
+    flags = _train_flags(args)
     if args.resume and not args.spec:
         # `train --out DIR --resume [--epochs N]` continues (or extends) DIR's own run; other flags override it.
-        spec = _spec_of_unfinished_run(args.out, required=not flags_given) or spec
-    for dest, (section, key) in _TRAIN_FLAGS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            table = spec
-            for part in section.split("."):
-                table = table.setdefault(part, {})
-            table[key] = value
-    spec.setdefault("model", {}).setdefault("defense", {}).update(_defense_options(args, spec))
-    if args.no_augment:
-        spec.setdefault("data", {})["augment"] = False
-    if args.amp:
-        spec.setdefault("train", {})["amp"] = True
+        spec = requested_spec(args.out, required=not flags) or spec
+    spec = with_keys(spec, flags)
+    spec = with_keys(spec, {f"model.defense.{k}": v for k, v in _defense_options(args, spec).items()})
     try:
         run_spec = spec_from_dict(spec)
     except ValueError as err:
@@ -296,24 +286,15 @@ def _run_train(args) -> int:
     return 0
 
 
-def _spec_of_unfinished_run(out: str, required: bool = True):
-    """The spec a run folder's training state was started with (None if there is none and not ``required``)."""
-    from pathlib import Path
-
-    from .io import read_json
-    from .checkpoint import STATE_FILE
-
-    state_file = Path(out) / STATE_FILE
-    if not state_file.is_file():
-        if not required:
-            return None
-        raise FileNotFoundError(f"{state_file}: nothing to resume (no finished epoch in {out}); "
-                                f"give the run's flags or --spec to start it")
-    state = read_json(state_file, "training state")
-    if not isinstance(state, dict) or "requested_spec" not in state:
-        raise ValueError(f"{state_file}: written by an older version without its spec; "
-                         f"give the run's flags or --spec together with --resume")
-    return state["requested_spec"]
+def _train_flags(args) -> dict:
+    """The spec keys the train flags set, dotted (``{"data.name": "digits", ...}``); defence options apart."""
+    flags = {f"{section}.{key}": getattr(args, dest) for dest, (section, key) in _TRAIN_FLAGS.items()
+             if getattr(args, dest) is not None}
+    if args.no_augment:
+        flags["data.augment"] = False
+    if args.amp:
+        flags["train.amp"] = True
+    return dict(flags, **{f"model.defense.{k}": v for k, v in _defense_flags_given(args).items()})
 
 
 def _add_evaluate(sub) -> None:
@@ -605,34 +586,15 @@ def _add_seeds_and_jobs(p) -> None:
 
 def _run_reproduce(args) -> int:
     from .reproduce import reproduce
+    from .reproduce.driver import refuse_paper_preset_without_gpu
 
     if args.preset == "paper" and not args.yes and args.device != "cpu":
-        _refuse_paper_preset_without_gpu()
+        refuse_paper_preset_without_gpu()
     overrides = {"train": {"device": args.device}} if args.device else None
     reproduce(args.target, preset=args.preset, data=args.data, pretrained=args.pretrained, out=args.out,
               force=args.force, progress=not args.no_progress, spec_file=args.spec, seeds=args.seeds,
               jobs=args.jobs, overrides=overrides)
     return 0
-
-
-def _refuse_paper_preset_without_gpu() -> None:
-    """``--preset paper`` trains VGG16 at 224 px: without a GPU, measure a few steps, state the cost, and stop."""
-    import torch
-
-    from .config import ModelConfig
-    from .data.folders import CINIC_TRAIN_IMAGES
-    from .errors import UserError
-    from .models import build_model
-    from .train import seconds_per_training_image
-
-    if torch.cuda.is_available():
-        return
-    per_image = seconds_per_training_image(build_model(ModelConfig(arch="vgg16", image_size=224)), 224)
-    hours = per_image * CINIC_TRAIN_IMAGES / 3600
-    raise UserError(f"--preset paper trains VGG16 at 224 px and this machine has no GPU: a training step took "
-                    f"{per_image:.2f} s per image here (measured on the first steps), so one epoch of CINIC-10's "
-                    f"{CINIC_TRAIN_IMAGES:,} training images would take about {hours:,.0f} hours per model; "
-                    f"add --yes to go on anyway, or --device cpu to train on the CPU on purpose")
 
 
 def _add_sweep(sub) -> None:

@@ -6,6 +6,7 @@ the key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -34,11 +35,6 @@ def defense_config(kind: str = "standard", **options):
     from . import defenses  # lazily: defenses imports torch, and this module stays light
 
     return defenses.make_config(kind, **options)
-
-
-# The old name: one flat config for every defence is gone, ``DefenseConfig(kind=..., ...)`` now returns
-# the chosen defence's own config.
-DefenseConfig = defense_config
 
 
 @dataclass
@@ -201,7 +197,7 @@ class AttackConfig:
 def attack_config_with(cfg: AttackConfig, changes: dict, where: str = "attack") -> AttackConfig:
     """``cfg`` with ``changes``, an ``[attack]`` table (sub-tables merge key by key: ``{"pgd": {"steps": 3}}``
     changes PGD's steps only); unknown keys are errors naming them."""
-    base, extra = attack_table(dataclasses.asdict(cfg), where), attack_table(changes, where)
+    base, extra = attack_table_in_shape(dataclasses.asdict(cfg), where), attack_table_in_shape(changes, where)
     for table in ("indicators", "budgets"):
         extra[table] = {**base.get(table, {}), **extra.get(table, {})}
     for name, value in extra["budgets"].items():
@@ -228,7 +224,7 @@ def budgets_from_dict(data: dict, where: str) -> dict:
     return out
 
 
-def attack_table(data: dict, where: str = "attack") -> dict:
+def attack_table_in_shape(data: dict, where: str = "attack") -> dict:
     """An ``[attack]`` table in AttackConfig's shape: ``[attack.<budget>]`` sub-tables go to ``budgets``, and
     the flat keys of earlier versions (``pgd_steps``, ``zo_samples`` ...) to their sub-table."""
     from .attacks.registry import budget_configs
@@ -283,7 +279,7 @@ def from_dict(cls, data: dict, where: str = "", owner: str = ""):
     if not isinstance(data, dict):
         raise ValueError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
     if cls is AttackConfig:
-        data = attack_table(data, where or "attack")
+        data = attack_table_in_shape(data, where or "attack")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -301,7 +297,7 @@ def from_dict(cls, data: dict, where: str = "", owner: str = ""):
     return cls(**kwargs)  # a defence config checks its own values (errors name e.g. defense.dropout_p)
 
 
-# The keys of the one flat DefenseConfig that run.json files of earlier versions hold for every defence.
+# The keys of the one flat defence config that run.json files of earlier versions hold for every defence.
 _LEGACY_DEFENSE_KEYS = {"kind", "dropout_p", "fc_k", "fc_scope", "positive_only", "conv_layers", "conv_k",
                         "criterion", "sap_frac", "prune_scope", "prune_sparsity", "prune_epochs", "prune_lr"}
 
@@ -372,6 +368,19 @@ def _describe(hint) -> str:
     names = {int: "an int", float: "a number", str: "a string", bool: "true or false", list: "a list",
              type(None): "nothing (unset)"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def with_keys(table: dict, values: dict) -> dict:
+    """A copy of ``table`` (a spec as read from TOML) with each dotted key of ``values`` set, e.g.
+    ``{"model.defense.kind": "sap"}``: what the command line's flags change in a spec."""
+    out = copy.deepcopy(table)
+    for dotted, value in values.items():
+        *sections, key = dotted.split(".")
+        target = out
+        for part in sections:
+            target = target.setdefault(part, {})
+        target[key] = value
+    return out
 
 
 def spec_from_dict(data: dict) -> RunSpec:

@@ -7,15 +7,12 @@ backward (see benchmarks/bench_attacks.py for the measured overhead).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 LOSSES = ("ce", "margin")
-STARTS = ("random", "zero")
 
 
 def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce", targeted: bool = False) -> torch.Tensor:

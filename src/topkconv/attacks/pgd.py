@@ -15,8 +15,10 @@ from torch import nn
 
 from ..layers import dense_gradients
 from .common import attack_mode, check_inputs
-from .gradient import STARTS, check_loss, fooled_by, input_gradient, per_example, attack_loss
+from .gradient import attack_loss, check_loss, fooled_by, input_gradient, per_example
 from .registry import Attack, PlanContext, Planned, Role, budget_field, register
+
+STARTS = ("random", "zero")
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
@@ -89,19 +91,18 @@ def step_at(ctx: PlanContext, eps: float) -> float:
 
 
 def plan_pgd(ctx: PlanContext, eps: float, start: str, steps: Optional[int] = None, restarts: Optional[int] = None,
-             eot: int = 1, gradients=None, extra: Optional[dict] = None, model=None) -> Planned:
-    """PGD on ``ctx.model`` (or ``model``) at ``eps`` (0-255 units) with the ``[attack.pgd]`` budget unless
-    given; ``gradients`` is a context manager factory for the layers' backward (BPDA), ``extra`` more params."""
+             eot: int = 1, gradients=None, extra: Optional[dict] = None) -> Planned:
+    """PGD on ``ctx.model`` at ``eps`` (0-255 units) with the ``[attack.pgd]`` budget unless given;
+    ``gradients`` is a context manager factory for the layers' backward (BPDA), ``extra`` more params."""
     budget = ctx.budget("pgd")
     steps = budget.steps if steps is None else steps
     restarts = budget.restarts if restarts is None else restarts
     step = step_at(ctx, eps)
-    target = ctx.model if model is None else model
 
     def run(x, y, generator, seed):
         # The exact backward unless BPDA asks for a stand-in, even inside a caller's BPDA block.
         with (gradients() if gradients is not None else dense_gradients(False)):
-            return pgd(target, x, y, eps / 255, step / 255, steps, start=start, restarts=restarts,
+            return pgd(ctx.model, x, y, eps / 255, step / 255, steps, start=start, restarts=restarts,
                        eot_samples=eot, generator=generator)
 
     params = {"eps": eps, "step_size": step, "steps": steps, "restarts": restarts, "start": start}

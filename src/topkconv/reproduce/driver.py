@@ -177,3 +177,24 @@ def write_claims(workspace: Workspace, studies: list, judged: list, source) -> d
     for line in claims_module.console_lines(judged):
         print(line, flush=True)
     return {"md": str(md), "json": str(js), "claims": judged}
+
+
+def refuse_paper_preset_without_gpu() -> None:
+    """``--preset paper`` trains VGG16 at 224 px: without a GPU, measure a few steps, state the cost, and stop."""
+    import torch
+
+    from .. import train
+    from ..config import ModelConfig
+    from ..data.folders import CINIC_TRAIN_IMAGES
+    from ..errors import UserError
+    from ..models import build_model
+
+    if torch.cuda.is_available():
+        return
+    per_image = train.seconds_per_training_image(build_model(ModelConfig(arch="vgg16", image_size=224)), 224)
+    hours = per_image * CINIC_TRAIN_IMAGES / 3600
+    raise UserError(f"--preset paper trains VGG16 at 224 px and this machine has no GPU: a training step took "
+                    f"{per_image:.2f} s per image here (measured on the first steps), so one epoch of CINIC-10's "
+                    f"{CINIC_TRAIN_IMAGES:,} training images would take about {hours:,.0f} hours per model; "
+                    f"add --yes to go on anyway, or --device cpu to train on the CPU on purpose")
+
