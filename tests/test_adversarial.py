@@ -5,6 +5,7 @@ as it was before the feature existed."""
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,22 @@ def test_a_killed_adversarial_run_resumes_to_the_same_weights(tmp_path, monkeypa
     assert summary["resumed_from_epoch"] == 1
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_the_adversarial_training_table_spec_parses_and_builds():
+    from topkconv.data import load_data
+    from topkconv.models import build_model
+    from topkconv.reproduce import load_table_spec
+    from topkconv.train import resolve_spec
+
+    experiments = Path(__file__).resolve().parents[1] / "src" / "topkconv" / "experiments"
+    table = load_table_spec(experiments / "tableat-quick.toml")
+    assert table.labels == ["Baseline", "Baseline + AT", "Dynamic-k + AT", "TKC-max + AT"]
+    for label in table.labels:
+        spec = table.run_spec(label)
+        assert spec.train.adversarial.enabled == label.endswith("+ AT")
+        build_model(resolve_spec(spec, load_data(spec.data)).model)
+    plain = load_table_spec(experiments / "table3-quick.toml")
+    assert table.run_spec("Baseline").hash() == plain.run_spec("Baseline").hash()  # Table III's run, reused
+    for label in ("Dynamic-k", "TKC-max"):  # the same defences as Table III's columns
+        assert table.run_spec(f"{label} + AT").model.defense == plain.run_spec(label).model.defense
