@@ -1,5 +1,9 @@
 """The paper's claims as data (``topkconv/experiments/claims.toml``), and a verdict on each from the reproduced tables.
 
+A claim's ``source`` says whose it is: ``paper`` (the default: the paper's two numbers and its sentence) or
+``project`` (a question the project asks and the paper does not answer, such as the adversarial-training
+table's; no paper numbers, and reports never call it the paper's).
+
 A claim compares two columns of one table on one measure: ``a`` against ``b`` under ``clean``, ``fgsm``
 or ``pgd``, in a ``direction`` (``greater``, ``less``, ``equivalent`` within ``margin``, or ``not_less``
 than ``b`` by more than ``margin``), with the paper's two numbers and the sentence it comes from. The
@@ -37,18 +41,20 @@ class Claim:
     metric: str = ""                   # clean | fgsm | pgd
     direction: str = ""                # greater | less | equivalent | not_less
     margin: Optional[float] = None     # equivalent / not_less: the margin, as a fraction (0.02 = 2 points)
-    paper: list = field(default_factory=list)  # the paper's numbers for a and b, as fractions
-    text: str = ""                     # the paper's sentence
+    paper: list = field(default_factory=list)  # the paper's numbers for a and b, as fractions (none: project)
+    text: str = ""                     # the paper's sentence, or the project's question
     decide: str = ""                   # the measure that decides the verdict: clean | <metric>@<eps> | worst@<eps>
     delta: Optional[float] = None      # greater / less: the smallest gain that counts (default stats.DELTA)
+    source: str = "paper"              # paper | project (the project's own question: no paper numbers)
 
     @property
     def gain_margin(self) -> float:
         return stats.DELTA if self.delta is None else self.delta
 
     @property
-    def paper_difference(self) -> float:
-        return self.paper[0] - self.paper[1]
+    def paper_difference(self) -> Optional[float]:
+        """The paper's effect A - B; None for the project's own questions."""
+        return self.paper[0] - self.paper[1] if self.paper else None
 
     def statement(self) -> str:
         what = {"clean": "clean accuracy", "fgsm": "accuracy under FGSM", "pgd": "accuracy under PGD"}[self.metric]
@@ -102,6 +108,9 @@ def load_claims(path=None, tables: Optional[dict] = None, skip_missing_columns: 
     return claims
 
 
+SOURCES = ("paper", "project")
+
+
 def _check(claim: Claim, tables: Optional[dict]) -> None:
     for key in ("id", "table", "a", "b", "metric", "direction", "text", "decide"):
         if not getattr(claim, key):
@@ -118,11 +127,7 @@ def _check(claim: Claim, tables: Optional[dict]) -> None:
     _check_decide(claim)
     if claim.delta is not None and not (isinstance(claim.delta, (int, float)) and 0 < claim.delta < 1):
         raise ValueError(f"'delta' must be a fraction in (0, 1), got {claim.delta!r}")
-    if (len(claim.paper) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in claim.paper)):
-        raise ValueError(f"missing paper number: 'paper' must hold the paper's two numbers [{claim.a}, {claim.b}] "
-                         f"as fractions, got {claim.paper!r}")
-    if any(not 0 <= v <= 1 for v in claim.paper):
-        raise ValueError(f"'paper' numbers are fractions in [0, 1], got {claim.paper!r}")
+    _check_paper_numbers(claim)
     table: Optional[TableSpec] = (tables or {}).get(claim.table)
     if table is not None:
         for key in ("a", "b"):
@@ -132,6 +137,23 @@ def _check(claim: Claim, tables: Optional[dict]) -> None:
                                  f"columns are {table.labels}")
             if table.column(label).not_reproduced is not None:
                 raise ValueError(f"column {label!r} (key {key!r}) is not reproduced in {table.path}")
+
+
+def _check_paper_numbers(claim: Claim) -> None:
+    """The paper's claims carry its two numbers; the project's own questions carry none."""
+    if claim.source not in SOURCES:
+        raise ValueError(f"unknown source {claim.source!r}; expected one of {SOURCES}")
+    if claim.source == "project":
+        if claim.paper:
+            raise ValueError(f"a claim with source = 'project' has no paper numbers; remove 'paper' "
+                             f"(got {claim.paper!r})")
+        return
+    if (len(claim.paper) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in claim.paper)):
+        raise ValueError(f"missing paper number: 'paper' must hold the paper's two numbers [{claim.a}, {claim.b}] "
+                         f"as fractions, got {claim.paper!r} (or set source = 'project' for the project's own "
+                         f"question)")
+    if any(not 0 <= v <= 1 for v in claim.paper):
+        raise ValueError(f"'paper' numbers are fractions in [0, 1], got {claim.paper!r}")
 
 
 def _check_decide(claim: Claim) -> None:
@@ -176,11 +198,12 @@ def judge(claim: Claim, results: dict, eps_list: list, strong_eps: list) -> dict
             decision = {**row, **_decide(claim, difference)}
         else:
             rows.append(row)
-    paper_holds = stats.holds(claim.paper_difference, claim.direction, claim.margin)
-    return {"id": claim.id, "table": claim.table, "statement": claim.statement(), "a": claim.a, "b": claim.b,
+    effect = claim.paper_difference
+    paper_holds = None if effect is None else stats.holds(effect, claim.direction, claim.margin)
+    return {"id": claim.id, "table": claim.table, "source": claim.source, "statement": claim.statement(), "a": claim.a, "b": claim.b,
             "metric": claim.metric, "direction": claim.direction, "margin": claim.margin,
             "delta": claim.gain_margin if claim.direction in ("greater", "less") else None, "text": claim.text,
-            "paper": list(claim.paper), "paper_difference": round(claim.paper_difference, 6),
+            "paper": list(claim.paper), "paper_difference": None if effect is None else round(effect, 6),
             "paper_itself_agrees": paper_holds, "decide": claim.decide, "decision": decision,
             "verdict": decision["verdict"] if decision else stats.NOT_MEASURED,
             "p_value": decision["p_value"] if decision else None, "supporting": rows}
@@ -200,12 +223,15 @@ def _decide(claim: Claim, difference: stats.Estimate) -> dict:
 
 
 def _target_half_width(claim: Claim) -> tuple:
-    """Half the paper's effect (a directional claim), else half the claim's margin, and which it is."""
+    """Half the paper's effect (a directional claim), else half of delta (no usable paper effect), else half
+    the claim's margin, and which it is."""
     effect = claim.paper_difference
-    if claim.direction in ("greater", "less") and stats.holds(effect, claim.direction) and abs(effect) > 1e-9:
+    directional = claim.direction in ("greater", "less")
+    if directional and effect is not None and stats.holds(effect, claim.direction) and abs(effect) > 1e-9:
         return abs(effect) / 2, f"half the paper's effect {effect:+.3f}"
-    if claim.direction in ("greater", "less"):
-        return claim.gain_margin / 2, f"half of delta {claim.gain_margin:g} (the paper's own numbers disagree)"
+    if directional:
+        why = "no paper effect: the project's own question" if effect is None else "the paper's own numbers disagree"
+        return claim.gain_margin / 2, f"half of delta {claim.gain_margin:g} ({why})"
     return claim.margin / 2, f"half the margin {claim.margin:g}"
 
 
@@ -250,11 +276,35 @@ def _p_text(value) -> str:
     return "–" if value is None else f"{value:.2g}" if value >= 1e-4 else "<1e-4"
 
 
+def heading(judged: list) -> str:
+    """Whose claims a report holds: the paper's, the project's own questions, or both (never mislabelled)."""
+    sources = {claim.get("source", "paper") for claim in judged}
+    if sources == {"project"}:
+        return "The project's own questions"
+    return "The paper's claims and the project's own questions" if "project" in sources else "The paper's claims"
+
+
+PROJECT_MARK = "- (the project's question)"   # the "paper A - B" of a claim the paper does not make
+
+
+def _paper_text(claim: dict) -> str:
+    if claim["paper_difference"] is None:
+        return PROJECT_MARK
+    agrees = "" if claim["paper_itself_agrees"] else " (paper's own numbers disagree)"
+    return f"{claim['paper_difference']:+.3f}{agrees}"
+
+
+def _sentence(claim: dict) -> str:
+    whose = " (the project's own question; the paper makes no such claim)" if claim["paper_difference"] is None else ""
+    return f"- **{claim['id']}**{whose}: \"{claim['text']}\""
+
+
 def render_markdown(judged: list, meta: dict) -> str:
-    lines = ["# The paper's claims, tested", ""]
+    lines = [f"# {heading(judged)}, tested", ""]
     lines += [f"- **{key}**: {value}" for key, value in meta.items()]
-    lines += ["- **verdicts** (on the claim's deciding measure, declared in the claims file): reproduced = the "
-              "95% interval of the paired difference A - B lies on the paper's side of 0 (inside the margin for "
+    lines += ["- **verdicts** (on the claim's deciding measure, declared in the claims file): reproduced (for "
+              "the project's own questions: shown) = the 95% interval of the paired difference A - B lies on the "
+              "claim's side of 0 (inside the margin for "
               "'within'); contradicted = wholly on the other side; no gain shown = a 'greater'/'less' claim whose "
               "interval lies short of the smallest gain that counts (delta, 2 points unless declared); "
               "inconclusive = otherwise",
@@ -268,8 +318,7 @@ def render_markdown(judged: list, meta: dict) -> str:
                  "Seeds needed |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for claim in judged:
-        paper = f"{claim['paper_difference']:+.3f}" + ("" if claim["paper_itself_agrees"] else " (paper's own "
-                                                                                           "numbers disagree)")
+        paper = _paper_text(claim)
         decision = claim["decision"]
         ours = _difference_text(decision) if decision else "not measured"
         lines.append(f"| {claim['id']}: {claim['statement']} | {claim['decide']} | {paper} | {ours} | "
@@ -279,8 +328,8 @@ def render_markdown(judged: list, meta: dict) -> str:
               "|---|---|---|"]
     for claim in judged:
         lines += [f"| {claim['id']} | {row['measure']} | {_difference_text(row)} |" for row in claim["supporting"]]
-    lines += ["", "## The paper's sentences", ""]
-    lines += [f"- **{claim['id']}**: \"{claim['text']}\"" for claim in judged]
+    lines += ["", "## Where each claim comes from (the paper's sentence, or the project's question)", ""]
+    lines += [_sentence(claim) for claim in judged]
     return "\n".join(lines) + "\n"
 
 
@@ -293,7 +342,9 @@ def console_lines(judged: list) -> list:
             lines.append(f"{claim['id']}: {claim['statement']}: {claim['decide']} not measured")
             continue
         seeds = _seeds_text(claim)
-        lines.append(f"{claim['id']}: {claim['statement']} (paper {claim['paper_difference']:+.3f}): "
+        paper = ("the project's question" if claim["paper_difference"] is None
+                 else f"paper {claim['paper_difference']:+.3f}")
+        lines.append(f"{claim['id']}: {claim['statement']} ({paper}): "
                      f"{claim['decide']} {_difference_text(decision)} p={_p_text(claim['p_value'])} "
                      f"{claim['verdict']}; Holm p={_p_text(claim['p_holm'])} {claim['verdict_holm']}"
                      + (f"; seeds needed {seeds}" if seeds else ""))

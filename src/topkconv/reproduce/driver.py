@@ -16,7 +16,7 @@ from typing import Optional
 from . import claims as claims_module
 from . import jobs as jobs_module
 from . import tables
-from .spec import TABLES, TARGETS, Study, load_table_spec, merge, spec_path
+from .spec import PAPER_TABLES, TARGETS, Study, load_table_spec, merge, spec_path
 from .workspace import Workspace
 
 
@@ -103,7 +103,8 @@ def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str]
               pretrained: Optional[str] = None, out=".", force: bool = False, progress: bool = True,
               spec_file: Optional[str] = None, overrides: Optional[dict] = None, seeds: Optional[int] = None,
               jobs: Optional[int] = None, claims_file=None) -> dict:
-    """``topkconv reproduce``: one table, the figures, or ``all``; then the verdicts on the paper's claims.
+    """``topkconv reproduce``: one table, the figures, or ``all`` (the paper's three tables and the figures;
+    not the adversarial-training table ``tableat``, which is asked for by name); then the verdicts on the claims.
 
     ``spec_file`` replaces the shipped ``topkconv/experiments/<table>-<preset>.toml`` (for one table, or for
     the figures, which use Table III's models). ``overrides`` (a RunSpec dict) is merged into every
@@ -114,7 +115,7 @@ def reproduce(target: str = "table3", preset: str = "quick", data: Optional[str]
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     overrides = merge(cli_overrides(data, pretrained), overrides or {})
-    names = list(TABLES) if target == "all" else [target] if target != "figures" else []
+    names = list(PAPER_TABLES) if target == "all" else [target] if target != "figures" else []
     studies = [load_study(name, preset, spec_file, overrides, seeds) for name in names]
     figure_study = None
     if target in ("figures", "all"):
@@ -173,7 +174,8 @@ def write_claims(workspace: Workspace, studies: list, judged: list, source) -> d
     js = workspace.reports / "claims.json"
     atomic_write_text(md, claims_module.render_markdown(judged, meta))
     atomic_write_json(js, {"meta": meta, "claims": judged})
-    print("\nThe paper's claims (deciding measure: A - B [95% interval], p, verdict; Holm-adjusted):", flush=True)
+    print(f"\n{claims_module.heading(judged)} (deciding measure: A - B [95% interval], p, verdict; "
+          f"Holm-adjusted):", flush=True)
     for line in claims_module.console_lines(judged):
         print(line, flush=True)
     return {"md": str(md), "json": str(js), "claims": judged}

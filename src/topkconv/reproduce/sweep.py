@@ -174,7 +174,8 @@ def render_markdown(key: str, labels: list, points: list, first: Study) -> str:
             lines.append("| " + " | ".join([json.dumps(point["value"]), label, *texts,
                                              point["summary"]["flags"][label]]) + " |")
     if any(point["claims"] for point in points):
-        lines += ["", "## The paper's claims at each value", ""]
+        judged = [claim for point in points for claim in point["claims"]]
+        lines += ["", f"## {claims_module.heading(judged)} at each value", ""]
         for point in points:
             lines.append(f"- **{key} = {json.dumps(point['value'])}**")
             lines += [f"  - {line}" for line in claims_module.console_lines(point["claims"])]

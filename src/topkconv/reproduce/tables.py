@@ -81,7 +81,7 @@ def summarise(study: Study, results: dict) -> dict:
 
 def build_table(study: Study, summary: dict):
     """A :class:`topkconv.report.Table`: one row per measure, "<label> ours" / "<label> paper" columns."""
-    from ..report import Table
+    from ..report import NO_PAPER_SETTING, PAPER, PAPER_SETTING, Table
 
     table = study.table
     not_reproduced = {c.label: c.not_reproduced for c in table.columns if c.not_reproduced is not None}
@@ -106,7 +106,8 @@ def build_table(study: Study, summary: dict):
     notes.append(f"ours: mean over {study.seeds} training seeds [{interval_note(study.seeds)}]; per-seed values "
                  f"in {table.table}.csv/.json.")
     notes += [f"{label}: not reproduced: {reason}." for label, reason in not_reproduced.items()]
-    return Table(table.table, table.title or table.table, header, rows, notes, headline=headline)
+    return Table(table.table, table.title or table.table, header, rows, notes, headline=headline,
+                 paper_setting=PAPER_SETTING if table.table in PAPER else NO_PAPER_SETTING)
 
 
 def render_csv(study: Study, summary: dict) -> str:
