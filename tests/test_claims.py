@@ -15,7 +15,8 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "src" / "topkconv" / "experi
 @pytest.mark.parametrize("preset", ["quick", "paper"])
 def test_the_claims_file_names_real_columns_of_every_table(preset):
     tables = {t: load_table_spec(EXPERIMENTS / f"{t}-{preset}.toml") for t in ("table1", "table2", "table3")}
-    claims = C.load_claims(EXPERIMENTS / "claims.toml", tables)
+    claims = [c for c in C.load_claims(EXPERIMENTS / "claims.toml", tables) if c.source == "paper"]
+    assert {c.table for c in claims} == set(tables)  # the paper's claims are about its three tables only
     by_table = {t: [c for c in claims if c.table == t] for t in tables}
     assert all(by_table.values())
     ids = {c.id for c in claims}
@@ -55,6 +56,8 @@ decide = "worst@8"
     (('metric = "pgd"', 'metric = "cw"'), "unknown metric 'cw'"),
     (('paper = [0.421, 0.324]', 'paper = [0.421]'), "missing paper number"),
     (('paper = [0.421, 0.324]\n', ''), "missing paper number"),
+    (('paper = [0.421, 0.324]', 'paper = [0.421, 0.324]\nsource = "project"'), "has no paper numbers"),
+    (('paper = [0.421, 0.324]', 'paper = [0.421, 0.324]\nsource = "blog"'), "unknown source 'blog'"),
     (('direction = "greater"', 'direction = "better"'), "unknown direction"),
     (('direction = "greater"', 'direction = "equivalent"'), "needs 'margin'"),
     (('table = "table3"', 'table = "table7"'), "unknown table"),
@@ -238,3 +241,65 @@ def test_table_cells_show_the_exact_bound_marked_and_say_how_intervals_were_made
         == tables.cell_text(mixed)
     assert "Student's t over the 3 seed accuracies (df 2)" in tables.interval_note(3)
     assert "Clopper-Pearson" in tables.interval_note(1) and "not measured" in tables.interval_note(1)
+
+
+# ---------------------------------------------------------------- the AT table: the project's own questions
+
+AT_LABELS = ("Baseline", "Baseline + AT", "Dynamic-k + AT", "TKC-max + AT")
+
+
+def test_the_at_claims_are_the_projects_own_and_decided_where_the_spec_measures():
+    """Every tableat claim names a real column, carries no paper numbers, and decides robustness on the strong
+    suite's worst case at the training radius, which the spec's strong suite runs."""
+    table = load_table_spec(EXPERIMENTS / "tableat-quick.toml")
+    assert table.table == "tableat" and tuple(table.labels) == AT_LABELS
+    at = [c for c in C.load_claims(EXPERIMENTS / "claims.toml", {"tableat": table}) if c.table == "tableat"]
+    assert {c.id for c in at} >= {"AT-control-beats-baseline-pgd", "AT-dk-adds-to-at-pgd", "AT-tkc-max-adds-to-at-pgd",
+                                  "AT-costs-clean-accuracy", "AT-dk-clean-at-least-at", "AT-tkc-max-clean-at-least-at"}
+    study = Study(table)
+    radius = table.run_spec("Baseline + AT").train.adversarial.eps
+    assert radius in study.strong_radii()
+    for claim in at:
+        assert (claim.source, claim.paper, claim.paper_difference) == ("project", [], None), claim.id
+        assert {claim.a, claim.b} <= set(table.labels)
+        assert claim.decide == ("clean" if claim.metric == "clean" else f"worst@{radius:g}"), claim.id
+        assert claim.decide in C.measures_for(claim, study.eps_list(), study.strong_radii()), claim.id
+    # the open question compares routing + AT with the AT Baseline, and "no gain shown" is reachable (delta)
+    assert {(c.a, c.b) for c in at if c.metric == "pgd" and c.b == "Baseline + AT"} == {
+        ("Dynamic-k + AT", "Baseline + AT"), ("TKC-max + AT", "Baseline + AT")}
+
+
+def _at_claim(**changes):
+    base = dict(id="q", table="tableat", source="project", a="Baseline + AT", b="Baseline", metric="pgd",
+                direction="greater", text="a question", decide="worst@24")
+    return C.Claim(**{**base, **changes})
+
+
+def test_a_project_question_gets_a_verdict_and_a_seed_target_without_a_paper_effect():
+    """AT clearly helps (worst case 0.6 vs 0.1): shown. Identical columns: no gain shown (delta). An open one
+    aims its seeds at half of delta, and the report never calls these the paper's claims."""
+    rng = np.random.default_rng(3)
+    results = {"Baseline + AT": _column(rng, 0.9, 0.7, 0.6), "Baseline": _column(rng, 0.95, 0.3, 0.1)}
+    same = _column(rng, 0.9, 0.6, 0.5, n=2000)
+    results.update({"TKC-max + AT": same, "Dynamic-k + AT": [dict(s) for s in same]})
+    shown = C.judge(_at_claim(), results, [8.0], [24.0])
+    assert shown["verdict"] == "reproduced" and shown["paper_difference"] is None
+    assert shown["paper_itself_agrees"] is None and shown["source"] == "project"
+    nothing = C.judge(_at_claim(a="TKC-max + AT", b="Dynamic-k + AT", delta=0.03), results, [8.0], [24.0])
+    assert nothing["verdict"] == "no gain shown"
+    a, b = [_seed(f"r{i}", x, x, x) for i, x in enumerate(_noisy(rng))], _column(rng, 0.5, 0.5, 0.5)
+    open_one = C.judge(_at_claim(a="Dynamic-k + AT", b="Baseline"), {"Dynamic-k + AT": a, "Baseline": b},
+                       [8.0], [24.0])
+    assert open_one["decision"]["target_half_width"] == pytest.approx(0.01)
+    assert open_one["decision"]["target_from"].startswith("half of delta 0.02 (no paper effect")
+    judged = C.adjust([shown, nothing, open_one])
+    text = C.render_markdown(judged, C.count_lines(judged))
+    assert text.startswith("# The project's own questions, tested") and "The paper's claims" not in text
+    assert C.PROJECT_MARK in text and "(the project's own question; the paper makes no such claim)" in text
+    assert all("(the project's question)" in line for line in C.console_lines(judged))
+    assert C.heading(judged + [{"source": "paper"}]) == "The paper's claims and the project's own questions"
+
+
+def _noisy(rng, n=300):
+    """Three seeds whose worst-case accuracy swings widely (0.3, 0.7, 0.5): an inconclusive gain."""
+    return [rng.random(n) < p for p in (0.3, 0.7, 0.5)]

@@ -253,3 +253,65 @@ def test_sweep_on_the_command_line_names_a_bad_key_or_missing_values(tmp_path, c
     assert main(["reproduce", "--jobs", "0", "--out", str(tmp_path)]) == 2
     assert "--jobs" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# The shipped AT table shrunk to seconds: (old, new) text replacements, each of which must hit.
+AT_TINY = (("seeds = 3", "seeds = 1"), ("eval_examples = 200", "eval_examples = 12"),
+           ("strong_eps = [8.0, 24.0]", "strong_eps = [24.0]"),  # the AT claims' deciding radius only
+           ("[base.data]\n", "[base.data]\nlimit_train = 48\nlimit_test = 12\n"), ("image_size = 32", "image_size = 16"),
+           ("hidden = 128", "hidden = 16"), ("width = 0.25", "width = 0.125"), ("epochs = 10", "epochs = 1"),
+           ("warmup_epochs = 2", "warmup_epochs = 0"), ("n_examples = 100", "n_examples = 6"),
+           ("steps = 16", "steps = 2"), ("iterations = 20", "iterations = 2"),
+           ('attacks = ["apgd-ce", "apgd-dlr"]', 'attacks = ["apgd-ce"]'), ("queries = 300", "queries = 5"),
+           ("steps = 10\n", "steps = 2\n"), ("samples = [[0, 20]]", "samples = [[0, 4]]"),
+           ("examples = 20", "examples = 4"), ("examples = 24", "examples = 4"), ("draws = 10", "draws = 4"),
+           ("steps = 40", "steps = 3"), ("eps_curve = [0, 128]", "eps_curve = [0, 64]"))
+
+
+def _tiny_at_spec(tmp_path) -> Path:
+    """A copy of the shipped AT table with :data:`AT_TINY`: 1 seed, 1 epoch, 48 training digits at 16 px, the
+    strong suite at 24/255 on 6 examples. A change to the shipped spec that a replacement misses fails here."""
+    text = (EXPERIMENTS / "tableat-quick.toml").read_text(encoding="utf-8")
+    for old, new in AT_TINY:
+        assert old in text, old
+        text = text.replace(old, new)
+    text = text.replace("check_examples = 100", "check_examples = 4")
+    return _write(tmp_path / "tableat-tiny.toml", text)
+
+
+def test_reproduce_tableat_writes_its_table_without_paper_numbers_and_judges_its_questions(tmp_path, capsys):
+    """`topkconv reproduce tableat --spec <tiny copy>`: reports/tableat.md with "–" for every paper cell, and
+    claims.md/.json holding only the project's AT questions, each judged on its deciding measure."""
+    spec = _tiny_at_spec(tmp_path)
+    out = tmp_path / "out"
+    assert main(["reproduce", "tableat", "--spec", str(spec), "--out", str(out), "--jobs", "1", "--no-progress"]) == 0
+    reports = out / "reports"
+    table = (reports / "tableat.md").read_text()
+    assert "| Attack | Baseline ours | Baseline paper | Baseline + AT ours | Baseline + AT paper |" in table
+    assert "none: the paper has no such table" in table and "CINIC-10" not in table
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith(("| None |", "| Strong-suite worst case (eps=24) |"))]
+    assert len(rows) == 2 and all(row[2::2] == ["–"] * 4 for row in rows), rows  # every paper cell is "–"
+    assert (reports / "tableat.csv").is_file() and (reports / "tableat.json").is_file()
+    claims = json.loads((reports / "claims.json").read_text())["claims"]
+    assert {c["table"] for c in claims} == {"tableat"} and {c["source"] for c in claims} == {"project"}
+    assert len(claims) == 6 and all(c["paper_difference"] is None for c in claims)
+    verdicts = {c["id"]: (c["decision"] or {}).get("measure") for c in claims}
+    assert all(measure in ("clean", "worst@24") for measure in verdicts.values()), verdicts  # all measured
+    assert all(c["verdict_holm"] in ("reproduced", "contradicted", "no gain shown", "inconclusive") for c in claims)
+    text = (reports / "claims.md").read_text()
+    assert text.startswith("# The project's own questions, tested") and "The paper's claims" not in text
+    assert "The project's own questions" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="'tableat'"):  # the spec is for tableat, not table3
+        R.reproduce("table3", "quick", spec_file=spec, out=tmp_path / "other", progress=False, jobs=1)
+
+
+def test_the_cli_targets_are_the_spec_tables_and_all_is_the_papers():
+    from topkconv.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    target = next(a for a in commands["reproduce"]._actions if a.dest == "target")
+    table = next(a for a in commands["sweep"]._actions if a.dest == "table")
+    assert tuple(target.choices) == R.TARGETS and tuple(table.choices) == R.TABLES
+    assert "tableat" in R.TABLES and "tableat" not in R.PAPER_TABLES
+    assert R.spec_path("tableat", "quick").is_file()
