@@ -258,7 +258,8 @@ def test_sweep_on_the_command_line_names_a_bad_key_or_missing_values(tmp_path, c
 # The shipped AT table shrunk to seconds: (old, new) text replacements, each of which must hit.
 AT_TINY = (("seeds = 3", "seeds = 1"), ("eval_examples = 200", "eval_examples = 12"),
            ("strong_eps = [8.0, 24.0]", "strong_eps = [24.0]"),  # the AT claims' deciding radius only
-           ("[base.data]\n", "[base.data]\nlimit_train = 48\nlimit_test = 12\n"), ("image_size = 32", "image_size = 16"),
+           ("[base.data]\n", "[base.data]\nlimit_train = 48\nlimit_test = 12\n"),
+           ("image_size = 32", "image_size = 16"),
            ("hidden = 128", "hidden = 16"), ("width = 0.25", "width = 0.125"), ("epochs = 10", "epochs = 1"),
            ("warmup_epochs = 2", "warmup_epochs = 0"), ("n_examples = 100", "n_examples = 6"),
            ("steps = 16", "steps = 2"), ("iterations = 20", "iterations = 2"),
