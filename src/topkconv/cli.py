@@ -555,7 +555,7 @@ def _add_reproduce(sub) -> None:
                     "it, and write OUT/reports/<table>.md/.csv with our numbers beside the paper's. With no "
                     "arguments: Table III on the quick preset and the embedded digits.")
     p.add_argument("target", nargs="?", default="table3",
-                   choices=("table1", "table2", "table3", "tableat", "figures", "all"),  # = reproduce.TARGETS (a test checks)
+                   choices=("table1", "table2", "table3", "tableat", "figures", "all"),  # = TARGETS (a test checks)
                    help="what to make (default table3); tableat: the project's adversarial-training table (quick "
                         "preset only, about 25 minutes on 2 cores); all: the paper's three tables and the figures")
     p.add_argument("--preset", default="quick", choices=("quick", "paper", "fashion", "cifar10"),

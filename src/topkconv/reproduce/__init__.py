@@ -11,10 +11,11 @@
 """
 
 from .driver import cli_overrides, reproduce
-from .spec import (PAPER_TABLES, PRESETS, TABLES, TARGETS, ColumnSpec, FiguresSpec, Study, TableSpec, experiments_dir,
-                   load_table_spec, merge, spec_path)
+from .spec import (PAPER_TABLES, PRESETS, TABLES, TARGETS, ColumnSpec, FiguresSpec, Study, TableSpec,
+                   experiments_dir, load_table_spec, merge, spec_path)
 from .sweep import sweep
 from .workspace import Job, Workspace
 
 __all__ = ["reproduce", "sweep", "cli_overrides", "Study", "TableSpec", "ColumnSpec", "FiguresSpec", "Workspace",
-           "Job", "load_table_spec", "merge", "spec_path", "experiments_dir", "TABLES", "PAPER_TABLES", "TARGETS", "PRESETS"]
+           "Job", "load_table_spec", "merge", "spec_path", "experiments_dir", "TABLES", "PAPER_TABLES", "TARGETS",
+           "PRESETS"]

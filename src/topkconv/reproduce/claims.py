@@ -200,8 +200,8 @@ def judge(claim: Claim, results: dict, eps_list: list, strong_eps: list) -> dict
             rows.append(row)
     effect = claim.paper_difference
     paper_holds = None if effect is None else stats.holds(effect, claim.direction, claim.margin)
-    return {"id": claim.id, "table": claim.table, "source": claim.source, "statement": claim.statement(), "a": claim.a, "b": claim.b,
-            "metric": claim.metric, "direction": claim.direction, "margin": claim.margin,
+    return {"id": claim.id, "table": claim.table, "source": claim.source, "statement": claim.statement(),
+            "a": claim.a, "b": claim.b, "metric": claim.metric, "direction": claim.direction, "margin": claim.margin,
             "delta": claim.gain_margin if claim.direction in ("greater", "less") else None, "text": claim.text,
             "paper": list(claim.paper), "paper_difference": None if effect is None else round(effect, 6),
             "paper_itself_agrees": paper_holds, "decide": claim.decide, "decision": decision,
@@ -338,12 +338,12 @@ def console_lines(judged: list) -> list:
     lines = []
     for claim in judged:
         decision = claim["decision"]
-        if decision is None:
-            lines.append(f"{claim['id']}: {claim['statement']}: {claim['decide']} not measured")
-            continue
-        seeds = _seeds_text(claim)
         paper = ("the project's question" if claim["paper_difference"] is None
                  else f"paper {claim['paper_difference']:+.3f}")
+        if decision is None:
+            lines.append(f"{claim['id']}: {claim['statement']} ({paper}): {claim['decide']} not measured")
+            continue
+        seeds = _seeds_text(claim)
         lines.append(f"{claim['id']}: {claim['statement']} ({paper}): "
                      f"{claim['decide']} {_difference_text(decision)} p={_p_text(claim['p_value'])} "
                      f"{claim['verdict']}; Holm p={_p_text(claim['p_holm'])} {claim['verdict_holm']}"
