@@ -414,19 +414,25 @@ def main(argv=None) -> int:
 
 
 def _write_results(folder: str, cases: List[Case], text: str) -> None:
-    from topkconv.io import atomic_write_json, atomic_write_text
-    os.makedirs(folder, exist_ok=True)
     rows = [{"layer": c.layer, "shape": c.shape, "target": c.target, "device": str(DEVICE),
              **{f"{impl}_{key}": c.results[impl][key] for impl in ("dense", "reference", "auto", "fast")
                 for key in ("ms", "repeats", "peak_mb")}} for c in cases]
-    atomic_write_json(os.path.join(folder, "bench.json"), rows)
+    write_outputs(folder, "bench", rows, text)
+
+
+def write_outputs(folder: str, stem: str, rows: List[dict], text: str) -> None:
+    """``stem``.json (the rows), .csv (the rows, one column per key of the first) and .md (``text``) in
+    ``folder``, each written atomically."""
+    from topkconv.io import atomic_write_json, atomic_write_text
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_json(os.path.join(folder, f"{stem}.json"), rows)
     if rows:
         keys = list(rows[0])
         csv = ",".join(keys) + "\n" + "\n".join(
             ",".join('"' + str(r[k]) + '"' if isinstance(r[k], str) else ("" if r[k] is None else f"{r[k]}")
                      for k in keys) for r in rows) + "\n"
-        atomic_write_text(os.path.join(folder, "bench.csv"), csv)
-    atomic_write_text(os.path.join(folder, "bench.md"), text)
+        atomic_write_text(os.path.join(folder, f"{stem}.csv"), csv)
+    atomic_write_text(os.path.join(folder, f"{stem}.md"), text)
 
 
 if __name__ == "__main__":
