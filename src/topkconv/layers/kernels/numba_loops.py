@@ -18,7 +18,7 @@ import torch
 
 from .bridge import as_array, split, split_gradients
 from .jit import jit
-from .selection import n_groups_for, select_row, selection_workspace
+from .selection import first_k_largest, guided_wins, n_groups_for, select_row, selection_workspace
 
 
 @jit
@@ -32,6 +32,70 @@ def _linear_forward(x, weight, k, n_groups, positive_only, out, indices, c0, c1)
             if positive_only:
                 np.maximum(products, 0, products)
             out[b, c] = select_row(products, k, n_groups, workspace, indices[b, c])
+
+
+# How many recent rows' k-th values guide the next row's bound (see _linear_forward_guided): the lowest
+# of R exchangeable values lies below a new one with probability R / (R + 1).
+_RECENT_ROWS = 8
+
+
+@jit
+def _products_above(w_row, x_row, positive_only, high, low, products):
+    """products = w_row * x_row (non-positive ones 0 under ``positive_only``); returns how many are at
+    least ``high``, how many at least ``low``, and their sum (NaN if any is NaN). One vectorised pass."""
+    above_high = 0
+    above_low = 0
+    total = products.dtype.type(0)
+    for i in range(products.shape[0]):
+        p = w_row[i] * x_row[i]
+        if positive_only and p < 0:
+            p = 0
+        products[i] = p
+        above_high += p >= high
+        above_low += p >= low
+        total += p
+    return above_high, above_low, total
+
+
+@jit
+def _positions_at_least(products, bound, positions):
+    """positions[:m] = the positions of the products >= bound, in order (all of them for -inf); returns m."""
+    m = 0
+    if bound == -np.inf:  # NaNs included
+        for i in range(products.shape[0]):
+            positions[i] = i
+        return products.shape[0]
+    for i in range(products.shape[0]):  # branch-free: write every position, advance past the kept ones
+        positions[m] = i
+        m += products[i] >= bound
+    return m
+
+
+@jit
+def _linear_forward_guided(x, weight, k, positive_only, out, indices, c0, c1):
+    """:func:`_linear_forward` for small k and rows: the same weight row meets every sample in turn, and
+    the k-th values of the last rows bound the next row's from below, so only the few products above
+    that bound reach the selection (:func:`.selection.first_k_largest`; ties at the k-th value keep
+    the first inputs). A row whose bound keeps fewer than k products starts from all of them."""
+    n = x.shape[1]
+    products = np.empty(n, x.dtype)
+    positions = np.empty(n, np.int32)
+    scratch_values = np.empty(n, x.dtype)
+    scratch_ids = np.empty(n, np.int32)
+    recent = np.empty(_RECENT_ROWS, x.dtype)
+    for c in range(c0, c1):
+        high = -np.inf  # the previous row's k-th value
+        low = -np.inf   # the lowest of the last _RECENT_ROWS rows' k-th values
+        for b in range(x.shape[0]):
+            above_high, above_low, total = _products_above(weight[c], x[b], positive_only, high, low, products)
+            bound = high if above_high >= k else (low if above_low >= k else -np.inf)
+            if total != total:
+                bound = -np.inf
+            m = _positions_at_least(products, bound, positions)
+            out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_ids, indices[b, c])
+            recent[b % _RECENT_ROWS] = kth
+            high = kth
+            low = recent[:min(b + 1, _RECENT_ROWS)].min()
 
 
 @jit
@@ -112,8 +176,12 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
     and indices[b, c] (int32) their i."""
     out = x.new_empty(x.shape[0], weight.shape[0])
     indices = torch.empty(x.shape[0], weight.shape[0], k, dtype=torch.int32)
-    args = (as_array(x), as_array(weight), k, n_groups_for(x.shape[1], k), positive_only, as_array(out), as_array(indices))
-    split(weight.shape[0], lambda c0, c1: _linear_forward(*args, c0, c1))
+    arrays = (as_array(x), as_array(weight), k)
+    outputs = (positive_only, as_array(out), as_array(indices))
+    if guided_wins(x.shape[1], k):
+        split(weight.shape[0], lambda c0, c1: _linear_forward_guided(*arrays, *outputs, c0, c1))
+    else:
+        split(weight.shape[0], lambda c0, c1: _linear_forward(*arrays, n_groups_for(x.shape[1], k), *outputs, c0, c1))
     return out, indices
 
 
