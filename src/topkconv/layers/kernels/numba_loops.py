@@ -18,7 +18,7 @@ import torch
 
 from .bridge import as_array, split, split_gradients
 from .jit import jit
-from .selection import first_k_largest, guided_wins, n_groups_for, select_row, selection_workspace
+from .selection import first_k_largest, guided_wins, key_dtype, n_groups_for, select_row, selection_workspace
 
 
 @jit
@@ -72,7 +72,7 @@ def _positions_at_least(products, bound, positions):
 
 
 @jit
-def _linear_forward_guided(x, weight, k, positive_only, out, indices, c0, c1):
+def _linear_forward_guided(x, weight, k, positive_only, keys_dtype, out, indices, c0, c1):
     """:func:`_linear_forward` for small k and rows: the same weight row meets every sample in turn, and
     the k-th values of the last rows bound the next row's from below, so only the few products above
     that bound reach the selection (:func:`.selection.first_k_largest`; ties at the k-th value keep
@@ -81,7 +81,7 @@ def _linear_forward_guided(x, weight, k, positive_only, out, indices, c0, c1):
     products = np.empty(n, x.dtype)
     positions = np.empty(n, np.int32)
     scratch_values = np.empty(n, x.dtype)
-    scratch_ids = np.empty(n, np.int32)
+    scratch_keys = np.empty(n, keys_dtype)
     recent = np.empty(_RECENT_ROWS, x.dtype)
     for c in range(c0, c1):
         high = -np.inf  # the previous row's k-th value
@@ -92,7 +92,7 @@ def _linear_forward_guided(x, weight, k, positive_only, out, indices, c0, c1):
             if total != total:
                 bound = -np.inf
             m = _positions_at_least(products, bound, positions)
-            out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_ids, indices[b, c])
+            out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys, indices[b, c])
             recent[b % _RECENT_ROWS] = kth
             high = kth
             low = recent[:min(b + 1, _RECENT_ROWS)].min()
@@ -179,7 +179,8 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
     arrays = (as_array(x), as_array(weight), k)
     outputs = (positive_only, as_array(out), as_array(indices))
     if guided_wins(x.shape[1], k):
-        split(weight.shape[0], lambda c0, c1: _linear_forward_guided(*arrays, *outputs, c0, c1))
+        keys = key_dtype(x)
+        split(weight.shape[0], lambda c0, c1: _linear_forward_guided(*arrays, positive_only, keys, *outputs[1:], c0, c1))
     else:
         split(weight.shape[0], lambda c0, c1: _linear_forward(*arrays, n_groups_for(x.shape[1], k), *outputs, c0, c1))
     return out, indices

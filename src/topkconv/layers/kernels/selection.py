@@ -232,61 +232,82 @@ def select_row(row, k, n_groups, workspace, chosen):
     return total
 
 
-# Up to this many candidates :func:`first_k_largest` ranks them by counting (m^2 comparisons, but
-# vectorised and free of branches); above it a quickselect (few comparisons, each a likely branch miss).
-_RANK_BY_COUNTING = 24
+def key_dtype(values: torch.Tensor):
+    """The integer type whose width matches ``values``' float type: what :func:`first_k_largest` ranks by."""
+    return np.int32 if values.element_size() == 4 else np.int64
 
 
 @jit
-def first_k_largest(row, positions, m, k, scratch_values, scratch_ids, chosen):
+def _ordered_keys(values, m, keys):
+    """keys[:m]: integers in the order of the floats values[:m] (``keys`` an int array of their width):
+    the sign-magnitude bits with the negative ones flipped, -0.0 equal to 0.0 and NaN above +inf (as
+    ``torch.topk`` ranks it)."""
+    bits = values[:m].view(keys.dtype)
+    shift = keys.itemsize * 8 - 1
+    magnitude = ~(keys.dtype.type(1) << shift)  # every bit but the sign
+    for j in range(m):
+        b = bits[j]
+        key = b ^ ((b >> shift) & magnitude)
+        keys[j] = key + (key == -1)  # -0.0 (the only key -1) to 0.0's key
+    for j in range(m):
+        if values[j] != values[j]:
+            keys[j] = magnitude
+
+
+@jit
+def _kth_largest_key(keys, m, k):
+    """The k-th largest of keys[:m], by bisection over the key range: each step one count of the keys
+    at or above the midpoint (a vectorised pass, no data-dependent branch)."""
+    lo = keys[0]
+    hi = keys[0]
+    for j in range(1, m):
+        lo = min(lo, keys[j])
+        hi = max(hi, keys[j])
+    while lo < hi:  # invariant: at least k keys >= lo, fewer than k keys > hi
+        mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1) + 1) >> 1)  # ceil((lo + hi) / 2), no overflow
+        count = 0
+        for j in range(m):
+            count += keys[j] >= mid
+        if count >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@jit
+def first_k_largest(row, positions, m, k, scratch_values, scratch_keys, chosen):
     """The k largest entries of ``row`` among the candidate ``positions[:m]`` (increasing, and holding
     every entry at or above the row's k-th largest), into ``chosen`` in position order; ties at the
-    k-th value go to the earliest positions. Returns (their sum in position order, the k-th value)."""
+    k-th value go to the earliest positions. Returns (their sum in position order, the k-th value).
+
+    Branch-free: the k-th value by bisection over order-preserving integer keys
+    (:func:`_kth_largest_key`), then one pass in position order that takes what lies above it and the
+    first entries equal to it."""
     for j in range(m):
         scratch_values[j] = row[positions[j]]
-    if m <= _RANK_BY_COUNTING and np.isfinite(np.sum(scratch_values[:m])):
-        return _first_k_by_rank(scratch_values, positions, m, k, chosen)
-    for j in range(m):
-        scratch_ids[j] = j
-    _select_largest(scratch_values, scratch_ids, m, k)
-    kth = scratch_values[0]
-    for j in range(1, k):
-        if _greater(kth, scratch_values[j]):
-            kth = scratch_values[j]
+    _ordered_keys(scratch_values, m, scratch_keys)
+    kth = _kth_largest_key(scratch_keys, m, k)
     ties = k
-    for j in range(k):
-        ties -= _greater(scratch_values[j], kth)
-    total = row.dtype.type(0)
-    taken = 0
-    for j in range(m):  # in position order: what ranks above the k-th value, then the first equal ones
-        value = row[positions[j]]
-        above = _greater(value, kth)
-        if above or (ties > 0 and not _greater(kth, value)):
-            ties -= not above
-            chosen[taken] = positions[j]
-            taken += 1
-            total += value
-    return total, kth
-
-
-@jit
-def _first_k_by_rank(values, positions, m, k, chosen):
-    """:func:`first_k_largest` for a few finite candidates ``values[:m]``: each one's rank is the count
-    of candidates above it, or equal to it at an earlier position."""
-    total = values.dtype.type(0)
-    kth = values[0]
+    for j in range(m):
+        ties -= scratch_keys[j] > kth
     taken = 0
     for j in range(m):
-        v = values[j]
-        rank = 0
-        for i in range(m):
-            rank += (values[i] > v) | ((values[i] == v) & (i < j))
-        if rank < k:
-            chosen[taken] = positions[j]
-            taken += 1
-            total += v
-            kth = min(kth, v) if taken > 1 else v
-    return total, kth
+        key = scratch_keys[j]
+        equal = key == kth
+        take = (key > kth) | (equal & (ties > 0))
+        ties -= equal & take
+        scratch_keys[taken] = positions[j]  # keys[j] is read: slot taken <= j is free to reuse
+        taken += take
+    total = row.dtype.type(0)
+    kth_value = row[scratch_keys[0]]
+    for t in range(k):
+        chosen[t] = scratch_keys[t]
+        value = row[chosen[t]]
+        total += value
+        if not _greater(value, kth_value):
+            kth_value = value
+    return total, kth_value
 
 
 # :func:`first_k_largest` (with a guessed bound) up to this k and below the grouped width: on rows of
