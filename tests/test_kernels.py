@@ -173,14 +173,18 @@ def test_auto_picks_the_compiled_loops_on_cpu_float(monkeypatch):
     from topkconv.layers.kernels import numba_loops as compiled
 
     calls = []
-    for name in ("linear_forward", "conv_output"):
+    for name in ("linear_forward", "conv_output", "conv_forward_whole"):
         original = getattr(compiled, name)
         monkeypatch.setattr(compiled, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     x, w, b = _linear_inputs(2, 50, 4)
     TF.topk_linear(x, w, b, 5)
     xc, wc, bc = _conv_inputs(2, 6, 4, 5)
     TF.topk_conv2d(xc, wc, bc, 2, "sum", 1, 1)
-    assert calls == ["linear_forward", "conv_output"]
+    assert calls == ["linear_forward", "conv_forward_whole"]  # a small batch: the whole-batch loop
+    calls.clear()
+    with TF.memory_budget(64):  # too small for the whole batch: the chunked driver's compiled router
+        TF.topk_conv2d(xc, wc, bc, 2, "sum", 1, 1)
+    assert set(calls) == {"conv_output"}  # one call per chunk of samples
     calls.clear()
     TF.topk_linear(x, w, b, 5, impl="fast")
     TF.topk_linear(x.bfloat16(), w.bfloat16(), None, 5)  # auto: bfloat16 takes the torch-level kernel

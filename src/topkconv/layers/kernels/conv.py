@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import numba_loops
 from .budget import chunks, get_memory_budget, units_per_chunk
@@ -306,4 +307,58 @@ def backward(x, weight, indices, grad_out, stride, padding, dilation, need_x: bo
     columns = _Columns(x, chunk, *geometry)
     grad_x, grad_tm = router.backward(x, weight_tm, indices, g_all, columns, chunk, block, need_x, need_w)
     grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
+    return grad_x, grad_w
+
+
+# ---------------------------------------------------------------- whole batch at once (numba, small problems)
+
+def fits_whole(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> bool:
+    """Whether the whole batch's patch columns fit the memory budget: then :func:`forward_whole` and
+    :func:`backward_whole` serve, with one ``F.unfold`` / ``F.fold`` and one compiled loop per call,
+    instead of the chunked driver sized for large problems."""
+    (kh, kw), stride, padding, dilation = weight.shape[2:], pair(stride), pair(padding), pair(dilation)
+    oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.shape[0] * x.shape[1] * kh * kw * oh * ow * x.element_size() <= get_memory_budget()
+
+
+def _whole_columns(x, weight, stride, padding, dilation) -> torch.Tensor:
+    """(B, in, taps, L) channel-major patch columns: ``F.unfold``'s layout, no copy to reorder it."""
+    batch, in_ch = x.shape[:2]
+    cols = F.unfold(x, weight.shape[2:], dilation=pair(dilation), padding=pair(padding), stride=pair(stride))
+    return cols.view(batch, in_ch, weight.shape[2] * weight.shape[3], cols.shape[-1])
+
+
+def forward_whole(x, weight, k: int, criterion: str, stride, padding, dilation):
+    """:func:`forward` for a batch that :func:`fits_whole` (numba backend)."""
+    batch, (out_ch, in_ch, kh, kw) = x.shape[0], weight.shape
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    out = x.new_empty(batch, out_ch, oh * ow)
+    indices = torch.empty(batch, out_ch, k, dtype=torch.int32)
+    cols = _whole_columns(x, weight, stride, padding, dilation)
+    numba_loops.conv_forward_whole(cols, _channels_last(weight), k, criterion, out, indices)
+    return out.view(batch, out_ch, oh, ow), indices
+
+
+def _channels_last(weight: torch.Tensor) -> torch.Tensor:
+    """(in, taps, out): the weight with the output channels innermost, as the whole-batch loops read it."""
+    return weight.reshape(weight.shape[0], weight.shape[1], -1).permute(1, 2, 0).contiguous()
+
+
+def backward_whole(x, weight, indices, grad_out, stride, padding, dilation, need_x: bool, need_w: bool):
+    """:func:`backward` for a batch that :func:`fits_whole` (numba backend)."""
+    batch, (out_ch, in_ch, kh, kw) = x.shape[0], weight.shape
+    taps, positions = kh * kw, grad_out.shape[2] * grad_out.shape[3]
+    cols = _whole_columns(x, weight, stride, padding, dilation) if need_w else None
+    grad_cols = x.new_empty(batch, in_ch, taps, positions) if need_x else None
+    grad_wt = weight.new_zeros(in_ch, taps, out_ch) if need_w else None
+    numba_loops.conv_backward_whole(cols, _channels_last(weight), indices, grad_out.reshape(batch, out_ch, positions),
+                                    grad_cols, grad_wt)
+    grad_x = None
+    if need_x:
+        grad_x = F.fold(grad_cols.view(batch, in_ch * taps, positions), x.shape[2:], (kh, kw),
+                        dilation=pair(dilation), padding=pair(padding), stride=pair(stride))
+    grad_w = grad_wt.permute(2, 0, 1).reshape_as(weight) if need_w else None
     return grad_x, grad_w

@@ -82,6 +82,7 @@ def _greater(a, b):
 
 
 _greater = inline(_greater)
+greater = _greater
 
 
 @jit
