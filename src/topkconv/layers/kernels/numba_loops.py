@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .bridge import as_array, split, split_gradients
-from .jit import jit
+from .jit import inline, jit
 from .selection import first_k_largest, greater, guided_wins, key_dtype, n_groups_for, select_row, selection_workspace
 
 
@@ -39,7 +39,7 @@ def _linear_forward(x, weight, k, n_groups, positive_only, out, indices, c0, c1)
 _RECENT_ROWS = 8
 
 
-@jit
+@inline
 def _products_above(w_row, x_row, positive_only, high, low, products):
     """products = w_row * x_row (non-positive ones 0 under ``positive_only``); returns how many are at
     least ``high``, how many at least ``low``, and their sum (NaN if any is NaN). One vectorised pass."""
@@ -57,7 +57,7 @@ def _products_above(w_row, x_row, positive_only, high, low, products):
     return above_high, above_low, total
 
 
-@jit
+@inline
 def _positions_at_least(products, bound, positions):
     """positions[:m] = the positions of the products >= bound, in order (all of them for -inf); returns m."""
     m = 0
@@ -173,7 +173,7 @@ def _conv_backward(cols, weight_tm, indices, grad_out, need_x, need_w, grad_cols
 # weights and (L, out) maps: loops of `out` contiguous multiply-adds vectorise, where loops over the
 # few output positions of a small map (16 at 4 x 4) would run scalar.
 
-@jit
+@inline
 def _sample_scores(cols_b, weight_t, max_criterion, maps, scores):
     """scores (in, out) of one sample: the spatial max of every map A[c, i] (maps (in, L, out) kept for
     the output; a map holding a NaN scores NaN) or its spatial sum (window sums times the taps)."""
@@ -211,7 +211,7 @@ def _sample_scores(cols_b, weight_t, max_criterion, maps, scores):
                         best[c] = block[p, c]
 
 
-@jit
+@inline
 def _select_sample(scores, k, order, scratch_values, scratch_keys, chosen, mask):
     """chosen (out, k): per output channel the k input channels of best score (ties to the first);
     mask (in, out) 1 where chosen, else 0."""
@@ -302,13 +302,14 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
     and indices[b, c] (int32) their i."""
     out = x.new_empty(x.shape[0], weight.shape[0])
     indices = torch.empty(x.shape[0], weight.shape[0], k, dtype=torch.int32)
-    arrays = (as_array(x), as_array(weight), k)
-    outputs = (positive_only, as_array(out), as_array(indices))
+    x_a, w_a, out_a, idx_a = as_array(x), as_array(weight), as_array(out), as_array(indices)
     if guided_wins(x.shape[1], k):
         keys = key_dtype(x)
-        split(weight.shape[0], lambda c0, c1: _linear_forward_guided(*arrays, positive_only, keys, *outputs[1:], c0, c1))
+        run = lambda c0, c1: _linear_forward_guided(x_a, w_a, k, positive_only, keys, out_a, idx_a, c0, c1)  # noqa: E731
     else:
-        split(weight.shape[0], lambda c0, c1: _linear_forward(*arrays, n_groups_for(x.shape[1], k), *outputs, c0, c1))
+        groups = n_groups_for(x.shape[1], k)
+        run = lambda c0, c1: _linear_forward(x_a, w_a, k, groups, positive_only, out_a, idx_a, c0, c1)  # noqa: E731
+    split(weight.shape[0], run, x.numel() * weight.shape[0])
     return out, indices
 
 
@@ -319,7 +320,7 @@ def linear_backward(x, weight, indices, grad_out, positive_only: bool, need_x: b
     arrays = (as_array(x), as_array(weight), as_array(indices), as_array(grad_out.contiguous()), positive_only)
     outputs = (as_array(grad_x), as_array(grad_w))
     split_gradients(indices.shape[0], indices.shape[1], need_x, need_w,
-                     lambda nx, nw, *ranges: _linear_backward(*arrays, nx, nw, *outputs, *ranges))
+                    lambda nx, nw, *ranges: _linear_backward(*arrays, nx, nw, *outputs, *ranges), indices.numel())
     return (grad_x if need_x else None), (grad_w if need_w else None)
 
 
@@ -347,7 +348,7 @@ def conv_forward_whole(cols: torch.Tensor, weight_t: torch.Tensor, k: int, crite
     the weight as (in, taps, out), split over samples (:func:`_conv_forward_whole`)."""
     args = (as_array(cols), as_array(weight_t), k, criterion == "max", key_dtype(cols), as_array(out),
             as_array(indices))
-    split(cols.shape[0], lambda b0, b1: _conv_forward_whole(*args, b0, b1))
+    split(cols.shape[0], lambda b0, b1: _conv_forward_whole(*args, b0, b1), cols.numel() * weight_t.shape[2])
 
 
 def conv_backward_whole(cols, weight_t, indices, grad_out, grad_cols, grad_wt) -> None:
@@ -358,4 +359,5 @@ def conv_backward_whole(cols, weight_t, indices, grad_out, grad_cols, grad_wt) -
     arrays = (as_array(cols if need_w else empty4), as_array(weight_t), as_array(indices),
               as_array(grad_out.contiguous()), need_x, need_w)
     outputs = (as_array(grad_cols if need_x else empty4), as_array(grad_wt if need_w else empty3))
-    split(weight_t.shape[0], lambda i0, i1: _conv_backward_whole(*arrays, *outputs, i0, i1))
+    split(weight_t.shape[0], lambda i0, i1: _conv_backward_whole(*arrays, *outputs, i0, i1),
+          cols.numel() * weight_t.shape[2] if need_w else grad_cols.numel() * weight_t.shape[2])

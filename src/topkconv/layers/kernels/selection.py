@@ -238,7 +238,7 @@ def key_dtype(values: torch.Tensor):
     return np.int32 if values.element_size() == 4 else np.int64
 
 
-@jit
+@inline
 def _ordered_keys(values, m, keys):
     """keys[:m]: integers in the order of the floats values[:m] (``keys`` an int array of their width):
     the sign-magnitude bits with the negative ones flipped, -0.0 equal to 0.0 and NaN above +inf (as
@@ -255,7 +255,7 @@ def _ordered_keys(values, m, keys):
             keys[j] = magnitude
 
 
-@jit
+@inline
 def _kth_largest_key(keys, m, k):
     """The k-th largest of keys[:m], by bisection over the key range: each step one count of the keys
     at or above the midpoint (a vectorised pass, no data-dependent branch)."""
@@ -276,7 +276,7 @@ def _kth_largest_key(keys, m, k):
     return lo
 
 
-@jit
+@inline
 def first_k_largest(row, positions, m, k, scratch_values, scratch_keys, chosen):
     """The k largest entries of ``row`` among the candidate ``positions[:m]`` (increasing, and holding
     every entry at or above the row's k-th largest), into ``chosen`` in position order; ties at the
