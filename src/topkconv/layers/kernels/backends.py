@@ -15,8 +15,8 @@ beyond the inputs. Today there are two backends:
 * ``"numba"``: compiled CPU loops (:mod:`.numba_loops`, :mod:`.selection`). CPU float32/float64.
 
 A future GPU kernel (``"cuda"``, e.g. Triton or a CUDA extension) is one more class with these five
-methods, one line in :data:`BACKENDS`, and its name at the front of :data:`AUTO_ORDER` (and, if it
-should be selectable by name, one line in :data:`IMPL_BACKENDS`).
+methods, one line in :data:`BACKENDS` (its key is also its ``impl`` name), and its name at the front of
+:data:`AUTO_ORDER`.
 """
 
 from __future__ import annotations
@@ -79,23 +79,22 @@ class NumbaBackend(TorchBackend):
         return numba_loops.linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w)
 
 
-BACKENDS = {"torch": TorchBackend(), "numba": NumbaBackend()}
-# The user-facing impl names that name one backend ("reference" is no kernel: the layers handle it).
-IMPL_BACKENDS = {"fast": "torch", "numba": "numba"}
+# Each backend's name is also its ``impl`` name (layers/_args.py builds the list of impls from these keys).
+BACKENDS = {"numba": NumbaBackend(), "torch": TorchBackend()}
 # impl="auto": the first backend here that supports the inputs.
 AUTO_ORDER = ("numba", "torch")
 
 
 def resolve(impl: str, *tensors: torch.Tensor):
-    """The backend that runs ``impl`` ("auto", "fast" or "numba") on ``tensors``.
+    """The backend that runs ``impl`` ("auto" or a backend's name: "numba", "torch") on ``tensors``.
 
     "auto" takes the first of :data:`AUTO_ORDER` that supports them: the numba loops on CPU float32 or
     float64, else the torch-level kernels (CUDA, half precision, numba not installed)."""
     if impl == "auto":
         return next(BACKENDS[name] for name in AUTO_ORDER if BACKENDS[name].supports(*tensors))
-    if impl not in IMPL_BACKENDS:
-        raise ValueError(f"impl must be one of {('auto', *IMPL_BACKENDS)} for a kernel, got {impl!r}")
-    backend = BACKENDS[IMPL_BACKENDS[impl]]
+    if impl not in BACKENDS:
+        raise ValueError(f"impl must be one of {('auto', *BACKENDS)} for a kernel, got {impl!r}")
+    backend = BACKENDS[impl]
     if not backend.supports(*tensors):
         found = ", ".join(f"{t.dtype} on {t.device}" for t in tensors)
         raise ValueError(f"impl={impl!r} needs {backend.requirement}; got {found}"
