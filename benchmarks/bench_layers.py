@@ -215,7 +215,7 @@ def run_table(cases: List[Case], repeats: int, time_cap: float, progress: bool) 
         if progress:
             r = case.results
             print(f"  {case.layer} {case.shape}: dense {r['dense']['ms']:.1f} ms, ours {r['auto']['ms']:.1f} ms, "
-                  f"torch-level {r["torch"]['ms']:.1f} ms, naive {r['reference']['ms']:.1f} ms",
+                  f"torch-level {r['torch']['ms']:.1f} ms, naive {r['reference']['ms']:.1f} ms",
                   file=sys.stderr, flush=True)
 
 
