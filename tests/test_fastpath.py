@@ -16,7 +16,7 @@ from topkconv.layers.kernels.selection import guided_wins
 
 pytestmark = pytest.mark.skipif(not backends.NUMBA_AVAILABLE, reason="the fast paths are the numba backend's")
 
-_TINY_BUDGET = 64  # bytes: no whole batch fits, so the chunked driver serves
+_TINY_BUDGET = 64  # bytes: no whole batch, no sample fits: the sparse router of the chunked driver
 
 
 def _grads(fn, *inputs):
@@ -36,13 +36,20 @@ def _conv_inputs(dtype, batch=5, cin=12, cout=10, size=5):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("criterion", ["max", "sum"])
 @pytest.mark.parametrize("geometry", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
-def test_whole_batch_conv_matches_chunked_and_reference(dtype, criterion, geometry):
+@pytest.mark.parametrize("k", [2, 4])
+def test_dense_loops_match_the_sparse_router_and_reference(dtype, criterion, geometry, k):
+    # k = 2 of 12 channels: the dense-order loops for the whole batch, the sparse router when the batch
+    # does not fit; k = 4: the dense-order loops both times (then in chunks of samples).
     x, w, b = _conv_inputs(dtype)
     stride, padding, dilation = geometry
-    assert conv.fits_whole(x, w, stride, padding, dilation)
-    fn = lambda impl: lambda x, w, b: TF.topk_conv2d(x, w, b, 4, criterion, stride, padding, dilation, impl=impl)  # noqa: E731
+    # one byte short of the whole batch's columns: one sample's columns and maps still fit
+    short = x.shape[0] * conv._column_bytes(x, w, stride, padding, dilation) - 1
+    assert conv.dense_loops_win(x, w, k, stride, padding, dilation)
+    with TF.memory_budget(short):
+        assert conv.dense_loops_win(x, w, k, stride, padding, dilation) == (k == 4)
+    fn = lambda impl: lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, stride, padding, dilation, impl=impl)  # noqa: E731
     whole = _grads(fn("numba"), x, w, b)
-    with TF.memory_budget(_TINY_BUDGET):
+    with TF.memory_budget(short):
         chunked = _grads(fn("numba"), x, w, b)
     reference = _grads(fn("reference"), x, w, b)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
@@ -53,23 +60,23 @@ def test_whole_batch_conv_matches_chunked_and_reference(dtype, criterion, geomet
 
 
 @pytest.mark.parametrize("criterion", ["max", "sum"])
-def test_whole_batch_conv_gradcheck(criterion):
+def test_dense_loops_gradcheck(criterion):
     x, w, b = _conv_inputs(torch.float64, batch=2, cin=6, cout=4, size=4)
     fn = lambda x, w, b: TF.topk_conv2d(x, w, b, 3, criterion, 1, 1, impl="numba")  # noqa: E731
     assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, w, b)])
 
 
 @pytest.mark.parametrize("criterion", ["max", "sum"])
-def test_whole_batch_selection_is_the_chunked_ones(criterion):
+def test_dense_loops_select_as_the_sparse_router(criterion):
     x, w, _ = _conv_inputs(torch.float64)
-    whole = TF.topk_conv2d_selection(x, w, 4, criterion, 1, 1, impl="numba").sort(-1).values
-    with TF.memory_budget(_TINY_BUDGET):
-        chunked = TF.topk_conv2d_selection(x, w, 4, criterion, 1, 1, impl="numba").sort(-1).values
-    reference = TF.topk_conv2d_selection(x, w, 4, criterion, 1, 1, impl="reference").sort(-1).values
+    whole = TF.topk_conv2d_selection(x, w, 2, criterion, 1, 1, impl="numba").sort(-1).values
+    with TF.memory_budget(_TINY_BUDGET):  # k = 2 of 12: the sparse router
+        chunked = TF.topk_conv2d_selection(x, w, 2, criterion, 1, 1, impl="numba").sort(-1).values
+    reference = TF.topk_conv2d_selection(x, w, 2, criterion, 1, 1, impl="reference").sort(-1).values
     assert torch.equal(whole, chunked) and torch.equal(whole, reference)
 
 
-def test_whole_batch_conv_is_the_same_on_two_threads():
+def test_dense_loops_give_the_same_numbers_on_two_threads():
     x, w, b = _conv_inputs(torch.float32, batch=16, cin=32, cout=32, size=6)
     fn = lambda x, w, b: TF.topk_conv2d(x, w, b, 8, "max", 1, 1, impl="numba")  # noqa: E731
     before = torch.get_num_threads()
