@@ -254,7 +254,9 @@ def parse_args(argv):
     return args
 
 
-def run(settings: List[Setting], thread_counts: List[int], args) -> List[dict]:
+def run(settings: List[Setting], thread_counts: List[int], args, command: str) -> List[dict]:
+    """Every (setting, threads) in turn; the files are rewritten after each, so a long run that is
+    stopped keeps what it measured."""
     rows = []
     defences = quick_defences()
     for setting in settings:
@@ -265,8 +267,14 @@ def run(settings: List[Setting], thread_counts: List[int], args) -> List[dict]:
             times = time_setting(setting, defences, repeats, time_cap=120.0 if args.quick else 600.0)
             rows += rows_for(setting, threads, times, peaks)
             print(format_rows(rows[-len(times):]), file=sys.stderr, flush=True)
+            write_outputs(args.out, "models", rows, report(rows, command, thread_counts))
             gc.collect()
     return rows
+
+
+def report(rows: List[dict], command: str, thread_counts: List[int]) -> str:
+    return (format_rows(rows) + f"\n\nCommand: `{command}`\n"
+            f"Machine: {machine_line(max(thread_counts))}\n")
 
 
 def main(argv=None) -> int:
@@ -281,12 +289,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(thread_counts[0])
         print(json.dumps(peak_memory(settings[0], quick_defences())))
         return 0
-    rows = run(settings, thread_counts, args)
-    command = "python benchmarks/bench_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = (format_rows(rows) + f"\n\nCommand: `{command.strip()}`\n"
-            f"Machine: {machine_line(max(thread_counts))}\n")
-    print(text)
-    write_outputs(args.out, "models", rows, text)
+    command = ("python benchmarks/bench_models.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    rows = run(settings, thread_counts, args, command)
+    print(report(rows, command, thread_counts))
     return 0
 
 
