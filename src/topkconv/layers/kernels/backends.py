@@ -65,6 +65,9 @@ class NumbaBackend(TorchBackend):
     def linear_forward(self, x, weight, k, positive_only):
         return numba_loops.linear_forward(x, weight, k, positive_only)
 
+    def linear_backward(self, x, weight, indices, grad_out, positive_only, need_x, need_w):
+        return numba_loops.linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w)
+
     def conv_forward(self, x, weight, k, criterion, stride, padding, dilation):
         if conv.dense_loops_win(x, weight, k, stride, padding, dilation):
             return conv.forward_dense_loops(x, weight, k, criterion, stride, padding, dilation)
@@ -74,6 +77,7 @@ class NumbaBackend(TorchBackend):
         if conv.dense_loops_win(x, weight, indices.shape[2], stride, padding, dilation):
             return conv.backward_dense_loops(x, weight, indices, grad_out, stride, padding, dilation, need_x, need_w)
         return super().conv_backward(x, weight, indices, grad_out, stride, padding, dilation, need_x, need_w)
+
 
 # Each backend's name is also its ``impl`` name (layers/_args.py builds the list of impls from these keys).
 BACKENDS = {"numba": NumbaBackend(), "torch": TorchBackend()}

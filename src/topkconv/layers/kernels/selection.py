@@ -82,7 +82,6 @@ def _greater(a, b):
 
 
 _greater = inline(_greater)
-greater = _greater
 
 
 @jit
