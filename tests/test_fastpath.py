@@ -192,3 +192,19 @@ def test_impl_names_are_one_list_and_fast_is_deprecated():
     assert torch.equal(old, new)
     with pytest.raises(ValueError, match="impl must be one of"):
         TopKConv2d(4, 4, 3, 2, impl="fastest")
+
+
+def test_numba_backend_runs_its_own_loops_backward_too(monkeypatch):
+    # Each of the backend's four operations is the compiled one (a backend that silently fell back to
+    # the torch-level backward would still pass every value test).
+    from topkconv.layers.kernels import numba_loops
+
+    calls = []
+    for name in ("linear_forward", "linear_backward", "conv_forward_whole", "conv_backward_whole"):
+        original = getattr(numba_loops, name)
+        monkeypatch.setattr(numba_loops, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    x, w, b = (t.requires_grad_() for t in _conv_inputs(torch.float32))
+    TF.topk_conv2d(x, w, b, 4, "max", 1, 1).sum().backward()
+    xl = torch.randn(4, 30, requires_grad=True)
+    TF.topk_linear(xl, torch.randn(5, 30, requires_grad=True), None, 3).sum().backward()
+    assert calls == ["conv_forward_whole", "conv_backward_whole", "linear_forward", "linear_backward"]
