@@ -9,7 +9,7 @@
 
 "dense" is nn.Conv2d / nn.Linear, "naive" is impl="reference" (the paper's materialising formula),
 "ours" is impl="auto" (on CPU float tensors: the numba loops, impl="numba"; on CUDA the torch-level
-kernels, so there the two columns time the same code), "torch-level" is impl="fast" (the chunked
+kernels, so there the two columns time the same code), "torch-level" is impl="torch" (the chunked
 torch kernels that serve CUDA and other dtypes). Every number is the median over repeats of one forward plus one backward,
 all measured side by side in one process.
 
@@ -50,7 +50,7 @@ from torch import nn
 
 from topkconv.layers import TopKConv2d, TopKLinear, TopKNeuronConv2d
 
-IMPLS = ("dense", "auto", "fast", "reference")
+IMPLS = ("dense", "auto", "torch", "reference")
 _MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 MB = 2**20  # the table's "MB" are MiB
@@ -215,7 +215,7 @@ def run_table(cases: List[Case], repeats: int, time_cap: float, progress: bool) 
         if progress:
             r = case.results
             print(f"  {case.layer} {case.shape}: dense {r['dense']['ms']:.1f} ms, ours {r['auto']['ms']:.1f} ms, "
-                  f"torch-level {r['fast']['ms']:.1f} ms, naive {r['reference']['ms']:.1f} ms",
+                  f"torch-level {r['torch']['ms']:.1f} ms, naive {r['reference']['ms']:.1f} ms",
                   file=sys.stderr, flush=True)
 
 
@@ -228,7 +228,7 @@ def format_table(cases: List[Case]) -> str:
             "naive/dense | peak extra MB ours / torch-level / naive / dense | target (ours/dense) | met |")
     lines = [head, "|" + " --- |" * 12]
     for c in cases:
-        d, o, t, n = (c.results[impl] for impl in ("dense", "auto", "fast", "reference"))
+        d, o, t, n = (c.results[impl] for impl in ("dense", "auto", "torch", "reference"))
         ratio = o["ms"] / d["ms"]
         met = "-" if c.target_ratio is None else ("yes" if ratio <= c.target_ratio else "NO")
         naive_ms = f"{n['ms']:.1f}"
@@ -289,7 +289,7 @@ def run_training(repeats: int, time_cap: float, quick: bool) -> str:
         y = torch.randint(0, 10, (x.shape[0],), generator=g)
         ref = train_step_ms(build("reference"), x, y, repeats, time_cap)
         ours = train_step_ms(build("auto"), x, y, repeats, time_cap)
-        torch_level = train_step_ms(build("fast"), x, y, repeats, time_cap)
+        torch_level = train_step_ms(build("torch"), x, y, repeats, time_cap)
         lines.append(f"| {name} | {x.shape[0]} | {ref:.1f} | {ours:.1f} | {ref / ours:.1f}x | {torch_level:.1f} | "
                      f"{ref / torch_level:.1f}x |")
     return "\n".join(lines)
@@ -414,19 +414,25 @@ def main(argv=None) -> int:
 
 
 def _write_results(folder: str, cases: List[Case], text: str) -> None:
+    rows = [{"layer": c.layer, "shape": c.shape, "target": c.target, "device": str(DEVICE),
+             **{f"{impl}_{key}": c.results[impl][key] for impl in ("dense", "reference", "auto", "torch")
+                for key in ("ms", "repeats", "peak_mb")}} for c in cases]
+    write_outputs(folder, "bench", rows, text)
+
+
+def write_outputs(folder: str, stem: str, rows: List[dict], text: str) -> None:
+    """``stem``.json (the rows), .csv (the rows, one column per key of the first) and .md (``text``) in
+    ``folder``, each written atomically."""
     from topkconv.io import atomic_write_json, atomic_write_text
     os.makedirs(folder, exist_ok=True)
-    rows = [{"layer": c.layer, "shape": c.shape, "target": c.target, "device": str(DEVICE),
-             **{f"{impl}_{key}": c.results[impl][key] for impl in ("dense", "reference", "auto", "fast")
-                for key in ("ms", "repeats", "peak_mb")}} for c in cases]
-    atomic_write_json(os.path.join(folder, "bench.json"), rows)
+    atomic_write_json(os.path.join(folder, f"{stem}.json"), rows)
     if rows:
         keys = list(rows[0])
         csv = ",".join(keys) + "\n" + "\n".join(
             ",".join('"' + str(r[k]) + '"' if isinstance(r[k], str) else ("" if r[k] is None else f"{r[k]}")
                      for k in keys) for r in rows) + "\n"
-        atomic_write_text(os.path.join(folder, "bench.csv"), csv)
-    atomic_write_text(os.path.join(folder, "bench.md"), text)
+        atomic_write_text(os.path.join(folder, f"{stem}.csv"), csv)
+    atomic_write_text(os.path.join(folder, f"{stem}.md"), text)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from topkconv.layers.bpda import DEFAULT_TAU_FRACTION
 from topkconv.layers import (StochasticActivationPruning, TopKConv2d, TopKLinear, TopKNeuronConv2d, dense_gradients,
                              gradient_mode, soft_gradients)
 
-IMPLS = ["reference", "auto", "fast"]
+IMPLS = ["reference", "auto", "torch"]
 
 
 def _linear_case(positive_only=False):

@@ -13,9 +13,9 @@ from topkconv.layers.kernels.selection import group_size, select_topk
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The two exact kernels: torch-level blocks (any device) and the numba CPU loops.
-KERNELS = ["fast", "numba"]
+KERNELS = ["torch", "numba"]
 # Every (device, kernel) pair that runs: the torch-level kernels also on CUDA when a GPU is present.
-DEVICE_KERNELS = [("cpu", "fast"), ("cpu", "numba")] + ([("cuda", "fast")] if torch.cuda.is_available() else [])
+DEVICE_KERNELS = [("cpu", "torch"), ("cpu", "numba")] + ([("cuda", "torch")] if torch.cuda.is_available() else [])
 
 
 def _rel_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
@@ -173,16 +173,24 @@ def test_auto_picks_the_compiled_loops_on_cpu_float(monkeypatch):
     from topkconv.layers.kernels import numba_loops as compiled
 
     calls = []
-    for name in ("linear_forward", "conv_output"):
+    for name in ("linear_forward", "conv_output", "conv_forward_whole"):
         original = getattr(compiled, name)
         monkeypatch.setattr(compiled, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     x, w, b = _linear_inputs(2, 50, 4)
     TF.topk_linear(x, w, b, 5)
     xc, wc, bc = _conv_inputs(2, 6, 4, 5)
     TF.topk_conv2d(xc, wc, bc, 2, "sum", 1, 1)
-    assert calls == ["linear_forward", "conv_output"]
+    assert calls == ["linear_forward", "conv_forward_whole"]  # a small batch: the dense-order loops
     calls.clear()
-    TF.topk_linear(x, w, b, 5, impl="fast")
+    with TF.memory_budget(64):  # too small for the whole batch, and k = 1 of 6 channels: the sparse router
+        TF.topk_conv2d(xc, wc, bc, 1, "sum", 1, 1)
+    assert set(calls) == {"conv_output"}  # one call per chunk of samples
+    calls.clear()
+    with TF.memory_budget(6000):  # k = 2 of 6, a large share: the dense-order loops, one sample per chunk
+        TF.topk_conv2d(xc, wc, bc, 2, "sum", 1, 1)  # (a sample's columns: 5,400 bytes, its maps 2,400)
+    assert calls == ["conv_forward_whole"] * 2
+    calls.clear()
+    TF.topk_linear(x, w, b, 5, impl="torch")
     TF.topk_linear(x.bfloat16(), w.bfloat16(), None, 5)  # auto: bfloat16 takes the torch-level kernel
     assert calls == []
 
@@ -196,7 +204,7 @@ def test_backend_table_picks_by_impl_and_inputs(device):
     assert backends.resolve("auto", x, x).name == ("numba" if on_cpu_float else "torch")
     assert backends.resolve("auto", x.half(), x.half()).name == "torch"
     assert backends.resolve("auto", x.float(), x.double()).name == "torch"  # mixed dtypes: no numba
-    assert backends.resolve("fast", x, x).name == "torch"
+    assert backends.resolve("torch", x, x).name == "torch"
     with pytest.raises(ValueError, match="impl must be one of"):
         backends.resolve("reference", x)  # the materialising formula is no kernel
     assert set(backends.AUTO_ORDER) <= set(backends.BACKENDS)
@@ -293,7 +301,7 @@ def test_linear_saves_no_products(impl):
 
 def test_tkc_neuron_saves_only_inputs_and_mask():
     x, w, b = _conv_inputs(4, 6, 10, 7)
-    fast = _saved_sizes(lambda x, w, b: TF.topk_neuron_conv2d(x, w, b, 3, "max", 1, 1, impl="fast"), x, w, b)
+    fast = _saved_sizes(lambda x, w, b: TF.topk_neuron_conv2d(x, w, b, 3, "max", 1, 1, impl="torch"), x, w, b)
     # the convolution keeps x and w; the masking keeps the (B, out, 1, 1) mask, never the output
     assert sorted(fast) == sorted([x.numel(), w.numel(), 4 * 10])
 
@@ -331,9 +339,9 @@ def test_bpda_gradients_are_the_dense_layers_on_the_fast_path(device, impl):
 def test_kernels_stay_on_the_input_device(device):
     x, w, b = _conv_inputs(2, 8, 6, 7, device=device)
     xl, wl, bl = _linear_inputs(3, 120, 9, device=device)
-    for fn, inputs in [(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="fast"), (x, w, b)),
-                       (lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "sum", 1, 1, impl="fast"), (x, w, b)),
-                       (lambda x, w, b: TF.topk_linear(x, w, b, 5, impl="fast"), (xl, wl, bl))]:
+    for fn, inputs in [(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="torch"), (x, w, b)),
+                       (lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "sum", 1, 1, impl="torch"), (x, w, b)),
+                       (lambda x, w, b: TF.topk_linear(x, w, b, 5, impl="torch"), (xl, wl, bl))]:
         out, grads = _run(fn, inputs)
         assert out.device.type == device and all(g.device.type == device for g in grads)
 
@@ -342,7 +350,7 @@ def test_kernels_stay_on_the_input_device(device):
 def test_device_matches_cpu_reference(device):
     x, w, b = _conv_inputs(4, 32, 24, 9)
     for criterion in ("max", "sum"):
-        out, grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 4, criterion, 1, 1, impl="fast"),
+        out, grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 4, criterion, 1, 1, impl="torch"),
                           [t.to(device) for t in (x, w, b)])
         ref, ref_grads = _run(lambda x, w, b: TF.topk_conv2d(x, w, b, 4, criterion, 1, 1, impl="reference"),
                               (x, w, b))
@@ -350,7 +358,7 @@ def test_device_matches_cpu_reference(device):
         for g, r in zip(grads, ref_grads):
             _rel_close(g.cpu(), r, 1e-4)
     xl, wl, bl = _linear_inputs(6, 2000, 40)
-    out, grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 20, impl="fast"), [t.to(device) for t in (xl, wl, bl)])
+    out, grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 20, impl="torch"), [t.to(device) for t in (xl, wl, bl)])
     ref, ref_grads = _run(lambda x, w, b: TF.topk_linear(x, w, b, 20, impl="reference"), (xl, wl, bl))
     _rel_close(out.cpu(), ref, 1e-4)
     for g, r in zip(grads, ref_grads):
@@ -369,14 +377,14 @@ def _forbid_host_transfers(monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_level_kernels_never_move_data_to_the_host(monkeypatch, device):
-    # The torch-level backend ("fast") must stay in torch: it is what serves CUDA. Only the numba
+    # The torch-level backend ("torch") must stay in torch: it is what serves CUDA. Only the numba
     # backend may view tensors as numpy arrays (layers/kernels/bridge.py), which the second half shows.
     x, w, b = _conv_inputs(3, 8, 6, 7, device=device)
     xl, wl, bl = _linear_inputs(3, 300, 9, device=device)
-    cases = [(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="fast"), (x, w, b)),
-             (lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "sum", 2, 0, impl="fast"), (x, w, b)),
-             (lambda x, w, b: TF.topk_linear(x, w, b, 5, impl="fast"), (xl, wl, bl)),
-             (lambda x, w, b: TF.topk_linear(x, w, b, 5, True, impl="fast"), (xl, wl, bl))]
+    cases = [(lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "max", 1, 1, impl="torch"), (x, w, b)),
+             (lambda x, w, b: TF.topk_conv2d(x, w, b, 2, "sum", 2, 0, impl="torch"), (x, w, b)),
+             (lambda x, w, b: TF.topk_linear(x, w, b, 5, impl="torch"), (xl, wl, bl)),
+             (lambda x, w, b: TF.topk_linear(x, w, b, 5, True, impl="torch"), (xl, wl, bl))]
     leaves = [[t.detach().clone().requires_grad_() for t in inputs] for _, inputs in cases]
     grads_out = [torch.randn_like(fn(*inputs)) for fn, inputs in cases]
     _forbid_host_transfers(monkeypatch)

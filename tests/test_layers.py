@@ -14,7 +14,7 @@ from reference import (naive_selection_conv, naive_selection_linear, naive_selec
 from topkconv import functional as TF
 from topkconv.layers import StochasticActivationPruning, TopKConv2d, TopKLinear, TopKNeuronConv2d, dense_gradients
 
-IMPLS = ["reference", "auto", "fast"]
+IMPLS = ["reference", "auto", "torch"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

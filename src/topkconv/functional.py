@@ -5,7 +5,7 @@ and an ``impl`` switch:
 
 * ``"reference"``: the paper's formula, written directly. It materialises the full product tensor
   (Dynamic-k) or the per-input-channel maps A (TopKConv) and lets autograd do the rest.
-* ``"fast"``: the torch-level kernels (``layers/kernels/linear.py``, ``layers/kernels/conv.py``) that
+* ``"torch"``: the torch-level kernels (``layers/kernels/linear.py``, ``layers/kernels/conv.py``) that
   never build those tensors. They work in chunks bounded by :func:`set_memory_budget` and save only
   the inputs and the selected indices for backward. Same selection (ties aside) and same values.
   Torch ops only, so they run on any device and dtype.
@@ -13,8 +13,9 @@ and an ``impl`` switch:
   the gradients of TopKConv walk only the k selected input channels) as compiled CPU loops
   (``layers/kernels/numba_loops.py``). CPU tensors of float32 or float64 only.
 * ``"auto"``: the default, the fastest exact implementation available for the inputs: ``"numba"``
-  where it applies (CPU float32/float64 with numba installed), else ``"fast"`` (CUDA, half
-  precision, or numba not installed). The table is ``layers/kernels/backends.py``.
+  where it applies (CPU float32/float64 with numba installed), else ``"torch"`` (CUDA, half
+  precision, or numba not installed). The table is ``layers/kernels/backends.py``. ``"fast"``, the
+  old name of ``"torch"``, is still accepted with a DeprecationWarning.
 
 Inside :func:`topkconv.layers.dense_gradients` or :func:`topkconv.layers.soft_gradients` every routing
 function returns its own forward value but the gradient of a stand-in (BPDA; see ``layers/bpda.py``).

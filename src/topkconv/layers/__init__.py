@@ -9,8 +9,5 @@ from .topk_conv import TopKConv2d
 from .topk_linear import TopKLinear
 from .topk_neuron import TopKNeuronConv2d
 
-ROUTING_LAYERS = (TopKLinear, TopKConv2d, TopKNeuronConv2d)
-
 __all__ = ["TopKLinear", "TopKConv2d", "TopKNeuronConv2d", "StochasticActivationPruning",
-           "dense_gradients", "soft_gradients", "gradient_mode", "bpda_enabled", "resolve_k", "ROUTING_LAYERS",
-           "IMPLS"]
+           "dense_gradients", "soft_gradients", "gradient_mode", "bpda_enabled", "resolve_k", "IMPLS"]

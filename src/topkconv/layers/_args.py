@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Union
+
+from .kernels.backends import BACKENDS
 
 KSpec = Union[int, float]
 
@@ -38,14 +41,21 @@ def check_frac(frac: float, name: str = "frac") -> float:
     return float(frac)
 
 
-# The user-facing kernel choices: "reference" is the paper's materialising formula; the others name
-# a kernel backend (kernels/backends.py): "auto" the fastest that supports the inputs (the numba loops
-# on CPU float32/float64, else the torch-level kernels), "fast" the torch-level kernels, "numba" the
-# compiled CPU loops.
-IMPLS = ("auto", "reference", "fast", "numba")
+# The user-facing kernel choices, one list: "auto" the fastest backend that supports the inputs (the
+# numba loops on CPU float32/float64, else the torch-level kernels), then every kernel backend by its
+# name (kernels/backends.py: "numba" the compiled CPU loops, "torch" the torch-level kernels), then
+# "reference", the paper's materialising formula.
+IMPLS = ("auto", *BACKENDS, "reference")
+# Old names still accepted for one release, with a DeprecationWarning.
+DEPRECATED_IMPLS = {"fast": "torch"}
 
 
 def check_impl(impl: str) -> str:
+    """``impl`` as one of :data:`IMPLS` (a deprecated name mapped to its successor, with a warning)."""
+    if impl in DEPRECATED_IMPLS:
+        warnings.warn(f"impl={impl!r} is deprecated; use impl={DEPRECATED_IMPLS[impl]!r} (the same kernels)",
+                      DeprecationWarning, stacklevel=3)
+        return DEPRECATED_IMPLS[impl]
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return impl

@@ -125,6 +125,13 @@ def soft_gate(scores: torch.Tensor, k: int, tau: Optional[float]) -> torch.Tenso
     return torch.sigmoid((scores - threshold) / tau)
 
 
+def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd will record an op on ``tensors``: grad mode on and one of them needs a gradient.
+    If not (``torch.no_grad()``, ``torch.inference_mode()``, attacks' forward-only queries), the routing
+    layers call their kernels directly: no autograd Function, nothing saved for a backward pass."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def route_gradients(exact, dense, soft, *inputs: Optional[torch.Tensor]) -> torch.Tensor:
     """A routing layer's output under the current :func:`gradient_mode`.
 
@@ -132,7 +139,7 @@ def route_gradients(exact, dense, soft, *inputs: Optional[torch.Tensor]) -> torc
     surrogates whose gradient the other modes pass back while the value stays ``exact()``'s. No
     surrogate is built when none of ``inputs`` (the layer's tensors) needs a gradient."""
     mode = gradient_mode()
-    if mode == "exact" or not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+    if mode == "exact" or not needs_autograd(*inputs):
         return exact()
     with torch.no_grad():
         value = exact()

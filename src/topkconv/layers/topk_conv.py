@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from ._args import check_criterion, check_impl, resolve_k
 from ._routed_conv import RoutedConv2d
-from .bpda import checkpointed_chunks, route_gradients, soft_gate
+from .bpda import checkpointed_chunks, needs_autograd, route_gradients, soft_gate
 from .kernels import backends
 
 
@@ -81,7 +81,7 @@ def topk_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     ``impl``: see :mod:`topkconv.functional`. Under :func:`~topkconv.layers.dense_gradients` or
     :func:`~topkconv.layers.soft_gradients` the value is the same, the gradient that of the stand-in."""
-    check_impl(impl)
+    impl = check_impl(impl)
     check_criterion(criterion)
     k = resolve_k(k, weight.shape[1])
 
@@ -90,8 +90,12 @@ def topk_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             return _topk_conv2d_reference(x, weight, bias, k, criterion, stride, padding, dilation)
         if k == weight.shape[1]:
             return F.conv2d(x, weight, bias, stride, padding, dilation)  # every map is kept
+        backend = backends.resolve(impl, x, weight)
+        if not needs_autograd(x, weight, bias):  # forward only: no Function, nothing saved
+            out = backend.conv_forward(x.contiguous(), weight.contiguous(), k, criterion, stride, padding, dilation)[0]
+            return out if bias is None else out.add_(bias.view(1, -1, 1, 1))
         return TopKConv2dFunction.apply(x.contiguous(), weight.contiguous(), bias, k, criterion, stride, padding,
-                                        dilation, backends.resolve(impl, x, weight))
+                                        dilation, backend)
 
     return route_gradients(
         exact, lambda: F.conv2d(x, weight, bias, stride, padding, dilation),
@@ -103,7 +107,7 @@ def topk_conv2d_selection(x: torch.Tensor, weight: torch.Tensor, k=1, criterion:
                           dilation=1, impl: str = "auto") -> torch.Tensor:
     """The (B, out, k) input channels that :func:`topk_conv2d` sums for ``x``, any order within a row;
     found by the same kernel as the forward pass."""
-    check_impl(impl)
+    impl = check_impl(impl)
     check_criterion(criterion)
     k = resolve_k(k, weight.shape[1])
     batch, (out_ch, in_ch) = x.shape[0], weight.shape[:2]
@@ -129,7 +133,7 @@ class TopKConv2d(RoutedConv2d):
     ``TopKConv2d.from_conv(conv, k)`` converts a dense ``nn.Conv2d``, sharing its parameters.
 
     ``impl``: ``"auto"`` (default) runs the numba loops on CPU float32/float64 tensors and the
-    chunked torch-level kernels elsewhere (CUDA, half precision, numba missing); ``"fast"`` always
+    chunked torch-level kernels elsewhere (CUDA, half precision, numba missing); ``"torch"`` always
     the torch-level kernels, ``"numba"`` always the loops; all are bounded by
     :func:`topkconv.functional.set_memory_budget`. ``"reference"`` is the materialising formula.
     """

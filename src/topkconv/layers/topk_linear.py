@@ -10,7 +10,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._args import KSpec, check_impl, resolve_k
-from .bpda import gate_parameters, route_gradients
+from .bpda import gate_parameters, needs_autograd, route_gradients
 from .kernels.budget import chunks, units_per_chunk
 from .kernels import backends
 
@@ -128,7 +128,7 @@ def topk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ``impl``: see :mod:`topkconv.functional`. Under :func:`~topkconv.layers.dense_gradients` or
     :func:`~topkconv.layers.soft_gradients` the value is the same, the gradient that of the stand-in.
     """
-    check_impl(impl)
+    impl = check_impl(impl)
     k = resolve_k(k, weight.shape[1])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -138,8 +138,11 @@ def topk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             return _topk_linear_reference(x2, weight, bias, k, positive_only)
         if k == weight.shape[1] and not positive_only:
             return F.linear(x2, weight, bias)  # every product is kept
-        return TopKLinearFunction.apply(x2.contiguous(), weight.contiguous(), bias, k, positive_only,
-                                        backends.resolve(impl, x2, weight))
+        backend = backends.resolve(impl, x2, weight)
+        if not needs_autograd(x2, weight, bias):  # forward only: no Function, nothing saved
+            out = backend.linear_forward(x2.contiguous(), weight.contiguous(), k, positive_only)[0]
+            return out if bias is None else out.add_(bias)
+        return TopKLinearFunction.apply(x2.contiguous(), weight.contiguous(), bias, k, positive_only, backend)
 
     out = route_gradients(exact, lambda: F.linear(x2, weight, bias),
                           lambda tau: _soft_topk_linear(x2, weight, bias, k, positive_only, tau), x2, weight, bias)
@@ -150,7 +153,7 @@ def topk_linear_selection(x: torch.Tensor, weight: torch.Tensor, k=1, positive_o
                           impl: str = "auto") -> torch.Tensor:
     """The (B, out, k) input indices that :func:`topk_linear` sums for ``x`` (B, in), any order
     within a row; found by the same kernel as the forward pass."""
-    check_impl(impl)
+    impl = check_impl(impl)
     k = resolve_k(k, weight.shape[1])
     with torch.no_grad():
         if impl == "reference":
@@ -170,7 +173,7 @@ class TopKLinear(nn.Linear):
     Parameters are those of ``nn.Linear``, so a dense state_dict loads as it is.
 
     ``impl``: ``"auto"`` (default) runs the numba loops on CPU float32/float64 tensors and the
-    chunked torch-level kernels elsewhere (CUDA, half precision, numba missing); ``"fast"`` always
+    chunked torch-level kernels elsewhere (CUDA, half precision, numba missing); ``"torch"`` always
     the torch-level kernels, ``"numba"`` always the loops; all are bounded by
     :func:`topkconv.functional.set_memory_budget`. ``"reference"`` is the materialising formula.
     """

@@ -32,7 +32,7 @@ def topk_neuron_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
     Soft relaxation (:func:`~topkconv.layers.soft_gradients`): ``dense * sigmoid((s_c - t) / tau)``
     with s_c the spatial score of output channel c."""
-    check_impl(impl)
+    impl = check_impl(impl)
     check_criterion(criterion)
     k = resolve_k(k, weight.shape[0])
     dense = F.conv2d(x, weight, bias, stride, padding, dilation)
@@ -55,7 +55,7 @@ class TopKNeuronConv2d(RoutedConv2d):
     largest spatial max (or sum) and zeroes the rest. ``k`` counts output channels.
 
     Same constructor as :class:`~topkconv.layers.TopKConv2d`, and ``TopKNeuronConv2d.from_conv(conv, k)``.
-    ``impl``: ``"auto"``/``"fast"``/``"numba"`` mask the convolution's output in place (only the mask
+    ``impl``: ``"auto"``/``"numba"``/``"torch"`` mask the convolution's output in place (only the mask
     is saved for backward; there is no kernel to choose); ``"reference"`` multiplies out of place."""
 
     k_counts = "out"

@@ -15,8 +15,8 @@ beyond the inputs. Today there are two backends:
 * ``"numba"``: compiled CPU loops (:mod:`.numba_loops`, :mod:`.selection`). CPU float32/float64.
 
 A future GPU kernel (``"cuda"``, e.g. Triton or a CUDA extension) is one more class with these five
-methods, one line in :data:`BACKENDS`, and its name at the front of :data:`AUTO_ORDER` (and, if it
-should be selectable by name, one line in :data:`IMPL_BACKENDS`).
+methods, one line in :data:`BACKENDS` (its key is also its ``impl`` name), and its name at the front of
+:data:`AUTO_ORDER`.
 """
 
 from __future__ import annotations
@@ -68,24 +68,33 @@ class NumbaBackend(TorchBackend):
     def linear_backward(self, x, weight, indices, grad_out, positive_only, need_x, need_w):
         return numba_loops.linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w)
 
+    def conv_forward(self, x, weight, k, criterion, stride, padding, dilation):
+        if conv.dense_loops_win(x, weight, k, stride, padding, dilation):
+            return conv.forward_dense_loops(x, weight, k, criterion, stride, padding, dilation)
+        return super().conv_forward(x, weight, k, criterion, stride, padding, dilation)
 
-BACKENDS = {"torch": TorchBackend(), "numba": NumbaBackend()}
-# The user-facing impl names that name one backend ("reference" is no kernel: the layers handle it).
-IMPL_BACKENDS = {"fast": "torch", "numba": "numba"}
+    def conv_backward(self, x, weight, indices, grad_out, stride, padding, dilation, need_x, need_w):
+        if conv.dense_loops_win(x, weight, indices.shape[2], stride, padding, dilation):
+            return conv.backward_dense_loops(x, weight, indices, grad_out, stride, padding, dilation, need_x, need_w)
+        return super().conv_backward(x, weight, indices, grad_out, stride, padding, dilation, need_x, need_w)
+
+
+# Each backend's name is also its ``impl`` name (layers/_args.py builds the list of impls from these keys).
+BACKENDS = {"numba": NumbaBackend(), "torch": TorchBackend()}
 # impl="auto": the first backend here that supports the inputs.
 AUTO_ORDER = ("numba", "torch")
 
 
 def resolve(impl: str, *tensors: torch.Tensor):
-    """The backend that runs ``impl`` ("auto", "fast" or "numba") on ``tensors``.
+    """The backend that runs ``impl`` ("auto" or a backend's name: "numba", "torch") on ``tensors``.
 
     "auto" takes the first of :data:`AUTO_ORDER` that supports them: the numba loops on CPU float32 or
     float64, else the torch-level kernels (CUDA, half precision, numba not installed)."""
     if impl == "auto":
         return next(BACKENDS[name] for name in AUTO_ORDER if BACKENDS[name].supports(*tensors))
-    if impl not in IMPL_BACKENDS:
-        raise ValueError(f"impl must be one of {('auto', *IMPL_BACKENDS)} for a kernel, got {impl!r}")
-    backend = BACKENDS[IMPL_BACKENDS[impl]]
+    if impl not in BACKENDS:
+        raise ValueError(f"impl must be one of {('auto', *BACKENDS)} for a kernel, got {impl!r}")
+    backend = BACKENDS[impl]
     if not backend.supports(*tensors):
         found = ", ".join(f"{t.dtype} on {t.device}" for t in tensors)
         raise ValueError(f"impl={impl!r} needs {backend.requirement}; got {found}"

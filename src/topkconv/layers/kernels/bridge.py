@@ -28,10 +28,16 @@ def threads() -> int:
 _pool = (None, 0, 0)  # (executor, its size, the pid that made it)
 
 
-def split(total: int, run) -> None:
-    """run(start, stop) over [0, total), cut into torch.get_num_threads() pieces run in parallel."""
+# Below this many multiply-adds (or comparable steps) a call runs on the calling thread: handing
+# pieces to the pool and waiting for them costs tens of microseconds, more than the work saves.
+MIN_THREADED_WORK = 1 << 20
+
+
+def split(total: int, run, work: int | None = None) -> None:
+    """run(start, stop) over [0, total), cut into torch.get_num_threads() pieces run in parallel;
+    ``work`` (the call's multiply-adds, if known) below :data:`MIN_THREADED_WORK` runs it in one piece."""
     global _pool
-    count = min(threads(), total)
+    count = 1 if work is not None and work < MIN_THREADED_WORK else min(threads(), total)
     if count <= 1:
         run(0, total)
         return
@@ -44,11 +50,12 @@ def split(total: int, run) -> None:
         future.result()
 
 
-def split_gradients(batch: int, rows: int, need_x: bool, need_w: bool, run) -> None:
-    """run(need_x, need_w, b0, b1, c0, c1) over every (sample, output row) pair. On one thread a single
-    call; on several, the input gradient split by sample and the weight gradient by output row, in two
-    passes, so that no two threads add into the same entry."""
-    if threads() == 1:
+def split_gradients(batch: int, rows: int, need_x: bool, need_w: bool, run, work: int | None = None) -> None:
+    """run(need_x, need_w, b0, b1, c0, c1) over every (sample, output row) pair. On one thread (or for
+    ``work`` below :data:`MIN_THREADED_WORK`) a single call; on several, the input gradient split by
+    sample and the weight gradient by output row, in two passes, so that no two threads add into the
+    same entry."""
+    if threads() == 1 or (work is not None and work < MIN_THREADED_WORK):
         run(need_x, need_w, 0, batch, 0, rows)
         return
     if need_x:

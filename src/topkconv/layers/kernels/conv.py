@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import numba_loops
 from .budget import chunks, get_memory_budget, units_per_chunk
@@ -306,4 +307,85 @@ def backward(x, weight, indices, grad_out, stride, padding, dilation, need_x: bo
     columns = _Columns(x, chunk, *geometry)
     grad_x, grad_tm = router.backward(x, weight_tm, indices, g_all, columns, chunk, block, need_x, need_w)
     grad_w = grad_tm.transpose(1, 2).reshape_as(weight) if need_w else None
+    return grad_x, grad_w
+
+
+# ---------------------------------------------------------------- dense-order loops (numba): small problems, large k
+
+# From this share of the input channels on (k / in), the dense-order loops (every map, the output
+# channels innermost, vectorised) beat the sparse router's k / in of the FLOPs in scalar loops over
+# the few output positions; below it the chunked driver keeps the sparse router.
+DENSE_LOOPS_MIN_SHARE = 0.25
+
+
+def _column_bytes(x, weight, stride, padding, dilation) -> int:
+    """Bytes of one sample's patch columns."""
+    (kh, kw), stride, padding, dilation = weight.shape[2:], pair(stride), pair(padding), pair(dilation)
+    oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.shape[1] * kh * kw * oh * ow * x.element_size()
+
+
+def dense_loops_win(x: torch.Tensor, weight: torch.Tensor, k: int, stride, padding, dilation) -> bool:
+    """Whether :func:`forward_dense_loops` / :func:`backward_dense_loops` serve (numba backend): when the
+    whole batch's columns fit the memory budget (one ``F.unfold`` / ``F.fold`` and one compiled loop
+    per call, none of the chunked driver's machinery), or when k is a large share of the channels; and
+    never when one sample's maps exceed the budget."""
+    columns = _column_bytes(x, weight, stride, padding, dilation)
+    # per thread, one sample's maps (in, L, out) for the max score: they must fit the budget too
+    maps = columns // (weight.shape[2] * weight.shape[3]) * weight.shape[0]
+    if maps > get_memory_budget():
+        return False
+    return x.shape[0] * columns <= get_memory_budget() or k >= DENSE_LOOPS_MIN_SHARE * weight.shape[1]
+
+
+def _sample_chunks(x, weight, stride, padding, dilation):
+    """(b0, b1) chunks of samples whose columns fit the memory budget (at least one sample)."""
+    return chunks(x.shape[0], units_per_chunk(_column_bytes(x, weight, stride, padding, dilation), x.shape[0]))
+
+
+def _columns(x, weight, stride, padding, dilation) -> torch.Tensor:
+    """(n, in, taps, L) channel-major patch columns: ``F.unfold``'s layout, no copy to reorder it."""
+    batch, in_ch = x.shape[:2]
+    cols = F.unfold(x, weight.shape[2:], dilation=pair(dilation), padding=pair(padding), stride=pair(stride))
+    return cols.view(batch, in_ch, weight.shape[2] * weight.shape[3], cols.shape[-1])
+
+
+def _channels_last(weight: torch.Tensor) -> torch.Tensor:
+    """(in, taps, out): the weight with the output channels innermost, as the dense-order loops read it."""
+    return weight.reshape(weight.shape[0], weight.shape[1], -1).permute(1, 2, 0).contiguous()
+
+
+def forward_dense_loops(x, weight, k: int, criterion: str, stride, padding, dilation):
+    """:func:`forward` by the dense-order loops, chunk of samples by chunk (numba backend)."""
+    batch, (out_ch, in_ch, kh, kw) = x.shape[0], weight.shape
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    out = x.new_empty(batch, out_ch, oh * ow)
+    indices = torch.empty(batch, out_ch, k, dtype=torch.int32)
+    weight_t = _channels_last(weight)
+    for b0, b1 in _sample_chunks(x, weight, stride, padding, dilation):
+        cols = _columns(x[b0:b1], weight, stride, padding, dilation)
+        numba_loops.conv_forward_whole(cols, weight_t, k, criterion, out[b0:b1], indices[b0:b1])
+    return out.view(batch, out_ch, oh, ow), indices
+
+
+def backward_dense_loops(x, weight, indices, grad_out, stride, padding, dilation, need_x: bool, need_w: bool):
+    """:func:`backward` by the dense-order loops, chunk of samples by chunk (numba backend); every
+    weight-gradient entry sums over the samples in order, whatever the chunks."""
+    batch, (out_ch, in_ch, kh, kw) = x.shape[0], weight.shape
+    taps, positions = kh * kw, grad_out.shape[2] * grad_out.shape[3]
+    g_all = grad_out.reshape(batch, out_ch, positions)
+    weight_t = _channels_last(weight)
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_wt = weight.new_zeros(in_ch, taps, out_ch) if need_w else None
+    for b0, b1 in _sample_chunks(x, weight, stride, padding, dilation):
+        cols = _columns(x[b0:b1], weight, stride, padding, dilation) if need_w else None
+        grad_cols = x.new_empty(b1 - b0, in_ch, taps, positions) if need_x else None
+        numba_loops.conv_backward_whole(cols, weight_t, indices[b0:b1], g_all[b0:b1], grad_cols, grad_wt)
+        if need_x:
+            grad_x[b0:b1] = F.fold(grad_cols.view(b1 - b0, in_ch * taps, positions), x.shape[2:], (kh, kw),
+                                   dilation=pair(dilation), padding=pair(padding), stride=pair(stride))
+    grad_w = grad_wt.permute(2, 0, 1).reshape_as(weight) if need_w else None
     return grad_x, grad_w

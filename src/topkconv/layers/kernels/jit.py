@@ -25,7 +25,9 @@ def jit(fn):
 
 
 def inline(fn):
-    """Compile a tiny helper to be inlined into its jitted callers."""
+    """Compile a helper to be inlined into its jitted callers (numba IR inlining): a call to a jitted
+    function that takes arrays costs reference counting, which a per-row helper would pay per row."""
     if numba is None:
         return fn
     return numba.njit(inline="always")(fn)
+

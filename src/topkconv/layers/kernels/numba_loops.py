@@ -3,8 +3,11 @@
 The masked-weight matmuls of the torch-level TopKConv kernel do a dense convolution's FLOPs, although
 each (sample, output channel) uses only k of the input channels. Here the output and both gradients
 walk the saved (sample, output channel, k) indices and touch only the selected channels: ``k / in``
-of the dense FLOPs, as contiguous multiply-adds along the output positions. The Dynamic-k forward
-forms one row of products at a time and selects in place (:mod:`.selection`).
+of the dense FLOPs, as contiguous multiply-adds along the output positions. For small inputs or a
+large k the dense-order loops (``_conv_forward_whole``, ``_conv_backward_whole``) serve instead: every
+map with the output channels innermost, which vectorises where the few output positions of a small
+map would not. The Dynamic-k forward forms one row of products at a time and selects in place
+(:mod:`.selection`); for small k, guided by the previous rows' k-th values (``_linear_forward_guided``).
 
 Every function writes into arrays the caller allocated; none allocates per row. The entry points at
 the bottom take CPU tensors, view them as numpy arrays and split the loops over threads
@@ -17,8 +20,8 @@ import numpy as np
 import torch
 
 from .bridge import as_array, split, split_gradients
-from .jit import jit
-from .selection import n_groups_for, select_row, selection_workspace
+from .jit import inline, jit
+from .selection import first_k_largest, guided_wins, key_dtype, n_groups_for, select_row, selection_workspace
 
 
 @jit
@@ -32,6 +35,70 @@ def _linear_forward(x, weight, k, n_groups, positive_only, out, indices, c0, c1)
             if positive_only:
                 np.maximum(products, 0, products)
             out[b, c] = select_row(products, k, n_groups, workspace, indices[b, c])
+
+
+# How many recent rows' k-th values guide the next row's bound (see _linear_forward_guided): the lowest
+# of R exchangeable values lies below a new one with probability R / (R + 1).
+_RECENT_ROWS = 8
+
+
+@inline
+def _products_above(w_row, x_row, positive_only, high, low, products):
+    """products = w_row * x_row (non-positive ones 0 under ``positive_only``); returns how many are at
+    least ``high``, how many at least ``low``, and their sum (NaN if any is NaN). One vectorised pass."""
+    above_high = 0
+    above_low = 0
+    total = products.dtype.type(0)
+    for i in range(products.shape[0]):
+        p = w_row[i] * x_row[i]
+        if positive_only and p < 0:
+            p = 0
+        products[i] = p
+        above_high += p >= high
+        above_low += p >= low
+        total += p
+    return above_high, above_low, total
+
+
+@inline
+def _positions_at_least(products, bound, positions):
+    """positions[:m] = the positions of the products >= bound, in order (all of them for -inf); returns m."""
+    m = 0
+    if bound == -np.inf:  # NaNs included
+        for i in range(products.shape[0]):
+            positions[i] = i
+        return products.shape[0]
+    for i in range(products.shape[0]):  # branch-free: write every position, advance past the kept ones
+        positions[m] = i
+        m += products[i] >= bound
+    return m
+
+
+@jit
+def _linear_forward_guided(x, weight, k, positive_only, keys_dtype, out, indices, c0, c1):
+    """:func:`_linear_forward` for small k and rows: the same weight row meets every sample in turn, and
+    the k-th values of the last rows bound the next row's from below, so only the few products above
+    that bound reach the selection (:func:`.selection.first_k_largest`; ties at the k-th value keep
+    the first inputs). A row whose bound keeps fewer than k products starts from all of them."""
+    n = x.shape[1]
+    products = np.empty(n, x.dtype)
+    positions = np.empty(n, np.int32)
+    scratch_values = np.empty(n, x.dtype)
+    scratch_keys = np.empty(n, keys_dtype)
+    recent = np.empty(_RECENT_ROWS, x.dtype)
+    for c in range(c0, c1):
+        high = -np.inf  # the previous row's k-th value
+        low = -np.inf   # the lowest of the last _RECENT_ROWS rows' k-th values
+        for b in range(x.shape[0]):
+            above_high, above_low, total = _products_above(weight[c], x[b], positive_only, high, low, products)
+            bound = high if above_high >= k else (low if above_low >= k else -np.inf)
+            if total != total:
+                bound = -np.inf
+            m = _positions_at_least(products, bound, positions)
+            out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys, indices[b, c])
+            recent[b % _RECENT_ROWS] = kth
+            high = kth
+            low = recent[:min(b + 1, _RECENT_ROWS)].min()
 
 
 @jit
@@ -105,6 +172,132 @@ def _conv_backward(cols, weight_tm, indices, grad_out, need_x, need_w, grad_cols
                             dst[p] += w * g[p]
 
 
+# The whole-batch TopKConv loops below keep the output channels innermost, in (in, taps, out)
+# weights and (L, out) maps: loops of `out` contiguous multiply-adds vectorise, where loops over the
+# few output positions of a small map (16 at 4 x 4) would run scalar.
+
+@inline
+def _sample_scores(cols_b, weight_t, max_criterion, maps, scores):
+    """scores (in, out) of one sample: the spatial max of every map A[c, i] (maps (in, L, out) kept for
+    the output; a map holding a NaN scores NaN) or its spatial sum (window sums times the taps)."""
+    in_ch, taps, positions = cols_b.shape
+    out_ch = weight_t.shape[2]
+    for i in range(in_ch):  # explicit loops: a numba array expression would allocate its result
+        if not max_criterion:
+            scores[i] = 0
+            row = scores[i]
+            for j in range(taps):
+                window = np.sum(cols_b[i, j])
+                w_row = weight_t[i, j]
+                for c in range(out_ch):
+                    row[c] += w_row[c] * window
+            continue
+        block = maps[i]
+        block[:] = 0
+        for j in range(taps):
+            w_row = weight_t[i, j]
+            for p in range(positions):
+                v = cols_b[i, j, p]
+                map_row = block[p]
+                for c in range(out_ch):  # 1-D rows: the loop LLVM vectorises
+                    map_row[c] += w_row[c] * v
+        best = scores[i]
+        best[:] = block[0]
+        for p in range(1, positions):
+            row = block[p]
+            for c in range(best.shape[0]):
+                best[c] = row[c] if row[c] > best[c] else best[c]
+        if not np.isfinite(np.sum(block)):  # rare: NaN must win the max, as in torch.amax
+            for p in range(positions):
+                for c in range(best.shape[0]):
+                    if block[p, c] != block[p, c]:
+                        best[c] = block[p, c]
+
+
+@inline
+def _select_sample(scores, k, order, scratch_values, scratch_keys, chosen, mask):
+    """chosen (out, k): per output channel the k input channels of best score (ties to the first);
+    mask (in, out) 1 where chosen, else 0."""
+    mask[:] = 0
+    for c in range(scores.shape[1]):
+        for i in range(scores.shape[0]):
+            scratch_values[i] = scores[i, c]
+        first_k_largest(scratch_values, order, scores.shape[0], k, scratch_values[scores.shape[0]:],
+                        scratch_keys, chosen[c])
+        for t in range(k):
+            mask[chosen[c, t], c] = 1
+
+
+@jit
+def _conv_forward_whole(cols, weight_t, k, max_criterion, keys_dtype, out, indices, b0, b1):
+    """TopKConv forward for samples b0:b1, one sample at a time: scores, selection
+    (:func:`.selection.first_k_largest`: ties to the first channels) and the sum of the selected maps
+    (the max criterion reuses the maps its scores came from). cols (B, in, taps, L) channel-major as
+    ``F.unfold`` gives them; weight_t (in, taps, out); out (B, out, L); indices (B, out, k)."""
+    in_ch, taps, positions = cols.shape[1:]
+    out_ch = weight_t.shape[2]
+    maps = np.empty((in_ch, positions, out_ch), cols.dtype)
+    scores = np.empty((in_ch, out_ch), cols.dtype)
+    mask = np.empty((in_ch, out_ch), cols.dtype)
+    acc = np.empty((positions, out_ch), cols.dtype)
+    order = np.arange(in_ch).astype(np.int32)
+    scratch_values = np.empty(2 * in_ch, cols.dtype)
+    scratch_keys = np.empty(in_ch, keys_dtype)
+    for b in range(b0, b1):
+        _sample_scores(cols[b], weight_t, max_criterion, maps, scores)
+        _select_sample(scores, k, order, scratch_values, scratch_keys, indices[b], mask)
+        acc[:] = 0
+        for i in range(in_ch):
+            keep = mask[i]
+            for p in range(positions):
+                acc_row = acc[p]
+                if max_criterion:  # a select, not a product: an unselected NaN map stays out
+                    map_row = maps[i, p]
+                    for c in range(out_ch):
+                        acc_row[c] += map_row[c] if keep[c] != 0 else 0
+                else:  # the mask as a factor, as the reference formula applies it
+                    for j in range(taps):
+                        v = cols[b, i, j, p]
+                        w_row = weight_t[i, j]
+                        for c in range(out_ch):
+                            acc_row[c] += w_row[c] * keep[c] * v
+        out[b] = acc.T
+
+
+@jit
+def _conv_backward_whole(cols, weight_t, indices, grad_out, need_x, need_w, grad_cols, grad_wt, i0, i1):
+    """Gradients of :func:`_conv_forward_whole` for input channels i0:i1 (so that threads own disjoint
+    entries, and every entry's sum runs in the same order whatever the thread count): grad_cols
+    (B, in, taps, L) is written, grad_wt (in, taps, out) added to. Only the selected (input, output)
+    channel pairs pass gradient."""
+    in_ch, taps, out_ch = weight_t.shape
+    positions = grad_out.shape[2]
+    mask = np.empty((in_ch, out_ch), weight_t.dtype)
+    g_t = np.empty((positions, out_ch), weight_t.dtype)
+    for b in range(grad_out.shape[0]):
+        mask[:] = 0
+        for c in range(out_ch):
+            for t in range(indices.shape[2]):
+                mask[indices[b, c, t], c] = 1
+        g_t[:] = grad_out[b].T
+        for i in range(i0, i1):
+            keep = mask[i]
+            for j in range(taps):
+                w_row = weight_t[i, j]
+                gw_row = grad_wt[i, j] if need_w else w_row
+                for p in range(positions):
+                    g_row = g_t[p]
+                    if need_x:
+                        dot = weight_t.dtype.type(0)
+                        for c in range(out_ch):
+                            dot += w_row[c] * keep[c] * g_row[c]
+                        grad_cols[b, i, j, p] = dot
+                    if need_w:
+                        v = cols[b, i, j, p]
+                        for c in range(out_ch):
+                            gw_row[c] += keep[c] * g_row[c] * v
+
+
 # ---------------------------------------------------------------- torch-facing entry points (CPU tensors)
 
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool):
@@ -112,8 +305,14 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
     and indices[b, c] (int32) their i."""
     out = x.new_empty(x.shape[0], weight.shape[0])
     indices = torch.empty(x.shape[0], weight.shape[0], k, dtype=torch.int32)
-    args = (as_array(x), as_array(weight), k, n_groups_for(x.shape[1], k), positive_only, as_array(out), as_array(indices))
-    split(weight.shape[0], lambda c0, c1: _linear_forward(*args, c0, c1))
+    x_a, w_a, out_a, idx_a = as_array(x), as_array(weight), as_array(out), as_array(indices)
+    if guided_wins(x.shape[1], k):
+        keys = key_dtype(x)
+        run = lambda c0, c1: _linear_forward_guided(x_a, w_a, k, positive_only, keys, out_a, idx_a, c0, c1)  # noqa: E731
+    else:
+        groups = n_groups_for(x.shape[1], k)
+        run = lambda c0, c1: _linear_forward(x_a, w_a, k, groups, positive_only, out_a, idx_a, c0, c1)  # noqa: E731
+    split(weight.shape[0], run, x.numel() * weight.shape[0])
     return out, indices
 
 
@@ -124,7 +323,7 @@ def linear_backward(x, weight, indices, grad_out, positive_only: bool, need_x: b
     arrays = (as_array(x), as_array(weight), as_array(indices), as_array(grad_out.contiguous()), positive_only)
     outputs = (as_array(grad_x), as_array(grad_w))
     split_gradients(indices.shape[0], indices.shape[1], need_x, need_w,
-                     lambda nx, nw, *ranges: _linear_backward(*arrays, nx, nw, *outputs, *ranges))
+                    lambda nx, nw, *ranges: _linear_backward(*arrays, nx, nw, *outputs, *ranges), indices.numel())
     return (grad_x if need_x else None), (grad_w if need_w else None)
 
 
@@ -144,3 +343,24 @@ def conv_backward(cols, weight_tm, indices, grad_out, grad_cols, grad_w) -> None
     outputs = (as_array(grad_cols if need_x else empty), as_array(grad_w if need_w else weight_tm.new_empty(0, 0, 0)))
     split_gradients(indices.shape[0], indices.shape[1], need_x, need_w,
                      lambda nx, nw, *ranges: _conv_backward(*arrays, nx, nw, *outputs, *ranges))
+
+
+def conv_forward_whole(cols: torch.Tensor, weight_t: torch.Tensor, k: int, criterion: str, out: torch.Tensor,
+                       indices: torch.Tensor) -> None:
+    """out (B, out, L) and indices (B, out, k) of TopKConv from channel-major columns (B, in, taps, L) and
+    the weight as (in, taps, out), split over samples (:func:`_conv_forward_whole`)."""
+    args = (as_array(cols), as_array(weight_t), k, criterion == "max", key_dtype(cols), as_array(out),
+            as_array(indices))
+    split(cols.shape[0], lambda b0, b1: _conv_forward_whole(*args, b0, b1), cols.numel() * weight_t.shape[2])
+
+
+def conv_backward_whole(cols, weight_t, indices, grad_out, grad_cols, grad_wt) -> None:
+    """Writes grad_cols (B, in, taps, L) and adds into grad_wt (in, taps, out) the gradients of
+    :func:`conv_forward_whole`; either may be None (then ``cols`` may be None when grad_wt is)."""
+    need_x, need_w = grad_cols is not None, grad_wt is not None
+    empty4, empty3 = weight_t.new_empty(0, 0, 0, 0), weight_t.new_empty(0, 0, 0)
+    arrays = (as_array(cols if need_w else empty4), as_array(weight_t), as_array(indices),
+              as_array(grad_out.contiguous()), need_x, need_w)
+    outputs = (as_array(grad_cols if need_x else empty4), as_array(grad_wt if need_w else empty3))
+    split(weight_t.shape[0], lambda i0, i1: _conv_backward_whole(*arrays, *outputs, i0, i1),
+          cols.numel() * weight_t.shape[2] if need_w else grad_cols.numel() * weight_t.shape[2])

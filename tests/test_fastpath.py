@@ -1,0 +1,210 @@
+"""The fast paths for small problems and for forward-only calls, against the reference formula and
+against the general (chunked) kernels: outputs, selections, gradients, under inference_mode too; the
+tie rule they share; the impl vocabulary."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from topkconv import functional as TF
+from topkconv.layers import IMPLS, TopKConv2d, TopKLinear, TopKNeuronConv2d
+from topkconv.layers.kernels import backends, bridge, conv
+from topkconv.layers.kernels.selection import guided_wins
+
+pytestmark = pytest.mark.skipif(not backends.NUMBA_AVAILABLE, reason="the fast paths are the numba backend's")
+
+_TINY_BUDGET = 64  # bytes: no whole batch, no sample fits: the sparse router of the chunked driver
+
+
+def _grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    out.backward(g)
+    return out.detach(), [t.grad for t in inputs]
+
+
+def _conv_inputs(dtype, batch=5, cin=12, cout=10, size=5):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cin, size, size, generator=g, dtype=dtype).relu()
+    return x, torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype), torch.randn(cout, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+@pytest.mark.parametrize("geometry", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+@pytest.mark.parametrize("k", [2, 4])
+def test_dense_loops_match_the_sparse_router_and_reference(dtype, criterion, geometry, k):
+    # k = 2 of 12 channels: the dense-order loops for the whole batch, the sparse router when the batch
+    # does not fit; k = 4: the dense-order loops both times (then in chunks of samples).
+    x, w, b = _conv_inputs(dtype)
+    stride, padding, dilation = geometry
+    # one byte short of the whole batch's columns: one sample's columns and maps still fit
+    short = x.shape[0] * conv._column_bytes(x, w, stride, padding, dilation) - 1
+    assert conv.dense_loops_win(x, w, k, stride, padding, dilation)
+    with TF.memory_budget(short):
+        assert conv.dense_loops_win(x, w, k, stride, padding, dilation) == (k == 4)
+    fn = lambda impl: lambda x, w, b: TF.topk_conv2d(x, w, b, k, criterion, stride, padding, dilation, impl=impl)  # noqa: E731
+    whole = _grads(fn("numba"), x, w, b)
+    with TF.memory_budget(short):
+        chunked = _grads(fn("numba"), x, w, b)
+    reference = _grads(fn("reference"), x, w, b)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for other in (chunked, reference):
+        torch.testing.assert_close(whole[0], other[0], **tol)
+        for got, want in zip(whole[1], other[1]):
+            torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+def test_dense_loops_gradcheck(criterion):
+    x, w, b = _conv_inputs(torch.float64, batch=2, cin=6, cout=4, size=4)
+    fn = lambda x, w, b: TF.topk_conv2d(x, w, b, 3, criterion, 1, 1, impl="numba")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, w, b)])
+
+
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+def test_dense_loops_select_as_the_sparse_router(criterion):
+    x, w, _ = _conv_inputs(torch.float64)
+    whole = TF.topk_conv2d_selection(x, w, 2, criterion, 1, 1, impl="numba").sort(-1).values
+    with TF.memory_budget(_TINY_BUDGET):  # k = 2 of 12: the sparse router
+        chunked = TF.topk_conv2d_selection(x, w, 2, criterion, 1, 1, impl="numba").sort(-1).values
+    reference = TF.topk_conv2d_selection(x, w, 2, criterion, 1, 1, impl="reference").sort(-1).values
+    assert torch.equal(whole, chunked) and torch.equal(whole, reference)
+
+
+def test_dense_loops_give_the_same_numbers_on_two_threads():
+    x, w, b = _conv_inputs(torch.float32, batch=16, cin=32, cout=32, size=6)
+    fn = lambda x, w, b: TF.topk_conv2d(x, w, b, 8, "max", 1, 1, impl="numba")  # noqa: E731
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads(fn, x, w, b)
+        torch.set_num_threads(2)
+        two = _grads(fn, x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    assert x.numel() * 9 * 32 >= bridge.MIN_THREADED_WORK  # big enough to be split
+    assert torch.equal(one[0], two[0]) and all(torch.equal(p, q) for p, q in zip(one[1], two[1]))
+
+
+@pytest.mark.parametrize("positive_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_guided_linear_matches_reference_and_the_general_loop(positive_only, dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 96, generator=g, dtype=dtype)  # no zero inputs: no tied products whose gradient counts
+    w, b = torch.randn(20, 96, generator=g, dtype=dtype), torch.randn(20, generator=g, dtype=dtype)
+    assert guided_wins(96, 7) and not guided_wins(96, 40)
+    for k in (7, 40):  # the guided path, then the general one
+        fn = lambda impl: lambda x, w, b: TF.topk_linear(x, w, b, k, positive_only, impl=impl)  # noqa: E731
+        fast, reference = _grads(fn("numba"), x, w, b), _grads(fn("reference"), x, w, b)
+        torch.testing.assert_close(fast[0], reference[0])
+        for got, want in zip(fast[1], reference[1]):
+            torch.testing.assert_close(got, want)
+
+
+def test_guided_linear_gradcheck():
+    g = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_() for shape in ((6, 30), (5, 30), (5,))]
+    assert torch.autograd.gradcheck(lambda x, w, b: TF.topk_linear(x, w, b, 4, impl="numba"), inputs)
+
+
+def test_ties_at_the_kth_value_keep_the_first_positions():
+    # Row 0: three products of 2, then zeros: k = 5 takes the 2s and the first two zeros.
+    x = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]])
+    w = torch.full((1, 8), 2.0)
+    chosen = TF.topk_linear_selection(x, w, 5, impl="numba")[0, 0].sort().values
+    assert chosen.tolist() == [0, 1, 2, 3, 5]
+    scores_row = torch.tensor([[3.0, 1.0, 3.0, 1.0, 1.0, 0.0]])  # conv rows share the rule
+    positions = torch.arange(6, dtype=torch.int32).numpy()
+    chosen = torch.empty(3, dtype=torch.int32)
+    from topkconv.layers.kernels.selection import first_k_largest
+    total, kth = numba_jit_first_k(first_k_largest, scores_row[0].numpy(), positions, 3, chosen.numpy())
+    assert chosen.tolist() == [0, 1, 2] and total == 7.0 and kth == 1.0
+
+
+def numba_jit_first_k(fn, row, positions, k, chosen):
+    """Run the inlined selection helper from a jitted caller (it is not callable from Python)."""
+    import numpy as np
+
+    from topkconv.layers.kernels.jit import jit
+
+    @jit
+    def call(row, positions, k, values, keys, chosen):
+        return fn(row, positions, row.shape[0], k, values, keys, chosen)
+
+    return call(row, positions, k, np.empty_like(row), np.empty(row.shape[0], np.int32), chosen)
+
+
+def test_nan_ranks_first_as_in_torch_topk():
+    x = torch.ones(2, 8)
+    x[1, 5] = float("nan")
+    w = torch.arange(8.0).unsqueeze(0)
+    chosen = TF.topk_linear_selection(x, w, 2, impl="numba")
+    assert set(chosen[0, 0].tolist()) == {6, 7} and 5 in chosen[1, 0].tolist()
+    assert torch.isnan(TF.topk_linear(x, w, None, 2, impl="numba")[1, 0])
+
+
+def _saved_nothing(layer, x):
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.grad_fn is None and not out.requires_grad
+    return out
+
+
+@pytest.mark.parametrize("make", [
+    lambda impl: TopKConv2d(12, 10, 3, 4, "max", padding=1, impl=impl),
+    lambda impl: TopKConv2d(12, 10, 3, 4, "sum", padding=1, impl=impl),
+    lambda impl: TopKNeuronConv2d(12, 10, 3, 4, padding=1, impl=impl),
+    lambda impl: torch.nn.Sequential(torch.nn.Flatten(), TopKLinear(12 * 25, 10, 6, impl=impl)),
+])
+def test_forward_only_calls_match_and_build_no_graph(make, monkeypatch):
+    torch.manual_seed(0)
+    layer, reference = make("auto"), make("reference")
+    reference.load_state_dict(layer.state_dict())
+    x, _, _ = _conv_inputs(torch.float32)
+    with torch.no_grad():
+        want = reference(x)
+    graph = layer(x)  # grad mode on: the autograd Function
+    applied = []
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(lambda cls, *a: applied.append(cls) or None))
+    got = _saved_nothing(layer, x)
+    assert applied == []  # no autograd Function under inference_mode
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, graph.detach(), rtol=0, atol=0)
+
+
+def test_impl_names_are_one_list_and_fast_is_deprecated():
+    assert IMPLS == ("auto", "numba", "torch", "reference")
+    assert TF.IMPLS == IMPLS and set(backends.BACKENDS) == set(IMPLS) - {"auto", "reference"}
+    with pytest.warns(DeprecationWarning, match="'fast' is deprecated; use impl='torch'"):
+        layer = TopKLinear(30, 4, 3, impl="fast")
+    assert layer.impl == "torch"
+    x = torch.randn(3, 30)
+    with pytest.warns(DeprecationWarning):
+        old = TF.topk_linear(x, layer.weight, layer.bias, 3, impl="fast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name warns about nothing
+        new = TF.topk_linear(x, layer.weight, layer.bias, 3, impl="torch")
+    assert torch.equal(old, new)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        TopKConv2d(4, 4, 3, 2, impl="fastest")
+
+
+def test_numba_backend_runs_its_own_loops_backward_too(monkeypatch):
+    # Each of the backend's four operations is the compiled one (a backend that silently fell back to
+    # the torch-level backward would still pass every value test).
+    from topkconv.layers.kernels import numba_loops
+
+    calls = []
+    for name in ("linear_forward", "linear_backward", "conv_forward_whole", "conv_backward_whole"):
+        original = getattr(numba_loops, name)
+        monkeypatch.setattr(numba_loops, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    x, w, b = (t.requires_grad_() for t in _conv_inputs(torch.float32))
+    TF.topk_conv2d(x, w, b, 4, "max", 1, 1).sum().backward()
+    xl = torch.randn(4, 30, requires_grad=True)
+    TF.topk_linear(xl, torch.randn(5, 30, requires_grad=True), None, 3).sum().backward()
+    assert calls == ["conv_forward_whole", "conv_backward_whole", "linear_forward", "linear_backward"]
