@@ -288,11 +288,26 @@ def _gaps(acc: dict, beaten: str, n: int, subsets: dict, cascaded: set, outcomes
     return found
 
 
+def too_weak(indicators: dict) -> Optional[dict]:
+    """The verdict "attack too weak" when the binarization test flagged, whatever the other indicators say: an
+    attack that misses adversarial examples known to exist leaves robust accuracies that cannot be trusted."""
+    test = indicators.get("binarization") or {}
+    if test.get("verdict") != "flag":
+        return None
+    low, high = test["interval"]
+    flags = sorted(name for name, result in indicators.items() if result.get("verdict") == "flag")
+    text = (f"attack too weak: robust accuracy not trustworthy (binarization test of {test['attack']}: "
+            f"{test['passes']} of {test['passes'] + test['fails']} passed, {100 * test['confidence']:.0f}% "
+            f"interval [{low:.2f}, {high:.2f}], below {test['threshold']:.2f})")
+    return {"verdict": "attack too weak", "attack": test["attack"], "flags": flags, "text": text}
+
+
 def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Optional[dict] = None,
             cascaded: Optional[list] = None, outcomes: Optional[dict] = None,
             settings: IndicatorConfig = DEFAULTS) -> dict:
     """One line per model, from the attacks' accuracies at the main eps and the indicators:
 
+    - ``attack too weak: robust accuracy not trustworthy`` when the binarization test flagged (:func:`too_weak`);
     - ``masking shown: attack X beat attack Y by Z points`` when an attack that must not beat the white-box
       gradient attacks (:func:`bounded_attacks`) leaves less accuracy than the strongest of them, Y (of the
       rows ``whitebox``), by more than max(1 point, 1 example);
@@ -307,6 +322,9 @@ def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Option
     (:func:`.masking.significant_gap`, as the checks do): on 100 examples 4 broken one way and none the other
     (p = 0.06) is not shown.
     """
+    weak = too_weak(indicators)
+    if weak is not None:
+        return weak
     present = [name for name in whitebox if name in acc]
     beaten = min(present, key=lambda name: acc[name]) if present else None
     gaps = _gaps(acc, beaten, n, subsets or {}, set(cascaded or ()), outcomes, settings) if beaten else {}

@@ -15,6 +15,7 @@ from .judge import judge
 from .measure import measure_indicators
 from .plan import check_config, model_traits, plan_attacks
 from .run import gather, run_plan, world
+from .strength import binarization_indicator
 from .summarise import per_example, summarise
 
 UNITS = "eps and step sizes in 0-255 units; accuracies are fractions of n_examples"
@@ -48,6 +49,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
     outcomes, measured = gather(outcomes, measured)
     n = x.shape[0]
     summary = summarise(plan, outcomes, n, len(range(0, n, cfg.batch_size)))
+    if cfg.suite == "full":
+        measured["binarization"] = binarization_indicator(model, x, plan, summary, cfg, traits)
     indicators, found_checks, line = judge(plan, summary, traits, cfg, num_classes, measured)
     main_worst = next(w for w in summary.worst_cases if w["eps"] == cfg.eps)
     return {

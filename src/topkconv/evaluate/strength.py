@@ -1,0 +1,77 @@
+"""Attack strength: the binarization test (Zimmermann et al. 2022) of the evaluation's own strongest white-box
+attack, as the ``binarization`` indicator.
+
+It is an indicator, not an attack registry entry: it leaves no per-example robust mask and no row of the
+worst case; it judges the attacks that made those rows. Its value is the pass rate over the valid examples,
+its threshold ``indicators.binarization_threshold``, and it flags when the pass rate's upper confidence bound
+lies below the threshold; a flag makes the verdict "attack too weak" (:func:`topkconv.attacks.indicators.verdict`).
+
+Every rank runs it on the same first examples with the same seed, so every rank has the same verdict.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..attacks.binarization import BinarizationConfig, binarization_test
+from ..attacks.common import seeded
+from ..attacks.masking import not_applicable
+from ..attacks.registry import PlanContext, Role
+from ..config import AttackConfig
+from .plan import ModelTraits, Plan, PlannedAttack
+from .run import attack_seed
+from .summarise import Summary
+
+STRENGTH_ROLES = (Role.WHITEBOX, Role.EOT)
+
+
+def whitebox_candidates(plan: Plan, summary: Summary) -> list[PlannedAttack]:
+    """The white-box reference attacks that ran on every example at the main eps, strongest (lowest accuracy)
+    first; ties keep the plan's order."""
+    ran = [a for a in plan.at_main_eps() if a.entry.role in STRENGTH_ROLES and a.entry.reference
+           and not a.cascade and a.examples is None]
+    return sorted(ran, key=lambda a: summary.acc[a.name])
+
+
+def _on_binarized(attack: PlannedAttack, cfg: AttackConfig, traits: ModelTraits, seed: int):
+    """``attack`` re-planned for the binarized model, as the binarization test calls it."""
+    def run(binarized: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        planned = attack.entry.make(PlanContext(binarized, cfg, traits), attack.eps)
+        with seeded(binarized, seed) as generator:
+            return planned.run(x, y, generator, seed)
+    return run
+
+
+def binarization_indicator(model: nn.Module, x: torch.Tensor, plan: Plan, summary: Summary, cfg: AttackConfig,
+                           traits: ModelTraits) -> dict:
+    """The ``binarization`` indicator: the strongest white-box attack that can run on a two-class model
+    (AutoAttack's DLR losses need three classes; such an attack is skipped and named) on the first
+    ``indicators.binarization_examples`` examples at the main eps."""
+    settings = cfg.indicators
+    m = min(settings.binarization_examples, x.shape[0])
+    if m <= 0:
+        return not_applicable("off (indicators.binarization_examples = 0)")
+    skipped = {}
+    for attack in whitebox_candidates(plan, summary):
+        seed = attack_seed(cfg.seed, -2, f"binarization/{attack.name}")
+        try:
+            result = binarization_test(model, x[:m], _on_binarized(attack, cfg, traits, seed), cfg.eps / 255,
+                                       BinarizationConfig(seed=cfg.seed))
+        except (ValueError, RuntimeError, IndexError, AssertionError) as error:
+            skipped[attack.name] = f"{type(error).__name__}: {error}"[:200]
+            continue
+        return _judged(result.to_dict(), attack.name, settings.binarization_threshold, skipped)
+    return not_applicable("no white-box attack could run on the binarized model" if skipped
+                          else "no white-box reference attack ran at the main eps") | {"skipped": skipped}
+
+
+def _judged(found: dict, attack: str, threshold: float, skipped: Optional[dict]) -> dict:
+    if found["pass_rate"] is None:
+        return not_applicable("no example gave a valid binary task (no readout separated inner from "
+                              "boundary points)") | {"attack": attack, **found}
+    upper = found["interval"][1]
+    return {"value": found["pass_rate"], "threshold": threshold, "verdict": "flag" if upper < threshold else "pass",
+            "upper_bound": upper, "attack": attack, "skipped": skipped, **found}
