@@ -59,3 +59,38 @@ def test_binarization_is_off_with_zero_examples_and_in_the_paper_suite(cnn, digi
     paper = evaluate(cnn, *digits_test, dataclasses.replace(CHEAP_FULL, suite="paper", n_examples=10),
                      progress=False)
     assert "binarization" not in paper["indicators"]
+
+
+# ---------------------------------------------------------------- budgets as fractions of their reference
+
+def test_budgets_below_their_reference_make_the_verdict_provisional(evaluated, tmp_path):
+    from topkconv.evaluate import write_results
+
+    result = evaluated("plain")
+    budgets = result["budgets"]
+    assert budgets["square"]["fraction"] == pytest.approx(50 / 5000) and budgets["square"]["below_reference"]
+    assert budgets["autoattack"]["fraction"] == pytest.approx(10 / 100)
+    assert budgets["pgd"]["fraction"] == 1.0 and not budgets["pgd"]["below_reference"]   # the paper's 16 steps
+    assert "pgd_zero" in budgets["pgd"]["attacks"] and "zeroth_order" not in budgets   # steps = 0: it did not run
+    assert result["verdict"]["provisional"] is True and "square 1% of" in result["verdict"]["reason"]
+    write_results(result, tmp_path / "eval.json", title="cnn")
+    first_lines = (tmp_path / "eval.md").read_text().splitlines()[:3]
+    assert first_lines[2].startswith("**Verdict: PROVISIONAL: ") and "square" in first_lines[2]
+
+
+@pytest.mark.parametrize("steps, provisional", [(16, False), (8, True)])
+def test_the_paper_suite_at_the_papers_budget_is_not_provisional(steps, provisional, cnn, digits_test):
+    cfg = dataclasses.replace(CHEAP_FULL, suite="paper", n_examples=10).with_budget("pgd", steps=steps)
+    result = evaluate(cnn, *digits_test, cfg, progress=False)
+    assert result["budgets"]["pgd"]["fraction"] == steps / 16
+    assert result["verdict"]["provisional"] is provisional
+
+
+def test_zeroth_order_fraction_counts_pairs_over_steps():
+    from topkconv.attacks.zeroth_order import ZerothOrderBudget
+
+    assert ZerothOrderBudget().reference_fraction()["fraction"] == 1.0   # 20 x 50 + 20 x 500 + 60 x 10,000 pairs
+    quick = ZerothOrderBudget(steps=10, samples=[[0, 20]], examples=20).reference_fraction()   # the quick preset's
+    assert quick["fraction"] == pytest.approx(200 / 611000) and quick["below_reference"]
+    at_size_on_some = ZerothOrderBudget(examples=20).reference_fraction()
+    assert at_size_on_some["fraction"] == 1.0 and at_size_on_some["below_reference"]

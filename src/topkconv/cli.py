@@ -462,10 +462,11 @@ def _run_evaluate_user_model(args, overrides: dict) -> int:
 
 def _print_evaluation(result: dict) -> None:
     from . import distributed
+    from .report import verdict_line
 
     if distributed.context().is_main:
         attacks = ", ".join(f"{name} {a['accuracy']:.4f}" for name, a in result["attacks"].items())
-        print(f"{result['verdict']['text']}\nn={result['n_examples']} clean {result['clean']:.4f}; {attacks}; "
+        print(f"{verdict_line(result['verdict'])}\nn={result['n_examples']} clean {result['clean']:.4f}; {attacks}; "
               f"worst case {result['worst_case']['accuracy']:.4f}")
 
 

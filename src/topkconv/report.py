@@ -165,13 +165,36 @@ def _number(value, decimals: int = 3) -> str:
     return str(value)
 
 
+def verdict_line(verdict: Optional[dict]) -> str:
+    """The verdict's text, labelled **provisional** (with why) when an attack ran below its reference budget."""
+    verdict = verdict or {}
+    text = verdict.get("text", "no verdict (an older eval.json)")
+    if verdict.get("provisional"):
+        return f"PROVISIONAL: {text} ({verdict['reason']})"
+    return text
+
+
+def _budget_lines(result: dict) -> list:
+    budgets = result.get("budgets") or {}
+    if not budgets:
+        return []
+    lines = ["## Budgets as a fraction of their reference", "", "| budget | fraction | reference | attacks |",
+             "|---|---|---|---|"]
+    for table, entry in budgets.items():
+        mark = " (below)" if entry["below_reference"] else ""
+        lines.append(f"| {table} | {_number(entry['fraction'])}{mark} | {entry['reference']} | "
+                     f"{', '.join(entry['attacks'])} |")
+    return lines + [""]
+
+
 def render_evaluation(result: dict, title: str = "") -> str:
     """Markdown of one ``eval.json``: the verdict line first, then the worst case per eps, each attack and
     each indicator with its value, threshold and verdict."""
-    verdict = (result.get("verdict") or {}).get("text", "no verdict (an older eval.json)")
+    verdict = verdict_line(result.get("verdict"))
     lines = [f"# {title or 'Robustness evaluation'}", "", f"**Verdict: {verdict}**", "",
              f"- suite: {result['suite']}; n = {result.get('n_examples', result.get('n'))}; clean accuracy {_number(result['clean'])}",
              f"- model: " + ", ".join(f"{k} {v}" for k, v in (result.get("model") or {}).items()), ""]
+    lines += _budget_lines(result)
     lines += ["## Worst case per eps (an example counts only if it survives every attack at that eps)", "",
               "| eps | accuracy | attacks |", "|---|---|---|"]
     for worst in result.get("worst_cases") or [result["worst_case"]]:

@@ -9,13 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .pgd import plan_pgd
-from .registry import Attack, PlanContext, Planned, Role, budget_field, register
+from .registry import Attack, PlanContext, Planned, Role, budget_field, reference_share, register
+
+
+REFERENCE_SAMPLES = 20   # AutoAttack's rand version (Croce and Hein 2020): EOT over 20 draws
 
 
 @dataclass
 class EotBudget:
     samples: int = budget_field(default=20, flag="--eot-samples", minimum=1,
                                 help="EOT draws per gradient for stochastic models (also AutoAttack rand's)")
+
+    def reference_fraction(self) -> dict:
+        return reference_share(self.samples, REFERENCE_SAMPLES, "AutoAttack's rand version: 20 EOT draws")
 
 
 def _plan(ctx: PlanContext, eps: float) -> Planned:

@@ -75,3 +75,27 @@ def _judged(found: dict, attack: str, threshold: float, skipped: Optional[dict])
     upper = found["interval"][1]
     return {"value": found["pass_rate"], "threshold": threshold, "verdict": "flag" if upper < threshold else "pass",
             "upper_bound": upper, "attack": attack, "skipped": skipped, **found}
+
+
+def budget_fractions(plan: Plan, cfg: AttackConfig) -> dict:
+    """Each budget table the planned attacks read, as a fraction of its reference (declared beside the budget
+    dataclass as ``reference_fraction``), with the attacks that read it. Tables without a reference (a BPDA
+    stand-in's temperature) are left out."""
+    found: dict = {}
+    for attack in plan.attacks:
+        table = attack.entry.budget_name
+        budget = cfg.budgets.get(table)
+        if budget is None or not hasattr(budget, "reference_fraction"):
+            continue
+        found.setdefault(table, dict(budget.reference_fraction(), attacks=[]))["attacks"].append(attack.name)
+    return found
+
+
+def provisional(budgets: dict) -> dict:
+    """``{"provisional": bool, "reason": str}``: a verdict reached with any attack below its reference budget
+    is provisional."""
+    below = {table: entry for table, entry in budgets.items() if entry["below_reference"]}
+    if not below:
+        return {"provisional": False, "reason": "every attack ran at or above its reference budget"}
+    parts = [f"{table} {100 * entry['fraction']:.3g}% of {entry['reference']}" for table, entry in below.items()]
+    return {"provisional": True, "reason": "attacks below their reference budget: " + "; ".join(parts)}
