@@ -147,8 +147,7 @@ def test_verdict_from_numbers(acc, indicators, expected):
     # 100 examples; the cascaded square can only break what the white-box worst case left
     ({"pgd": range(10), "whitebox": range(14), "square": range(18)}, "masking suspected (indicators randomness)"),   # 4: p = 0.06
     ({"pgd": range(10), "whitebox": range(14), "square": range(20)},
-     "masking shown: attack square broke 6.0 points of examples that every white-box gradient attack left "
-     "robust"),                                                                                   # 6: p = 0.016
+     "found 6 examples the white-box attacks missed (p = 0.016; attack square on the white-box survivors)"),  # 6
 ], ids=["4-examples-not-significant", "6-examples-shown"])
 def test_masking_is_shown_only_when_the_sign_test_finds_the_gap(broken, expected):
     outcomes = {}
@@ -160,16 +159,38 @@ def test_masking_is_shown_only_when_the_sign_test_finds_the_gap(broken, expected
                      outcomes=outcomes)
     assert result["text"] == expected, result
     # the 4-example gap is beyond the one-example slack: without the outcomes it is shown
-    assert verdict(acc, {}, ["pgd", "eot_pgd"], n=100, cascaded=["square"])["verdict"] == "masking shown"
+    assert verdict(acc, {}, ["pgd", "eot_pgd"], n=100, cascaded=["square"])["verdict"] == "white-box misses found"
 
 
 @pytest.mark.parametrize("acc, expected", [
     # square ran on the white-box survivors only: 0.5 -> 0.395 is mostly pgd_2x_steps's doing, not square's
     ({"pgd": 0.50, "pgd_2x_steps": 0.40, "whitebox": 0.40, "square": 0.395}, "no masking indicated"),
     ({"pgd": 0.50, "whitebox": 0.40, "zeroth_order": 0.30},
-     "masking shown: attack zeroth_order broke 10.0 points of examples that every white-box gradient attack "
-     "left robust"),
+     "found 100 examples the white-box attacks missed (p not computed: no per-example outcomes; attack "
+     "zeroth_order on the white-box survivors)"),
 ], ids=["within-one-example-of-the-white-box-worst-case", "beyond-it"])
 def test_a_cascaded_attack_is_judged_against_the_white_box_worst_case(acc, expected):
     cascaded = [name for name in ("square", "zeroth_order") if name in acc]
     assert verdict(acc, {}, ["pgd", "eot_pgd"], n=1000, cascaded=cascaded)["text"] == expected
+
+
+def _masks(n: int, **broken) -> dict:
+    masks = {}
+    for name, indices in broken.items():
+        masks[name] = torch.ones(n, dtype=torch.bool)
+        masks[name][list(indices)] = False
+    return masks
+
+
+@pytest.mark.parametrize("square_broke, expected", [
+    (range(4, 24), "masking shown"),                  # 20 broken by square alone, 4 by pgd alone: p < 0.01
+    (list(range(4, 12)) + [0], "no masking indicated"),  # 8 vs 3: the same gap size one way, not significant
+], ids=["significant", "disagreements-both-ways"])
+def test_masking_shown_needs_a_sign_test_that_can_fail_both_ways(square_broke, expected):
+    """Square on every example against PGD: the examples PGD alone broke count against it."""
+    outcomes = _masks(100, pgd=range(4), square=square_broke)
+    acc = {name: mask.float().mean().item() for name, mask in outcomes.items()}
+    found = verdict(acc, {}, ["pgd"], n=100, outcomes=outcomes)
+    assert found["verdict"] == expected, found
+    if expected == "masking shown":
+        assert found["paired_test"]["broken_only_by"] == {"square": 20, "pgd": 4}

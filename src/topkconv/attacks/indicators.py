@@ -288,6 +288,22 @@ def _gaps(acc: dict, beaten: str, n: int, subsets: dict, cascaded: set, outcomes
     return found
 
 
+def _shown(attack: str, gap: dict, n: int, cascaded: bool) -> dict:
+    """The verdict for an attack that broke examples the white-box attacks left robust: "masking shown" when
+    it ran on every example (its sign test counts disagreements both ways), else, for a row run on the
+    white-box survivors only, the count of what it found and that one-sided test's p-value."""
+    points, beaten, test = 100 * gap["gap"], gap["reference"], gap["test"]
+    if cascaded:
+        count = test["broken_only_by"][attack] if test else round(gap["gap"] * n)
+        p_value = f"p = {test['p_value']:.2g}" if test else "p not computed: no per-example outcomes"
+        return {"verdict": "white-box misses found", "attack": attack, "beaten": beaten, "points": points,
+                "examples": count, "paired_test": test,
+                "text": f"found {count} examples the white-box attacks missed ({p_value}; attack {attack} on the "
+                        f"white-box survivors)"}
+    return {"verdict": "masking shown", "attack": attack, "beaten": beaten, "points": points, "paired_test": test,
+            "text": f"masking shown: attack {attack} beat attack {beaten} by {points:.1f} points"}
+
+
 def too_weak(indicators: dict) -> Optional[dict]:
     """The verdict "attack too weak" when the binarization test flagged, whatever the other indicators say: an
     attack that misses adversarial examples known to exist leaves robust accuracies that cannot be trusted."""
@@ -305,12 +321,16 @@ def too_weak(indicators: dict) -> Optional[dict]:
 def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Optional[dict] = None,
             cascaded: Optional[list] = None, outcomes: Optional[dict] = None,
             settings: IndicatorConfig = DEFAULTS) -> dict:
-    """One line per model, from the attacks' accuracies at the main eps and the indicators:
+    """One line per model, from the attacks' accuracies at the main eps and the indicators, the first that holds:
 
-    - ``attack too weak: robust accuracy not trustworthy`` when the binarization test flagged (:func:`too_weak`);
     - ``masking shown: attack X beat attack Y by Z points`` when an attack that must not beat the white-box
-      gradient attacks (:func:`bounded_attacks`) leaves less accuracy than the strongest of them, Y (of the
-      rows ``whitebox``), by more than max(1 point, 1 example);
+      gradient attacks (:func:`bounded_attacks`), run on every example, leaves less accuracy than the strongest
+      of them, Y (of the rows ``whitebox``), by more than max(1 point, 1 example);
+    - ``found N examples the white-box attacks missed (p = ...)`` (kind ``white-box misses found``) when the gap
+      is that of a ``cascaded`` row (below): such a row can only add breaks, so its sign test cannot fail the
+      other way and it does not "show" masking;
+    - ``attack too weak: robust accuracy not trustworthy`` when the binarization test flagged (:func:`too_weak`;
+      the two above keep their line and say ``attack_too_weak``);
     - ``masking suspected (indicators ...)`` when any indicator is flagged;
     - ``no masking indicated`` otherwise.
 
@@ -322,22 +342,21 @@ def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Option
     (:func:`.masking.significant_gap`, as the checks do): on 100 examples 4 broken one way and none the other
     (p = 0.06) is not shown.
     """
-    weak = too_weak(indicators)
-    if weak is not None:
-        return weak
     present = [name for name in whitebox if name in acc]
     beaten = min(present, key=lambda name: acc[name]) if present else None
     gaps = _gaps(acc, beaten, n, subsets or {}, set(cascaded or ()), outcomes, settings) if beaten else {}
     shown = {name: g["excess"] for name, g in gaps.items() if significant_gap(g["excess"] > 1e-9, g["test"])}
     flags = sorted(name for name, result in indicators.items() if result.get("verdict") == "flag")
-    if shown:
-        strongest = max(shown, key=shown.get)
-        points, beaten = 100 * gaps[strongest]["gap"], gaps[strongest]["reference"]
-        text = (f"masking shown: attack {strongest} broke {points:.1f} points of examples that every white-box "
-                f"gradient attack left robust" if beaten == WHITEBOX else
-                f"masking shown: attack {strongest} beat attack {beaten} by {points:.1f} points")
-        return {"verdict": "masking shown", "attack": strongest, "beaten": beaten, "points": points,
-                "paired_test": gaps[strongest]["test"], "flags": flags, "text": text}
+    weak = too_weak(indicators)
+    # "masking shown" only from a comparison whose sign test can fail both ways (an attack run on every example
+    # against the white-box row); a cascaded row can only add breaks, so it reports what it found instead.
+    both_ways = {name: excess for name, excess in shown.items() if gaps[name]["reference"] != WHITEBOX}
+    if both_ways or shown:
+        strongest = max(both_ways or shown, key=(both_ways or shown).get)
+        found = _shown(strongest, gaps[strongest], n, cascaded=not both_ways)
+        return dict(found, flags=flags, attack_too_weak=weak is not None)
+    if weak is not None:
+        return weak
     if flags:
         return {"verdict": "masking suspected", "flags": flags,
                 "text": f"masking suspected (indicators {', '.join(flags)})"}
