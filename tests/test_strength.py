@@ -47,8 +47,22 @@ def test_binarization_fails_on_a_gradient_masked_cnn_and_the_verdict_says_the_at
     test = result["indicators"]["binarization"]
     print("rounded-input CNN:", {k: v for k, v in test.items() if k != "outcomes"}, result["verdict"])
     assert test["verdict"] == "flag" and test["interval"][1] < CHEAP_FULL.indicators.binarization_threshold
-    assert result["verdict"]["verdict"] == "attack too weak"
-    assert result["verdict"]["text"].startswith("attack too weak: robust accuracy not trustworthy")
+    # Square beats PGD on every example here, so "masking shown" keeps the line and says the attack is too weak
+    assert result["verdict"]["verdict"] == "masking shown" and result["verdict"]["attack_too_weak"] is True
+
+
+def test_a_failed_binarization_test_overrides_the_indicators_in_the_verdict():
+    from topkconv.attacks.indicators import verdict
+
+    failed = {"verdict": "flag", "attack": "pgd_zero", "passes": 1, "fails": 11, "interval": [0.002, 0.38],
+              "confidence": 0.95, "threshold": 0.9}
+    line = verdict({"pgd": 0.5, "square": 0.5}, {"binarization": failed, "randomness": {"verdict": "flag"}},
+                   ["pgd"], n=100)
+    assert line["verdict"] == "attack too weak" and line["flags"] == ["binarization", "randomness"]
+    assert line["text"] == ("attack too weak: robust accuracy not trustworthy (binarization test of pgd_zero: 1 of 12 "
+                            "passed, 95% interval [0.00, 0.38], below 0.90)")
+    passed = dict(failed, verdict="pass")
+    assert verdict({"pgd": 0.5}, {"binarization": passed}, ["pgd"], n=100)["verdict"] == "no masking indicated"
 
 
 def test_binarization_is_off_with_zero_examples_and_in_the_paper_suite(cnn, digits_test):
@@ -94,3 +108,35 @@ def test_zeroth_order_fraction_counts_pairs_over_steps():
     assert quick["fraction"] == pytest.approx(200 / 611000) and quick["below_reference"]
     at_size_on_some = ZerothOrderBudget(examples=20).reference_fraction()
     assert at_size_on_some["fraction"] == 1.0 and at_size_on_some["below_reference"]
+
+
+# ---------------------------------------------------------------- a random model judged over draws
+
+def test_a_random_model_is_judged_over_draws_and_its_worst_case_is_taken_within_each_draw(sap_mlp, digits_test):
+    cfg = dataclasses.replace(CHEAP_FULL, suite="paper", eps=16, n_examples=60,
+                              budgets={**CHEAP_FULL.budgets}).with_budget("eot_pgd", samples=4, evaluation_draws=12)
+    result = evaluate(sap_mlp, *digits_test, cfg, progress=False)
+    assert result["model"]["stochastic"] is True
+    worst = result["worst_case"]["over_draws"]
+    assert worst["draws"] == 12 and len(worst["by_draw"]) == 12
+    assert worst["worst"] == min(worst["by_draw"]) and worst["expected"] == pytest.approx(sum(worst["by_draw"]) / 12)
+    assert worst["interval"][0] <= worst["expected"] <= worst["interval"][1]
+    assert result["over_draws"]["worst_case"] == worst
+    attacks = {name: a["over_draws"] for name, a in result["attacks"].items()}
+    # within a draw the worst case is at most every attack's accuracy in that draw
+    for r in range(12):
+        assert worst["by_draw"][r] <= min(a["by_draw"][r] for a in attacks.values()) + 1e-12
+    # a single draw's AND across the attacks (the old rule) counts the model's luck against it: it is lower
+    print({"one-draw AND": result["worst_case"]["accuracy"], "expected": worst["expected"], "worst": worst["worst"]})
+    assert result["worst_case"]["accuracy"] <= worst["expected"]
+    # the SAP model differs from draw to draw, or this test would not test anything
+    assert max(worst["by_draw"]) > min(worst["by_draw"])
+
+
+def test_a_deterministic_model_has_no_draws(evaluated):
+    assert evaluated("plain")["over_draws"] is None and "over_draws" not in evaluated("plain")["worst_case"]
+
+
+def test_fewer_than_ten_evaluation_draws_are_refused():
+    with pytest.raises(ValueError, match="evaluation_draws.*>= 10"):
+        AttackConfig(budgets={"eot_pgd": {"evaluation_draws": 3}})

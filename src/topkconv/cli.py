@@ -468,6 +468,10 @@ def _print_evaluation(result: dict) -> None:
         attacks = ", ".join(f"{name} {a['accuracy']:.4f}" for name, a in result["attacks"].items())
         print(f"{verdict_line(result['verdict'])}\nn={result['n_examples']} clean {result['clean']:.4f}; {attacks}; "
               f"worst case {result['worst_case']['accuracy']:.4f}")
+        drawn = (result.get("over_draws") or {}).get("worst_case")
+        if drawn:
+            print(f"random model: worst case expected over {drawn['draws']} draws {drawn['expected']:.4f} "
+                  f"[{drawn['interval'][0]:.4f}, {drawn['interval'][1]:.4f}], worst draw {drawn['worst']:.4f}")
 
 
 def _run_evaluate(args) -> int:

@@ -174,6 +174,16 @@ def verdict_line(verdict: Optional[dict]) -> str:
     return text
 
 
+def _draw_lines(result: dict) -> list:
+    """A random model's headline: the worst case's expected accuracy over draws, and its worst draw."""
+    drawn = (result.get("over_draws") or {}).get("worst_case")
+    if not drawn:
+        return []
+    low, high = drawn["interval"]
+    return [f"- random model: expected robust accuracy over {drawn['draws']} draws {_number(drawn['expected'])} "
+            f"(95% interval [{_number(low)}, {_number(high)}]); worst draw {_number(drawn['worst'])}", ""]
+
+
 def _budget_lines(result: dict) -> list:
     budgets = result.get("budgets") or {}
     if not budgets:
@@ -194,6 +204,7 @@ def render_evaluation(result: dict, title: str = "") -> str:
     lines = [f"# {title or 'Robustness evaluation'}", "", f"**Verdict: {verdict}**", "",
              f"- suite: {result['suite']}; n = {result.get('n_examples', result.get('n'))}; clean accuracy {_number(result['clean'])}",
              f"- model: " + ", ".join(f"{k} {v}" for k, v in (result.get("model") or {}).items()), ""]
+    lines += _draw_lines(result)
     lines += _budget_lines(result)
     lines += ["## Worst case per eps (an example counts only if it survives every attack at that eps)", "",
               "| eps | accuracy | attacks |", "|---|---|---|"]

@@ -99,3 +99,35 @@ def provisional(budgets: dict) -> dict:
         return {"provisional": False, "reason": "every attack ran at or above its reference budget"}
     parts = [f"{table} {100 * entry['fraction']:.3g}% of {entry['reference']}" for table, entry in below.items()]
     return {"provisional": True, "reason": "attacks below their reference budget: " + "; ".join(parts)}
+
+
+def draw_statistics(per_draw: torch.Tensor, confidence: float = 0.95) -> dict:
+    """A row's (draws, n) robust masks as its expected accuracy over draws (the headline for a random model),
+    with a t-interval over the examples' robust fractions (the examples are the unit: the draws of one example
+    are not independent of it), and the worst and best accuracy over draws."""
+    from scipy import stats
+
+    per_example = per_draw.double().mean(0)
+    expected = float(per_example.mean())
+    n = per_example.numel()
+    half = (float(stats.t.ppf(0.5 + confidence / 2, n - 1) * per_example.std(unbiased=True) / n ** 0.5)
+            if n > 1 else float("nan"))
+    by_draw = per_draw.double().mean(1)
+    return {"draws": per_draw.shape[0], "expected": expected, "interval": [max(0.0, expected - half),
+                                                                          min(1.0, expected + half)],
+            "worst": float(by_draw.min()), "best": float(by_draw.max()), "by_draw": by_draw.tolist()}
+
+
+def over_draws(plan: Plan, outcomes, n_chunks: int) -> dict:
+    """``{row: draw statistics}`` for every attack row, combined row and per-eps worst case of a random model
+    (empty for a deterministic one). A worst case is the AND across attacks *within* each draw."""
+    if not plan.draws:
+        return {}
+    rows = ["clean"] + [a.name for a in plan.attacks]
+    masks = {row: torch.cat([outcomes.draws[i][row] for i in range(n_chunks)], dim=1) for row in rows}
+    for combined in plan.combined:
+        masks[combined.name] = torch.stack([masks[part] for part in combined.parts]).all(0)
+    for eps in sorted({a.eps for a in plan.attacks}):
+        names = [a.name for a in plan.attacks if a.eps == eps]
+        masks[f"worst_case@{eps:g}"] = torch.stack([masks["clean"]] + [masks[name] for name in names]).all(0)
+    return {row: draw_statistics(mask) for row, mask in masks.items()}
