@@ -11,7 +11,7 @@ from masked_models import RoundedInput, StochasticInputDropout, ZeroedTopKActiva
 from topkconv.attacks import accuracy, pgd, square
 from topkconv.attacks.indicators import (gradient_agreement, incomplete_optimisation, randomness, run_traced,
                                          selection_flip_rate, silent_success, square_beats_whitebox,
-                                         transfer_failure, unavailable_gradients, unconstrained_failure,
+                                         baseline_transfer, unavailable_gradients, unconstrained_failure,
                                          unstable_predictions, verdict, zero_gradient_at_start)
 from topkconv.attacks.transfer import transfer
 from topkconv.layers import TopKLinear
@@ -38,9 +38,9 @@ def _last_restart_only(model):
     return attack
 
 
-def _transfer_failure(model, mlp, x, y, eps):
+def _baseline_transfer(model, mlp, x, y, eps):
     x_adv = transfer(mlp, model, x, y, eps, 2.5 * eps / 16, 16, generator=_gen())
-    return transfer_failure(model, mlp, x, y, x_adv)
+    return baseline_transfer(model, mlp, x, y, x_adv)
 
 
 def _square_vs_pgd(model, x, y):
@@ -69,8 +69,8 @@ CASES = {
         lambda m, x, y: incomplete_optimisation(run_traced(m["cnn"], _traced_pgd(m["cnn"], 2), x, y)),
         lambda m, x, y: incomplete_optimisation(run_traced(m["cnn"], _traced_pgd(m["cnn"], 50), x, y))),
     # rounding to 16 levels undoes any perturbation under half a level (1/32): nothing transfers at 6/255
-    "transfer_failure": (lambda m, x, y: _transfer_failure(RoundedInput(m["cnn"]), m["mlp"], x, y, 6 / 255),
-                         lambda m, x, y: _transfer_failure(m["cnn"], m["mlp"], x, y, EPS)),
+    "baseline_transfer": (lambda m, x, y: _baseline_transfer(RoundedInput(m["cnn"]), m["mlp"], x, y, 6 / 255),
+                         lambda m, x, y: _baseline_transfer(m["cnn"], m["mlp"], x, y, EPS)),
     "unconstrained_failure": (lambda m, x, y: unconstrained_failure(RoundedInput(m["cnn"]), x, y, 20, _gen()),
                               lambda m, x, y: unconstrained_failure(m["cnn"], x, y, 20, _gen())),
     "randomness": (lambda m, x, y: randomness(StochasticInputDropout(m["cnn"]), x),

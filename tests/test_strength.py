@@ -140,3 +140,17 @@ def test_a_deterministic_model_has_no_draws(evaluated):
 def test_fewer_than_ten_evaluation_draws_are_refused():
     with pytest.raises(ValueError, match="evaluation_draws.*>= 10"):
         AttackConfig(budgets={"eot_pgd": {"evaluation_draws": 3}})
+
+
+def test_an_earlier_eval_json_with_transfer_failure_reads_as_baseline_transfer(tmp_path):
+    import json
+
+    from topkconv.reproduce.workspace import read_evaluation
+
+    old = {"reproduce_key": {}, "indicators": {"transfer_failure": {"verdict": "pass"}, "randomness": {}},
+           "strong": [{"indicators": {"transfer_failure": {"verdict": "flag"}}}]}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(old))
+    result, problem = read_evaluation(path)
+    assert problem is None and list(result["indicators"]) == ["baseline_transfer", "randomness"]
+    assert result["strong"][0]["indicators"] == {"baseline_transfer": {"verdict": "flag"}}

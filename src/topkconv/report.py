@@ -214,7 +214,10 @@ def render_evaluation(result: dict, title: str = "") -> str:
     for name, entry in result["attacks"].items():
         lines.append(f"| {name} | {entry['params'].get('eps', MISSING)} | {_number(entry['accuracy'])} | "
                      f"{entry['seconds']:.1f} |")
+    from .attacks.indicators import RENAMED
+
     indicators = result.get("indicators") or result.get("masking_checks") or {}
+    indicators = {RENAMED.get(name, name): entry for name, entry in indicators.items()}   # earlier eval.json
     examples = result.get("indicator_examples")
     lines += ["", "## Masking indicators" + (f" (model-run ones on the first {examples} examples)" if examples else ""),
               "", "| indicator | value | threshold | verdict |", "|---|---|---|---|"]

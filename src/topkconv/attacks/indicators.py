@@ -6,7 +6,11 @@ Sources:
 - Pintor et al., "Indicators of Attack Failure: Debugging and Improving Optimization of Adversarial
   Examples" (NeurIPS 2022, code ``pralab/IndicatorsOfAttackFailure``): :func:`unavailable_gradients`,
   :func:`unstable_predictions`, :func:`silent_success`, :func:`incomplete_optimisation`,
-  :func:`transfer_failure`, :func:`unconstrained_failure`.
+  :func:`unconstrained_failure`.
+- Athalye, Carlini and Wagner 2018 (section 5): adversarial examples crafted on an undefended baseline should
+  transfer to the defended model: :func:`baseline_transfer` (named ``transfer_failure`` in eval.json files
+  before; :func:`upgrade_indicator_names` reads those). Pintor's own fifth indicator, "transfer failure",
+  is another check: a surrogate of the *same* defended model.
 - AutoAttack's automatic flags (Croce and Hein 2020, ``fra31/auto-attack``, ``flags_doc.md``):
   :func:`randomness`, :func:`zero_gradient_at_start`, :func:`square_beats_whitebox`.
 - For top-k routing (this project): :func:`selection_flip_rate` and :func:`gradient_agreement`.
@@ -130,10 +134,30 @@ def incomplete_optimisation(run: dict, window: int = DEFAULTS.incomplete_window,
                    examples=int(open_.sum()), steps=int(loss.shape[0] - 1))
 
 
-def transfer_failure(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     x_adv: torch.Tensor, threshold: float = DEFAULTS.transfer_threshold) -> dict:
-    """Pintor's fifth indicator: of the examples whose surrogate-crafted ``x_adv`` fools the surrogate (and
-    which both models classify correctly clean), the share that does not fool the target.
+# Indicators renamed since earlier eval.json files: old name -> name.
+RENAMED = {"transfer_failure": "baseline_transfer"}
+
+
+def upgrade_indicator_names(result):
+    """An eval.json (or any part of one) with the indicators of earlier versions under their current names
+    (:data:`RENAMED`), in place and returned; every ``indicators`` table, however deep, is renamed."""
+    if isinstance(result, dict):
+        table = result.get("indicators")
+        if isinstance(table, dict) and set(table) & set(RENAMED):
+            result["indicators"] = {RENAMED.get(name, name): value for name, value in table.items()}
+        for value in result.values():
+            upgrade_indicator_names(value)
+    elif isinstance(result, list):
+        for value in result:
+            upgrade_indicator_names(value)
+    return result
+
+
+def baseline_transfer(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      x_adv: torch.Tensor, threshold: float = DEFAULTS.transfer_threshold) -> dict:
+    """Athalye et al. 2018's baseline-surrogate transfer check: of the examples whose ``x_adv``, crafted on an
+    undefended baseline ``surrogate``, fools the surrogate (and which both models classify correctly clean),
+    the share that does not fool the target.
 
     Some failure is normal between two independently trained models, so the flag is for near-total failure
     (above 0.9): the target then undoes perturbations that break a similar model, which is what input
