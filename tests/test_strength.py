@@ -154,3 +154,46 @@ def test_an_earlier_eval_json_with_transfer_failure_reads_as_baseline_transfer(t
     result, problem = read_evaluation(path)
     assert problem is None and list(result["indicators"]) == ["baseline_transfer", "randomness"]
     assert result["strong"][0]["indicators"] == {"baseline_transfer": {"verdict": "flag"}}
+
+
+# ---------------------------------------------------------------- strength curves
+
+def test_strength_curves_flag_a_budget_that_is_still_falling_and_not_one_that_flattened(cnn, digits_test, tmp_path):
+    from topkconv.evaluate.curves import CurveConfig, strength_curves, write_curves
+
+    cfg = AttackConfig(eps=32)
+    short = CurveConfig(examples=60, steps=[1, 2], restarts=[1, 2], restart_steps=1, eps=[4, 32, 255])
+    found = strength_curves(cnn, *digits_test, cfg, short)
+    print({name: [p["accuracy"] for p in c["points"]] for name, c in found["curves"].items()})
+    # 1 -> 2 steps of 2.5 eps / steps: the second step still breaks many examples
+    assert found["curves"]["steps"]["still_falling"] and "steps" in found["still_falling"]
+    by_eps = [p["accuracy"] for p in found["curves"]["eps"]["points"]]
+    assert by_eps[-1] < 0.1 and by_eps == sorted(by_eps, reverse=True)   # unbounded: one step nearly always wins
+    long = CurveConfig(examples=60, steps=[50, 100], restarts=[1, 2], restart_steps=50, eps=[32])
+    converged = strength_curves(cnn, *digits_test, cfg, long)
+    print({name: [p["accuracy"] for p in c["points"]] for name, c in converged["curves"].items()})
+    assert converged["still_falling"] == [] and converged["text"].startswith("flattened")
+    write_curves(found, tmp_path)
+    assert (tmp_path / "strength-curves.json").is_file()
+    assert (tmp_path / "strength-curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curve_budgets_must_end_on_a_doubling():
+    from topkconv.evaluate.curves import CurveConfig
+
+    with pytest.raises(ValueError, match="steps.*doubling"):
+        CurveConfig(steps=[10, 100, 1000])
+
+
+def test_cli_evaluate_curves_writes_the_curves_beside_eval_json(tmp_path, capsys):
+    import json
+
+    from test_evaluate import _tiny_checkpoint
+    from topkconv.cli import main
+
+    run = _tiny_checkpoint(tmp_path / "run", defense="standard")
+    assert main(["evaluate", str(run), "--n", "4", "--curves", "4", "--no-progress"]) == 0
+    curves = json.loads((run / "strength-curves.json").read_text())
+    assert [p["x"] for p in curves["curves"]["steps"]["points"]] == [10, 20, 50, 100, 200, 500, 1000]
+    assert [p["x"] for p in curves["curves"]["eps"]["points"]][-1] == 255 and curves["n"] == 4
+    assert (run / "strength-curves.png").is_file() and "strength curves" in capsys.readouterr().out
