@@ -80,13 +80,15 @@ def masking_flags(result: dict) -> list:
 
 def masking_verdicts(result: dict) -> list:
     """The strong suite's verdict at each of its eps: ``[{"eps": E, "verdict": kind, "text": line}]``, where
-    ``kind`` is the structured field (``masking shown``, ``masking suspected``, ``no masking indicated``)."""
+    ``kind`` is the structured field (``masking shown``, ``masking suspected``, ``no masking indicated`` ...),
+    with `` (provisional)`` when an attack ran below its reference budget."""
     found = []
     for part in _parts(result)[1]:
         verdict = part.get("verdict") or {}
         if verdict.get("text") and part.get("suite") == "full":
-            found.append({"eps": (part.get("worst_case") or {}).get("eps"), "verdict": verdict.get("verdict"),
-                          "text": verdict["text"]})
+            kind = str(verdict.get("verdict")) + (" (provisional)" if verdict.get("provisional") else "")
+            found.append({"eps": (part.get("worst_case") or {}).get("eps"), "verdict": kind,
+                          "text": verdict_line(verdict)})
     return found
 
 
