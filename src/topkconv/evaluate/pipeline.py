@@ -50,7 +50,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
     n = x.shape[0]
     summary = summarise(plan, outcomes, n, len(range(0, n, cfg.batch_size)))
     if cfg.suite == "full":
+        tic = time.perf_counter()
         measured["binarization"] = binarization_indicator(model, x, plan, summary, cfg, traits)
+        measured["binarization"]["seconds"] = time.perf_counter() - tic
     indicators, found_checks, line = judge(plan, summary, traits, cfg, num_classes, measured)
     main_worst = next(w for w in summary.worst_cases if w["eps"] == cfg.eps)
     budgets = budget_fractions(plan, cfg)
