@@ -63,7 +63,12 @@ def binarization_indicator(model: nn.Module, x: torch.Tensor, plan: Plan, summar
         except (ValueError, RuntimeError, IndexError, AssertionError) as error:
             skipped[attack.name] = f"{type(error).__name__}: {error}"[:200]
             continue
-        return _judged(result.to_dict(), attack.name, settings.binarization_threshold, skipped)
+        found = _judged(result.to_dict(), attack.name, settings.binarization_threshold, skipped)
+        if traits.stochastic:
+            found["caveat"] = ("a random model: the readout is fitted on one draw of its features and the attack's "
+                               "point judged on one draw (binarization.py builds no repeated inference), so a fail "
+                               "may be the draw's luck as well as the attack's weakness")
+        return found
     return not_applicable("no white-box attack could run on the binarized model" if skipped
                           else "no white-box reference attack ran at the main eps") | {"skipped": skipped}
 
