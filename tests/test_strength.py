@@ -197,3 +197,16 @@ def test_cli_evaluate_curves_writes_the_curves_beside_eval_json(tmp_path, capsys
     assert [p["x"] for p in curves["curves"]["steps"]["points"]] == [10, 20, 50, 100, 200, 500, 1000]
     assert [p["x"] for p in curves["curves"]["eps"]["points"]][-1] == 255 and curves["n"] == 4
     assert (run / "strength-curves.png").is_file() and "strength curves" in capsys.readouterr().out
+
+
+def test_a_cascaded_row_of_a_random_model_is_judged_within_each_draw(sap_mlp, digits_test):
+    cfg = dataclasses.replace(CHEAP_FULL, eps=16, n_examples=60, cascade_attacks=["square"],
+                              indicators=dataclasses.replace(CHEAP_FULL.indicators, binarization_examples=0))
+    result = evaluate(sap_mlp, *digits_test, cfg, progress=False)
+    attacks = result["attacks"]
+    base = attacks["square"]["params"]["cascade"]["after"]
+    square = attacks["square"]["over_draws"]["by_draw"]
+    for r in range(len(square)):   # "white-box and square" within draw r: at most every reference attack's
+        assert square[r] <= min(attacks[name]["over_draws"]["by_draw"][r] for name in base) + 1e-12
+    worst = result["worst_case"]["over_draws"]["by_draw"]
+    assert all(worst[r] <= square[r] + 1e-12 for r in range(len(square)))
