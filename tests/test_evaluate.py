@@ -79,7 +79,8 @@ def test_masking_check_fires_on_a_model_built_to_mask_gradients(check, full_resu
     assert verdict["verdict"] == "flag", verdict
     assert verdict["value"] > verdict["threshold"] or check == "falls_to_chance", verdict
     assert result["indicators"][check] == verdict          # the five checks are indicators too
-    assert result["verdict"]["verdict"] in ("masking suspected", "masking shown"), result["verdict"]
+    # a model that masks gradients also fails the binarization test of its PGD: "attack too weak" overrides
+    assert result["verdict"]["verdict"] in ("masking suspected", "masking shown", "attack too weak"), result["verdict"]
 
 
 def test_no_masking_check_fires_on_a_plain_model(full_result):

@@ -70,6 +70,16 @@ def test_one_evaluation_as_markdown_starts_with_its_verdict():
     assert lines[0] == "# my model"
     assert lines[2] == "**Verdict: masking shown: attack zeroth_order beat attack pgd by 30.0 points**"
     assert "| gradient_agreement | 0.050 | 0.200 | flag |" in lines
-    assert "| transfer_failure | – | – | n/a (needs a surrogate) |" in lines
+    # an earlier eval.json's "transfer_failure" is shown under its current name
+    assert "| baseline_transfer | – | – | n/a (needs a surrogate) |" in lines
     assert "| 8 | 0.200 | pgd, zeroth_order |" in lines
     assert "| zeroth_order | 8 | 0.200 | 30.0 |" in lines
+
+
+def test_a_provisional_verdict_is_counted_as_such_in_the_reproduce_headline():
+    from topkconv.reproduce.measures import masking_verdicts
+
+    provisional = _eval("full", 0.8, {"pgd": (0.3, 8.0)}, 8.0, 0.2)
+    provisional["verdict"].update(provisional=True, reason="attacks below their reference budget: square 6%")
+    seeds = [{"paper": provisional, "strong": {"8": provisional}}]
+    assert masking_verdicts(seeds) == "eps=8: no masking indicated (provisional) (1/1 seeds)"

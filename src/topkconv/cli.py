@@ -339,6 +339,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--allow-unfinished", action="store_true",
                    help="evaluate the last finished epoch of a run that stopped early (killed, or a NaN loss)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--curves", type=_at_least(1), metavar="N",
+                   help="also draw attack-strength curves (PGD steps 10-1000, restarts 1-10, eps 1-32 and unbounded) "
+                        "on the first N test examples: strength-curves.json and .png beside eval.json")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -462,11 +465,16 @@ def _run_evaluate_user_model(args, overrides: dict) -> int:
 
 def _print_evaluation(result: dict) -> None:
     from . import distributed
+    from .report import verdict_line
 
     if distributed.context().is_main:
         attacks = ", ".join(f"{name} {a['accuracy']:.4f}" for name, a in result["attacks"].items())
-        print(f"{result['verdict']['text']}\nn={result['n_examples']} clean {result['clean']:.4f}; {attacks}; "
+        print(f"{verdict_line(result['verdict'])}\nn={result['n_examples']} clean {result['clean']:.4f}; {attacks}; "
               f"worst case {result['worst_case']['accuracy']:.4f}")
+        drawn = (result.get("over_draws") or {}).get("worst_case")
+        if drawn:
+            print(f"random model: worst case expected over {drawn['draws']} draws {drawn['expected']:.4f} "
+                  f"[{drawn['interval'][0]:.4f}, {drawn['interval'][1]:.4f}], worst draw {drawn['worst']:.4f}")
 
 
 def _run_evaluate(args) -> int:
@@ -475,6 +483,8 @@ def _run_evaluate(args) -> int:
 
     overrides = _attack_overrides(args)
     if args.model is not None:
+        if args.curves:
+            raise ValueError("evaluate --curves: needs a CHECKPOINT (run folder), not --model")
         return _run_evaluate_user_model(args, overrides)
     if args.checkpoint is None:
         raise ValueError("evaluate: give a CHECKPOINT (run folder), or --model, --weights and --dataset")
@@ -484,6 +494,12 @@ def _run_evaluate(args) -> int:
                               eps=args.eps, out=out, overrides=overrides, device=args.device,
                               progress=not args.no_progress, allow_unfinished=args.allow_unfinished)
     _print_evaluation(result)
+    if args.curves:
+        from .evaluate.curves import curves_for_run
+
+        curves = curves_for_run(args.checkpoint, args.curves, out.parent, eps=args.eps, overrides=overrides,
+                                device=args.device, allow_unfinished=args.allow_unfinished)
+        print(f"strength curves ({out.parent / 'strength-curves.json'}): {curves['text']}")
     return 0
 
 

@@ -143,6 +143,16 @@ class IndicatorConfig:
     slack_points: float = 0.01        # two accuracies differ beyond max(1 point, 1 example)
     chance_slack: float = 0.05        # "falls to chance": within 5 points of 1 / classes
     alpha: float = 0.05               # the sign test's level for a gap between two attacks on the same examples
+    # The binarization test (Zimmermann et al. 2022) of the evaluation's strongest white-box attack, on the first
+    # N examples (0: off). Small by default: each example fits a readout and runs the attack once (measured on
+    # the digits MLP: about 0.1 s an example); the verdict presets raise it.
+    binarization_examples: int = field(default=5, metadata={"flag": "--binarization-examples",
+                                                            "help": "examples of the binarization test (0: off)"})
+    # Flag the attack as too weak when the pass rate's 95% Clopper-Pearson upper bound lies below 0.9: a sound
+    # attack finds the adversarial example that provably exists nearly always (the paper's sound evaluations pass
+    # on about all examples, its broken ones on few), and judging the upper bound means a small sample flags only
+    # when the data rule out a 90% pass rate (0 of 5 passes: bound 0.52; 2 of 5: 0.85; 3 of 5: 0.95, not flagged).
+    binarization_threshold: float = 0.9
 
 
 # Keys of the flat [attack] table of earlier versions (spec files, run.json) -> (sub-table, key).

@@ -82,13 +82,15 @@ def masking_flags(result: dict) -> list:
 
 def masking_verdicts(result: dict) -> list:
     """The strong suite's verdict at each of its eps: ``[{"eps": E, "verdict": kind, "text": line}]``, where
-    ``kind`` is the structured field (``masking shown``, ``masking suspected``, ``no masking indicated``)."""
+    ``kind`` is the structured field (``masking shown``, ``masking suspected``, ``no masking indicated`` ...),
+    with `` (provisional)`` when an attack ran below its reference budget."""
     found = []
     for part in _parts(result)[1]:
         verdict = part.get("verdict") or {}
         if verdict.get("text") and part.get("suite") == "full":
-            found.append({"eps": (part.get("worst_case") or {}).get("eps"), "verdict": verdict.get("verdict"),
-                          "text": verdict["text"]})
+            kind = str(verdict.get("verdict")) + (" (provisional)" if verdict.get("provisional") else "")
+            found.append({"eps": (part.get("worst_case") or {}).get("eps"), "verdict": kind,
+                          "text": verdict_line(verdict)})
     return found
 
 
@@ -167,13 +169,47 @@ def _number(value, decimals: int = 3) -> str:
     return str(value)
 
 
+def verdict_line(verdict: Optional[dict]) -> str:
+    """The verdict's text, labelled **provisional** (with why) when an attack ran below its reference budget."""
+    verdict = verdict or {}
+    text = verdict.get("text", "no verdict (an older eval.json)")
+    if verdict.get("provisional"):
+        return f"PROVISIONAL: {text} ({verdict['reason']})"
+    return text
+
+
+def _draw_lines(result: dict) -> list:
+    """A random model's headline: the worst case's expected accuracy over draws, and its worst draw."""
+    drawn = (result.get("over_draws") or {}).get("worst_case")
+    if not drawn:
+        return []
+    low, high = drawn["interval"]
+    return [f"- random model: expected robust accuracy over {drawn['draws']} draws {_number(drawn['expected'])} "
+            f"(95% interval [{_number(low)}, {_number(high)}]); worst draw {_number(drawn['worst'])}", ""]
+
+
+def _budget_lines(result: dict) -> list:
+    budgets = result.get("budgets") or {}
+    if not budgets:
+        return []
+    lines = ["## Budgets as a fraction of their reference", "", "| budget | fraction | reference | attacks |",
+             "|---|---|---|---|"]
+    for table, entry in budgets.items():
+        mark = " (below)" if entry["below_reference"] else ""
+        lines.append(f"| {table} | {_number(entry['fraction'])}{mark} | {entry['reference']} | "
+                     f"{', '.join(entry['attacks'])} |")
+    return lines + [""]
+
+
 def render_evaluation(result: dict, title: str = "") -> str:
     """Markdown of one ``eval.json``: the verdict line first, then the worst case per eps, each attack and
     each indicator with its value, threshold and verdict."""
-    verdict = (result.get("verdict") or {}).get("text", "no verdict (an older eval.json)")
+    verdict = verdict_line(result.get("verdict"))
     lines = [f"# {title or 'Robustness evaluation'}", "", f"**Verdict: {verdict}**", "",
              f"- suite: {result['suite']}; n = {result.get('n_examples', result.get('n'))}; clean accuracy {_number(result['clean'])}",
              f"- model: " + ", ".join(f"{k} {v}" for k, v in (result.get("model") or {}).items()), ""]
+    lines += _draw_lines(result)
+    lines += _budget_lines(result)
     lines += ["## Worst case per eps (an example counts only if it survives every attack at that eps)", "",
               "| eps | accuracy | attacks |", "|---|---|---|"]
     for worst in result.get("worst_cases") or [result["worst_case"]]:
@@ -182,7 +218,10 @@ def render_evaluation(result: dict, title: str = "") -> str:
     for name, entry in result["attacks"].items():
         lines.append(f"| {name} | {entry['params'].get('eps', MISSING)} | {_number(entry['accuracy'])} | "
                      f"{entry['seconds']:.1f} |")
+    from .attacks.indicators import RENAMED
+
     indicators = result.get("indicators") or result.get("masking_checks") or {}
+    indicators = {RENAMED.get(name, name): entry for name, entry in indicators.items()}   # earlier eval.json
     examples = result.get("indicator_examples")
     lines += ["", "## Masking indicators" + (f" (model-run ones on the first {examples} examples)" if examples else ""),
               "", "| indicator | value | threshold | verdict |", "|---|---|---|---|"]

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from .common import attack_mode, check_inputs
-from .registry import Attack, PlanContext, Planned, Role, budget_field, register
+from .registry import Attack, PlanContext, Planned, Role, budget_field, reference_share, register
 
 AA_VERSIONS = ("standard", "rand", "plus")
+REFERENCE_ITERATIONS = 100   # AutoAttack's APGD (Croce and Hein 2020)
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
@@ -29,6 +30,12 @@ class AutoAttackBudget:
                                         "weaker)")
     attacks: list = budget_field(default=[], metavar="NAME", choices=AA_ATTACKS,
                                  help="run only these AutoAttack attacks (empty: the version's own)")
+
+    def reference_fraction(self) -> dict:
+        """AutoAttack's standard budget (Croce and Hein 2020): 100 APGD iterations and all of the version's
+        attacks; a subset is below the reference whatever its iterations."""
+        return reference_share(self.iterations, REFERENCE_ITERATIONS, "AutoAttack: 100 iterations, all its attacks",
+                               complete=not self.attacks)
 
 
 def _isolated_rng(device: torch.device):

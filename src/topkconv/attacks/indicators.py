@@ -6,7 +6,11 @@ Sources:
 - Pintor et al., "Indicators of Attack Failure: Debugging and Improving Optimization of Adversarial
   Examples" (NeurIPS 2022, code ``pralab/IndicatorsOfAttackFailure``): :func:`unavailable_gradients`,
   :func:`unstable_predictions`, :func:`silent_success`, :func:`incomplete_optimisation`,
-  :func:`transfer_failure`, :func:`unconstrained_failure`.
+  :func:`unconstrained_failure`.
+- Athalye, Carlini and Wagner 2018 (section 5): adversarial examples crafted on an undefended baseline should
+  transfer to the defended model: :func:`baseline_transfer` (named ``transfer_failure`` in eval.json files
+  before; :func:`upgrade_indicator_names` reads those). Pintor's own fifth indicator, "transfer failure",
+  is another check: a surrogate of the *same* defended model.
 - AutoAttack's automatic flags (Croce and Hein 2020, ``fra31/auto-attack``, ``flags_doc.md``):
   :func:`randomness`, :func:`zero_gradient_at_start`, :func:`square_beats_whitebox`.
 - For top-k routing (this project): :func:`selection_flip_rate` and :func:`gradient_agreement`.
@@ -130,10 +134,30 @@ def incomplete_optimisation(run: dict, window: int = DEFAULTS.incomplete_window,
                    examples=int(open_.sum()), steps=int(loss.shape[0] - 1))
 
 
-def transfer_failure(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     x_adv: torch.Tensor, threshold: float = DEFAULTS.transfer_threshold) -> dict:
-    """Pintor's fifth indicator: of the examples whose surrogate-crafted ``x_adv`` fools the surrogate (and
-    which both models classify correctly clean), the share that does not fool the target.
+# Indicators renamed since earlier eval.json files: old name -> name.
+RENAMED = {"transfer_failure": "baseline_transfer"}
+
+
+def upgrade_indicator_names(result):
+    """An eval.json (or any part of one) with the indicators of earlier versions under their current names
+    (:data:`RENAMED`), in place and returned; every ``indicators`` table, however deep, is renamed."""
+    if isinstance(result, dict):
+        table = result.get("indicators")
+        if isinstance(table, dict) and set(table) & set(RENAMED):
+            result["indicators"] = {RENAMED.get(name, name): value for name, value in table.items()}
+        for value in result.values():
+            upgrade_indicator_names(value)
+    elif isinstance(result, list):
+        for value in result:
+            upgrade_indicator_names(value)
+    return result
+
+
+def baseline_transfer(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      x_adv: torch.Tensor, threshold: float = DEFAULTS.transfer_threshold) -> dict:
+    """Athalye et al. 2018's baseline-surrogate transfer check: of the examples whose ``x_adv``, crafted on an
+    undefended baseline ``surrogate``, fools the surrogate (and which both models classify correctly clean),
+    the share that does not fool the target.
 
     Some failure is normal between two independently trained models, so the flag is for near-total failure
     (above 0.9): the target then undoes perturbations that break a similar model, which is what input
@@ -288,14 +312,49 @@ def _gaps(acc: dict, beaten: str, n: int, subsets: dict, cascaded: set, outcomes
     return found
 
 
+def _shown(attack: str, gap: dict, n: int, cascaded: bool) -> dict:
+    """The verdict for an attack that broke examples the white-box attacks left robust: "masking shown" when
+    it ran on every example (its sign test counts disagreements both ways), else, for a row run on the
+    white-box survivors only, the count of what it found and that one-sided test's p-value."""
+    points, beaten, test = 100 * gap["gap"], gap["reference"], gap["test"]
+    if cascaded:
+        count = test["broken_only_by"][attack] if test else round(gap["gap"] * n)
+        p_value = f"p = {test['p_value']:.2g}" if test else "p not computed: no per-example outcomes"
+        return {"verdict": "white-box misses found", "attack": attack, "beaten": beaten, "points": points,
+                "examples": count, "paired_test": test,
+                "text": f"found {count} examples the white-box attacks missed ({p_value}; attack {attack} on the "
+                        f"white-box survivors)"}
+    return {"verdict": "masking shown", "attack": attack, "beaten": beaten, "points": points, "paired_test": test,
+            "text": f"masking shown: attack {attack} beat attack {beaten} by {points:.1f} points"}
+
+
+def too_weak(indicators: dict) -> Optional[dict]:
+    """The verdict "attack too weak" when the binarization test flagged, whatever the other indicators say: an
+    attack that misses adversarial examples known to exist leaves robust accuracies that cannot be trusted."""
+    test = indicators.get("binarization") or {}
+    if test.get("verdict") != "flag":
+        return None
+    low, high = test["interval"]
+    flags = sorted(name for name, result in indicators.items() if result.get("verdict") == "flag")
+    text = (f"attack too weak: robust accuracy not trustworthy (binarization test of {test['attack']}: "
+            f"{test['passes']} of {test['passes'] + test['fails']} passed, {100 * test['confidence']:.0f}% "
+            f"interval [{low:.2f}, {high:.2f}], below {test['threshold']:.2f})")
+    return {"verdict": "attack too weak", "attack": test["attack"], "flags": flags, "text": text}
+
+
 def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Optional[dict] = None,
             cascaded: Optional[list] = None, outcomes: Optional[dict] = None,
             settings: IndicatorConfig = DEFAULTS) -> dict:
-    """One line per model, from the attacks' accuracies at the main eps and the indicators:
+    """One line per model, from the attacks' accuracies at the main eps and the indicators, the first that holds:
 
     - ``masking shown: attack X beat attack Y by Z points`` when an attack that must not beat the white-box
-      gradient attacks (:func:`bounded_attacks`) leaves less accuracy than the strongest of them, Y (of the
-      rows ``whitebox``), by more than max(1 point, 1 example);
+      gradient attacks (:func:`bounded_attacks`), run on every example, leaves less accuracy than the strongest
+      of them, Y (of the rows ``whitebox``), by more than max(1 point, 1 example);
+    - ``found N examples the white-box attacks missed (p = ...)`` (kind ``white-box misses found``) when the gap
+      is that of a ``cascaded`` row (below): such a row can only add breaks, so its sign test cannot fail the
+      other way and it does not "show" masking;
+    - ``attack too weak: robust accuracy not trustworthy`` when the binarization test flagged (:func:`too_weak`;
+      the two above keep their line and say ``attack_too_weak``);
     - ``masking suspected (indicators ...)`` when any indicator is flagged;
     - ``no masking indicated`` otherwise.
 
@@ -312,14 +371,16 @@ def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Option
     gaps = _gaps(acc, beaten, n, subsets or {}, set(cascaded or ()), outcomes, settings) if beaten else {}
     shown = {name: g["excess"] for name, g in gaps.items() if significant_gap(g["excess"] > 1e-9, g["test"])}
     flags = sorted(name for name, result in indicators.items() if result.get("verdict") == "flag")
-    if shown:
-        strongest = max(shown, key=shown.get)
-        points, beaten = 100 * gaps[strongest]["gap"], gaps[strongest]["reference"]
-        text = (f"masking shown: attack {strongest} broke {points:.1f} points of examples that every white-box "
-                f"gradient attack left robust" if beaten == WHITEBOX else
-                f"masking shown: attack {strongest} beat attack {beaten} by {points:.1f} points")
-        return {"verdict": "masking shown", "attack": strongest, "beaten": beaten, "points": points,
-                "paired_test": gaps[strongest]["test"], "flags": flags, "text": text}
+    weak = too_weak(indicators)
+    # "masking shown" only from a comparison whose sign test can fail both ways (an attack run on every example
+    # against the white-box row); a cascaded row can only add breaks, so it reports what it found instead.
+    both_ways = {name: excess for name, excess in shown.items() if gaps[name]["reference"] != WHITEBOX}
+    if both_ways or shown:
+        strongest = max(both_ways or shown, key=(both_ways or shown).get)
+        found = _shown(strongest, gaps[strongest], n, cascaded=not both_ways)
+        return dict(found, flags=flags, attack_too_weak=weak is not None)
+    if weak is not None:
+        return weak
     if flags:
         return {"verdict": "masking suspected", "flags": flags,
                 "text": f"masking suspected (indicators {', '.join(flags)})"}

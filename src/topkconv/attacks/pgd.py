@@ -16,9 +16,10 @@ from torch import nn
 from ..layers import dense_gradients
 from .common import attack_mode, check_inputs
 from .gradient import attack_loss, check_loss, fooled_by, input_gradient, per_example
-from .registry import Attack, PlanContext, Planned, Role, budget_field, register
+from .registry import Attack, PlanContext, Planned, Role, budget_field, reference_share, register
 
 STARTS = ("random", "zero")
+PAPER_STEPS = 16   # the paper's PGD protocol (Table III): 16 steps of 0.75/255 within 8/255
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
@@ -80,6 +81,11 @@ class PgdBudget:
     step_size: float = budget_field(default=0.75, flag="--step-size", positive=True,
                                     help="PGD step in 0-255 units at the main eps (other radii keep the ratio)")
     restarts: int = budget_field(default=1, flag="--restarts", help="PGD random restarts", minimum=1)
+
+    def reference_fraction(self) -> dict:
+        """The paper's protocol is PGD's reference: 16 steps, one start. (Its convergence is judged by the doubled
+        steps and restarts and by the AutoAttack row, whose reference is APGD's 100 iterations.)"""
+        return reference_share(self.steps * self.restarts, PAPER_STEPS, "the paper's PGD: 16 steps x 1 start")
 
 
 def step_at(ctx: PlanContext, eps: float) -> float:

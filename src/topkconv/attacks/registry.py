@@ -163,6 +163,13 @@ def entry_of(row: str) -> Optional[Attack]:
     return REGISTRY.get(base_name(row))
 
 
+def reference_share(used: float, reference: float, source: str, complete: bool = True) -> dict:
+    """A budget as a fraction of its reference budget (``source`` names the reference); ``complete`` is False
+    when the budget leaves out part of the reference (e.g. some of AutoAttack's attacks) whatever its size."""
+    fraction = used / reference
+    return {"fraction": fraction, "reference": source, "below_reference": fraction < 1 or not complete}
+
+
 def budget_field(**metadata) -> Any:
     """A budget field's ``dataclasses.field`` with its CLI ``flag`` and ``help`` in the metadata."""
     default = metadata.pop("default")

@@ -11,13 +11,19 @@ from torch import nn
 
 from .autoattack import _isolated_rng
 from .common import attack_mode, check_inputs
-from .registry import WHITEBOX, Attack, PlanContext, Planned, Role, budget_field, register
+from .registry import WHITEBOX, Attack, PlanContext, Planned, Role, budget_field, reference_share, register
+
+
+REFERENCE_QUERIES = 5000   # AutoAttack's Square (Andriushchenko et al. 2020; Croce and Hein 2020)
 
 
 @dataclass
 class SquareBudget:
     queries: int = budget_field(default=5000, flag="--square-queries", minimum=1,
                                 help="Square's query budget (5000 = AutoAttack; also AutoAttack's Square)")
+
+    def reference_fraction(self) -> dict:
+        return reference_share(self.queries, REFERENCE_QUERIES, "AutoAttack's Square: 5,000 queries")
 
 
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_queries: int = 5000,

@@ -24,7 +24,7 @@ from torch import nn
 
 from .common import attack_mode, check_inputs
 from .gradient import attack_loss
-from .registry import WHITEBOX, Attack, PlanContext, Planned, Role, budget_field, register
+from .registry import WHITEBOX, Attack, PlanContext, Planned, Role, budget_field, reference_share, register
 
 # The reference's schedule in antithetic PAIRS per step: its notebook draws 100, 1,000 and 20,000 "samples"
 # for iterations 0-19, 20-39 and 40 on, and loops over samples // 2 pairs (x + sigma u, x - sigma u).
@@ -64,6 +64,12 @@ def sample_schedule(samples: Schedule) -> list[tuple[int, int]]:
         raise ValueError(f"samples: the schedule must start at iteration 0 and use >= 1 sample per step, "
                          f"got {samples!r}")
     return pairs
+
+
+def total_pairs(samples: Schedule, steps: int) -> int:
+    """The antithetic pairs ``steps`` steps of schedule ``samples`` draw in all, per example."""
+    schedule = sample_schedule(samples)
+    return sum(samples_at(schedule, step) for step in range(steps))
 
 
 def samples_at(schedule: list[tuple[int, int]], iteration: int) -> int:
@@ -150,6 +156,12 @@ class ZerothOrderBudget:
                                   help="inputs per forward call of it")
     examples: Optional[int] = budget_field(default=None, flag="--zo-examples", minimum=1,
                                            help="attack only the first N examples with it (unset: all)")
+
+    def reference_fraction(self) -> dict:
+        """Antithetic pairs over all steps against the reference's (Tramer et al. 2020's notebook: 100 steps of
+        50, 500 then 10,000 pairs: 611,000 pairs); a limit on the examples is below the reference too."""
+        return reference_share(total_pairs(self.samples, self.steps), total_pairs(SCHEDULES["reference"], PAPER_STEPS),
+                               "Tramer et al. 2020: 100 steps x 50/500/10,000 pairs", complete=self.examples is None)
 
 
 def _plan(ctx: PlanContext, eps: float) -> Planned:

@@ -9,7 +9,11 @@ It is a pipeline, one module per stage:
 - :mod:`.run`: every attack on every chunk of examples (sharded under ``torchrun``), per-example masks;
 - :mod:`.summarise`: accuracies, combined rows, first-N subsets, the per-example worst case per eps;
 - :mod:`.measure` and :mod:`.judge`: the masking indicators, the checks and the one-line verdict;
-- :mod:`.files`: a checkpoint folder or a user's model in, eval.json and its plot out.
+- :mod:`.files`: a checkpoint folder or a user's model in, eval.json and its plot out;
+- :mod:`.strength`: the binarization test of the strongest white-box attack (an indicator; a flag makes the
+  verdict "attack too weak"), each budget as a fraction of its reference (``budgets``; the verdict is
+  ``provisional`` below it) and, on a random model, every row judged over draws (``over_draws``);
+- :mod:`.curves`: attack-strength curves (``topkconv evaluate RUN --curves N``).
 
 Suites (eps and step sizes in 0-255 units in the config and in the output, fractions of 1 in the attacks):
 ``paper`` is clean, FGSM and PGD-16 (step 0.75) from a zero and a random start (``pgd`` is their per-example

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..attacks.common import model_device, seeded
-from ..attacks.indicators import (gradient_agreement, incomplete_optimisation, randomness, run_traced,
-                                  selection_flip_rate, silent_success, transfer_failure, unavailable_gradients,
+from ..attacks.indicators import (baseline_transfer, gradient_agreement, incomplete_optimisation, randomness,
+                                  run_traced, selection_flip_rate, silent_success, unavailable_gradients,
                                   unconstrained_failure, unstable_predictions, zero_gradient_at_start)
 from ..attacks.masking import not_applicable
 from ..attacks.pgd import pgd, step_at
@@ -41,7 +41,7 @@ def _measures(model: nn.Module, xi: torch.Tensor, yi: torch.Tensor, cfg: AttackC
         ctx = PlanContext(model, cfg)
         x_adv = transfer(surrogate, model, xi, yi, eps, step_at(ctx, cfg.eps) / 255, cfg.budget("pgd").steps,
                          generator=generator)
-        return transfer_failure(model, surrogate, xi, yi, x_adv, s.transfer_threshold)
+        return baseline_transfer(model, surrogate, xi, yi, x_adv, s.transfer_threshold)
 
     return {
         "unavailable_gradients": lambda g: unavailable_gradients(model, xi, yi),
@@ -51,7 +51,7 @@ def _measures(model: nn.Module, xi: torch.Tensor, yi: torch.Tensor, cfg: AttackC
         "incomplete_optimisation": lambda g: traced(incomplete_optimisation, window=s.incomplete_window,
                                                     tolerance=s.incomplete_tolerance,
                                                     threshold=s.incomplete_threshold),
-        "transfer_failure": transferred,
+        "baseline_transfer": transferred,
         "unconstrained_failure": lambda g: unconstrained_failure(model, xi, yi, s.steps, g, s.slack_points),
         "randomness": lambda g: randomness(model, xi, s.randomness_passes, s.randomness_threshold),
         "zero_gradient_at_start": lambda g: zero_gradient_at_start(model, xi, yi, eps, g),

@@ -15,6 +15,7 @@ from .judge import judge
 from .measure import measure_indicators
 from .plan import check_config, model_traits, plan_attacks
 from .run import gather, run_plan, world
+from .strength import binarization_indicator, budget_fractions, over_draws, provisional
 from .summarise import per_example, summarise
 
 UNITS = "eps and step sizes in 0-255 units; accuracies are fractions of n_examples"
@@ -48,13 +49,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
     outcomes, measured = gather(outcomes, measured)
     n = x.shape[0]
     summary = summarise(plan, outcomes, n, len(range(0, n, cfg.batch_size)))
+    if cfg.suite == "full":
+        tic = time.perf_counter()
+        measured["binarization"] = binarization_indicator(model, x, plan, summary, cfg, traits)
+        measured["binarization"]["seconds"] = time.perf_counter() - tic
     indicators, found_checks, line = judge(plan, summary, traits, cfg, num_classes, measured)
     main_worst = next(w for w in summary.worst_cases if w["eps"] == cfg.eps)
+    budgets = budget_fractions(plan, cfg)
+    drawn = over_draws(plan, outcomes, len(range(0, n, cfg.batch_size)))
+    for row, found in drawn.items():
+        target = next((w for w in summary.worst_cases if row == f"worst_case@{w['eps']:g}"), None)
+        (target if target is not None else summary.attacks.get(row, {}))["over_draws"] = found
+    line.update(provisional(budgets))
     return {
         "units": UNITS, "suite": cfg.suite, "n_examples": n, "seed": cfg.seed,
         "clean": summary.acc["clean"], "attacks": summary.attacks,
         "worst_case": main_worst, "worst_cases": summary.worst_cases,
-        "verdict": line, "indicators": indicators,
+        "verdict": line, "budgets": budgets, "indicators": indicators,
+        "over_draws": {"clean": drawn["clean"], "worst_case": main_worst["over_draws"]} if drawn else None,
         "indicator_examples": min(n, cfg.indicators.examples) if cfg.suite == "full" else 0,
         "masking_checks": found_checks, "eps_curve": summary.eps_curve,
         "per_example": per_example(summary.merged),

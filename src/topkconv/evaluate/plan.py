@@ -53,6 +53,7 @@ class Plan:
     combined: list
     curve: list = field(default_factory=list)   # [(eps, row name)]
     eps: float = 8.0
+    draws: int = 0     # a random model: judge every attack's final examples over this many draws (0: once)
 
     def at_main_eps(self) -> list:
         return [a for a in self.attacks if a.eps == self.eps]
@@ -165,7 +166,8 @@ def plan_attacks(model: nn.Module, cfg: AttackConfig, traits: ModelTraits,
     entries = [entry for entry in registry.suite_attacks(cfg.suite) if _runs(entry, ctx)]
     attacks, combined = _at_each_eps(ctx, [e for e in entries if e.suite == "paper"])
     attacks += [_planned(entry, ctx, cfg.eps, entry.name) for entry in entries if entry.suite != "paper"]
-    plan = Plan(attacks, combined, eps=cfg.eps)
+    plan = Plan(attacks, combined, eps=cfg.eps,
+                draws=cfg.budget("eot_pgd").evaluation_draws if traits.stochastic else 0)
     if cfg.suite == "full":
         _curve(ctx, plan)
     for attack in plan.attacks:

@@ -12,6 +12,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ class Outcomes:
     masks: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     attacked: dict = field(default_factory=dict)
+    draws: dict = field(default_factory=dict)   # a random model: per chunk {row: (draws, B) robust masks}
 
 
 def attack_seed(base: int, chunk: int, name: str) -> int:
@@ -62,6 +64,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Draws:
+    """Judging a random model's final examples over ``count`` draws of its randomness. Draw r is seeded alike
+    for every attack of a chunk (the same draw of the defence for all of them), so the per-example worst case
+    across attacks is taken within each draw."""
+
+    def __init__(self, model: nn.Module, count: int, seed: int, index: int):
+        self.model, self.count, self.seeds = model, count, [attack_seed(seed, index, f"draw/{r}") for r in range(count)]
+
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(count, B): whether each draw classifies ``x`` as ``y``."""
+        rows = []
+        for seed in self.seeds:
+            with seeded(self.model, seed):
+                rows.append(correct(self.model, x, y))
+        return torch.stack(rows)
+
+
 def _examples_in_chunk(attack: PlannedAttack, size: int, offset: int) -> int:
     """How many examples of a chunk of ``size`` starting at ``offset`` lie before ``attack.examples``."""
     return size if attack.examples is None else max(0, min(size, attack.examples - offset))
@@ -69,7 +88,8 @@ def _examples_in_chunk(attack: PlannedAttack, size: int, offset: int) -> int:
 
 def _run_on_first(model, attack: PlannedAttack, xs, ys, clean, offset: int, generator, seed) -> torch.Tensor:
     """Robust mask of the attack on a chunk starting at example ``offset``; with ``attack.examples`` only the
-    examples before that index are attacked, the others count as they are."""
+    examples before that index are attacked, the others count as they are. With ``clean`` a :class:`Judged`,
+    the mask is ``(robust, robust per draw)``."""
     take = _examples_in_chunk(attack, len(xs), offset)
     if take == len(xs):
         x_adv = attack.run(xs, ys, generator, seed)
@@ -77,7 +97,16 @@ def _run_on_first(model, attack: PlannedAttack, xs, ys, clean, offset: int, gene
         x_adv = xs.clone()
         if take:
             x_adv[:take] = attack.run(xs[:take], ys[:take], generator, seed)
-    return correct(model, x_adv, ys) & clean
+    robust = correct(model, x_adv, ys) & clean.once
+    return robust, (clean.draws.correct(x_adv, ys) & clean.per_draw if clean.draws else None)
+
+
+@dataclass
+class Judged:
+    """The clean mask of a chunk (one draw) and, on a random model, its draws and the mask per draw."""
+    once: torch.Tensor
+    draws: Optional[Draws] = None
+    per_draw: Optional[torch.Tensor] = None
 
 
 def _run_on_survivors(model, attack: PlannedAttack, xs, ys, survivors, offset: int, generator,
@@ -85,14 +114,17 @@ def _run_on_survivors(model, attack: PlannedAttack, xs, ys, survivors, offset: i
     """A cascaded attack on the examples of the chunk that ``survivors`` marks (and, with ``attack.examples``,
     only those before that index): its row is robust where the example survived the reference attacks and
     this one. Unattacked survivors count as surviving it, as in :func:`_run_on_first`."""
-    take = survivors.clone()
+    take = survivors.once.clone()
     take[_examples_in_chunk(attack, len(xs), offset):] = False
-    robust = survivors.clone()
+    robust = survivors.once.clone()
+    per_draw = survivors.per_draw.clone() if survivors.draws else None
     index = take.nonzero().squeeze(1)
     if index.numel():
         x_adv = attack.run(xs[index], ys[index], generator, seed)
         robust[index] = correct(model, x_adv, ys[index])
-    return robust, index.numel()
+        if per_draw is not None:
+            per_draw[:, index] &= survivors.draws.correct(x_adv, ys[index])
+    return (robust, per_draw), index.numel()
 
 
 def _timed(outcomes: Outcomes, name: str, device, work):
@@ -103,12 +135,22 @@ def _timed(outcomes: Outcomes, name: str, device, work):
     return value
 
 
+def _clean(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys) -> Judged:
+    with seeded(model, attack_seed(cfg.seed, index, "clean")):
+        once = correct(model, xs, ys)
+    if not plan.draws:
+        return Judged(once)
+    draws = Draws(model, plan.draws, cfg.seed, index)
+    return Judged(once, draws, draws.correct(xs, ys))
+
+
 def _attack_chunk(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys, outcomes: Outcomes, bar) -> dict:
     device = model_device(model)
     offset = index * cfg.batch_size
-    with seeded(model, attack_seed(cfg.seed, index, "clean")):
-        clean = _timed(outcomes, "clean", device, lambda: correct(model, xs, ys))
-    result, survivors, base = {"clean": clean.cpu()}, clean.clone(), set(plan.cascade_base())
+    clean = _timed(outcomes, "clean", device, lambda: _clean(model, plan, cfg, index, xs, ys))
+    result, base = {"clean": clean.once.cpu()}, set(plan.cascade_base())
+    survivors = Judged(clean.once.clone(), clean.draws, None if clean.per_draw is None else clean.per_draw.clone())
+    drawn = outcomes.draws.setdefault(index, {"clean": clean.per_draw.cpu()}) if plan.draws else None
     bar.update()
     for attack in plan.attacks:
         bar.set_postfix_str(attack.name)
@@ -121,9 +163,13 @@ def _attack_chunk(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys, outc
             else:
                 robust = _timed(outcomes, attack.name, device, lambda: _run_on_first(
                     model, attack, xs, ys, clean, offset, generator, seed))
+        robust, per_draw = robust
         if attack.name in base:
-            survivors &= robust
+            survivors.once &= robust
+            survivors.per_draw = None if per_draw is None else survivors.per_draw & per_draw
         result[attack.name] = robust.cpu()
+        if drawn is not None:
+            drawn[attack.name] = per_draw.cpu()
         bar.update()
     return result
 
@@ -152,11 +198,13 @@ def run_plan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Plan, cfg
 def gather(outcomes: Outcomes, indicators: dict) -> tuple[Outcomes, dict]:
     """Every rank's outcomes merged (ranks run side by side: the slowest sets an attack's time), and the
     indicators measured on rank 0."""
-    merged = Outcomes(dict(outcomes.masks), dict(outcomes.seconds), dict.fromkeys(outcomes.attacked, 0))
+    merged = Outcomes(dict(outcomes.masks), dict(outcomes.seconds), dict.fromkeys(outcomes.attacked, 0),
+                      dict(outcomes.draws))
     parts = all_gather({"masks": outcomes.masks, "seconds": outcomes.seconds, "indicators": indicators,
-                        "attacked": outcomes.attacked})
+                        "attacked": outcomes.attacked, "draws": outcomes.draws})
     for part in parts:
         merged.masks.update(part["masks"])
+        merged.draws.update(part["draws"])
         indicators = indicators or part["indicators"]
         for name, count in part["attacked"].items():
             merged.attacked[name] += count

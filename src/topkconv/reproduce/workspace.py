@@ -263,7 +263,9 @@ def read_evaluation(path: Path) -> tuple[Optional[dict], Optional[str]]:
         return None, f"not valid JSON ({str(err).splitlines()[0]})"
     if not isinstance(result, dict) or not isinstance(result.get("reproduce_key"), dict):
         return None, f"not an evaluation (expected a JSON object with a 'reproduce_key' object, got {_shape(result)})"
-    return result, None
+    from ..attacks.indicators import upgrade_indicator_names  # lazily: the attacks import torch
+
+    return upgrade_indicator_names(result), None
 
 
 def _shape(value) -> str:

@@ -1,0 +1,141 @@
+"""Attack-strength curves (Carlini et al. 2019: report the curve, not one point): robust accuracy under PGD as
+its steps grow (10 -> 1,000 on a log scale), as its restarts grow (1 -> 10), and as eps grows (1/255 -> 32/255,
+then unbounded). A budget curve whose last doubling still removes more than ``still_falling_points`` is
+flagged **still falling**: the attack had not converged at the budget the evaluation used.
+
+Each PGD point starts at random and steps by Madry et al.'s 2.5 eps / steps, so every budget can cross the
+ball; on a random model each gradient is averaged over ``[attack.eot_pgd] samples`` draws (EOT). The curves go
+to ``strength-curves.json`` and ``strength-curves.png`` (``topkconv evaluate RUN --curves N``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..attacks.common import correct, seeded
+from ..attacks.masking import slack
+from ..attacks.pgd import pgd
+from ..config import AttackConfig
+from .plan import model_traits
+from .run import attack_seed
+
+UNBOUNDED = 255.0   # eps = 255/255: the whole box, so the attack must win (0-255 units)
+CURVES_FILE, CURVES_PLOT = "strength-curves.json", "strength-curves.png"
+
+
+@dataclass
+class CurveConfig:
+    examples: int = 100                                                            # the first N test examples
+    steps: list = field(default_factory=lambda: [10, 20, 50, 100, 200, 500, 1000])  # ends on a doubling
+    restarts: list = field(default_factory=lambda: [1, 2, 5, 10])                   # ends on a doubling
+    restart_steps: int = 50                                                         # steps per restart
+    eps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, UNBOUNDED])      # 0-255 units
+    still_falling_points: float = 0.01   # the last doubling may remove at most 1 point
+
+    def __post_init__(self):
+        if self.examples < 1:
+            raise ValueError(f"curves: examples: expected >= 1, got {self.examples}")
+        for name in ("steps", "restarts"):
+            values = getattr(self, name)
+            if len(values) < 2 or values[-1] != 2 * values[-2] or sorted(values) != list(values):
+                raise ValueError(f"curves: {name}: expected an increasing list ending on a doubling, got {values}")
+
+
+def _robust(model: nn.Module, x, y, clean, eps: float, steps: int, restarts: int, eot: int, seed: int) -> float:
+    """Robust accuracy under PGD at ``eps`` (0-255 units) with ``steps`` x ``restarts``."""
+    with seeded(model, seed) as generator:
+        x_adv = pgd(model, x, y, eps / 255, 2.5 * eps / 255 / steps, steps, start="random", restarts=restarts,
+                    eot_samples=eot, generator=generator)
+        return (correct(model, x_adv, y) & clean).double().mean().item()
+
+
+def _curve(name: str, points: list, measure, budget: bool, tolerance: float) -> dict:
+    """One curve; a budget curve says whether its last doubling removed more than ``tolerance``."""
+    tic = time.perf_counter()
+    found = [{"x": point, "accuracy": measure(point)} for point in points]
+    curve = {"name": name, "points": found, "seconds": time.perf_counter() - tic}
+    if budget:
+        drop = found[-2]["accuracy"] - found[-1]["accuracy"]
+        curve.update(last_doubling_drop=drop, tolerance=tolerance, still_falling=drop > tolerance + 1e-9)
+    return curve
+
+
+def strength_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig,
+                    curves: Optional[CurveConfig] = None) -> dict:
+    """The three curves at ``cfg.eps`` on the first ``curves.examples`` examples (see the module docstring)."""
+    curves = curves or CurveConfig()
+    x, y = x[:curves.examples], y[:curves.examples]
+    traits = model_traits(model, x, cfg.indicators)
+    eot = cfg.budget("eot_pgd").samples if traits.stochastic else 1
+    with seeded(model, attack_seed(cfg.seed, -3, "clean")):
+        clean = correct(model, x, y)
+    seed = lambda name: attack_seed(cfg.seed, -3, name)   # noqa: E731 - one seed per curve, the same per point
+    # max(1 point, 1 example), as the masking checks' slack: one example never decides it on a small sample
+    eps, falling = cfg.eps, slack(int(x.shape[0]), curves.still_falling_points)
+    found = [
+        _curve("steps", curves.steps, lambda s: _robust(model, x, y, clean, eps, s, 1, eot, seed("steps")),
+               True, falling),
+        _curve("restarts", curves.restarts, lambda r: _robust(model, x, y, clean, eps, curves.restart_steps, r, eot,
+                                                              seed("restarts")), True, falling),
+        _curve("eps", curves.eps, lambda e: _robust(model, x, y, clean, e, curves.restart_steps, 1, eot, seed("eps")),
+               False, falling),
+    ]
+    still = [c["name"] for c in found if c.get("still_falling")]
+    return {"eps": eps, "n": int(x.shape[0]), "clean": clean.double().mean().item(), "eot_samples": eot,
+            "config": asdict(curves), "curves": {c["name"]: c for c in found}, "still_falling": still,
+            "text": ("still falling: " + ", ".join(still) + " (the last doubling removed more than "
+                     f"{100 * falling:.3g} points)") if still else "flattened: no budget curve still falling"}
+
+
+def plot_curves(result: dict, folder, title: str = "") -> str:
+    """``strength-curves.png`` in ``folder``: the three curves side by side, on log scales."""
+    from pathlib import Path
+
+    from ..figures import _matplotlib, save_figure
+
+    plt = _matplotlib()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=110)
+    for ax, (name, label) in zip(axes, [("steps", "PGD steps"), ("restarts", "restarts"), ("eps", "eps (255 = unbounded)")]):
+        curve = result["curves"][name]
+        ax.plot([p["x"] for p in curve["points"]], [p["accuracy"] for p in curve["points"]], "o-")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(name + (" (still falling)" if curve.get("still_falling") else ""), fontsize=9)
+    axes[0].set_ylabel("robust accuracy")
+    fig.suptitle(title or f"attack strength at eps {result['eps']:g} (n = {result['n']})", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, Path(folder) / CURVES_PLOT)
+
+
+def write_curves(result: dict, folder, title: str = "") -> None:
+    """``strength-curves.json`` and ``strength-curves.png`` in ``folder``, each atomically."""
+    from pathlib import Path
+
+    from ..io import atomic_write_json
+
+    atomic_write_json(Path(folder) / CURVES_FILE, result)
+    plot_curves(result, folder, title)
+
+
+def curves_for_run(run_dir, examples: int, out_folder, eps: Optional[float] = None, overrides: Optional[dict] = None,
+                   device: str = "cpu", allow_unfinished: bool = False) -> dict:
+    """The strength curves of the checkpoint in ``run_dir`` on its first ``examples`` test examples, at the run's
+    eps (or ``eps``), written to ``out_folder``; the run's ``[attack]`` settings with ``overrides``."""
+    from ..checkpoint import load_checkpoint
+    from ..config import attack_config_with
+    from ..data import load_data
+
+    model, spec = load_checkpoint(run_dir, allow_unfinished=allow_unfinished)
+    cfg = attack_config_with(spec.attack, dict(overrides or {}, **({"eps": float(eps)} if eps is not None else {})))
+    model = model.to("cuda" if device == "cuda" else "cpu")
+    x, y = load_data(spec.data).test_tensors(limit=examples)
+    result = strength_curves(model, x, y, cfg, CurveConfig(examples=examples))
+    result["run"] = {"dir": str(run_dir), "name": spec.name, "hash": spec.hash()}
+    write_curves(result, out_folder, title=f"{spec.name}: attack strength at eps {cfg.eps:g} (n = {result['n']})")
+    return result

@@ -1,0 +1,212 @@
+"""Attack strength through `evaluate`: the binarization test of the evaluation's strongest white-box attack,
+budgets as fractions of their reference, sign-test labels under the cascade and stochastic models over draws."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from masked_models import RoundedInput
+from topkconv.config import AttackConfig
+from topkconv.evaluate import evaluate
+
+# A cheap full suite at the digits' radius of the audit tests (32/255: a plain CNN falls far under PGD there):
+# no zeroth-order attack, short AutoAttack and Square, few indicator draws; the binarization test on 12 examples.
+CHEAP_FULL = AttackConfig(suite="full", eps=32, eps_curve=[], n_examples=40, batch_size=64, seed=0,
+                          budgets={"pgd": {"step_size": 5.0, "steps": 16}, "eot_pgd": {"samples": 4},
+                                   "autoattack": {"iterations": 10, "attacks": ["apgd-ce"]},
+                                   "square": {"queries": 50}, "zeroth_order": {"steps": 0}},
+                          indicators={"examples": 12, "draws": 5, "steps": 10, "binarization_examples": 12})
+
+
+@pytest.fixture(scope="module")
+def evaluated(cnn, digits_test):
+    cache = {}
+
+    def run(name: str) -> dict:
+        if name not in cache:
+            model = cnn if name == "plain" else RoundedInput(cnn)
+            cache[name] = evaluate(model, *digits_test, CHEAP_FULL, progress=False)
+        return cache[name]
+
+    return run
+
+
+def test_binarization_passes_for_the_evaluations_pgd_on_a_plain_cnn(evaluated):
+    result = evaluated("plain")
+    test = result["indicators"]["binarization"]
+    print("plain CNN:", {k: v for k, v in test.items() if k != "outcomes"})
+    assert test["attack"] in result["attacks"] and test["fails"] + test["passes"] + test["invalid"] == 12
+    assert test["verdict"] == "pass" and test["value"] >= 0.9 and test["interval"][1] >= 0.9
+    assert not result["verdict"]["text"].startswith("attack too weak")
+
+
+def test_binarization_fails_on_a_gradient_masked_cnn_and_the_verdict_says_the_attack_is_too_weak(evaluated):
+    result = evaluated("masked")
+    test = result["indicators"]["binarization"]
+    print("rounded-input CNN:", {k: v for k, v in test.items() if k != "outcomes"}, result["verdict"])
+    assert test["verdict"] == "flag" and test["interval"][1] < CHEAP_FULL.indicators.binarization_threshold
+    # Square beats PGD on every example here, so "masking shown" keeps the line and says the attack is too weak
+    assert result["verdict"]["verdict"] == "masking shown" and result["verdict"]["attack_too_weak"] is True
+
+
+def test_a_failed_binarization_test_overrides_the_indicators_in_the_verdict():
+    from topkconv.attacks.indicators import verdict
+
+    failed = {"verdict": "flag", "attack": "pgd_zero", "passes": 1, "fails": 11, "interval": [0.002, 0.38],
+              "confidence": 0.95, "threshold": 0.9}
+    line = verdict({"pgd": 0.5, "square": 0.5}, {"binarization": failed, "randomness": {"verdict": "flag"}},
+                   ["pgd"], n=100)
+    assert line["verdict"] == "attack too weak" and line["flags"] == ["binarization", "randomness"]
+    assert line["text"] == ("attack too weak: robust accuracy not trustworthy (binarization test of pgd_zero: 1 of 12 "
+                            "passed, 95% interval [0.00, 0.38], below 0.90)")
+    passed = dict(failed, verdict="pass")
+    assert verdict({"pgd": 0.5}, {"binarization": passed}, ["pgd"], n=100)["verdict"] == "no masking indicated"
+
+
+def test_binarization_is_off_with_zero_examples_and_in_the_paper_suite(cnn, digits_test):
+    off = dataclasses.replace(CHEAP_FULL, indicators=dataclasses.replace(CHEAP_FULL.indicators,
+                                                                         binarization_examples=0))
+    result = evaluate(cnn, *digits_test, dataclasses.replace(off, n_examples=10), progress=False)
+    assert result["indicators"]["binarization"]["verdict"] == "n/a"
+    paper = evaluate(cnn, *digits_test, dataclasses.replace(CHEAP_FULL, suite="paper", n_examples=10),
+                     progress=False)
+    assert "binarization" not in paper["indicators"]
+
+
+# ---------------------------------------------------------------- budgets as fractions of their reference
+
+def test_budgets_below_their_reference_make_the_verdict_provisional(evaluated, tmp_path):
+    from topkconv.evaluate import write_results
+
+    result = evaluated("plain")
+    budgets = result["budgets"]
+    assert budgets["square"]["fraction"] == pytest.approx(50 / 5000) and budgets["square"]["below_reference"]
+    assert budgets["autoattack"]["fraction"] == pytest.approx(10 / 100)
+    assert budgets["pgd"]["fraction"] == 1.0 and not budgets["pgd"]["below_reference"]   # the paper's 16 steps
+    assert "pgd_zero" in budgets["pgd"]["attacks"] and "zeroth_order" not in budgets   # steps = 0: it did not run
+    assert result["verdict"]["provisional"] is True and "square 1% of" in result["verdict"]["reason"]
+    write_results(result, tmp_path / "eval.json", title="cnn")
+    first_lines = (tmp_path / "eval.md").read_text().splitlines()[:3]
+    assert first_lines[2].startswith("**Verdict: PROVISIONAL: ") and "square" in first_lines[2]
+
+
+@pytest.mark.parametrize("steps, provisional", [(16, False), (8, True)])
+def test_the_paper_suite_at_the_papers_budget_is_not_provisional(steps, provisional, cnn, digits_test):
+    cfg = dataclasses.replace(CHEAP_FULL, suite="paper", n_examples=10).with_budget("pgd", steps=steps)
+    result = evaluate(cnn, *digits_test, cfg, progress=False)
+    assert result["budgets"]["pgd"]["fraction"] == steps / 16
+    assert result["verdict"]["provisional"] is provisional
+
+
+def test_zeroth_order_fraction_counts_pairs_over_steps():
+    from topkconv.attacks.zeroth_order import ZerothOrderBudget
+
+    assert ZerothOrderBudget().reference_fraction()["fraction"] == 1.0   # 20 x 50 + 20 x 500 + 60 x 10,000 pairs
+    quick = ZerothOrderBudget(steps=10, samples=[[0, 20]], examples=20).reference_fraction()   # the quick preset's
+    assert quick["fraction"] == pytest.approx(200 / 611000) and quick["below_reference"]
+    at_size_on_some = ZerothOrderBudget(examples=20).reference_fraction()
+    assert at_size_on_some["fraction"] == 1.0 and at_size_on_some["below_reference"]
+
+
+# ---------------------------------------------------------------- a random model judged over draws
+
+def test_a_random_model_is_judged_over_draws_and_its_worst_case_is_taken_within_each_draw(sap_mlp, digits_test):
+    cfg = dataclasses.replace(CHEAP_FULL, suite="paper", eps=16, n_examples=60,
+                              budgets={**CHEAP_FULL.budgets}).with_budget("eot_pgd", samples=4, evaluation_draws=12)
+    result = evaluate(sap_mlp, *digits_test, cfg, progress=False)
+    assert result["model"]["stochastic"] is True
+    worst = result["worst_case"]["over_draws"]
+    assert worst["draws"] == 12 and len(worst["by_draw"]) == 12
+    assert worst["worst"] == min(worst["by_draw"]) and worst["expected"] == pytest.approx(sum(worst["by_draw"]) / 12)
+    assert worst["interval"][0] <= worst["expected"] <= worst["interval"][1]
+    assert result["over_draws"]["worst_case"] == worst
+    attacks = {name: a["over_draws"] for name, a in result["attacks"].items()}
+    # within a draw the worst case is at most every attack's accuracy in that draw
+    for r in range(12):
+        assert worst["by_draw"][r] <= min(a["by_draw"][r] for a in attacks.values()) + 1e-12
+    # a single draw's AND across the attacks (the old rule) counts the model's luck against it: it is lower
+    print({"one-draw AND": result["worst_case"]["accuracy"], "expected": worst["expected"], "worst": worst["worst"]})
+    assert result["worst_case"]["accuracy"] <= worst["expected"]
+    # the SAP model differs from draw to draw, or this test would not test anything
+    assert max(worst["by_draw"]) > min(worst["by_draw"])
+
+
+def test_a_deterministic_model_has_no_draws(evaluated):
+    assert evaluated("plain")["over_draws"] is None and "over_draws" not in evaluated("plain")["worst_case"]
+
+
+def test_fewer_than_ten_evaluation_draws_are_refused():
+    with pytest.raises(ValueError, match="evaluation_draws.*>= 10"):
+        AttackConfig(budgets={"eot_pgd": {"evaluation_draws": 3}})
+
+
+def test_an_earlier_eval_json_with_transfer_failure_reads_as_baseline_transfer(tmp_path):
+    import json
+
+    from topkconv.reproduce.workspace import read_evaluation
+
+    old = {"reproduce_key": {}, "indicators": {"transfer_failure": {"verdict": "pass"}, "randomness": {}},
+           "strong": [{"indicators": {"transfer_failure": {"verdict": "flag"}}}]}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(old))
+    result, problem = read_evaluation(path)
+    assert problem is None and list(result["indicators"]) == ["baseline_transfer", "randomness"]
+    assert result["strong"][0]["indicators"] == {"baseline_transfer": {"verdict": "flag"}}
+
+
+# ---------------------------------------------------------------- strength curves
+
+def test_strength_curves_flag_a_budget_that_is_still_falling_and_not_one_that_flattened(cnn, digits_test, tmp_path):
+    from topkconv.evaluate.curves import CurveConfig, strength_curves, write_curves
+
+    cfg = AttackConfig(eps=32)
+    short = CurveConfig(examples=60, steps=[1, 2], restarts=[1, 2], restart_steps=1, eps=[4, 32, 255])
+    found = strength_curves(cnn, *digits_test, cfg, short)
+    print({name: [p["accuracy"] for p in c["points"]] for name, c in found["curves"].items()})
+    # 1 -> 2 steps of 2.5 eps / steps: the second step still breaks many examples
+    assert found["curves"]["steps"]["still_falling"] and "steps" in found["still_falling"]
+    by_eps = [p["accuracy"] for p in found["curves"]["eps"]["points"]]
+    assert by_eps[-1] < 0.1 and by_eps == sorted(by_eps, reverse=True)   # unbounded: one step nearly always wins
+    long = CurveConfig(examples=60, steps=[50, 100], restarts=[1, 2], restart_steps=50, eps=[32])
+    converged = strength_curves(cnn, *digits_test, cfg, long)
+    print({name: [p["accuracy"] for p in c["points"]] for name, c in converged["curves"].items()})
+    assert converged["still_falling"] == [] and converged["text"].startswith("flattened")
+    write_curves(found, tmp_path)
+    assert (tmp_path / "strength-curves.json").is_file()
+    assert (tmp_path / "strength-curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curve_budgets_must_end_on_a_doubling():
+    from topkconv.evaluate.curves import CurveConfig
+
+    with pytest.raises(ValueError, match="steps.*doubling"):
+        CurveConfig(steps=[10, 100, 1000])
+
+
+def test_cli_evaluate_curves_writes_the_curves_beside_eval_json(tmp_path, capsys):
+    import json
+
+    from test_evaluate import _tiny_checkpoint
+    from topkconv.cli import main
+
+    run = _tiny_checkpoint(tmp_path / "run", defense="standard")
+    assert main(["evaluate", str(run), "--n", "4", "--curves", "4", "--no-progress"]) == 0
+    curves = json.loads((run / "strength-curves.json").read_text())
+    assert [p["x"] for p in curves["curves"]["steps"]["points"]] == [10, 20, 50, 100, 200, 500, 1000]
+    assert [p["x"] for p in curves["curves"]["eps"]["points"]][-1] == 255 and curves["n"] == 4
+    assert (run / "strength-curves.png").is_file() and "strength curves" in capsys.readouterr().out
+
+
+def test_a_cascaded_row_of_a_random_model_is_judged_within_each_draw(sap_mlp, digits_test):
+    cfg = dataclasses.replace(CHEAP_FULL, eps=16, n_examples=60, cascade_attacks=["square"],
+                              indicators=dataclasses.replace(CHEAP_FULL.indicators, binarization_examples=0))
+    result = evaluate(sap_mlp, *digits_test, cfg, progress=False)
+    attacks = result["attacks"]
+    base = attacks["square"]["params"]["cascade"]["after"]
+    square = attacks["square"]["over_draws"]["by_draw"]
+    for r in range(len(square)):   # "white-box and square" within draw r: at most every reference attack's
+        assert square[r] <= min(attacks[name]["over_draws"]["by_draw"][r] for name in base) + 1e-12
+    worst = result["worst_case"]["over_draws"]["by_draw"]
+    assert all(worst[r] <= square[r] + 1e-12 for r in range(len(square)))
