@@ -433,7 +433,9 @@ def test_fashion_specs_load_plan_and_build_on_idx_files(tmp_path, name):
     table = load_table_spec(EXPERIMENTS / f"{name}-fashion.toml")
     base = table.run_spec(table.reproduced_labels[0])
     assert (table.preset, base.data.name, base.data.image_size, base.attack.eps) == ("fashion", "fashion-mnist", 32, 8.0)
-    assert table.seeds >= 10 and base.attack.n_examples >= 500 and base.attack.suite == "full"
+    assert table.seeds >= 10 and base.attack.suite == "full"
+    # the strong suite on at least 500 images, or a cut that the report's note declares
+    assert base.attack.n_examples >= 500 or f"first {base.attack.n_examples} (CUT from the 500" in table.note
     study = Study(table)
     jobs, cached = Workspace(tmp_path / "out").plan([study])
     trainings = [j for j in jobs if j.step in ("train", "prune")]
