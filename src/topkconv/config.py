@@ -135,9 +135,10 @@ class IndicatorConfig:
     incomplete_window: int = 10       # Pintor: the last 10 steps ...
     incomplete_tolerance: float = 0.05  # ... of the [0, 1]-rescaled best-so-far loss move by more than 0.05
     incomplete_threshold: float = 0.1  # share of never-fooled examples allowed to still move (our choice)
-    transfer_threshold: float = 0.9   # share of surrogate successes that fail on the target (our choice)
     randomness_threshold: float = 1e-4  # AutoAttack: relative L2 change of the logits
-    square_threshold: float = 0.002   # AutoAttack: Square beats the white-box attacks by more than 0.2 points
+    # AutoAttack: Square beats the white-box attacks by more than 0.2 points (and by 1 example, and by the sign
+    # test at alpha: AutoAttack's bare 0.2 points was sized for 10,000 examples)
+    square_threshold: float = 0.002
     flip_threshold: float = 0.1       # share of (example, output) selections that change under noise (our choice)
     agreement_fraction: float = 0.5   # gradient agreement must reach half of what a smooth loss gives
     slack_points: float = 0.01        # two accuracies differ beyond max(1 point, 1 example)

@@ -44,7 +44,8 @@ def judge(plan: Plan, summary: Summary, traits: ModelTraits, cfg: AttackConfig, 
         bounded = set(bounded_attacks())
         white = [name for name in at_eps if name not in bounded]
         found["square_beats_whitebox"] = square_beats_whitebox(at_eps, white, summary.n,
-                                                               cfg.indicators.square_threshold)
+                                                               cfg.indicators.square_threshold, summary.merged,
+                                                               summary.subsets, cfg.indicators.alpha)
     found.update(found_checks)
     line = verdict(at_eps, found, plan.reference_rows(), summary.n, summary.subsets, cascaded=summary.cascaded,
                    outcomes=summary.merged, settings=cfg.indicators)

@@ -41,7 +41,10 @@ def _measures(model: nn.Module, xi: torch.Tensor, yi: torch.Tensor, cfg: AttackC
         ctx = PlanContext(model, cfg)
         x_adv = transfer(surrogate, model, xi, yi, eps, step_at(ctx, cfg.eps) / 255, cfg.budget("pgd").steps,
                          generator=generator)
-        return baseline_transfer(model, surrogate, xi, yi, x_adv, s.transfer_threshold)
+        # read against the indicators' own white-box PGD on the same examples; it starts at the clean point, so
+        # "never fooled along its path" is also "classified correctly clean"
+        whitebox_robust = traced(lambda run: ~(run["fooled"].any(0) | run["returned_fooled"]))
+        return baseline_transfer(model, surrogate, xi, yi, x_adv, whitebox_robust, s.alpha, s.slack_points)
 
     return {
         "unavailable_gradients": lambda g: unavailable_gradients(model, xi, yi),
