@@ -89,6 +89,21 @@ def test_the_adversarially_trained_cnn_passes_the_binarization_test_and_keeps_it
     assert result["worst_case"]["accuracy"] > 0.5  # measured: 0.605 of 200 at 32/255, the plain CNN 0.175
 
 
+def test_silent_success_and_incomplete_optimisation_read_the_reported_attacks_own_traces(control_evaluation,
+                                                                                         digits_test):
+    """Every attack at the main eps that keeps a loss trace, on the indicators' examples; not the transfer
+    attack (its trace is the surrogate's), nor AutoAttack and Square (they keep none)."""
+    indicators = control_evaluation("trained")["indicators"]
+    traced = indicators["incomplete_optimisation"]["per_attack"]
+    assert set(traced) == {"pgd_zero", "pgd_random", "pgd_2x_steps", "pgd_2x_restarts", "zeroth_order"}
+    assert traced["pgd_2x_steps"]["steps"] == 32 and traced["pgd_zero"]["examples"] == 100
+    assert indicators["silent_success"]["traced_examples"] == 100
+    # PGD at a twentieth of its step, every variant still climbing at its end: the worst case is not settled
+    slow = dataclasses.replace(CONTROL, budgets={**CONTROL.budgets, "pgd": {"step_size": 0.25, "steps": 16}})
+    result = evaluate(adversarial_models.trained("pgd"), *digits_test, slow, progress=False)
+    assert result["indicators"]["incomplete_optimisation"]["verdict"] == "flag", result["indicators"]
+
+
 def test_the_same_evaluation_flags_the_control_once_its_gradients_are_masked(control_evaluation):
     """Input rounding zeroes the control's gradient: the indicators the control kept quiet now fire."""
     result = control_evaluation("rounded")

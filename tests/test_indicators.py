@@ -12,8 +12,9 @@ from masked_models import RoundedInput, StochasticInputDropout, ZeroedTopKActiva
 from topkconv.attacks import pgd, square
 from topkconv.attacks.indicators import (gradient_agreement, incomplete_optimisation, randomness, run_traced,
                                          selection_flip_rate, silent_success, square_beats_whitebox,
-                                         baseline_transfer, unavailable_gradients, unconstrained_failure,
-                                         unstable_predictions, verdict, zero_gradient_at_start)
+                                         baseline_transfer, reported_attack_traces, unavailable_gradients,
+                                         unconstrained_failure, unstable_predictions, verdict,
+                                         zero_gradient_at_start)
 from topkconv.attacks.transfer import transfer
 from topkconv.layers import TopKLinear
 
@@ -47,8 +48,8 @@ def _robust(model, x, y, x_adv):
 def _baseline_transfer(model, mlp, x, y):
     """Transfer from the plain MLP against 30 steps of white-box PGD on the model, on the same examples."""
     x_adv = transfer(mlp, model, x, y, EPS, 2.5 * EPS / 16, 16, generator=_gen())
-    whitebox = _robust(model, x, y, pgd(model, x, y, EPS, 2.5 * EPS / 30, 30, start="zero", loss="margin"))
-    return baseline_transfer(model, mlp, x, y, x_adv, whitebox)
+    x_whitebox = pgd(model, x, y, EPS, 2.5 * EPS / 30, 30, start="zero", loss="margin")
+    return baseline_transfer(model, mlp, x, y, x_adv, x_whitebox)
 
 
 def _square_vs_pgd(model, x, y):
@@ -219,3 +220,41 @@ def test_indicator_stays_quiet_on_an_adversarially_trained_cnn(name, adversarial
     x, y = digits_test[0][:N], digits_test[1][:N]
     result = CASES[name][1](adversarially_trained, x, y)
     assert result["verdict"] in ("pass", "n/a"), result
+
+
+# ---------------------------------------------------------------- on the traces of the reported attacks
+
+def _record(loss, fooled, returned_fooled, index):
+    """One attack run's trace as evaluate.run keeps it: (T, b) loss and fooled, (b,) returned, (b,) index."""
+    return {"loss": torch.tensor(loss, dtype=torch.float64).T, "fooled": torch.tensor(fooled).T,
+            "returned_fooled": torch.tensor(returned_fooled), "index": torch.tensor(index)}
+
+
+RISING, SETTLED = [float(t) for t in range(21)], [float(min(t, 5)) for t in range(21)]
+NEVER = [False] * 21
+
+
+def test_silent_success_counts_the_adversarial_examples_the_worst_case_lost():
+    # example 0: fooled at step 3, returned unfooled; example 1 fooled and returned so; example 2 never fooled
+    path = [NEVER[:3] + [True] + NEVER[4:], [False] + [True] * 20, NEVER]
+    traces = {"lossy": [_record([RISING] * 3, path, [False, True, False], [0, 1, 2])]}
+    lost = reported_attack_traces(traces, torch.tensor([True, False, True]), examples=3)["silent_success"]
+    assert (lost["verdict"], lost["examples"]) == ("flag", 1) and lost["value"] == pytest.approx(1 / 3)
+    assert lost["per_attack"]["lossy"]["silent_success"] == pytest.approx(1 / 3)
+    # another attack broke example 0: the worst case did not lose it
+    assert reported_attack_traces(traces, torch.tensor([False, False, True]), 3)["silent_success"]["verdict"] == "pass"
+
+
+def test_incomplete_optimisation_counts_robust_examples_every_traced_attack_left_still_moving():
+    def traces(second_on_example_1):
+        return {"pgd": [_record([RISING, RISING], [NEVER, NEVER], [False, False], [0, 1])],
+                "pgd_2x_steps": [_record([SETTLED, second_on_example_1], [NEVER, NEVER], [False, False], [0, 1])]}
+
+    robust = torch.tensor([True, True])
+    moving = reported_attack_traces(traces(RISING), robust, 2)["incomplete_optimisation"]
+    assert (moving["verdict"], moving["value"], moving["examples"]) == ("flag", 0.5, 2)   # example 1 only
+    assert moving["per_attack"]["pgd"]["incomplete_optimisation"] == 1.0
+    assert reported_attack_traces(traces(SETTLED), robust, 2)["incomplete_optimisation"]["verdict"] == "pass"
+    # beyond the indicators' examples nothing counts; with no trace at all the indicators do not apply
+    assert reported_attack_traces(traces(RISING), robust, 1)["incomplete_optimisation"]["value"] == 0.0
+    assert reported_attack_traces({}, robust, 2)["silent_success"]["verdict"] == "n/a"

@@ -123,7 +123,8 @@ class IndicatorConfig:
                                               "help": "noise draws per example (unstable predictions; the "
                                                       "finite-difference pairs of gradient agreement)"})
     steps: int = field(default=50, metadata={"flag": "--indicator-steps",
-                                             "help": "steps of the indicators' own PGD (traced; and eps = infinity)"})
+                                             "help": "steps of the indicators' own PGD (the white-box reference of "
+                                                     "baseline_transfer; and eps = infinity)"})
     unstable_radius: float = 8.0      # Pintor: uniform noise in [-r/2, r/2], r = 8/255 (0-255 units)
     flip_radius: float = 1.0          # selection flips: uniform noise in [-r, r] (0-255 units)
     flip_draws: int = 4

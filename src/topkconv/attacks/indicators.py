@@ -107,10 +107,27 @@ def run_traced(model: nn.Module, attack: TracedAttack, x: torch.Tensor, y: torch
             "returned_fooled": returned}
 
 
+def _silent(run: dict) -> torch.Tensor:
+    """Per example: some point of the attack's path was adversarial but the returned point is not."""
+    return run["fooled"].any(0) & ~run["returned_fooled"]
+
+
+def _still_moving(run: dict, window: int, tolerance: float) -> torch.Tensor:
+    """Per example (False for one the attack fooled, which is finished): the loss trace rescaled to [0, 1],
+    its best-so-far value rose by more than ``tolerance`` over the last ``window`` steps (Pintor et al.'s
+    ``incomplete_optimization_indicator``)."""
+    trace, open_ = run["loss"].double(), ~run["fooled"].any(0)
+    low, high = trace.min(0).values, trace.max(0).values
+    scaled = (trace - low) / (high - low).where(high > low, torch.ones_like(high))
+    best = torch.cummax(scaled, 0).values
+    start = max(0, best.shape[0] - 1 - window)
+    return open_ & ((best[-1] - best[start]) > tolerance)
+
+
 def silent_success(run: dict) -> dict:
     """Pintor's third indicator: the share of examples for which some point of the attack's path was
     adversarial but the returned point is not. Any such example is a flag (the attack returns the wrong point)."""
-    silent = run["fooled"].any(0) & ~run["returned_fooled"]
+    silent = _silent(run)
     return flagged(silent.float().mean().item(), 0.0, examples=int(silent.sum()))
 
 
@@ -121,18 +138,68 @@ def incomplete_optimisation(run: dict, window: int = DEFAULTS.incomplete_window,
     taken; the example is still moving when that rose by more than ``tolerance`` over the last ``window``
     steps. The value is the share of still-moving examples among those the attack never fooled (a fooled
     example is finished); flagged above ``threshold``."""
-    loss, fooled = run["loss"].double(), run["fooled"].any(0)
-    open_ = ~fooled
-    if not open_.any():
-        return flagged(0.0, threshold, window=window, tolerance=tolerance, examples=0)
-    trace = loss[:, open_]
-    low, high = trace.min(0).values, trace.max(0).values
-    scaled = (trace - low) / (high - low).where(high > low, torch.ones_like(high))
-    best = torch.cummax(scaled, 0).values
-    start = max(0, best.shape[0] - 1 - window)
-    moving = (best[-1] - best[start]) > tolerance
-    return flagged(moving.float().mean().item(), threshold, window=window, tolerance=tolerance,
-                   examples=int(open_.sum()), steps=int(loss.shape[0] - 1))
+    open_ = ~run["fooled"].any(0)
+    moving = _still_moving(run, window, tolerance)[open_]
+    return flagged(moving.float().mean().item() if open_.any() else 0.0, threshold, window=window,
+                   tolerance=tolerance, examples=int(open_.sum()), steps=int(run["loss"].shape[0] - 1))
+
+
+def _per_attack(traces: dict, examples: int, settings: IndicatorConfig) -> dict:
+    """Per traced attack, over its runs on the first ``examples`` examples: the per-example silent and
+    still-moving masks with the examples' indices, and its own shares (Pintor's per-attack numbers)."""
+    found = {}
+    for name, records in traces.items():
+        keep = [record["index"] < examples for record in records]
+        runs = [{key: (value[..., mask]) for key, value in record.items()} for record, mask in zip(records, keep)
+                if mask.any()]
+        if not runs:
+            continue
+        silent = torch.cat([_silent(run) for run in runs])
+        moving = torch.cat([_still_moving(run, settings.incomplete_window, settings.incomplete_tolerance)
+                            for run in runs])
+        open_ = torch.cat([~run["fooled"].any(0) for run in runs])
+        found[name] = {"index": torch.cat([run["index"] for run in runs]), "silent": silent, "moving": moving,
+                       "shares": {"silent_success": silent.double().mean().item(),
+                                  "incomplete_optimisation": moving[open_].double().mean().item() if open_.any()
+                                  else 0.0, "examples": int(silent.numel()),
+                                  "steps": max(int(run["loss"].shape[0]) - 1 for run in runs)}}
+    return found
+
+
+def reported_attack_traces(traces: dict, worst_robust: torch.Tensor, examples: int,
+                           settings: IndicatorConfig = DEFAULTS) -> dict:
+    """Silent success and incomplete optimisation (Pintor et al. 2022) on the loss traces of the attacks an
+    evaluation reports at its main eps (``traces``: row -> the records of :func:`.evaluate.run`'s runs: PGD and
+    its variants, EOT-PGD, the BPDA stand-ins, the zeroth-order attack; AutoAttack and Square keep none), on
+    the first ``examples`` examples, read against the per-example worst case ``worst_robust``.
+
+    Each attack's own shares are in ``per_attack``. The verdicts are about the worst case, which is what the
+    evaluation reports as robust: an example counts as a silent success when some attack's path was
+    adversarial but the worst case still counts it robust (the evaluation lost an adversarial example it had
+    found), and as incomplete when the worst case counts it robust and every traced attack on it was still
+    moving (if one had settled, more steps of the others are not what it needs). Examples that only untraced
+    attacks would have settled count too, so the value can only overstate."""
+    per_attack = _per_attack(traces, examples, settings)
+    if not per_attack:
+        return dict.fromkeys(("silent_success", "incomplete_optimisation"),
+                             not_applicable("no attack at the main eps kept a loss trace on the first examples"))
+    traced_by, moving_in = torch.zeros(examples, dtype=torch.long), torch.zeros(examples, dtype=torch.long)
+    silent_in = torch.zeros(examples, dtype=torch.bool)
+    for found in per_attack.values():
+        traced_by[found["index"]] += 1
+        moving_in[found["index"]] += found["moving"].long()
+        silent_in[found["index"]] |= found["silent"]
+    traced, robust = traced_by > 0, torch.as_tensor(worst_robust[:examples]).bool().cpu()
+    lost, considered = silent_in & robust, robust & traced
+    incomplete = considered & (moving_in == traced_by)
+    shares = {name: found["shares"] for name, found in per_attack.items()}
+    share = incomplete.double().sum().item() / max(int(considered.sum()), 1)
+    return {"silent_success": flagged(lost.double().sum().item() / int(traced.sum()), 0.0, examples=int(lost.sum()),
+                                      traced_examples=int(traced.sum()), per_attack=shares),
+            "incomplete_optimisation": flagged(share, settings.incomplete_threshold,
+                                               window=settings.incomplete_window,
+                                               tolerance=settings.incomplete_tolerance,
+                                               examples=int(considered.sum()), per_attack=shares)}
 
 
 # Indicators renamed since earlier eval.json files: old name -> name.
@@ -162,11 +229,11 @@ def _robust_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.
 
 
 def baseline_transfer(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      x_adv: torch.Tensor, whitebox_robust: torch.Tensor, alpha: float = DEFAULTS.alpha,
+                      x_adv: torch.Tensor, x_whitebox: torch.Tensor, alpha: float = DEFAULTS.alpha,
                       slack_points: float = DEFAULTS.slack_points) -> dict:
     """Transfer from an undefended baseline ``surrogate`` is not stronger than a white-box attack on the
-    target: ``x_adv`` (crafted on the surrogate) against ``whitebox_robust``, the per-example robust mask of
-    a white-box attack on the model, on the same examples.
+    target: ``x_adv`` (crafted on the surrogate) against ``x_whitebox`` (crafted on the model by a white-box
+    attack), on the same examples.
 
     Athalye et al. 2018 (sec. 3.1, "black-box attacks are better than white-box attacks") and Carlini et al.
     2019 (the checklist: transfer and black-box attacks must not beat white-box ones) read masking from
@@ -177,8 +244,7 @@ def baseline_transfer(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y
     max(1 point, 1 example) *and* the exact sign test on the examples the two disagree on gives p < alpha
     (both ran on every example, so the test can fail both ways). The share of the surrogate's successes that
     fail on the model (this check's value before) is kept as ``surrogate_successes_failing``."""
-    transfer_robust = _robust_on(model, x, y, x_adv)
-    whitebox_robust = torch.as_tensor(whitebox_robust).bool().cpu()
+    transfer_robust, whitebox_robust = _robust_on(model, x, y, x_adv), _robust_on(model, x, y, x_whitebox)
     with torch.inference_mode(), attack_mode(surrogate) as s_device:
         y_s = y.to(s_device)
         on_surrogate = ((surrogate(x.to(s_device)).argmax(1) == y_s)
