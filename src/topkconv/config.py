@@ -135,7 +135,8 @@ class IndicatorConfig:
     unstable_threshold: float = 0.1   # mean relative margin change under noise (our choice)
     incomplete_window: int = 10       # Pintor: the last 10 steps ...
     incomplete_tolerance: float = 0.05  # ... of the [0, 1]-rescaled best-so-far loss move by more than 0.05
-    incomplete_threshold: float = 0.1  # share of never-fooled examples allowed to still move (our choice)
+    incomplete_threshold: float = 0.1  # share of worst-case-robust examples every traced attack left still moving
+                                       # (our choice)
     randomness_threshold: float = 1e-4  # AutoAttack: relative L2 change of the logits
     # AutoAttack: Square beats the white-box attacks by more than 0.2 points (and by 1 example, and by the sign
     # test at alpha: AutoAttack's bare 0.2 points was sized for 10,000 examples)
