@@ -15,7 +15,10 @@ import adversarial_models
 from topkconv import adversarial
 from topkconv.attacks import accuracy, pgd
 from topkconv.cli import main
-from topkconv.config import AdversarialConfig, DataConfig, ModelConfig, RunSpec, TrainConfig, spec_from_dict
+from masked_models import RoundedInput
+from topkconv.config import (AdversarialConfig, AttackConfig, DataConfig, ModelConfig, RunSpec, TrainConfig,
+                             spec_from_dict)
+from topkconv.evaluate import evaluate
 import topkconv.train as train_module
 from topkconv.train import NonFiniteLossError, fit
 
@@ -45,6 +48,69 @@ def test_trades_and_fast_fgsm_training_also_give_robustness(method, digits_test)
     plain_robust, trained_robust = robust_accuracy(plain, digits_test), robust_accuracy(trained, digits_test)
     print(f"{method}: PGD-20 at 32/255 {trained_robust:.3f} (plain {plain_robust:.3f})")
     assert trained_robust > plain_robust + 0.3  # measured: trades 0.70, fgsm 0.65, plain 0.19
+
+
+# The full suite at the control's radius, shortened for a test, with the verdict presets' cascade: PGD-16 at
+# Madry et al.'s step (2.5 eps / steps), AutoAttack's two APGDs, and the black-box attacks on the white-box
+# survivors; the indicators on 100 examples.
+CONTROL = AttackConfig(suite="full", eps=adversarial_models.EPS, eps_curve=[0, 128], n_examples=200, batch_size=128,
+                       seed=0, cascade_attacks=["square", "transfer", "zeroth_order"],
+                       budgets={"pgd": {"step_size": 2.5 * adversarial_models.EPS / 16, "steps": 16},
+                                "autoattack": {"iterations": 20, "attacks": ["apgd-ce", "apgd-dlr"]},
+                                "square": {"queries": 300},
+                                "zeroth_order": {"steps": 10, "step_size": 4.0, "samples": [[0, 20]], "examples": 20}},
+                       indicators={"examples": 100, "draws": 20, "steps": 30})
+
+
+@pytest.fixture(scope="module")
+def control_evaluation(digits_test):
+    """``evaluate`` on the PGD-trained CNN ("trained") or on it behind input rounding ("rounded"), with the
+    plainly trained CNN as the transfer surrogate (the undefended baseline, as in the verdict presets)."""
+    cache = {}
+
+    def run(name):
+        if name not in cache:
+            model = adversarial_models.trained("pgd")
+            model = RoundedInput(model) if name == "rounded" else model
+            cache[name] = evaluate(model, *digits_test, CONTROL, surrogate=adversarial_models.trained("none"),
+                                   progress=False)
+        return cache[name]
+
+    return run
+
+
+def test_the_adversarially_trained_cnn_passes_the_binarization_test_and_keeps_its_indicators_quiet(
+        control_evaluation):
+    result = control_evaluation("trained")
+    flagged = {name: found for name, found in result["indicators"].items() if found["verdict"] == "flag"}
+    assert not flagged
+    assert result["verdict"]["verdict"] == "no masking indicated", result["verdict"]
+    assert result["indicators"]["binarization"]["verdict"] == "pass"
+    assert result["worst_case"]["accuracy"] > 0.5  # measured: 0.605 of 200 at 32/255, the plain CNN 0.175
+
+
+def test_silent_success_and_incomplete_optimisation_read_the_reported_attacks_own_traces(control_evaluation,
+                                                                                         digits_test):
+    """Every attack at the main eps that keeps a loss trace, on the indicators' examples; not the transfer
+    attack (its trace is the surrogate's), nor AutoAttack and Square (they keep none)."""
+    indicators = control_evaluation("trained")["indicators"]
+    traced = indicators["incomplete_optimisation"]["per_attack"]
+    assert set(traced) == {"pgd_zero", "pgd_random", "pgd_2x_steps", "pgd_2x_restarts", "zeroth_order"}
+    assert traced["pgd_2x_steps"]["steps"] == 32 and traced["pgd_zero"]["examples"] == 100
+    assert indicators["silent_success"]["traced_examples"] == 100
+    # PGD at a twentieth of its step, every variant still climbing at its end: the worst case is not settled
+    slow = dataclasses.replace(CONTROL, budgets={**CONTROL.budgets, "pgd": {"step_size": 0.25, "steps": 16}})
+    result = evaluate(adversarial_models.trained("pgd"), *digits_test, slow, progress=False)
+    assert result["indicators"]["incomplete_optimisation"]["verdict"] == "flag", result["indicators"]
+
+
+def test_the_same_evaluation_flags_the_control_once_its_gradients_are_masked(control_evaluation):
+    """Input rounding zeroes the control's gradient: the indicators the control kept quiet now fire."""
+    result = control_evaluation("rounded")
+    verdicts = {name: found["verdict"] for name, found in result["indicators"].items()}
+    for name in ("baseline_transfer", "square_beats_whitebox", "unavailable_gradients", "binarization"):
+        assert verdicts[name] == "flag", verdicts
+    assert result["verdict"]["verdict"] in ("masking shown", "white-box misses found", "attack too weak")
 
 
 class WithBatchNorm(nn.Module):

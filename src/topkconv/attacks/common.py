@@ -8,10 +8,39 @@ even when the attack raises; tensors follow the device of the model's parameters
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
+
+# The traces of the iterative attacks that run inside a :func:`recording_traces` block (None outside one).
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar("attack_traces", default=None)
+
+
+@contextlib.contextmanager
+def recording_traces() -> Iterator[list]:
+    """Inside the block every iterative attack that keeps a loss trace (PGD and its variants, the BPDA
+    stand-ins, the zeroth-order attack) records it: the yielded list receives one trace per attack call, a
+    list of ``{"loss": (B,), "fooled": (B,)}`` records, one per iterate. The masking indicators read the
+    traces of the attacks an evaluation reports (Pintor et al. 2022's silent success and incomplete
+    optimisation) without every attack's run function passing a trace along."""
+    traces: list = []
+    token = _RECORDER.set(traces)
+    try:
+        yield traces
+    finally:
+        _RECORDER.reset(token)
+
+
+def trace_for(trace: Optional[list]) -> Optional[list]:
+    """The trace an attack call appends to: the caller's ``trace``, else a new one in the active
+    :func:`recording_traces` block (None outside one: nothing is recorded)."""
+    recorder = _RECORDER.get()
+    if trace is not None or recorder is None:
+        return trace
+    recorder.append([])
+    return recorder[-1]
 
 
 

@@ -7,10 +7,11 @@ Sources:
   Examples" (NeurIPS 2022, code ``pralab/IndicatorsOfAttackFailure``): :func:`unavailable_gradients`,
   :func:`unstable_predictions`, :func:`silent_success`, :func:`incomplete_optimisation`,
   :func:`unconstrained_failure`.
-- Athalye, Carlini and Wagner 2018 (section 5): adversarial examples crafted on an undefended baseline should
-  transfer to the defended model: :func:`baseline_transfer` (named ``transfer_failure`` in eval.json files
-  before; :func:`upgrade_indicator_names` reads those). Pintor's own fifth indicator, "transfer failure",
-  is another check: a surrogate of the *same* defended model.
+- Athalye, Carlini and Wagner 2018 (sec. 3.1) and Carlini et al. 2019: transfer from an undefended baseline
+  must not beat the white-box attacks on the defended model: :func:`baseline_transfer` (named
+  ``transfer_failure`` in eval.json files before, when it flagged transfer that merely failed;
+  :func:`upgrade_indicator_names` reads those). Pintor's own fifth indicator, "transfer failure", is another
+  check: a surrogate of the *same* defended model.
 - AutoAttack's automatic flags (Croce and Hein 2020, ``fra31/auto-attack``, ``flags_doc.md``):
   :func:`randomness`, :func:`zero_gradient_at_start`, :func:`square_beats_whitebox`.
 - For top-k routing (this project): :func:`selection_flip_rate` and :func:`gradient_agreement`.
@@ -33,7 +34,7 @@ from ..config import IndicatorConfig
 from . import registry
 from .common import attack_mode, logit_change, routing_layers
 from .gradient import attack_loss, input_gradient
-from .masking import DEFAULTS, not_applicable, paired_test, significant_gap, slack
+from .masking import ROUNDING, DEFAULTS, not_applicable, paired_test, significant_gap, slack
 from .registry import WHITEBOX
 from .zeroth_order import estimate_gradient
 
@@ -106,10 +107,27 @@ def run_traced(model: nn.Module, attack: TracedAttack, x: torch.Tensor, y: torch
             "returned_fooled": returned}
 
 
+def _silent(run: dict) -> torch.Tensor:
+    """Per example: some point of the attack's path was adversarial but the returned point is not."""
+    return run["fooled"].any(0) & ~run["returned_fooled"]
+
+
+def _still_moving(run: dict, window: int, tolerance: float) -> torch.Tensor:
+    """Per example (False for one the attack fooled, which is finished): the loss trace rescaled to [0, 1],
+    its best-so-far value rose by more than ``tolerance`` over the last ``window`` steps (Pintor et al.'s
+    ``incomplete_optimization_indicator``)."""
+    trace, open_ = run["loss"].double(), ~run["fooled"].any(0)
+    low, high = trace.min(0).values, trace.max(0).values
+    scaled = (trace - low) / (high - low).where(high > low, torch.ones_like(high))
+    best = torch.cummax(scaled, 0).values
+    start = max(0, best.shape[0] - 1 - window)
+    return open_ & ((best[-1] - best[start]) > tolerance)
+
+
 def silent_success(run: dict) -> dict:
     """Pintor's third indicator: the share of examples for which some point of the attack's path was
     adversarial but the returned point is not. Any such example is a flag (the attack returns the wrong point)."""
-    silent = run["fooled"].any(0) & ~run["returned_fooled"]
+    silent = _silent(run)
     return flagged(silent.float().mean().item(), 0.0, examples=int(silent.sum()))
 
 
@@ -120,18 +138,68 @@ def incomplete_optimisation(run: dict, window: int = DEFAULTS.incomplete_window,
     taken; the example is still moving when that rose by more than ``tolerance`` over the last ``window``
     steps. The value is the share of still-moving examples among those the attack never fooled (a fooled
     example is finished); flagged above ``threshold``."""
-    loss, fooled = run["loss"].double(), run["fooled"].any(0)
-    open_ = ~fooled
-    if not open_.any():
-        return flagged(0.0, threshold, window=window, tolerance=tolerance, examples=0)
-    trace = loss[:, open_]
-    low, high = trace.min(0).values, trace.max(0).values
-    scaled = (trace - low) / (high - low).where(high > low, torch.ones_like(high))
-    best = torch.cummax(scaled, 0).values
-    start = max(0, best.shape[0] - 1 - window)
-    moving = (best[-1] - best[start]) > tolerance
-    return flagged(moving.float().mean().item(), threshold, window=window, tolerance=tolerance,
-                   examples=int(open_.sum()), steps=int(loss.shape[0] - 1))
+    open_ = ~run["fooled"].any(0)
+    moving = _still_moving(run, window, tolerance)[open_]
+    return flagged(moving.float().mean().item() if open_.any() else 0.0, threshold, window=window,
+                   tolerance=tolerance, examples=int(open_.sum()), steps=int(run["loss"].shape[0] - 1))
+
+
+def _per_attack(traces: dict, examples: int, settings: IndicatorConfig) -> dict:
+    """Per traced attack, over its runs on the first ``examples`` examples: the per-example silent and
+    still-moving masks with the examples' indices, and its own shares (Pintor's per-attack numbers)."""
+    found = {}
+    for name, records in traces.items():
+        keep = [record["index"] < examples for record in records]
+        runs = [{key: (value[..., mask]) for key, value in record.items()} for record, mask in zip(records, keep)
+                if mask.any()]
+        if not runs:
+            continue
+        silent = torch.cat([_silent(run) for run in runs])
+        moving = torch.cat([_still_moving(run, settings.incomplete_window, settings.incomplete_tolerance)
+                            for run in runs])
+        open_ = torch.cat([~run["fooled"].any(0) for run in runs])
+        found[name] = {"index": torch.cat([run["index"] for run in runs]), "silent": silent, "moving": moving,
+                       "shares": {"silent_success": silent.double().mean().item(),
+                                  "incomplete_optimisation": moving[open_].double().mean().item() if open_.any()
+                                  else 0.0, "examples": int(silent.numel()),
+                                  "steps": max(int(run["loss"].shape[0]) - 1 for run in runs)}}
+    return found
+
+
+def reported_attack_traces(traces: dict, worst_robust: torch.Tensor, examples: int,
+                           settings: IndicatorConfig = DEFAULTS) -> dict:
+    """Silent success and incomplete optimisation (Pintor et al. 2022) on the loss traces of the attacks an
+    evaluation reports at its main eps (``traces``: row -> the records of :func:`.evaluate.run`'s runs: PGD and
+    its variants, EOT-PGD, the BPDA stand-ins, the zeroth-order attack; AutoAttack and Square keep none), on
+    the first ``examples`` examples, read against the per-example worst case ``worst_robust``.
+
+    Each attack's own shares are in ``per_attack``. The verdicts are about the worst case, which is what the
+    evaluation reports as robust: an example counts as a silent success when some attack's path was
+    adversarial but the worst case still counts it robust (the evaluation lost an adversarial example it had
+    found), and as incomplete when the worst case counts it robust and every traced attack on it was still
+    moving (if one had settled, more steps of the others are not what it needs). Examples that only untraced
+    attacks would have settled count too, so the value can only overstate."""
+    per_attack = _per_attack(traces, examples, settings)
+    if not per_attack:
+        return dict.fromkeys(("silent_success", "incomplete_optimisation"),
+                             not_applicable("no attack at the main eps kept a loss trace on the first examples"))
+    traced_by, moving_in = torch.zeros(examples, dtype=torch.long), torch.zeros(examples, dtype=torch.long)
+    silent_in = torch.zeros(examples, dtype=torch.bool)
+    for found in per_attack.values():
+        traced_by[found["index"]] += 1
+        moving_in[found["index"]] += found["moving"].long()
+        silent_in[found["index"]] |= found["silent"]
+    traced, robust = traced_by > 0, torch.as_tensor(worst_robust[:examples]).bool().cpu()
+    lost, considered = silent_in & robust, robust & traced
+    incomplete = considered & (moving_in == traced_by)
+    shares = {name: found["shares"] for name, found in per_attack.items()}
+    share = incomplete.double().sum().item() / max(int(considered.sum()), 1)
+    return {"silent_success": flagged(lost.double().sum().item() / int(traced.sum()), 0.0, examples=int(lost.sum()),
+                                      traced_examples=int(traced.sum()), per_attack=shares),
+            "incomplete_optimisation": flagged(share, settings.incomplete_threshold,
+                                               window=settings.incomplete_window,
+                                               tolerance=settings.incomplete_tolerance,
+                                               examples=int(considered.sum()), per_attack=shares)}
 
 
 # Indicators renamed since earlier eval.json files: old name -> name.
@@ -153,25 +221,46 @@ def upgrade_indicator_names(result):
     return result
 
 
-def baseline_transfer(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      x_adv: torch.Tensor, threshold: float = DEFAULTS.transfer_threshold) -> dict:
-    """Athalye et al. 2018's baseline-surrogate transfer check: of the examples whose ``x_adv``, crafted on an
-    undefended baseline ``surrogate``, fools the surrogate (and which both models classify correctly clean),
-    the share that does not fool the target.
+def _robust_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """Per example: classified correctly both clean and at ``x_adv`` (the project's "robust"), on the CPU."""
+    with torch.inference_mode(), attack_mode(model) as device:
+        y = y.to(device)
+        return ((model(x.to(device)).argmax(1) == y) & (model(x_adv.to(device)).argmax(1) == y)).cpu()
 
-    Some failure is normal between two independently trained models, so the flag is for near-total failure
-    (above 0.9): the target then undoes perturbations that break a similar model, which is what input
-    quantisation or gradient shattering does."""
-    with torch.inference_mode(), attack_mode(surrogate) as s_device, attack_mode(model) as device:
-        y_s, y_t = y.to(s_device), y.to(device)
-        clean_ok = (surrogate(x.to(s_device)).argmax(1) == y_s).cpu() & (model(x.to(device)).argmax(1) == y_t).cpu()
-        on_surrogate = (surrogate(x_adv.to(s_device)).argmax(1) != y_s).cpu() & clean_ok
-        on_target = (model(x_adv.to(device)).argmax(1) != y_t).cpu()
-    successes = int(on_surrogate.sum())
-    if successes == 0:
-        return not_applicable("the transfer attack fooled the surrogate on no example")
-    failed = (on_surrogate & ~on_target).sum().item() / successes
-    return flagged(failed, threshold, surrogate_successes=successes)
+
+def baseline_transfer(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      x_adv: torch.Tensor, x_whitebox: torch.Tensor, alpha: float = DEFAULTS.alpha,
+                      slack_points: float = DEFAULTS.slack_points) -> dict:
+    """Transfer from an undefended baseline ``surrogate`` is not stronger than a white-box attack on the
+    target: ``x_adv`` (crafted on the surrogate) against ``x_whitebox`` (crafted on the model by a white-box
+    attack), on the same examples.
+
+    Athalye et al. 2018 (sec. 3.1, "black-box attacks are better than white-box attacks") and Carlini et al.
+    2019 (the checklist: transfer and black-box attacks must not beat white-box ones) read masking from
+    transfer that *succeeds where white-box attacks fail*. Transfer that merely fails is no such sign: it
+    fails on a genuinely robust model too (measured: on the digits CNN adversarially trained at 32/255, 0.93
+    of the surrogate's successes failed on it while PGD left it 0.63). So the value is the white-box accuracy
+    minus the transfer accuracy, and it flags, as the masking checks do, only when that gap exceeds
+    max(1 point, 1 example) *and* the exact sign test on the examples the two disagree on gives p < alpha
+    (both ran on every example, so the test can fail both ways). The share of the surrogate's successes that
+    fail on the model (this check's value before) is kept as ``surrogate_successes_failing``."""
+    transfer_robust, whitebox_robust = _robust_on(model, x, y, x_adv), _robust_on(model, x, y, x_whitebox)
+    with torch.inference_mode(), attack_mode(surrogate) as s_device:
+        y_s = y.to(s_device)
+        on_surrogate = ((surrogate(x.to(s_device)).argmax(1) == y_s)
+                        & (surrogate(x_adv.to(s_device)).argmax(1) != y_s)).cpu()
+    successes = on_surrogate & _robust_on(model, x, y, x)
+    failing = (successes & transfer_robust).sum().item() / max(int(successes.sum()), 1)
+    test = paired_test({"whitebox": whitebox_robust, "transfer": transfer_robust}, "whitebox", "transfer",
+                       alpha=alpha)
+    n = x.shape[0]
+    gap = (whitebox_robust.sum().item() - transfer_robust.sum().item()) / n
+    tolerance = slack(n, slack_points)
+    stronger = significant_gap(gap > tolerance + ROUNDING, test)
+    return {"value": gap, "threshold": tolerance, "verdict": "flag" if stronger else "pass",
+            "whitebox_accuracy": whitebox_robust.double().mean().item(),
+            "transfer_accuracy": transfer_robust.double().mean().item(), "paired_test": test,
+            "surrogate_successes": int(successes.sum()), "surrogate_successes_failing": failing}
 
 
 def unconstrained_failure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = DEFAULTS.steps,
@@ -210,15 +299,33 @@ def zero_gradient_at_start(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
     return flagged(share, 0.0, **({"error": error} if error else {}))
 
 
-def square_beats_whitebox(acc: dict, whitebox: list, n: int, threshold: float = DEFAULTS.square_threshold) -> dict:
-    """AutoAttack's third flag: Square (black-box) leaves less accuracy than the best white-box attack, by
-    more than 0.2 points (here at least one example, on small evaluations)."""
-    present = [name for name in whitebox if name in acc]
-    if "square" not in acc or not present:
+def square_beats_whitebox(acc: dict, whitebox: list, n: int, threshold: float = DEFAULTS.square_threshold,
+                          outcomes: Optional[dict] = None, subsets: Optional[dict] = None,
+                          alpha: float = DEFAULTS.alpha) -> dict:
+    """AutoAttack's third flag: Square (black-box) leaves less accuracy than the white-box attacks.
+
+    AutoAttack (``checks.py``, ``check_square_sr``) flags when Square's robust accuracy lies more than 0.2
+    points (absolute) below the other attacks', a threshold sized for its 10,000-example CIFAR-10 runs (20
+    examples); it has no noise model, and on 100 examples its floor of one example fired on a genuinely robust
+    model. So, like every other gap between two attacks here (:mod:`.masking`), the gap must exceed max(0.2
+    points, 1 example) *and* the exact sign test on the per-example ``outcomes`` must give p < ``alpha``.
+
+    The reference is the row Square is read against: the white-box worst case (``whitebox``, a combined row)
+    when Square ran on its survivors only (a cascade, as in AutoAttack itself: its test can then only count
+    extra breaks, ``one_sided``), else the strongest white-box row, on the first m examples when Square ran
+    on those only (``subsets``)."""
+    table, size = (subsets or {}).get("square", (acc, n))
+    present = [name for name in whitebox if name in table]
+    if "square" not in table or not present:
         return not_applicable("needs square and a white-box attack (full suite)")
-    best = min(present, key=lambda name: acc[name])
-    return flagged(acc[best] - acc["square"], slack(n, threshold), square=acc["square"],
-                   whitebox=best, whitebox_accuracy=acc[best])
+    reference = WHITEBOX if WHITEBOX in present else min(present, key=lambda name: table[name])
+    first = {name: mask[:size] for name, mask in outcomes.items()} if outcomes else None
+    test = paired_test(first, reference, "square", alpha=alpha)
+    gap, tolerance = table[reference] - table["square"], slack(size, threshold)
+    stronger = significant_gap(gap > tolerance + ROUNDING, test)
+    return {"value": gap, "threshold": tolerance, "verdict": "flag" if stronger else "pass",
+            "square": table["square"], "whitebox": reference, "whitebox_accuracy": table[reference],
+            "paired_test": test, "one_sided": reference == WHITEBOX, "n": size}
 
 
 # ---------------------------------------------------------------- routing

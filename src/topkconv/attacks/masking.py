@@ -29,7 +29,7 @@ from .registry import WHITEBOX, Role
 DEFAULTS = IndicatorConfig()
 CHECKS = ("pgd_beats_fgsm", "falls_to_chance", "blackbox_not_stronger", "steps_restarts_converged",
           "bpda_not_stronger")
-_ROUNDING = 1e-9   # accuracies are ratios of counts; keep float noise from deciding a verdict
+ROUNDING = 1e-9   # accuracies are ratios of counts; keep float noise from deciding a verdict
 
 
 def slack(n: int, points: float = DEFAULTS.slack_points) -> float:
@@ -83,7 +83,7 @@ def check_pgd_beats_fgsm(acc: dict, tol: float, outcomes: Optional[dict] = None,
         return not_applicable("needs " + " and ".join(sorted({p for pair in one_step_pairs() for p in pair})))
     reference, one_step = present[0]
     test = paired_test(outcomes, reference, one_step, alpha=alpha)
-    flagged = significant_gap(acc[reference] > acc[one_step] + tol + _ROUNDING, test)
+    flagged = significant_gap(acc[reference] > acc[one_step] + tol + ROUNDING, test)
     return {"value": acc[reference] - acc[one_step], "threshold": tol, "verdict": _verdict(not flagged),
             reference: acc[reference], one_step: acc[one_step], "tolerance": tol, "paired_test": test}
 
@@ -97,8 +97,8 @@ def check_falls_to_chance(curve: list, num_classes: int, tol: float,
     points = sorted(curve, key=lambda p: p["eps"])
     chance = 1.0 / num_classes
     last = points[-1]
-    rises = [p["eps"] for before, p in zip(points, points[1:]) if p["accuracy"] > before["accuracy"] + tol + _ROUNDING]
-    ok = last["accuracy"] <= chance + chance_slack + _ROUNDING and not rises
+    rises = [p["eps"] for before, p in zip(points, points[1:]) if p["accuracy"] > before["accuracy"] + tol + ROUNDING]
+    ok = last["accuracy"] <= chance + chance_slack + ROUNDING and not rises
     return {"value": last["accuracy"], "threshold": chance + chance_slack, "verdict": _verdict(ok),
             "max_eps": last["eps"], "accuracy_at_max_eps": last["accuracy"], "chance": chance,
             "chance_slack": chance_slack, "rises_at_eps": rises, "tolerance": tol}
@@ -113,7 +113,7 @@ def check_blackbox_not_stronger(acc: dict, whitebox: str, tol: float, outcomes: 
         return not_applicable(f"needs one of {', '.join(names)} (full suite; transfer needs --surrogate)")
     tests = {name: paired_test(outcomes, whitebox, name, alpha=alpha) for name in others}
     stronger = [name for name, value in others.items()
-                if significant_gap(value < acc[whitebox] - tol - _ROUNDING, tests[name])]
+                if significant_gap(value < acc[whitebox] - tol - ROUNDING, tests[name])]
     return {"value": acc[whitebox] - min(others.values()), "threshold": tol, "verdict": _verdict(not stronger),
             "whitebox": whitebox, whitebox: acc[whitebox], **others,
             "stronger_than_whitebox": stronger, "tolerance": tol, "paired_tests": tests}
@@ -134,7 +134,7 @@ def check_steps_restarts_converged(acc: dict, tol: float, outcomes: Optional[dic
         return not_applicable(f"needs {base.name}")
     moves = {name: acc[reference] - acc[name] for name in variants}
     tests = {name: paired_test(outcomes, reference, name, two_sided=True, alpha=alpha) for name in variants}
-    moved = [name for name, move in moves.items() if significant_gap(abs(move) > tol + _ROUNDING, tests[name])]
+    moved = [name for name, move in moves.items() if significant_gap(abs(move) > tol + ROUNDING, tests[name])]
     return {"value": max(abs(move) for move in moves.values()), "threshold": tol, "verdict": _verdict(not moved),
             "reference": reference, reference: acc[reference], **{name: acc[name] for name in variants},
             "drops": moves, "tolerance": tol, "paired_tests": tests}
@@ -153,7 +153,7 @@ def check_bpda_not_stronger(acc: dict, routing: bool, tol: float, reference: str
         return not_applicable(f"needs {' or '.join(names)} (full suite)")
     strongest = min(bpda, key=bpda.get)
     test = paired_test(outcomes, reference, strongest, alpha=alpha)
-    flagged = significant_gap(bpda[strongest] < acc[reference] - tol - _ROUNDING, test)
+    flagged = significant_gap(bpda[strongest] < acc[reference] - tol - ROUNDING, test)
     return {"value": acc[reference] - bpda[strongest], "threshold": tol, "verdict": _verdict(not flagged),
             "reference": reference, reference: acc[reference], **bpda, "strongest": strongest, "tolerance": tol,
             "paired_test": test}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..layers import dense_gradients
-from .common import attack_mode, check_inputs
+from .common import attack_mode, check_inputs, trace_for
 from .gradient import attack_loss, check_loss, fooled_by, input_gradient, per_example
 from .registry import Attack, PlanContext, Planned, Role, budget_field, reference_share, register
 
@@ -35,7 +35,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
     (EOT). Per example, the first iterate that fools the model (across all restarts) is returned; examples
     never fooled get the last iterate. ``generator`` draws the random starts (pass one on the model's
     device, or a CPU one, for reproducible results). ``trace``, a list, receives one
-    ``{"loss": (B,), "fooled": (B,)}`` record (CPU tensors) per iterate, for the masking indicators.
+    ``{"loss": (B,), "fooled": (B,)}`` record (CPU tensors) per iterate, for the masking indicators (inside
+    :func:`.common.recording_traces`, a new trace of the block does when none is given).
     """
     check_inputs(x, y, eps)
     check_loss(loss)
@@ -46,6 +47,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
                          f"got {step_size} and {steps}")
     if restarts < 1 or eot_samples < 1:
         raise ValueError(f"restarts and eot_samples: expected integers >= 1, got {restarts} and {eot_samples}")
+    trace = trace_for(trace)
     with attack_mode(model) as device:
         x = x.detach().to(device)
         y = y.to(device)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .common import attack_mode, check_inputs
+from .common import attack_mode, check_inputs, trace_for
 from .gradient import attack_loss
 from .registry import WHITEBOX, Attack, PlanContext, Planned, Role, budget_field, reference_share, register
 
@@ -110,13 +110,15 @@ def zeroth_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     ``x`` (no random start, no restarts), takes up to ``steps`` sign steps projected onto the eps-ball and
     [0, 1], and freezes each example once the model misclassifies it. ``max_batch`` bounds the inputs of one
     forward call; ``generator`` draws the noise. Returns adversarial images on the model's device.
-    ``trace``, a list, receives one ``{"loss": (B,), "fooled": (B,)}`` record per iterate.
+    ``trace``, a list, receives one ``{"loss": (B,), "fooled": (B,)}`` record per iterate (inside
+    :func:`.common.recording_traces`, a new trace of the block does when none is given).
     """
     check_inputs(x, y, eps)
     schedule = sample_schedule(samples)
     if int(steps) != steps or steps < 0 or step_size < 0 or sigma <= 0 or max_batch < 2:
         raise ValueError(f"steps, step_size, sigma and max_batch: expected an integer steps >= 0, step_size >= 0, "
                          f"sigma > 0 and max_batch >= 2, got {steps}, {step_size}, {sigma} and {max_batch}")
+    trace = trace_for(trace)
     with attack_mode(model) as device, torch.inference_mode():
         x = x.detach().to(device)
         y = y.to(device)
@@ -126,7 +128,8 @@ def zeroth_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         loss, fooled = attack_loss(logits, y, "margin"), logits.argmax(1) != y
         for iteration in range(steps + 1):
             if trace is not None:
-                trace.append({"loss": loss.cpu(), "fooled": fooled.cpu()})
+                # copies: both are updated in place below (and .cpu() of a CPU tensor is that tensor)
+                trace.append({"loss": loss.clone().cpu(), "fooled": fooled.clone().cpu()})
             active = (~fooled).nonzero().squeeze(1)
             if iteration == steps or active.numel() == 0 or eps == 0:
                 break

@@ -5,7 +5,7 @@ Which rows are compared comes from the plan (the white-box reference rows) and t
 
 from __future__ import annotations
 
-from ..attacks.indicators import bounded_attacks, square_beats_whitebox, verdict
+from ..attacks.indicators import bounded_attacks, reported_attack_traces, square_beats_whitebox, verdict
 from ..attacks.masking import masking_checks
 from ..attacks.registry import WHITEBOX, Role, entry_of
 from ..config import AttackConfig
@@ -41,10 +41,14 @@ def judge(plan: Plan, summary: Summary, traits: ModelTraits, cfg: AttackConfig, 
     at_eps = summary.at_main_eps(cfg.eps)
     found = dict(measured)
     if cfg.suite == "full":
+        # on the traces of the attacks that enter the worst case, not on a separate PGD (issue 22, section 5)
+        found.update(reported_attack_traces(summary.traces, summary.merged["worst_case"],
+                                            min(summary.n, cfg.indicators.examples), cfg.indicators))
         bounded = set(bounded_attacks())
         white = [name for name in at_eps if name not in bounded]
         found["square_beats_whitebox"] = square_beats_whitebox(at_eps, white, summary.n,
-                                                               cfg.indicators.square_threshold)
+                                                               cfg.indicators.square_threshold, summary.merged,
+                                                               summary.subsets, cfg.indicators.alpha)
     found.update(found_checks)
     line = verdict(at_eps, found, plan.reference_rows(), summary.n, summary.subsets, cascaded=summary.cascaded,
                    outcomes=summary.merged, settings=cfg.indicators)

@@ -1,5 +1,6 @@
 """The masking indicators that run the model (:mod:`topkconv.attacks.indicators`), on the first
-``cfg.indicators.examples`` examples, each seeded and timed; rank 0 measures them."""
+``cfg.indicators.examples`` examples, each seeded and timed; rank 0 measures them. Silent success and
+incomplete optimisation are read from the reported attacks' own traces instead (:mod:`.judge`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 from torch import nn
 
 from ..attacks.common import model_device, seeded
-from ..attacks.indicators import (baseline_transfer, gradient_agreement, incomplete_optimisation, randomness,
-                                  run_traced, selection_flip_rate, silent_success, unavailable_gradients,
-                                  unconstrained_failure, unstable_predictions, zero_gradient_at_start)
+from ..attacks.indicators import (baseline_transfer, gradient_agreement, randomness, selection_flip_rate,
+                                  unavailable_gradients, unconstrained_failure, unstable_predictions,
+                                  zero_gradient_at_start)
 from ..attacks.masking import not_applicable
 from ..attacks.pgd import pgd, step_at
 from ..attacks.registry import PlanContext
@@ -27,13 +28,6 @@ def _measures(model: nn.Module, xi: torch.Tensor, yi: torch.Tensor, cfg: AttackC
     s, eps = cfg.indicators, cfg.eps / 255
     step = 2.5 * eps / max(s.steps, 1)   # Madry et al.'s rule: 2.5 x eps of travel over the steps
     batch = cfg.budget("zeroth_order").max_batch
-    runs: dict = {}
-
-    def traced(kind, **options):
-        if "run" not in runs:
-            runs["run"] = run_traced(model, lambda xs, ys, trace: pgd(
-                model, xs, ys, eps, step, s.steps, start="zero", loss="margin", trace=trace), xi, yi)
-        return kind(runs["run"], **options)
 
     def transferred(generator):
         if surrogate is None:
@@ -41,16 +35,14 @@ def _measures(model: nn.Module, xi: torch.Tensor, yi: torch.Tensor, cfg: AttackC
         ctx = PlanContext(model, cfg)
         x_adv = transfer(surrogate, model, xi, yi, eps, step_at(ctx, cfg.eps) / 255, cfg.budget("pgd").steps,
                          generator=generator)
-        return baseline_transfer(model, surrogate, xi, yi, x_adv, s.transfer_threshold)
+        # read against the indicators' own white-box PGD on the model, on the same examples
+        x_whitebox = pgd(model, xi, yi, eps, step, s.steps, start="zero", loss="margin")
+        return baseline_transfer(model, surrogate, xi, yi, x_adv, x_whitebox, s.alpha, s.slack_points)
 
     return {
         "unavailable_gradients": lambda g: unavailable_gradients(model, xi, yi),
         "unstable_predictions": lambda g: unstable_predictions(model, xi, yi, s.unstable_radius / 255, s.draws,
                                                                batch, g, s.unstable_threshold),
-        "silent_success": lambda g: traced(silent_success),
-        "incomplete_optimisation": lambda g: traced(incomplete_optimisation, window=s.incomplete_window,
-                                                    tolerance=s.incomplete_tolerance,
-                                                    threshold=s.incomplete_threshold),
         "baseline_transfer": transferred,
         "unconstrained_failure": lambda g: unconstrained_failure(model, xi, yi, s.steps, g, s.slack_points),
         "randomness": lambda g: randomness(model, xi, s.randomness_passes, s.randomness_threshold),

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..attacks.common import correct, model_device, seeded
+from ..attacks.common import correct, model_device, recording_traces, seeded
+from ..attacks.registry import Role
 from ..config import AttackConfig
 from .plan import Plan, PlannedAttack
 
@@ -30,6 +31,7 @@ class Outcomes:
     seconds: dict = field(default_factory=dict)
     attacked: dict = field(default_factory=dict)
     draws: dict = field(default_factory=dict)   # a random model: per chunk {row: (draws, B) robust masks}
+    traces: dict = field(default_factory=dict)  # row -> [trace records (:func:`_trace_record`)], first examples only
 
 
 def attack_seed(base: int, chunk: int, name: str) -> int:
@@ -86,18 +88,43 @@ def _examples_in_chunk(attack: PlannedAttack, size: int, offset: int) -> int:
     return size if attack.examples is None else max(0, min(size, attack.examples - offset))
 
 
-def _run_on_first(model, attack: PlannedAttack, xs, ys, clean, offset: int, generator, seed) -> torch.Tensor:
+def _trace_record(traces: list, fooled: torch.Tensor, index: torch.Tensor) -> Optional[dict]:
+    """One attack run's loss traces as ``{"loss": (T, b), "fooled": (T, b), "returned_fooled": (b,), "index":
+    (b,)}`` (the examples' indices in x; several calls on these examples joined along T); None without one."""
+    runs = [trace for trace in traces if trace and trace[0]["loss"].shape[0] == index.numel()]
+    if not runs:
+        return None
+    return {"loss": torch.cat([torch.stack([t["loss"] for t in run]) for run in runs]),
+            "fooled": torch.cat([torch.stack([t["fooled"] for t in run]) for run in runs]),
+            "returned_fooled": fooled.cpu(), "index": index.cpu()}
+
+
+def _run_traced(attack: PlannedAttack, x, y, generator, seed, record: Optional[list]):
+    """``attack.run``; with ``record`` (a list) the loss traces of its iterative attacks come back too."""
+    if record is None:
+        return attack.run(x, y, generator, seed), []
+    with recording_traces() as traces:
+        return attack.run(x, y, generator, seed), traces
+
+
+def _keep(record: Optional[list], traces: list, fooled: torch.Tensor, index: torch.Tensor) -> None:
+    found = _trace_record(traces, fooled, index) if record is not None and index.numel() else None
+    if found is not None:
+        record.append(found)
+
+
+def _run_on_first(model, attack: PlannedAttack, xs, ys, clean, offset: int, generator, seed,
+                  record: Optional[list] = None) -> torch.Tensor:
     """Robust mask of the attack on a chunk starting at example ``offset``; with ``attack.examples`` only the
     examples before that index are attacked, the others count as they are. With ``clean`` a :class:`Judged`,
-    the mask is ``(robust, robust per draw)``."""
+    the mask is ``(robust, robust per draw)``. With ``record``, the attack's loss traces are kept in it."""
     take = _examples_in_chunk(attack, len(xs), offset)
-    if take == len(xs):
-        x_adv = attack.run(xs, ys, generator, seed)
-    else:
-        x_adv = xs.clone()
-        if take:
-            x_adv[:take] = attack.run(xs[:take], ys[:take], generator, seed)
-    robust = correct(model, x_adv, ys) & clean.once
+    x_adv, traces = xs.clone(), []
+    if take:
+        x_adv[:take], traces = _run_traced(attack, xs[:take], ys[:take], generator, seed, record)
+    still = correct(model, x_adv, ys)
+    _keep(record, traces, ~still[:take], torch.arange(offset, offset + take))
+    robust = still & clean.once
     return robust, (clean.draws.correct(x_adv, ys) & clean.per_draw if clean.draws else None)
 
 
@@ -110,7 +137,7 @@ class Judged:
 
 
 def _run_on_survivors(model, attack: PlannedAttack, xs, ys, survivors, offset: int, generator,
-                      seed) -> tuple[torch.Tensor, int]:
+                      seed, record: Optional[list] = None) -> tuple[torch.Tensor, int]:
     """A cascaded attack on the examples of the chunk that ``survivors`` marks (and, with ``attack.examples``,
     only those before that index): its row is robust where the example survived the reference attacks and
     this one. Unattacked survivors count as surviving it, as in :func:`_run_on_first`."""
@@ -120,8 +147,9 @@ def _run_on_survivors(model, attack: PlannedAttack, xs, ys, survivors, offset: i
     per_draw = survivors.per_draw.clone() if survivors.draws else None
     index = take.nonzero().squeeze(1)
     if index.numel():
-        x_adv = attack.run(xs[index], ys[index], generator, seed)
+        x_adv, traces = _run_traced(attack, xs[index], ys[index], generator, seed, record)
         robust[index] = correct(model, x_adv, ys[index])
+        _keep(record, traces, ~robust[index], index.cpu() + offset)
         if per_draw is not None:
             per_draw[:, index] &= survivors.draws.correct(x_adv, ys[index])
     return (robust, per_draw), index.numel()
@@ -144,6 +172,14 @@ def _clean(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys) -> Judged:
     return Judged(once, draws, draws.correct(xs, ys))
 
 
+def _traced(attack: PlannedAttack, plan: Plan, cfg: AttackConfig, offset: int) -> bool:
+    """Whether the attack's loss traces are kept on the chunk at ``offset``: in the full suite, for the attacks at
+    the main eps (those that enter the worst case), on chunks holding some of the indicators' first examples. Not
+    for the transfer attack: its trace is the surrogate's loss, not the model's."""
+    return (cfg.suite == "full" and attack.eps == plan.eps and attack.entry.role != Role.TRANSFER
+            and offset < cfg.indicators.examples)
+
+
 def _attack_chunk(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys, outcomes: Outcomes, bar) -> dict:
     device = model_device(model)
     offset = index * cfg.batch_size
@@ -155,14 +191,15 @@ def _attack_chunk(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys, outc
     for attack in plan.attacks:
         bar.set_postfix_str(attack.name)
         seed = attack_seed(cfg.seed, index, attack.name)
+        record = outcomes.traces.setdefault(attack.name, []) if _traced(attack, plan, cfg, offset) else None
         with seeded(model, seed) as generator:
             if attack.cascade:
                 robust, count = _timed(outcomes, attack.name, device, lambda: _run_on_survivors(
-                    model, attack, xs, ys, survivors, offset, generator, seed))
+                    model, attack, xs, ys, survivors, offset, generator, seed, record))
                 outcomes.attacked[attack.name] = outcomes.attacked.get(attack.name, 0) + count
             else:
                 robust = _timed(outcomes, attack.name, device, lambda: _run_on_first(
-                    model, attack, xs, ys, clean, offset, generator, seed))
+                    model, attack, xs, ys, clean, offset, generator, seed, record))
         robust, per_draw = robust
         if attack.name in base:
             survivors.once &= robust
@@ -201,10 +238,12 @@ def gather(outcomes: Outcomes, indicators: dict) -> tuple[Outcomes, dict]:
     merged = Outcomes(dict(outcomes.masks), dict(outcomes.seconds), dict.fromkeys(outcomes.attacked, 0),
                       dict(outcomes.draws))
     parts = all_gather({"masks": outcomes.masks, "seconds": outcomes.seconds, "indicators": indicators,
-                        "attacked": outcomes.attacked, "draws": outcomes.draws})
+                        "attacked": outcomes.attacked, "draws": outcomes.draws, "traces": outcomes.traces})
     for part in parts:
         merged.masks.update(part["masks"])
         merged.draws.update(part["draws"])
+        for name, records in part["traces"].items():
+            merged.traces[name] = merged.traces.get(name, []) + records
         indicators = indicators or part["indicators"]
         for name, count in part["attacked"].items():
             merged.attacked[name] += count

@@ -8,7 +8,7 @@ eps, and ``worst_case`` is the one at the main eps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class Summary:
     subsets: dict       # row run on the first m examples -> (accuracies on those m, m)
     worst_cases: list
     eps_curve: list
+    traces: dict = field(default_factory=dict)   # row -> the loss traces of its runs on the first examples
 
     def at_main_eps(self, eps: float) -> dict:
         return {name: value for name, value in self.acc.items() if self.eps_of.get(name) == eps}
@@ -95,7 +96,7 @@ def summarise(plan: Plan, outcomes: Outcomes, n: int, n_chunks: int) -> Summary:
     subsets = _subsets(plan, merged, attacks, n)
     worst_cases = _worst_cases(plan, merged, eps_of, n)
     eps_curve = [{"eps": eps, "accuracy": acc[name], "attack": name} for eps, name in plan.curve]
-    return Summary(n, merged, acc, attacks, eps_of, cascaded, subsets, worst_cases, eps_curve)
+    return Summary(n, merged, acc, attacks, eps_of, cascaded, subsets, worst_cases, eps_curve, outcomes.traces)
 
 
 def per_example(merged: dict) -> dict:
