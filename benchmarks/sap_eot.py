@@ -45,7 +45,12 @@ MORE = [("sap-eot100x16", "sap", ONLY_24 + ["--eot-samples", "100"]),
         ("sap-eot10x250", "sap", ONLY_24 + ["--eot-samples", "10", "--eot-steps", "250"])]
 SMOKE_GRID = [("standard-pgd16", "standard", BOTH_EPS + ["--steps", "2"]),
               ("sap-eot2x3", "sap", BOTH_EPS + ["--eot-samples", "2", "--eot-steps", "3", "--steps", "2"])]
-BINARIZATION = [("sap", "eot 4 x 16", 4, 16), ("sap", "eot 10 x 100", 10, 100), ("standard", "pgd 16", 1, 16)]
+# (model, label, kind, samples, steps): the quick and the large EOT budget on SAP, PGD-16 on the standard model
+# (the control that must pass), and on both a corner search (samples corners x steps draws each): it tries the
+# kind of point the readout was fitted to label 1, so it shows whether a redraw of SAP keeps such points adversarial
+BINARIZATION = [("sap", "eot 4 x 16", "eot", 4, 16), ("sap", "eot 10 x 100", "eot", 10, 100),
+                ("sap", "corner search 100 x 5 draws", "corners", 100, 5),
+                ("standard", "pgd 16", "pgd", 1, 16), ("standard", "corner search 100 x 5 draws", "corners", 100, 5)]
 
 
 def cli(args: list, log: list) -> None:
@@ -92,39 +97,61 @@ def evaluate(runs: Path, out: Path, grid: list, n: int, log: list, reuse: bool =
     return rows
 
 
-def binarization(runs: Path, examples: int, steps_scale: float, log: list) -> list:
-    """The binarization test of each budget of :data:`BINARIZATION` at 8/255 and 24/255 (PGD's step ratio)."""
+def corner_search(corners: int, draws: int):
+    """A gradient-free control attack on the test's own construction: ``corners`` random corners of the eps-ball
+    (what the readout was fitted to label 1), each judged on ``draws`` draws; the one labelled 1 most often."""
     import torch
 
-    from topkconv.attacks.binarization import BinarizationConfig, binarization_test
-    from topkconv.attacks.common import seeded
+    def attack(binarized, xs, ys, radius):
+        generator = torch.Generator().manual_seed(1)
+        signs = torch.randint(0, 2, (corners, *xs.shape[1:]), generator=generator).to(xs.dtype) * 2 - 1
+        points = (xs + signs.to(xs.device) * radius).clamp(0.0, 1.0)
+        with torch.no_grad():
+            hits = sum((binarized(points).argmax(1) != ys[0]).int() for _ in range(draws))
+        return points[hits.argmax()][None]
+    return attack
+
+
+def binarization_attack(kind: str, samples: int, steps: int, eps: float):
+    """The attack of a :data:`BINARIZATION` entry at ``eps`` (0-255 units; PGD's step / eps ratio 0.75 / 8)."""
     from topkconv.attacks.eot import eot_pgd
     from topkconv.attacks.pgd import pgd
+
+    step = 0.75 / 8 * eps / 255
+    if kind == "corners":
+        return corner_search(samples, steps)
+    if kind == "pgd":
+        return lambda binarized, xs, ys, radius: pgd(binarized, xs, ys, radius, step, steps, start="random")
+    return lambda binarized, xs, ys, radius: eot_pgd(binarized, xs, ys, radius, step, steps, samples)
+
+
+def binarization(runs: Path, examples: int, steps_scale: float, log: list, done: list) -> list:
+    """The binarization test of each entry of :data:`BINARIZATION` at 8/255 and 24/255; entries of ``done`` (an
+    earlier summary's, same examples) are kept."""
+    from topkconv.attacks.binarization import BinarizationConfig, binarization_test
+    from topkconv.attacks.common import seeded
     from topkconv.checkpoint import load_checkpoint
     from topkconv.data import load_data
 
-    found = []
-    for model_name, label, samples, steps in BINARIZATION:
+    found, kept = [], {(b["model"], b["attack"], b["eps"]): b for b in done if b.get("examples") == examples}
+    for model_name, label, kind, samples, steps in BINARIZATION:
         model, spec = load_checkpoint(runs / model_name)
         x, _ = load_data(spec.data).test_tensors(limit=examples)
-        steps = max(1, round(steps * steps_scale))
         for eps in (8, 24):
-            step = 0.75 / 8 * eps / 255
-
-            def attack(binarized, xs, ys, radius):
-                if samples == 1:
-                    return pgd(binarized, xs, ys, radius, step, steps, start="random")
-                return eot_pgd(binarized, xs, ys, radius, step, steps, samples)
-
+            if (model_name, label, eps) in kept:
+                found.append(kept[model_name, label, eps])
+                continue
+            attack = binarization_attack(kind, samples, max(1, round(steps * steps_scale)), eps)
             tic = time.perf_counter()
             with seeded(model, 0):
                 result = binarization_test(model, x, attack, eps / 255, BinarizationConfig(seed=0)).to_dict()
-            found.append({"model": model_name, "attack": label, "eps": eps, "seconds": time.perf_counter() - tic,
+            found.append({"model": model_name, "attack": label, "eps": eps, "examples": examples,
+                          "seconds": time.perf_counter() - tic,
                           **{k: result[k] for k in ("passes", "fails", "invalid", "pass_rate", "interval")}})
             print(f"  binarization {model_name} {label} eps {eps}: {found[-1]['passes']} of "
                   f"{found[-1]['passes'] + found[-1]['fails']} valid pass", flush=True)
-    log.append(f"binarization_test(model, first {examples} test images, eot_pgd / pgd, eps 8/255 and 24/255, "
-               f"BinarizationConfig(seed=0)) under seeded(model, 0): see benchmarks/sap_eot.py")
+    log.append(f"binarization_test(model, first {examples} test images, each attack of BINARIZATION, eps 8/255 "
+               f"and 24/255, BinarizationConfig(seed=0)) under seeded(model, 0): see benchmarks/sap_eot.py")
     return found
 
 
@@ -212,7 +239,10 @@ def main(argv=None) -> int:
     grid = SMOKE_GRID if args.smoke else GRID + (MORE if args.more else [])
     rows = evaluate(args.runs, args.out, grid, n, log, reuse=args.reuse)
     rows += before_change(args.runs, n, 2 if args.smoke else 4, 3 if args.smoke else 16, log)
-    binar = binarization(args.runs, 2 if args.smoke else args.binarization_examples, 0.1 if args.smoke else 1.0, log)
+    previous = args.out / "summary.json"
+    done = json.loads(previous.read_text()).get("binarization", []) if args.reuse and previous.exists() else []
+    binar = binarization(args.runs, 2 if args.smoke else args.binarization_examples, 0.1 if args.smoke else 1.0, log,
+                         done)
     write(args.out, rows, binar, log, n, time.perf_counter() - tic)
     return 0
 
