@@ -75,7 +75,8 @@ def rows_of(name: str, model: str, result: dict) -> list:
                      "eot_samples": params.get("eot_samples"), "steps": params.get("steps"),
                      "loss": params.get("loss", "ce"), "accuracy": found["accuracy"],
                      "expected_over_draws": drawn.get("expected"), "interval": drawn.get("interval"),
-                     "worst_draw": drawn.get("worst"), "seconds": found.get("seconds")})
+                     "worst_draw": drawn.get("worst"), "seconds": found.get("seconds"),
+                     "eval_seconds": result["timings"]["total_seconds"]})
     return rows
 
 
@@ -85,8 +86,9 @@ def evaluate(runs: Path, out: Path, grid: list, n: int, log: list, reuse: bool =
     for name, model, flags in grid:
         target = out / f"{name}.json"
         if reuse and target.exists() and json.loads(target.read_text())["n_examples"] == n:
-            log.append(f"(reused {target})")
-            rows += rows_of(name, model, json.loads(target.read_text()))
+            found = json.loads(target.read_text())
+            log.append(f"(reused {target}, made at commit {found['env'].get('git_commit')})")
+            rows += rows_of(name, model, found)
             continue
         tic = time.perf_counter()
         cli(["evaluate", str(runs / model), "--suite", "paper", "--n", str(n), "--device", "cpu", "--no-progress",
@@ -177,7 +179,7 @@ def before_change(runs: Path, n: int, samples: int, steps: int, log: list) -> li
         rows.append({"run": f"sap-before-fix-eot{samples}x{steps}", "model": "sap", "row": f"pgd(eot_samples={samples})",
                      "eps": eps, "eot_samples": samples, "steps": steps, "loss": "ce", "accuracy": None,
                      "expected_over_draws": drawn["expected"], "interval": drawn["interval"],
-                     "worst_draw": drawn["worst"], "seconds": time.perf_counter() - tic})
+                     "worst_draw": drawn["worst"], "seconds": time.perf_counter() - tic, "eval_seconds": None})
     log.append(f"pgd(sap, first {n} test images, eps 8/255 and 24/255, step 0.75/8 * eps, {steps} steps, random "
                f"start, eot_samples={samples}) judged over 10 draws: see benchmarks/sap_eot.py")
     return rows
@@ -193,7 +195,10 @@ def write(out: Path, rows: list, binar: list, log: list, n: int, seconds: float)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], capture_output=True,
                                 text=True).stdout.strip())
-    meta = {"commit": commit, "dirty_tree": dirty, "n_examples": n, "seeds": [0], "total_seconds": seconds,
+    spent = {(r["run"], r["eps"] if r.get("eval_seconds") is None else None): r.get("eval_seconds") or r["seconds"]
+             for r in rows}   # one entry per eval.json (its total time), one per eps of the other rows
+    measured = sum(spent.values()) + sum(b["seconds"] for b in binar)
+    meta = {"commit": commit, "attack_seconds": measured, "dirty_tree": dirty, "n_examples": n, "seeds": [0], "total_seconds": seconds,
             "commands": log, "env": environment_info()}
     atomic_write_json(out / "summary.json", {**meta, "rows": rows, "binarization": binar})
     with open(out / "summary.csv.tmp", "w", newline="") as handle:
@@ -202,7 +207,9 @@ def write(out: Path, rows: list, binar: list, log: list, n: int, seconds: float)
         writer.writerows({**row, "interval": json.dumps(row["interval"])} for row in rows)
     (out / "summary.csv.tmp").replace(out / "summary.csv")
     lines = [f"# SAP under EOT: quick SAP model vs its standard twin (single training seed 0, n = {n})", "",
-             f"commit {commit}{' (uncommitted changes)' if dirty else ''}; {seconds / 60:.1f} min in all", "",
+             f"commit {commit}{' (uncommitted changes)' if dirty else ''}; {seconds / 60:.1f} min this invocation; "
+             f"the attacks reported took {measured / 60:.1f} min on one thread (a reused eval.json names the "
+             "commit it ran at in the commands)", "",
              "| run | row | eps | EOT draws x steps | loss | accuracy (one draw) | expected over 10 draws [95%] "
              "| worst draw |", "|" + " --- |" * 8]
     for r in rows:
