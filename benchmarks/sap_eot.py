@@ -1,7 +1,8 @@
 """SAP attacked as Athalye, Carlini and Wagner (ICML 2018) attacked it: EOT-PGD with many more draws and steps
 (issue 22, section 4), on the quick SAP model and its undefended twin, plus the binarization test on SAP.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py            # about 15-20 CPU minutes, one thread
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py            # about 15 minutes, one thread
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --more     # + 100 x 16 and 10 x 250: about 27
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --smoke    # the same pipeline in about a minute
 
 1. ``topkconv train`` twice: table1-quick.toml's base model (digits at 32 px, vgg-small width 0.25, hidden 128,
