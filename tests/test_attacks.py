@@ -264,3 +264,33 @@ def test_seeded_puts_back_the_sap_generators_and_the_global_random_state(sap_mlp
         assert torch.equal(torch.rand(3), expected)
     finally:
         model[3].generator = None
+
+
+@pytest.mark.parametrize("schedule, per_example", [("reference", [100, 100, 1000]), ("reference-2x", [200, 200, 2000])],
+                         ids=["reference", "reference-2x"])
+def test_zeroth_order_reference_schedule_runs_the_notebooks_forward_passes(schedule, per_example, mlp, digits_test):
+    # Tramer et al.'s 01_kwta notebook: 100 samples a step (iterations 0-19), then 1,000 (20-39), looping over
+    # samples // 2 antithetic pairs x +- sigma u: 100 and 1,000 forward passes a step. "reference-2x" is twice it.
+    from topkconv.attacks.zeroth_order import PAPER_STEPS, SCHEDULES, total_pairs
+
+    calls = []
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = mlp
+
+        def forward(self, inputs):
+            calls.append(inputs.shape[0])
+            return self.base(inputs)
+
+    x = digits_test[0][:1]
+    own = mlp(x).argmax(1)   # the model's own label: never fooled within eps = 1e-6, so every step runs
+    for iteration, expected in zip((0, 19, 20), per_example):
+        calls.clear()
+        zeroth_order(Counting(), x, own, 1e-6, steps=iteration + 1, samples=schedule, max_batch=10 ** 6,
+                     generator=torch.Generator().manual_seed(0))
+        assert calls[-2] == expected, (iteration, calls[-2:])   # the last step's estimate, then its judging pass
+    assert total_pairs("reference", PAPER_STEPS) == 20 * 50 + 20 * 500 + 60 * 10000
+    assert total_pairs(schedule, PAPER_STEPS) == total_pairs("reference", PAPER_STEPS) * per_example[0] // 100
+    assert SCHEDULES["reference"] == [[0, 50], [20, 500], [40, 10000]]
