@@ -9,6 +9,7 @@ from torch import nn
 import adversarial_models
 import masked_models
 from topkconv.attacks import pgd
+from topkconv.attacks.eot import eot_pgd
 from topkconv.attacks.binarization import (Binarized, BinarizationConfig, BinarizationResult, binarization_test,
                                            binary_task, feature_layer, fit_readout)
 
@@ -102,8 +103,35 @@ def test_the_interval_is_clopper_pearson():
     assert result.interval == pytest.approx((low, high))
 
 
+def strong_eot(model, x, y, eps):
+    """EOT-PGD 40 x 16 (margin loss, random start, steps of 2.5 eps / 40): the attack a random model needs."""
+    return eot_pgd(model, x, y, eps, 2.5 * eps / 40, 40, samples=16, generator=torch.Generator().manual_seed(0))
+
+
+SAP_N = 20
+
+
+@pytest.mark.parametrize("draws, attack", [(20, "strong"), (20, "weak"), (1, "strong")])
+def test_a_random_model_is_judged_on_features_averaged_over_draws(sap_mlp, digits_test, draws, attack):
+    """SAP's features change with every pass: with repeated inference (20 draws for the fit and the judgement)
+    a strong EOT attack passes and a weak one still fails; with one draw fresh draws undo the adversarial
+    example that provably exists, and even the strong attack fails on many examples."""
+    cfg = BinarizationConfig(draws=draws)
+    result = binarization_test(sap_mlp, digits_test[0][:SAP_N], strong_eot if attack == "strong" else weak_attack,
+                               EPS, cfg)
+    print(f"SAP MLP, {attack} attack, {draws} draws:", summary(result))
+    assert result.count("invalid") == 0
+    if (draws, attack) == (20, "strong"):
+        assert result.pass_rate >= 0.9 and result.interval[1] == 1.0   # measured: 20 of 20
+    elif attack == "weak":
+        assert result.pass_rate <= 0.2 and result.interval[1] < 0.5    # measured: 0 of 20
+    else:
+        assert result.interval[1] < 0.9                                # measured: 8 of 20
+
+
 @pytest.mark.parametrize("options,key", [({"n_inner": 0}, "n_inner"), ({"eta": 1.0}, "eta"),
-                                         ({"n_boundary": 0}, "n_boundary"), ({"confidence": 1.5}, "confidence")])
+                                         ({"n_boundary": 0}, "n_boundary"), ({"confidence": 1.5}, "confidence"),
+                                         ({"draws": 0}, "draws")])
 def test_bad_settings_name_the_key(options, key):
     with pytest.raises(ValueError, match=f"binarization.{key}"):
         BinarizationConfig(**options)

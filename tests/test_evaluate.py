@@ -91,6 +91,18 @@ def test_no_masking_check_fires_on_a_plain_model(full_result):
     assert full_result("plain")["verdict"]["text"] == "no masking indicated", full_result("plain")["indicators"]
 
 
+def test_a_plain_model_under_an_unconverged_pgd_gets_attack_not_converged_not_masking(mlp, digits_test):
+    """PGD-16 with steps of eps/16 reaches the eps-ball's surface only on its last step: doubling its steps
+    still removes accuracy on the plain MLP. That is the attack's fault, so the line says so, not "masking"."""
+    budgets = dict(FULL.budgets, pgd={"step_size": FULL.eps / 16, "steps": 16})
+    result = evaluate(mlp, *digits_test, dataclasses.replace(FULL, eps_curve=[], budgets=budgets), progress=False)
+    flagged = sorted(name for name, found in result["indicators"].items() if found["verdict"] == "flag")
+    assert "steps_restarts_converged" in flagged, result["indicators"]["steps_restarts_converged"]
+    assert result["verdict"]["verdict"] == "attack not converged", (result["verdict"], flagged)
+    assert result["verdict"]["text"] == (f"attack not converged: robust accuracy is an upper bound "
+                                         f"({', '.join(flagged)})")   # measured: both convergence flags
+
+
 def test_bpda_check_passes_on_a_plain_routing_model(mlp, digits_test):
     first = TopKLinear(64, 64, k=64)
     base = mlp

@@ -155,6 +155,34 @@ def test_verdict_from_numbers(acc, indicators, expected):
     assert verdict(acc, indicators, ["pgd", "eot_pgd"], n=1000)["text"] == expected
 
 
+FLAG = {"verdict": "flag"}
+BINARIZATION_FAILED = {"verdict": "flag", "interval": [0.1, 0.5], "attack": "pgd", "passes": 3, "fails": 7,
+                       "confidence": 0.95, "threshold": 0.9}
+
+
+@pytest.mark.parametrize("indicators, kind, text", [
+    ({"steps_restarts_converged": FLAG, "x": {"verdict": "pass"}}, "attack not converged",
+     "attack not converged: robust accuracy is an upper bound (steps_restarts_converged)"),
+    ({"steps_restarts_converged": FLAG, "incomplete_optimisation": FLAG}, "attack not converged",
+     "attack not converged: robust accuracy is an upper bound (incomplete_optimisation, steps_restarts_converged)"),
+    ({"incomplete_optimisation": FLAG, "randomness": FLAG}, "masking suspected",
+     "masking suspected (indicators incomplete_optimisation, randomness)"),
+    ({"incomplete_optimisation": FLAG, "binarization": BINARIZATION_FAILED}, "attack too weak", None),
+], ids=["only-steps-restarts", "both-convergence-flags", "with-a-masking-indicator", "binarization-failed"])
+def test_convergence_flags_alone_say_the_attack_had_not_converged(indicators, kind, text):
+    """Not converging is the attack's fault (more budget still removes accuracy), not a sign of masking; any
+    other flag keeps "masking suspected" and the line lists every flag."""
+    found = verdict({"pgd": 0.5, "fgsm": 0.6}, indicators, ["pgd"], n=1000)
+    assert found["verdict"] == kind, found
+    assert text is None or found["text"] == text
+    assert "incomplete_optimisation" in found["flags"] or "steps_restarts_converged" in found["flags"]
+
+
+def test_masking_shown_is_kept_when_a_convergence_flag_is_also_raised():
+    found = verdict({"pgd": 0.50, "zeroth_order": 0.20}, {"steps_restarts_converged": FLAG}, ["pgd"], n=1000)
+    assert found["verdict"] == "masking shown" and found["flags"] == ["steps_restarts_converged"], found
+
+
 @pytest.mark.parametrize("broken, expected", [
     # 100 examples; the cascaded square can only break what the white-box worst case left
     ({"pgd": range(10), "whitebox": range(14), "square": range(18)}, "masking suspected (indicators randomness)"),   # 4: p = 0.06

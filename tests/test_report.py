@@ -55,6 +55,19 @@ def test_the_verdict_count_reads_the_structured_field_not_the_text():
     assert masking_verdicts(seeds) == "eps=8: masking shown (2/3 seeds); eps=8: no masking indicated (1/3 seeds)"
 
 
+def test_the_verdict_count_keeps_attack_not_converged_apart_from_an_older_masking_suspected():
+    """A new eval.json says "attack not converged" for convergence flags alone; one written before keeps the
+    "masking suspected" it was judged with, and both are counted as what they say."""
+    from topkconv.reproduce.measures import masking_verdicts
+
+    new = _eval("full", 0.8, {"pgd": (0.3, 8.0)}, 8.0, 0.2, flags=("steps_restarts_converged",),
+                kind="attack not converged")
+    old = _eval("full", 0.8, {"pgd": (0.3, 8.0)}, 8.0, 0.2, flags=("steps_restarts_converged",))
+    seeds = [{"paper": old, "strong": {"8": part}} for part in (new, new, old)]
+    assert masking_verdicts(seeds) == ("eps=8: attack not converged (2/3 seeds); "
+                                       "eps=8: masking suspected (1/3 seeds)")
+
+
 def test_one_evaluation_as_markdown_starts_with_its_verdict():
     result = {"suite": "full", "n_examples": 10, "clean": 0.9, "model": {"routing": True},
               "verdict": {"text": "masking shown: attack zeroth_order beat attack pgd by 30.0 points"},

@@ -133,6 +133,25 @@ def test_a_random_model_is_judged_over_draws_and_its_worst_case_is_taken_within_
     assert max(worst["by_draw"]) > min(worst["by_draw"])
 
 
+@pytest.mark.parametrize("draws, expected", [(20, "pass"), (1, "flag")])
+def test_the_binarization_test_of_a_random_model_averages_its_features_over_draws(sap_mlp, digits_test, draws,
+                                                                                   expected):
+    """EOT-PGD 16 x 16 on SAP: judged on features averaged over 20 passes it passes (measured: 11 of 12); on
+    one draw fresh draws undo the adversarial example that exists, and the test wrongly says "too weak" (5 of
+    12)."""
+    cfg = dataclasses.replace(CHEAP_FULL, indicators=dataclasses.replace(CHEAP_FULL.indicators,
+                                                                         binarization_draws=draws))
+    result = evaluate(sap_mlp, *digits_test, cfg.with_budget("eot_pgd", samples=16), progress=False)
+    found = result["indicators"]["binarization"]
+    assert (found["attack"], found["draws"], found["verdict"]) == ("eot_pgd", draws, expected), found
+    assert (result["verdict"]["verdict"] == "attack too weak") == (expected == "flag")
+
+
+def test_binarization_draws_below_one_are_refused():
+    with pytest.raises(ValueError, match="attack.indicators.binarization_draws"):
+        AttackConfig(indicators={"binarization_draws": 0})
+
+
 def test_a_deterministic_model_has_no_draws(evaluated):
     assert evaluated("plain")["over_draws"] is None and "over_draws" not in evaluated("plain")["worst_case"]
 

@@ -156,6 +156,16 @@ class IndicatorConfig:
     # on about all examples, its broken ones on few), and judging the upper bound means a small sample flags only
     # when the data rule out a 90% pass rate (0 of 5 passes: bound 0.52; 2 of 5: 0.85; 3 of 5: 0.95, not flagged).
     binarization_threshold: float = 0.9
+    # On a random model (SAP) the readout is fitted on, and the attack's point judged by, features averaged over
+    # this many forward passes (the reference's repeated inference); one draw lets fresh draws undo the example
+    # that provably exists (measured on the digits SAP MLP at 32/255: EOT-PGD 40 x 16 passes 8 of 20 with one
+    # draw, 20 of 20 with 20).
+    binarization_draws: int = 20
+
+    def __post_init__(self):
+        if not isinstance(self.binarization_draws, int) or self.binarization_draws < 1:
+            raise ValueError("attack.indicators.binarization_draws: expected an integer >= 1, "
+                             f"got {self.binarization_draws!r}")
 
 
 # Keys of the flat [attack] table of earlier versions (spec files, run.json) -> (sub-table, key).

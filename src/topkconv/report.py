@@ -82,7 +82,8 @@ def masking_flags(result: dict) -> list:
 
 def masking_verdicts(result: dict) -> list:
     """The strong suite's verdict at each of its eps: ``[{"eps": E, "verdict": kind, "text": line}]``, where
-    ``kind`` is the structured field (``masking shown``, ``masking suspected``, ``no masking indicated`` ...),
+    ``kind`` is the structured field (``masking shown``, ``masking suspected``, ``attack not converged``,
+    ``no masking indicated`` ...; an older eval.json keeps the kind it was judged with),
     with `` (provisional)`` when an attack ran below its reference budget."""
     found = []
     for part in _parts(result)[1]:

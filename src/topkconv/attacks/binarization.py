@@ -27,8 +27,12 @@ The report gives the counts and the pass rate over the valid examples with its e
 (Clopper-Pearson) interval. A low pass rate means the attack could not find adversarial examples that
 exist: the robust accuracy it reports for that model is not to be trusted.
 
-Not built (the reference's options): attack-found boundary points, repeated inference for stochastic
-models (a stochastic model's features change between the fit and the attack), far-off reference points.
+**A random model** (SAP): its features change with every forward pass, so a readout fitted on one draw and a
+point judged on another need not agree. With ``draws`` > 1 (the reference's repeated inference) the features
+of the fit and of the judgement are the mean over that many forward passes; the attack itself still sees one
+draw per query, so it needs EOT, as on the defended model.
+
+Not built (the reference's options): attack-found boundary points, far-off reference points.
 """
 
 from __future__ import annotations
@@ -55,8 +59,11 @@ class BinarizationConfig:
     readout_c: float = 1e4     # inverse L2 strength of the logistic regression (large: nearly unregularised)
     confidence: float = 0.95   # of the Clopper-Pearson interval
     seed: int = 0
+    draws: int = 1             # forward passes averaged for the features of the fit and the judgement
 
     def __post_init__(self):
+        if not isinstance(self.draws, int) or self.draws < 1:
+            raise ValueError(f"binarization.draws: expected an integer >= 1, got {self.draws!r}")
         if not isinstance(self.n_inner, int) or self.n_inner < 1:
             raise ValueError(f"binarization.n_inner: expected an integer >= 1, got {self.n_inner!r}")
         if not isinstance(self.n_boundary, int) or self.n_boundary < 1:
@@ -123,6 +130,13 @@ def _features(model: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tens
     return captured[-1].flatten(1)
 
 
+def _mean_features(model: nn.Module, layer: nn.Linear, x: torch.Tensor, draws: int) -> torch.Tensor:
+    """The features of ``x`` averaged over ``draws`` forward passes (no gradients): a random model's
+    expected features."""
+    with torch.no_grad():
+        return torch.stack([_features(model, layer, x) for _ in range(draws)]).mean(0)
+
+
 class Binarized(nn.Module):
     """The defended model's features followed by a two-class linear readout (label 1: "adversarial")."""
 
@@ -170,14 +184,15 @@ def fit_readout(features: torch.Tensor, labels: torch.Tensor, cfg: BinarizationC
     return readout
 
 
-def _found(binarized: Binarized, x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> bool:
+def _found(binarized: Binarized, x: torch.Tensor, x_adv: torch.Tensor, eps: float, draws: int = 1) -> bool:
     """Whether ``x_adv`` is a valid adversarial example of the binarized model: inside the ball and the box,
-    labelled 1."""
+    labelled 1 (by the readout of its features averaged over ``draws`` passes)."""
     x_adv = x_adv.detach().to(x.device)
     if (x_adv - x).abs().max() > eps + TOLERANCE or x_adv.min() < -TOLERANCE or x_adv.max() > 1 + TOLERANCE:
         return False
     with torch.no_grad(), attack_mode(binarized):
-        return bool(binarized(x_adv).argmax(1).item() == 1)
+        features = _mean_features(binarized.model, binarized.layer, x_adv, draws)
+        return bool(binarized.readout(features).argmax(1).item() == 1)
 
 
 def binarization_test(model: nn.Module, x: torch.Tensor, attack: Attack, eps: float,
@@ -193,8 +208,7 @@ def binarization_test(model: nn.Module, x: torch.Tensor, attack: Attack, eps: fl
     with attack_mode(model) as device:
         for image in x.detach().cpu():
             points, labels = binary_task(image, eps, cfg, generator)
-            with torch.no_grad():
-                features = _features(model, layer, points.to(device))
+            features = _mean_features(model, layer, points.to(device), cfg.draws)
             readout = fit_readout(features, labels, cfg)
             if readout is None:
                 result.outcomes.append("invalid")
@@ -202,5 +216,5 @@ def binarization_test(model: nn.Module, x: torch.Tensor, attack: Attack, eps: fl
             binarized = Binarized(model, readout)
             clean = image[None].to(device)
             x_adv = attack(binarized, clean, torch.zeros(1, dtype=torch.long, device=device), eps)
-            result.outcomes.append("pass" if _found(binarized, clean, x_adv, eps) else "fail")
+            result.outcomes.append("pass" if _found(binarized, clean, x_adv, eps, cfg.draws) else "fail")
     return result

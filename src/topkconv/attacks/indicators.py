@@ -435,6 +435,12 @@ def _shown(attack: str, gap: dict, n: int, cascaded: bool) -> dict:
             "text": f"masking shown: attack {attack} beat attack {beaten} by {points:.1f} points"}
 
 
+# Flags that say the attack had not converged at its budget (a larger one still removed accuracy), a fault of
+# the attack rather than a sign of masking; alone they give the verdict NOT_CONVERGED.
+CONVERGENCE_FLAGS = ("incomplete_optimisation", "steps_restarts_converged")
+NOT_CONVERGED = "attack not converged"
+
+
 def too_weak(indicators: dict) -> Optional[dict]:
     """The verdict "attack too weak" when the binarization test flagged, whatever the other indicators say: an
     attack that misses adversarial examples known to exist leaves robust accuracies that cannot be trusted."""
@@ -462,7 +468,13 @@ def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Option
       other way and it does not "show" masking;
     - ``attack too weak: robust accuracy not trustworthy`` when the binarization test flagged (:func:`too_weak`;
       the two above keep their line and say ``attack_too_weak``);
-    - ``masking suspected (indicators ...)`` when any indicator is flagged;
+    - ``masking suspected (indicators ...)`` when a masking indicator is flagged (the line lists every flag,
+      the convergence ones below included);
+    - ``attack not converged: robust accuracy is an upper bound (...)`` when the only flags are the
+      convergence ones (:data:`CONVERGENCE_FLAGS`): a larger budget still removes accuracy, which says the
+      attack was under-budgeted, not that the model masks gradients (Carlini et al. 2019; Pintor et al. 2022
+      fix incomplete optimisation with more iterations). It comes after "attack too weak", whose binarization
+      test shows the weakness on examples known to be breakable;
     - ``no masking indicated`` otherwise.
 
     ``subsets`` maps an attack run on the first m examples only to ``(accuracies on those m, m)``: it is
@@ -488,7 +500,15 @@ def verdict(acc: dict, indicators: dict, whitebox: list, n: int, subsets: Option
         return dict(found, flags=flags, attack_too_weak=weak is not None)
     if weak is not None:
         return weak
-    if flags:
-        return {"verdict": "masking suspected", "flags": flags,
-                "text": f"masking suspected (indicators {', '.join(flags)})"}
-    return {"verdict": "no masking indicated", "flags": [], "text": "no masking indicated"}
+    return _flagged(flags) or {"verdict": "no masking indicated", "flags": [], "text": "no masking indicated"}
+
+
+def _flagged(flags: list) -> Optional[dict]:
+    """"attack not converged" when every flag is a convergence one, "masking suspected" when any other is."""
+    if not flags:
+        return None
+    if set(flags) <= set(CONVERGENCE_FLAGS):
+        return {"verdict": NOT_CONVERGED, "flags": flags,
+                "text": f"{NOT_CONVERGED}: robust accuracy is an upper bound ({', '.join(flags)})"}
+    return {"verdict": "masking suspected", "flags": flags,
+            "text": f"masking suspected (indicators {', '.join(flags)})"}

@@ -55,19 +55,19 @@ def binarization_indicator(model: nn.Module, x: torch.Tensor, plan: Plan, summar
     if m <= 0:
         return not_applicable("off (indicators.binarization_examples = 0)")
     skipped = {}
+    # a random model's features are averaged over draws for the fit and the judgement (its attack needs EOT)
+    binarization = BinarizationConfig(seed=cfg.seed, draws=settings.binarization_draws if traits.stochastic else 1)
     for attack in whitebox_candidates(plan, summary):
         seed = attack_seed(cfg.seed, -2, f"binarization/{attack.name}")
         try:
             result = binarization_test(model, x[:m], _on_binarized(attack, cfg, traits, seed), cfg.eps / 255,
-                                       BinarizationConfig(seed=cfg.seed))
+                                       binarization)
         except (ValueError, RuntimeError, IndexError, AssertionError) as error:
             skipped[attack.name] = f"{type(error).__name__}: {error}"[:200]
             continue
         found = _judged(result.to_dict(), attack.name, settings.binarization_threshold, skipped)
         if traits.stochastic:
-            found["caveat"] = ("a random model: the readout is fitted on one draw of its features and the attack's "
-                               "point judged on one draw (binarization.py builds no repeated inference), so a fail "
-                               "may be the draw's luck as well as the attack's weakness")
+            found["draws"] = binarization.draws
         return found
     return not_applicable("no white-box attack could run on the binarized model" if skipped
                           else "no white-box reference attack ran at the main eps") | {"skipped": skipped}
