@@ -428,6 +428,7 @@ def test_cifar10_table3_spec_builds_full_width_models_on_cifar_files(tmp_path):
 @pytest.mark.parametrize("name", ["table1", "table2", "table3"])
 def test_fashion_specs_load_plan_and_build_on_idx_files(tmp_path, name):
     from topkconv.reproduce import Study, Workspace, load_table_spec
+    from topkconv.reproduce.tables import meta
 
     write_fashion(tmp_path / "fm")
     table = load_table_spec(EXPERIMENTS / f"{name}-fashion.toml")
@@ -437,6 +438,8 @@ def test_fashion_specs_load_plan_and_build_on_idx_files(tmp_path, name):
     # the strong suite on at least 500 images, or a cut that the report's note declares
     assert base.attack.n_examples >= 500 or f"first {base.attack.n_examples} (CUT from the 500" in table.note
     study = Study(table)
+    described = meta(study)  # what the report says: not "embedded", and no absolute path
+    assert "(its default location)" in described["data"] and "(spec /" not in described["preset"]
     jobs, cached = Workspace(tmp_path / "out").plan([study])
     trainings = [j for j in jobs if j.step in ("train", "prune")]
     assert not cached and len(trainings) == table.seeds * len(table.reproduced_labels)

@@ -27,7 +27,7 @@ from typing import Optional
 from ..config import from_dict
 from ..io import read_toml
 from . import measures, stats
-from .spec import TABLES, TableSpec
+from .spec import TABLES, TableSpec, display_path
 
 METRICS = ("clean", "fgsm", "pgd")
 
@@ -368,16 +368,3 @@ def count_lines(judged: list) -> dict:
         lines["note"] = ("every measured claim is inconclusive with these seeds; 'Seeds needed' says how many "
                          "seeds each would take")
     return lines
-
-
-def display_path(path) -> str:
-    """A file named for a report: relative to the working folder or to the project, never absolute."""
-    from .spec import experiments_dir
-
-    path = Path(path).resolve()
-    for root in (Path.cwd(), experiments_dir().resolve().parent):
-        try:
-            return path.relative_to(root.resolve()).as_posix()
-        except ValueError:
-            continue
-    return path.name

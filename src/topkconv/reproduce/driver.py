@@ -16,7 +16,7 @@ from typing import Optional
 from . import claims as claims_module
 from . import jobs as jobs_module
 from . import tables
-from .spec import PAPER_TABLES, TARGETS, Study, load_table_spec, merge, spec_path
+from .spec import PAPER_TABLES, TARGETS, Study, display_path, load_table_spec, merge, spec_path
 from .workspace import Workspace
 
 
@@ -168,7 +168,7 @@ def write_claims(workspace: Workspace, studies: list, judged: list, source) -> d
 
     judged = claims_module.adjust(judged)   # Holm over this report's claims
     meta = {"tables": ", ".join(f"{s.name} ({s.table.preset}, {s.seeds} seeds)" for s in studies),
-            "claims file": claims_module.display_path(source),
+            "claims file": display_path(source),
             **claims_module.count_lines(judged)}
     md = workspace.reports / "claims.md"
     js = workspace.reports / "claims.json"

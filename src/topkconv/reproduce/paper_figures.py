@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .spec import FiguresSpec, Study
+from .spec import FiguresSpec, Study, display_path
 
 
 def needed_labels(study: Study) -> list:
@@ -37,7 +37,7 @@ def run_figures(workspace, study: Study) -> dict:
     routes = {label: figures.collect_routes(models[label], x[:limit], y[:limit], spec.model.num_classes,
                                             batch_size=fig.routing_batch_size)
               for label in fig.routing}
-    meta = {"preset": f"{study.table.preset} (spec {study.table.path})",
+    meta = {"preset": f"{study.table.preset} (spec {display_path(study.table.path)})",
             "data": f"{spec.data.name}, {min(limit, len(x))} test images",
             "models": ", ".join(f"{label} = runs/{run_dirs[label].name} (seed 0)" for label in fig.routing)}
     paths["routing"] = figures.routing_report(routes, reports, names, meta)

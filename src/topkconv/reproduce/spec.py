@@ -264,3 +264,14 @@ def strong_config(attack: AttackConfig, eps: float) -> AttackConfig:
     radius as it reaches 8/255."""
     step = attack.budget("pgd").step_size * float(eps) / attack.eps
     return dataclasses.replace(attack.with_budget("pgd", step_size=step), eps=float(eps), extra_eps=[])
+
+
+def display_path(path) -> str:
+    """A file named for a report: relative to the working folder or to the project, never absolute."""
+    path = Path(path).resolve()
+    for root in (Path.cwd(), experiments_dir().resolve().parent):
+        try:
+            return path.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+    return path.name

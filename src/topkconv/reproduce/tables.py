@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from . import measures, stats
-from .spec import Study
+from .spec import Study, display_path
 
 ROW_NAMES = {"clean": "None", "fgsm": "FGSM", "pgd": "PGD", "worst": "Strong-suite worst case"}
 
@@ -139,12 +139,15 @@ def meta(study: Study) -> dict:
     spec = study.first_spec
     attack = spec.attack
     env = environment_info()
-    data = spec.data.name + (f" ({spec.data.root})" if spec.data.root else " (embedded)")
+    # only digits ships inside a wheel; the other data sets are read from their default location
+    where = display_path(spec.data.root) if spec.data.root else ("embedded" if spec.data.name == "digits"
+                                                                  else "its default location")
+    data = f"{spec.data.name} ({where})"
     limit = study.table.eval_examples
     strong = f"first {attack.n_examples}" if attack.n_examples else "all"
     seeds = ", ".join(str(spec.train.seed + i) for i in range(study.seeds))
     return {
-        "preset": f"{study.table.preset} (spec {study.table.path})",
+        "preset": f"{study.table.preset} (spec {display_path(study.table.path)})",
         "data": f"{data}, {spec.data.image_size} px, split seed {spec.data.split_seed} (the same for every seed)",
         "model": f"{spec.model.arch}, width {spec.model.width}, hidden {spec.model.hidden}, {spec.train.epochs} epochs, "
                  + (f"features initialised from {spec.model.pretrained}" if spec.model.pretrained
