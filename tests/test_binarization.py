@@ -122,7 +122,9 @@ def test_a_random_model_is_judged_on_features_averaged_over_draws(sap_mlp, digit
     print(f"SAP MLP, {attack} attack, {draws} draws:", summary(result))
     assert result.count("invalid") == 0
     if (draws, attack) == (20, "strong"):
-        assert result.pass_rate >= 0.9 and result.interval[1] == 1.0   # measured: 20 of 20
+        # not flagged (the 95% upper bound reaches 0.9); measured 20 of 20, and 19 of 20 when SAP's draws
+        # follow another test order
+        assert result.pass_rate >= 0.9 and result.interval[1] >= 0.9
     elif attack == "weak":
         assert result.pass_rate <= 0.2 and result.interval[1] < 0.5    # measured: 0 of 20
     else:

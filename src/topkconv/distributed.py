@@ -87,6 +87,10 @@ def setup(device_preference: str = "auto", ctx: Context | None = None) -> Contex
 
 def teardown(ctx: Context) -> None:
     if ctx.owns_group and dist.is_initialized():
+        # every rank reaches this point before any destroys the group: a rank that tears gloo down while the
+        # other still finishes its last writes was seen to abort ("terminate called without an active
+        # exception") on a loaded 2-core machine
+        dist.barrier()
         dist.destroy_process_group()
 
 
