@@ -68,6 +68,25 @@ def test_fit_writes_a_loadable_checkpoint_and_metrics(straight_run):
     assert summary["test_acc"] == lines[-1]["test_acc"]
 
 
+def test_a_run_json_with_a_key_an_earlier_version_wrote_still_loads_but_a_spec_with_it_is_refused(
+        straight_run, tmp_path):
+    import shutil
+
+    from topkconv.config import RETIRED_KEYS, spec_from_dict
+
+    run_dir, trained, _ = straight_run
+    older = tmp_path / "older"
+    shutil.copytree(run_dir, older)
+    record = json.loads((older / "run.json").read_text())
+    record["spec"]["attack"]["indicators"]["transfer_threshold"] = 0.1  # what 26c0f4d wrote
+    (older / "run.json").write_text(json.dumps(record))
+    model, _ = load_checkpoint(older)
+    assert_same_weights(weights(model), trained)
+    assert "attack.indicators.transfer_threshold" in RETIRED_KEYS
+    with pytest.raises(ValueError, match=r"attack\.indicators\.transfer_threshold is no longer read"):
+        spec_from_dict(record["spec"])
+
+
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(straight_run, tmp_path):
     _, trained, _ = straight_run
     model, _ = fit(tiny_spec(), tmp_path / "again", progress=False)

@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 from torch import nn
 
-from .config import RunSpec, spec_from_dict
+from .config import RunSpec, spec_from_dict, without_retired_keys
 from .errors import UserError
 from .io import atomic_save_safetensors, atomic_write_json, environment_info, read_json
 
@@ -269,7 +269,7 @@ def load_checkpoint(path, device: str = "cpu", allow_unfinished: bool = False) -
     run_dir = run_folder(path)
     run_file, record = _run_record(run_dir, allow_unfinished)
     try:
-        spec = spec_from_dict(record["spec"])
+        spec = spec_from_dict(without_retired_keys(record["spec"]))
     except ValueError as err:
         raise ValueError(f"{run_file}: {err}") from None
     weights_file = run_dir / MODEL_FILE

@@ -292,6 +292,27 @@ class RunSpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Keys earlier versions wrote that this version no longer reads -> why. A spec file that sets one gets an
+# error saying so; a run.json that holds one (its attack section never changes the weights) is still loaded.
+RETIRED_KEYS = {
+    "attack.indicators.transfer_threshold": "baseline_transfer is a sign test against white-box PGD since "
+                                            "363f8c3, with no threshold to set",
+}
+
+
+def without_retired_keys(data: dict) -> dict:
+    """A copy of a stored spec (run.json) without the :data:`RETIRED_KEYS` an earlier version wrote."""
+    out = copy.deepcopy(data)
+    for dotted in RETIRED_KEYS:
+        *sections, key = dotted.split(".")
+        table = out
+        for part in sections:
+            table = table.get(part) if isinstance(table, dict) else None
+        if isinstance(table, dict):
+            table.pop(key, None)
+    return out
+
+
 def from_dict(cls, data: dict, where: str = "", owner: str = ""):
     """Build dataclass ``cls`` from ``data``; an unknown key or a wrong type raises ValueError naming it.
 
@@ -308,6 +329,8 @@ def from_dict(cls, data: dict, where: str = "", owner: str = ""):
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
+        if key not in fields and path in RETIRED_KEYS:
+            raise ValueError(f"{path} is no longer read: {RETIRED_KEYS[path]}; remove it")
         if key not in fields:
             expected = f"expected one of {sorted(fields)}" if fields else "it takes no options"
             raise ValueError(f"unknown key {path!r}{f' for {owner}' if owner else ''}; {expected}")

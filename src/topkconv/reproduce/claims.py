@@ -20,6 +20,7 @@ reproduced, contradicted, no gain shown, inconclusive) is then Holm-adjusted acr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,7 +28,7 @@ from typing import Optional
 from ..config import from_dict
 from ..io import read_toml
 from . import measures, stats
-from .spec import TABLES, TableSpec, display_path
+from .spec import PRESETS, TABLES, TableSpec, display_path
 
 METRICS = ("clean", "fgsm", "pgd")
 
@@ -46,6 +47,13 @@ class Claim:
     decide: str = ""                   # the measure that decides the verdict: clean | <metric>@<eps> | worst@<eps>
     delta: Optional[float] = None      # greater / less: the smallest gain that counts (default stats.DELTA)
     source: str = "paper"              # paper | project (the project's own question: no paper numbers)
+    # preset -> its own deciding measure, where a preset measures elsewhere (e.g. its AT trains at another
+    # radius: {fashion = "worst@8"}); a preset not named here decides on ``decide``
+    decide_by_preset: dict = field(default_factory=dict)
+
+    def for_preset(self, preset: str) -> "Claim":
+        """This claim as a table of ``preset`` decides it."""
+        return dataclasses.replace(self, decide=self.decide_by_preset.get(preset, self.decide))
 
     @property
     def gain_margin(self) -> float:
@@ -157,7 +165,12 @@ def _check_paper_numbers(claim: Claim) -> None:
 
 
 def _check_decide(claim: Claim) -> None:
-    """``decide`` names a measure the claim can be read on: ``clean``, or its attack or the worst case at an eps."""
+    """``decide`` (and each of ``decide_by_preset``) names a measure the claim can be read on: ``clean``, or its
+    attack or the worst case at an eps."""
+    for preset, decide in claim.decide_by_preset.items():
+        if preset not in PRESETS:
+            raise ValueError(f"'decide_by_preset' names preset {preset!r}; expected one of {PRESETS}")
+        _check_decide(dataclasses.replace(claim, decide=decide, decide_by_preset={}))
     family, _, eps = claim.decide.partition("@")
     allowed = ("clean",) if claim.metric == "clean" else (claim.metric, "worst")
     try:

@@ -149,7 +149,8 @@ def _reproduce_in(workspace: Workspace, studies: list, figure_study, claims: lis
     for study in studies:
         results = workspace.results(study)
         done[study.name] = tables.write_reports(workspace, study, results)
-        judged += [claims_module.judge(claim, results, study.eps_list(), study.strong_radii())
+        judged += [claims_module.judge(claim.for_preset(study.table.preset), results, study.eps_list(),
+                                       study.strong_radii())
                    for claim in claims if claim.table == study.name]
     if figure_study is not None:
         from .paper_figures import run_figures

@@ -136,7 +136,8 @@ def _sweep_in(workspace: Workspace, key: str, values: list, labels: list, studie
     for value, study in zip(values, studies):
         results = {label: seeds_ for label, seeds_ in workspace.results(study).items() if label in labels}
         summary = tables.summarise(study, results)
-        verdicts = [claims_module.judge(c, results, study.eps_list(), study.strong_radii())
+        verdicts = [claims_module.judge(c.for_preset(study.table.preset), results, study.eps_list(),
+                                        study.strong_radii())
                     for c in judged_claims if c.table == study.name and c.a in results and c.b in results]
         points.append({"value": value, "summary": summary, "claims": verdicts,
                        "runs": {label: [s["run"] for s in seeds_] for label, seeds_ in results.items()}})
