@@ -96,3 +96,16 @@ def test_a_provisional_verdict_is_counted_as_such_in_the_reproduce_headline():
     provisional["verdict"].update(provisional=True, reason="attacks below their reference budget: square 6%")
     seeds = [{"paper": provisional, "strong": {"8": provisional}}]
     assert masking_verdicts(seeds) == "eps=8: no masking indicated (provisional) (1/1 seeds)"
+
+
+def test_the_binarization_pass_rate_is_pooled_over_seeds_for_the_table_headline():
+    from topkconv.reproduce import measures
+
+    def seed(passes, fails, verdict):
+        test = {"passes": passes, "fails": fails, "verdict": verdict, "pass_rate": passes / (passes + fails)}
+        strong = {"suite": "full", "worst_case": {"eps": 8.0}, "indicators": {"binarization": test}}
+        return {"paper": {}, "strong": {"8": strong}}
+
+    assert measures.binarization_summary([seed(20, 0, "pass"), seed(17, 3, "fail")]) == \
+        "eps=8: 37/40 examples pass (1/2 seeds pass)"
+    assert measures.binarization_summary([{"paper": {}, "strong": {"8": {"suite": "full", "indicators": {}}}}]) == ""

@@ -80,6 +80,11 @@ def masking_flags(result: dict) -> list:
     return sorted(set(flagged))
 
 
+def strong_parts(result: dict) -> list:
+    """The strong-suite evaluations (one per eps) of one seed's result."""
+    return list(_parts(result)[1])
+
+
 def masking_verdicts(result: dict) -> list:
     """The strong suite's verdict at each of its eps: ``[{"eps": E, "verdict": kind, "text": line}]``, where
     ``kind`` is the structured field (``masking shown``, ``masking suspected``, ``attack not converged``,

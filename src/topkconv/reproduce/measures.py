@@ -101,6 +101,29 @@ def masking_flags(seeds: list) -> str:
     return ", ".join(f"{flag} ({count}/{len(seeds)} seeds)" for flag, count in sorted(counts.items()))
 
 
+def binarization_summary(seeds: list) -> str:
+    """The binarization test (Zimmermann et al. 2022) at each eps, pooled over seeds: examples passed of those
+    tested (a pass: the attack found the adversarial point the test built in), and the seeds whose test
+    passed; "" when no seed ran it."""
+    from .. import report
+
+    passes: dict = {}
+    for result in seeds:
+        for part in report.strong_parts(result):
+            test = (part.get("indicators") or {}).get("binarization")
+            if not isinstance(test, dict) or "passes" not in test:
+                continue
+            eps = (part.get("worst_case") or {}).get("eps")
+            where = f"eps={eps:g}" if isinstance(eps, (int, float)) else "eps=?"
+            tested = test["passes"] + test.get("fails", 0)
+            total = passes.setdefault(where, [0, 0, 0])
+            total[0] += test["passes"]
+            total[1] += tested
+            total[2] += test.get("verdict") == "pass"
+    return "; ".join(f"{where}: {p}/{n} examples pass ({s}/{len(seeds)} seeds pass)"
+                     for where, (p, n, s) in sorted(passes.items()))
+
+
 def masking_verdicts(seeds: list) -> str:
     """The strong suite's one-line verdict at each eps, counted over seeds: ``eps=8: masking suspected (3/3)``."""
     from .. import report

@@ -68,7 +68,7 @@ def interval_note(seeds: int) -> str:
 def summarise(study: Study, results: dict) -> dict:
     """``{"measures": [...], "cells": {label: {measure: Estimate dict or None}}, "flags": {label: text}}``."""
     names = measures.names(study.eps_list(), study.strong_radii())
-    cells, flags, verdicts = {}, {}, {}
+    cells, flags, verdicts, binarization = {}, {}, {}, {}
     for label, seeds in results.items():
         cells[label] = {}
         for measure in names:
@@ -76,7 +76,8 @@ def summarise(study: Study, results: dict) -> dict:
             cells[label][measure] = None if estimate is None else estimate.as_dict()
         flags[label] = measures.masking_flags(seeds)
         verdicts[label] = measures.masking_verdicts(seeds)
-    return {"measures": names, "cells": cells, "flags": flags, "verdicts": verdicts}
+        binarization[label] = measures.binarization_summary(seeds)
+    return {"measures": names, "cells": cells, "flags": flags, "verdicts": verdicts, "binarization": binarization}
 
 
 def build_table(study: Study, summary: dict):
@@ -101,13 +102,18 @@ def build_table(study: Study, summary: dict):
         rows.append(row)
     # The masking verdicts and flags are too long for a table cell: one line per model, above the table.
     headline = [f"{label}: {summary['verdicts'].get(label) or 'no strong suite'}; flagged: {summary['flags'][label]}"
-                for label in table.labels if label not in not_reproduced]
+                + _binarization_text(summary, label) for label in table.labels if label not in not_reproduced]
     notes = [table.note] if table.note else []
     notes.append(f"ours: mean over {study.seeds} training seeds [{interval_note(study.seeds)}]; per-seed values "
                  f"in {table.table}.csv/.json.")
     notes += [f"{label}: not reproduced: {reason}." for label, reason in not_reproduced.items()]
     return Table(table.table, table.title or table.table, header, rows, notes, headline=headline,
                  paper_setting=PAPER_SETTING if table.table in PAPER else NO_PAPER_SETTING)
+
+
+def _binarization_text(summary: dict, label: str) -> str:
+    found = summary.get("binarization", {}).get(label)
+    return f"; binarization test: {found}" if found else ""
 
 
 def render_csv(study: Study, summary: dict) -> str:
