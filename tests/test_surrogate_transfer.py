@@ -91,3 +91,29 @@ def test_the_best_stand_in_decides_and_every_one_is_reported(routing_mlp, digits
 def test_a_flag_makes_the_verdict_masking_suspected():
     found = verdict({"pgd": 0.5, "fgsm": 0.6}, {"surrogate_transfer_failure": {"verdict": "flag"}}, ["pgd"], n=1000)
     assert found["text"] == "masking suspected (indicators surrogate_transfer_failure)"
+
+
+@pytest.mark.parametrize("layer_type", ["TopKConv2d", "TopKNeuronConv2d"])
+def test_a_routing_convolution_computes_its_stand_ins_forward_and_backward(layer_type):
+    """Dense: the nn.Conv2d of the same weights; soft at k = all channels: the same (every gate is 1)."""
+    import topkconv.layers as layers
+    from topkconv.layers.bpda import stand_in_values
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    routed = getattr(layers, layer_type).from_dense(conv, k=2)
+    full = getattr(layers, layer_type).from_dense(conv, k=1.0)
+    x = torch.rand(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    with layers.dense_gradients(), stand_in_values():
+        dense = routed(x)
+        (grad,) = torch.autograd.grad(dense.sum(), x)
+    reference = conv(x)
+    assert torch.allclose(dense, reference) and torch.allclose(grad, torch.autograd.grad(reference.sum(), x)[0])
+    with torch.no_grad():
+        exact = routed(x)
+        with layers.soft_gradients(), stand_in_values():
+            soft, soft_full = routed(x), full(x)
+        with stand_in_values():   # the exact mode: the routed layer itself
+            assert torch.equal(routed(x), exact)
+    assert torch.allclose(soft_full, reference) and not torch.allclose(soft, exact)
+    assert not torch.allclose(exact, reference)
