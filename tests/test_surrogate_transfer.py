@@ -117,3 +117,20 @@ def test_a_routing_convolution_computes_its_stand_ins_forward_and_backward(layer
             assert torch.equal(routed(x), exact)
     assert torch.allclose(soft_full, reference) and not torch.allclose(soft, exact)
     assert not torch.allclose(exact, reference)
+
+
+def test_the_full_suite_reports_it_and_a_flag_reaches_the_verdict(routing_mlp, digits_test):
+    import json
+
+    from topkconv.evaluate import evaluate
+
+    cfg = AttackConfig(suite="full", eps=16, eps_curve=[0], n_examples=60,
+                       budgets={"pgd": {"step_size": 2.5}, "autoattack": {"iterations": 5, "attacks": ["apgd-ce"]},
+                                "square": {"queries": 20}, "zeroth_order": {"steps": 3, "samples": [[0, 10]]},
+                                "bpda_soft": {"tau": 10.0}},   # a loose soft stand-in: no stand-in predicts the model
+                       indicators={"examples": 60, "draws": 5, "steps": 5, "binarization_examples": 0})
+    result = json.loads(json.dumps(evaluate(routing_mlp, *digits_test, cfg, progress=False)))
+    found = result["indicators"]["surrogate_transfer_failure"]
+    assert set(found["per_stand_in"]) == {"bpda_dense", "bpda_soft"} and found["threshold"] == 0.5
+    assert found["verdict"] == "flag", found
+    assert "surrogate_transfer_failure" in result["verdict"]["flags"], result["verdict"]
