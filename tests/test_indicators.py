@@ -16,6 +16,8 @@ from topkconv.attacks.indicators import (gradient_agreement, incomplete_optimisa
                                          unconstrained_failure, unstable_predictions, verdict,
                                          zero_gradient_at_start)
 from topkconv.attacks.transfer import transfer
+from topkconv.config import AttackConfig
+from topkconv.evaluate.measure import stand_in_transfer
 from topkconv.layers import TopKLinear
 
 EPS = 16 / 255
@@ -52,6 +54,12 @@ def _baseline_transfer(model, mlp, x, y):
     return baseline_transfer(model, mlp, x, y, x_adv, x_whitebox)
 
 
+def _stand_in_transfer(model, x, y, tau=None):
+    """Pintor's transfer failure on the model's stand-in models at EPS (the soft one at temperature ``tau``)."""
+    cfg = AttackConfig(suite="full", eps=EPS * 255).with_budget("bpda_soft", tau=tau)
+    return stand_in_transfer(model, x, y, cfg, _gen())
+
+
 def _square_vs_pgd(model, x, y):
     outcomes = {"pgd": _robust(model, x, y, pgd(model, x, y, EPS, EPS / 8, 20, start="zero")),
                 "square": _robust(model, x, y, square(model, x, y, EPS, n_queries=300, seed=0))}
@@ -83,6 +91,11 @@ CASES = {
     # broken by transfer alone, none by PGD alone)
     "baseline_transfer": (lambda m, x, y: _baseline_transfer(RoundedInput(m["cnn"]), m["mlp"], x, y),
                          lambda m, x, y: _baseline_transfer(m["cnn"], m["mlp"], x, y)),
+    # the same Dynamic-k MLP, its soft stand-in loosened (tau = 10: every gate near 1/2, half the dense layer) so
+    # that no stand-in predicts it (measured 0.71: 15 of 21 of the best stand-in's points failed on it); quiet on
+    # a routing layer at k = fan-in, whose stand-ins are the model itself
+    "surrogate_transfer_failure": (lambda m, x, y: _stand_in_transfer(m["routing_mlp"], x, y, tau=10.0),
+                                   lambda m, x, y: _stand_in_transfer(_all_selected_routing(m["mlp"]), x, y)),
     "unconstrained_failure": (lambda m, x, y: unconstrained_failure(RoundedInput(m["cnn"]), x, y, 20, _gen()),
                               lambda m, x, y: unconstrained_failure(m["cnn"], x, y, 20, _gen())),
     "randomness": (lambda m, x, y: randomness(StochasticInputDropout(m["cnn"]), x),

@@ -138,6 +138,12 @@ class IndicatorConfig:
     incomplete_threshold: float = 0.1  # share of worst-case-robust examples every traced attack left still moving
                                        # (our choice)
     randomness_threshold: float = 1e-4  # AutoAttack: relative L2 change of the logits
+    # Pintor's transfer failure on a routing model's own stand-in models (surrogate_transfer_failure): flag when,
+    # of the examples whose attack point fools a stand-in model, more than this share the real model still
+    # classifies correctly. Pintor flags any failure, with a surrogate whose forward pass is the model's own; a
+    # stand-in differs from the routed model by construction, so a few failures near the boundary are expected.
+    # Half is where the stand-in's successes stop predicting the model's: most of its points fail on it.
+    surrogate_transfer_threshold: float = 0.5
     # AutoAttack: Square beats the white-box attacks by more than 0.2 points (and by 1 example, and by the sign
     # test at alpha: AutoAttack's bare 0.2 points was sized for 10,000 examples)
     square_threshold: float = 0.002

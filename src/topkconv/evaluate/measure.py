@@ -10,16 +10,32 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import defenses
+from ..attacks.bpda import STAND_INS, plan_on_stand_in, stand_in_model
 from ..attacks.common import model_device, seeded
 from ..attacks.indicators import (baseline_transfer, gradient_agreement, randomness, selection_flip_rate,
-                                  unavailable_gradients, unconstrained_failure, unstable_predictions,
-                                  zero_gradient_at_start)
+                                  surrogate_transfer_failure, unavailable_gradients, unconstrained_failure,
+                                  unstable_predictions, zero_gradient_at_start)
 from ..attacks.masking import not_applicable
 from ..attacks.pgd import pgd, step_at
 from ..attacks.registry import PlanContext
 from ..attacks.transfer import transfer
 from ..config import AttackConfig
 from .run import attack_seed, sync
+
+
+def stand_in_transfer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig,
+                      generator: Optional[torch.Generator] = None) -> dict:
+    """:func:`surrogate_transfer_failure` at ``cfg.eps``: each BPDA attack the model's defences call for, with
+    its own budget, run on its stand-in model (:func:`.attacks.bpda.plan_on_stand_in`), its points judged on the
+    model."""
+    ctx = PlanContext(model, cfg)
+    stand_ins = {}
+    for name in (name for name in defenses.adaptive_attacks(model) if name in STAND_INS):
+        x_adv = plan_on_stand_in(ctx, name, cfg.eps).run(x, y, generator, cfg.seed)
+        stand_ins[name] = (lambda name=name: stand_in_model(ctx, name), x_adv)
+    return surrogate_transfer_failure(model, stand_ins, x, y, cfg.eps / 255,
+                                      cfg.indicators.surrogate_transfer_threshold)
 
 
 def _measures(model: nn.Module, xi: torch.Tensor, yi: torch.Tensor, cfg: AttackConfig,
@@ -44,6 +60,7 @@ def _measures(model: nn.Module, xi: torch.Tensor, yi: torch.Tensor, cfg: AttackC
         "unstable_predictions": lambda g: unstable_predictions(model, xi, yi, s.unstable_radius / 255, s.draws,
                                                                batch, g, s.unstable_threshold),
         "baseline_transfer": transferred,
+        "surrogate_transfer_failure": lambda g: stand_in_transfer(model, xi, yi, cfg, g),
         "unconstrained_failure": lambda g: unconstrained_failure(model, xi, yi, s.steps, g, s.slack_points),
         "randomness": lambda g: randomness(model, xi, s.randomness_passes, s.randomness_threshold),
         "zero_gradient_at_start": lambda g: zero_gradient_at_start(model, xi, yi, eps, g),

@@ -2,7 +2,7 @@
 
 Athalye et al. (2018) attack a non-differentiable or gradient-masking component through a
 differentiable stand-in (BPDA). The forward value of every layer stays exact in every mode; only the
-backward pass changes:
+backward pass changes (inside :func:`stand_in_values` the forward value is the stand-in's too):
 
 * ``"exact"`` (default): the gradient of the top-k layer itself (it reaches only what was selected).
 * ``"dense"`` (:func:`dense_gradients`): the gradient of the dense layer with the same weights, as
@@ -72,6 +72,25 @@ def _mode(mode: str, tau: Optional[float]):
         _state.mode, _state.tau = previous
 
 
+def stand_in_forward() -> bool:
+    """Whether the routing layers' forward values are their stand-ins' too (:func:`stand_in_values`)."""
+    return getattr(_state, "values", False)
+
+
+@contextlib.contextmanager
+def stand_in_values():
+    """Inside this block, under :func:`dense_gradients` or :func:`soft_gradients`, every routing layer's
+    forward value is its stand-in's too (the dense layer, or the soft relaxation), not only its gradient: the
+    model becomes its stand-in model, a surrogate of the same defended model (Pintor et al. 2022's transfer
+    failure attacks it and judges its points on the real model). Under the exact mode nothing changes."""
+    previous = stand_in_forward()
+    _state.values = True
+    try:
+        yield
+    finally:
+        _state.values = previous
+
+
 def dense_gradients(enabled: bool = True):
     """Inside this block every routing layer's backward pass is that of its dense stand-in
     (``enabled=False``: the exact gradients)."""
@@ -139,6 +158,8 @@ def route_gradients(exact, dense, soft, *inputs: Optional[torch.Tensor]) -> torc
     surrogates whose gradient the other modes pass back while the value stays ``exact()``'s. No
     surrogate is built when none of ``inputs`` (the layer's tensors) needs a gradient."""
     mode = gradient_mode()
+    if mode != "exact" and stand_in_forward():   # the stand-in model: its value, and its own gradient
+        return dense() if mode == "dense" else soft(soft_tau())
     if mode == "exact" or not needs_autograd(*inputs):
         return exact()
     with torch.no_grad():
