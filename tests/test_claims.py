@@ -248,12 +248,14 @@ def test_table_cells_show_the_exact_bound_marked_and_say_how_intervals_were_made
 AT_LABELS = ("Baseline", "Baseline + AT", "Dynamic-k + AT", "TKC-max + AT")
 
 
-def test_the_at_claims_are_the_projects_own_and_decided_where_the_spec_measures():
+@pytest.mark.parametrize("preset", ["quick", "fashion"])
+def test_the_at_claims_are_the_projects_own_and_decided_where_the_spec_measures(preset):
     """Every tableat claim names a real column, carries no paper numbers, and decides robustness on the strong
-    suite's worst case at the training radius, which the spec's strong suite runs."""
-    table = load_table_spec(EXPERIMENTS / "tableat-quick.toml")
-    assert table.table == "tableat" and tuple(table.labels) == AT_LABELS
-    at = [c for c in C.load_claims(EXPERIMENTS / "claims.toml", {"tableat": table}) if c.table == "tableat"]
+    suite's worst case at the preset's training radius (24/255 quick, 8/255 fashion), which its strong suite runs."""
+    table = load_table_spec(EXPERIMENTS / f"tableat-{preset}.toml")
+    assert table.table == "tableat" and tuple(table.labels) == AT_LABELS and table.preset == preset
+    at = [c.for_preset(preset) for c in C.load_claims(EXPERIMENTS / "claims.toml", {"tableat": table})
+          if c.table == "tableat"]
     assert {c.id for c in at} >= {"AT-control-beats-baseline-pgd", "AT-dk-adds-to-at-pgd", "AT-tkc-max-adds-to-at-pgd",
                                   "AT-costs-clean-accuracy", "AT-dk-clean-at-least-at", "AT-tkc-max-clean-at-least-at"}
     study = Study(table)
@@ -267,6 +269,15 @@ def test_the_at_claims_are_the_projects_own_and_decided_where_the_spec_measures(
     # the open question compares routing + AT with the AT Baseline, and "no gain shown" is reachable (delta)
     assert {(c.a, c.b) for c in at if c.metric == "pgd" and c.b == "Baseline + AT"} == {
         ("Dynamic-k + AT", "Baseline + AT"), ("TKC-max + AT", "Baseline + AT")}
+
+
+def test_decide_by_preset_is_checked_like_decide():
+    with pytest.raises(ValueError, match="'decide_by_preset' names preset 'mnist'"):
+        C._check(_at_claim(decide_by_preset={"mnist": "worst@8"}), None)
+    with pytest.raises(ValueError, match="'decide' must be"):
+        C._check(_at_claim(decide_by_preset={"fashion": "fgsm@8"}), None)
+    claim = _at_claim(decide_by_preset={"fashion": "worst@8"})
+    assert (claim.for_preset("fashion").decide, claim.for_preset("quick").decide) == ("worst@8", "worst@24")
 
 
 def _at_claim(**changes):
