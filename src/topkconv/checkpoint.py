@@ -251,7 +251,8 @@ def _run_record(run_dir: Path, allow_unfinished: bool) -> tuple[Path, dict]:
     record = read_json(run_file, f"run record (is {run_dir} a training run?)")
     if not isinstance(record, dict) or "spec" not in record:
         raise ValueError(f"{run_file}: expected a JSON object with a 'spec' key")
-    return run_file, record
+    # keys an earlier version wrote and this one no longer reads: every reader of a run record gets them dropped
+    return run_file, {**record, "spec": without_retired_keys(record["spec"])}
 
 
 def load_checkpoint(path, device: str = "cpu", allow_unfinished: bool = False) -> tuple[nn.Module, RunSpec]:
@@ -269,7 +270,7 @@ def load_checkpoint(path, device: str = "cpu", allow_unfinished: bool = False) -
     run_dir = run_folder(path)
     run_file, record = _run_record(run_dir, allow_unfinished)
     try:
-        spec = spec_from_dict(without_retired_keys(record["spec"]))
+        spec = spec_from_dict(record["spec"])
     except ValueError as err:
         raise ValueError(f"{run_file}: {err}") from None
     weights_file = run_dir / MODEL_FILE

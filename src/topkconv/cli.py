@@ -552,10 +552,10 @@ def _run_prune(args) -> int:
     import json
 
     from .checkpoint import read_run_json
-    from .config import spec_from_dict, without_retired_keys
+    from .config import spec_from_dict
     from .pruning import prune_run, pruned_spec
 
-    source = spec_from_dict(without_retired_keys(read_run_json(args.checkpoint)["spec"]))
+    source = spec_from_dict(read_run_json(args.checkpoint)["spec"])
     spec = pruned_spec(source, args.scope, args.sparsity, args.epochs, lr=args.lr)
     with _run_lock_if_main(args.out):
         _, summary = prune_run(args.checkpoint, spec, args.out, progress=not args.no_progress,
