@@ -122,6 +122,7 @@ def test_pgd_is_reproducible_with_a_generator(mlp, digits_test):
     (dict(steps=-1), "steps"),
     (dict(restarts=0), "restarts"),
     (dict(start="middle"), "start"),
+    (dict(keep="best"), "keep"),
     (dict(x=torch.full((2, 1, 8, 8), 255.0)), r"\[0, 1\]"),
     (dict(y=torch.zeros(3, dtype=torch.long)), "y"),
 ])
@@ -155,6 +156,25 @@ def test_pgd_agrees_with_an_independent_implementation(eps, mlp, digits_test):
     ours = accuracy(model, pgd(model, x, y, eps, 2.5 * eps / STEPS, STEPS, generator=_gen(1)), y)
     theirs = accuracy(model, independent_pgd(model, x, y, eps, 2.5 * eps / STEPS, STEPS, seed=1), y)
     assert abs(ours - theirs) <= 0.02, (ours, theirs)
+
+
+def test_pgd_keeping_the_last_iterate_is_the_textbook_loop_from_the_clean_point(mlp, digits_test):
+    """keep="last" runs every step (what a transfer attack needs); keep="first" stops at the boundary, so its
+    points sit at a shallower margin than the end of the same run."""
+    x, y = digits_test
+    eps, alpha = 16 / 255, 4 / 255
+    expected = x.clone()
+    for _ in range(STEPS):
+        expected.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(mlp(expected), y), expected)
+        expected = torch.min(torch.max(expected.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    last = pgd(mlp, x, y, eps, alpha, STEPS, start="zero", keep="last")
+    first = pgd(mlp, x, y, eps, alpha, STEPS, start="zero")
+    assert torch.allclose(last, expected, atol=1e-6)
+    with torch.no_grad():
+        margin = lambda points: mlp(points).gather(1, y[:, None]).squeeze(1)  # noqa: E731  (true-class logit)
+        fooled = mlp(first).argmax(1) != y
+        assert fooled.sum() > 10 and (margin(last)[fooled] < margin(first)[fooled]).float().mean() > 0.6
 
 
 def test_apgd_ce_is_not_far_above_our_pgd(mlp, digits_test):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from topkconv.attacks.bpda import pgd_every_step, plan_on_stand_in, stand_in_model
+from topkconv.attacks.bpda import plan_on_stand_in, stand_in_model
+from topkconv.attacks.pgd import pgd
 from topkconv.attacks.indicators import surrogate_transfer_failure, verdict
 from topkconv.attacks.registry import PlanContext
 from topkconv.config import AttackConfig
@@ -54,7 +55,7 @@ def test_the_stand_in_attack_takes_every_step_within_eps(routing_mlp, digits_tes
         fooled = twin(x_adv).argmax(1) != y
     assert fooled.float().mean() > 0.2, "the attack on the dense stand-in should fool it on some examples"
     # a single step of the same size moves less: the budget is spent to the end
-    one_step = pgd_every_step(twin, x, y, EPS / 255, planned.params["step_size"] / 255, 1)
+    one_step = pgd(twin, x, y, EPS / 255, planned.params["step_size"] / 255, 1, start="zero", keep="last")
     with torch.no_grad():
         assert (twin(one_step).argmax(1) != y).sum() < fooled.sum()
 

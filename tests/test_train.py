@@ -87,6 +87,18 @@ def test_a_run_json_with_a_key_an_earlier_version_wrote_still_loads_but_a_spec_w
         spec_from_dict(record["spec"])
 
 
+def test_dotted_keys_are_set_in_new_tables_and_retired_ones_dropped_only_where_they_are():
+    from topkconv.config import with_keys, without_retired_keys
+
+    spec = {"attack": {"indicators": {"transfer_threshold": 0.1, "alpha": 0.05}}, "seed": 3}
+    assert without_retired_keys(spec) == {"attack": {"indicators": {"alpha": 0.05}}, "seed": 3}
+    assert spec["attack"]["indicators"]["transfer_threshold"] == 0.1        # a copy: the input is untouched
+    for older in ({"seed": 3}, {"attack": None}, {"attack": {"indicators": 7}}):  # nothing to drop, no error
+        assert without_retired_keys(older) == older
+    assert with_keys({"seed": 3}, {"model.defense.kind": "sap", "seed": 4}) == {
+        "seed": 4, "model": {"defense": {"kind": "sap"}}}
+
+
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(straight_run, tmp_path):
     _, trained, _ = straight_run
     model, _ = fit(tiny_spec(), tmp_path / "again", progress=False)

@@ -310,13 +310,21 @@ def without_retired_keys(data: dict) -> dict:
     """A copy of a stored spec (run.json) without the :data:`RETIRED_KEYS` an earlier version wrote."""
     out = copy.deepcopy(data)
     for dotted in RETIRED_KEYS:
-        *sections, key = dotted.split(".")
-        table = out
-        for part in sections:
-            table = table.get(part) if isinstance(table, dict) else None
-        if isinstance(table, dict):
+        table, key = _dotted_parent(out, dotted, create=False)
+        if table is not None:
             table.pop(key, None)
     return out
+
+
+def _dotted_parent(table: dict, dotted: str, create: bool):
+    """(the table that holds the last part of ``dotted``, that part) inside ``table``; missing tables on the
+    way are added when ``create``, else the parent is None."""
+    *sections, key = dotted.split(".")
+    for part in sections:
+        if not isinstance(table, dict):
+            return None, key
+        table = table.setdefault(part, {}) if create else table.get(part)
+    return (table if isinstance(table, dict) else None), key
 
 
 def from_dict(cls, data: dict, where: str = "", owner: str = ""):
@@ -427,10 +435,7 @@ def with_keys(table: dict, values: dict) -> dict:
     ``{"model.defense.kind": "sap"}``: what the command line's flags change in a spec."""
     out = copy.deepcopy(table)
     for dotted, value in values.items():
-        *sections, key = dotted.split(".")
-        target = out
-        for part in sections:
-            target = target.setdefault(part, {})
+        target, key = _dotted_parent(out, dotted, create=True)
         target[key] = value
     return out
 

@@ -12,14 +12,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import torch
-from torch import nn
-
 from ..layers import dense_gradients, soft_gradients
 from ..layers.bpda import stand_in_values
-from .common import attack_mode
-from .gradient import input_gradient
-from .pgd import plan_pgd, step_at
+from .pgd import pgd, plan_pgd, step_at
 from .registry import WHITEBOX, Attack, PlanContext, Planned, Role, budget_field, register
 
 
@@ -45,33 +40,20 @@ def stand_in_model(ctx: PlanContext, name: str) -> Iterator[None]:
         yield
 
 
-def pgd_every_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
-                   steps: int) -> torch.Tensor:
-    """PGD from the clean point that takes every step on the cross-entropy and returns the last iterate (eps
-    and step as fractions of 1). :func:`.pgd.pgd` returns an example's first adversarial iterate, a point just
-    across the boundary; a surrogate's such points fail on any model whose boundary lies a little further, so
-    the transfer failure's attack runs to the end of its budget, as Pintor et al.'s attacks (secml's and
-    foolbox's PGD) do. Measured on the digits Dynamic-k MLP at 8/255: its soft stand-in's first adversarial
-    points failed on the model for 4 of 5 examples, its last iterates for 0 of 5."""
-    with attack_mode(model) as device:
-        x, y = x.detach().to(device), y.to(device)
-        low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
-        x_adv = x.clone()
-        for _ in range(steps):
-            grad, _ = input_gradient(model, x_adv, y)
-            x_adv = torch.clamp(x_adv.add(grad.sign_(), alpha=step_size), low, high)
-    return x_adv.detach()
-
-
 def plan_on_stand_in(ctx: PlanContext, name: str, eps: float) -> Planned:
-    """BPDA attack ``name``'s budget (``[attack.pgd]``'s steps and step at ``eps``, 0-255 units) spent by
-    :func:`pgd_every_step` on its stand-in model itself: the forward pass and the loss are the stand-in
-    model's, as for any surrogate."""
+    """BPDA attack ``name``'s budget (``[attack.pgd]``'s steps and step at ``eps``, 0-255 units) spent by PGD
+    from the clean point on its stand-in model itself (the forward pass and the loss are the stand-in
+    model's, as for any surrogate), returning the last iterate (``keep="last"``). The first adversarial
+    iterate :func:`.pgd.pgd` returns by default lies just across the surrogate's boundary and fails on any
+    model whose boundary lies a little further, so the transfer failure's attack runs to the end of its
+    budget, as Pintor et al.'s attacks (secml's and foolbox's PGD) do. Measured on the digits Dynamic-k MLP
+    at 8/255: its soft stand-in's first adversarial points failed on the model for 4 of 5 examples, its last
+    iterates for 0 of 5."""
     steps, step = ctx.budget("pgd").steps, step_at(ctx, eps)
 
     def run(x, y, generator, seed):
         with stand_in_model(ctx, name):
-            return pgd_every_step(ctx.model, x, y, eps / 255, step / 255, steps)
+            return pgd(ctx.model, x, y, eps / 255, step / 255, steps, start="zero", keep="last")
 
     return Planned({"eps": eps, "step_size": step, "steps": steps, "start": "zero",
                     "surrogate": f"the stand-in model of {name}"}, run)

@@ -282,16 +282,17 @@ WITHIN_EPS_TOLERANCE = 1e-6
 
 
 def _stand_in_counts(model: nn.Module, within: Callable, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
-                     eps: float) -> dict:
+                     eps: float, target_clean: torch.Tensor) -> dict:
     """For one stand-in model (``model`` inside ``within()``): ``successes``, the examples both models classify
     correctly clean whose attack point ``x_adv``, within ``eps``, fools the stand-in model; ``failing``, those of
     them the real model still classifies correctly at ``x_adv``; ``clean_disagreements``, the clean examples the
-    two classify differently (right and wrong), which the attack had no work to do on."""
+    two classify differently (right and wrong), which the attack had no work to do on. ``target_clean``: where
+    the real model classifies ``x`` correctly (one forward pass serves every stand-in)."""
     with torch.no_grad(), attack_mode(model) as device:
-        x, y, x_adv = x.to(device), y.to(device), x_adv.to(device)
+        x, y, x_adv, target_clean = x.to(device), y.to(device), x_adv.to(device), target_clean.to(device)
         with within():
             surrogate_clean, surrogate_adv = model(x).argmax(1) == y, model(x_adv).argmax(1) == y
-        target_clean, target_adv = model(x).argmax(1) == y, model(x_adv).argmax(1) == y
+        target_adv = model(x_adv).argmax(1) == y
         inside = (x_adv - x).abs().flatten(1).amax(1) <= eps + WITHIN_EPS_TOLERANCE
     successes = surrogate_clean & target_clean & inside & ~surrogate_adv
     return {"successes": int(successes.sum()), "failing": int((successes & target_adv).sum()),
@@ -315,7 +316,10 @@ def surrogate_transfer_failure(model: nn.Module, stand_ins: dict, x: torch.Tenso
     stand-in (no routing layer) or when no point fooled one (nothing to transfer)."""
     if not stand_ins:
         return not_applicable("the model has no BPDA stand-in (no routing layer)")
-    counts = {name: _stand_in_counts(model, within, x, y, x_adv, eps) for name, (within, x_adv) in stand_ins.items()}
+    with torch.no_grad(), attack_mode(model) as device:
+        target_clean = model(x.to(device)).argmax(1) == y.to(device)
+    counts = {name: _stand_in_counts(model, within, x, y, x_adv, eps, target_clean)
+              for name, (within, x_adv) in stand_ins.items()}
     shares = {name: found["failing"] / found["successes"] for name, found in counts.items() if found["successes"]}
     if not shares:
         return dict(not_applicable("no attack point fooled a stand-in model"), per_stand_in=counts)

@@ -19,13 +19,14 @@ from .gradient import attack_loss, check_loss, fooled_by, input_gradient, per_ex
 from .registry import Attack, PlanContext, Planned, Role, budget_field, reference_share, register
 
 STARTS = ("random", "zero")
+KEEPS = ("first", "last")  # which iterate pgd returns per example: the first that fools, or the end
 PAPER_STEPS = 16   # the paper's PGD protocol (Table III): 16 steps of 0.75/255 within 8/255
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
         start: str = "random", restarts: int = 1, eot_samples: int = 1, loss: str = "ce",
         targeted: bool = False, generator: Optional[torch.Generator] = None,
-        trace: Optional[list] = None) -> torch.Tensor:
+        trace: Optional[list] = None, keep: str = "first") -> torch.Tensor:
     """L-inf projected gradient descent (Madry et al. 2018); ``eps`` and ``step_size`` are fractions of 1.
 
     ``start="random"`` starts every restart uniformly in the eps-ball; ``start="zero"`` starts the first
@@ -33,7 +34,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
     any further restart at random. Each restart takes ``steps`` signed-gradient steps, each projected onto
     the eps-ball and [0, 1]. ``eot_samples`` > 1 averages the gradient over draws of a stochastic model
     (EOT). Per example, the first iterate that fools the model (across all restarts) is returned; examples
-    never fooled get the last iterate. ``generator`` draws the random starts (pass one on the model's
+    never fooled get the last iterate. ``keep="last"`` judges only each restart's last iterate instead: per
+    example the end of the first restart whose end fools it, else the last restart's end (what a transfer
+    attack runs to the end of its budget for, see :func:`.bpda.plan_on_stand_in`). ``generator`` draws the random starts (pass one on the model's
     device, or a CPU one, for reproducible results). ``trace``, a list, receives one
     ``{"loss": (B,), "fooled": (B,)}`` record (CPU tensors) per iterate, for the masking indicators (inside
     :func:`.common.recording_traces`, a new trace of the block does when none is given).
@@ -45,6 +48,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
     if step_size < 0 or int(steps) != steps or steps < 0:
         raise ValueError(f"step_size and steps: expected step_size >= 0 and an integer steps >= 0, "
                          f"got {step_size} and {steps}")
+    if keep not in KEEPS:
+        raise ValueError(f"keep: expected one of {KEEPS}, got {keep!r}")
     if restarts < 1 or eot_samples < 1:
         raise ValueError(f"restarts and eot_samples: expected integers >= 1, got {restarts} and {eot_samples}")
     trace = trace_for(trace)
@@ -70,8 +75,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
                 fooled = fooled_by(logits, y, targeted)
                 if trace is not None:
                     trace.append({"loss": attack_loss(logits, y, loss, targeted).cpu(), "fooled": fooled.cpu()})
-                best = torch.where(per_example(fooled > found, x), x_adv, best)  # newly fooled
-                found |= fooled
+                judged = fooled if keep == "first" or step == steps else torch.zeros_like(fooled)
+                best = torch.where(per_example(judged > found, x), x_adv, best)  # newly fooled
+                found |= judged
                 if step < steps:
                     x_adv = torch.clamp(x_adv.add(grad.sign_(), alpha=step_size), low, high)
         return torch.where(per_example(found, x), best, x_adv).detach()
