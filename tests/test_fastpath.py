@@ -12,7 +12,7 @@ import torch
 from topkconv import functional as TF
 from topkconv.layers import IMPLS, TopKConv2d, TopKLinear, TopKNeuronConv2d
 from topkconv.layers.kernels import backends, bridge, conv
-from topkconv.layers.kernels.selection import guided_wins
+from topkconv.layers.kernels.selection import bounded_wins, guided_wins
 
 pytestmark = pytest.mark.skipif(not backends.NUMBA_AVAILABLE, reason="the fast paths are the numba backend's")
 
@@ -110,6 +110,59 @@ def test_guided_linear_gradcheck():
     g = torch.Generator().manual_seed(4)
     inputs = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_() for shape in ((6, 30), (5, 30), (5,))]
     assert torch.autograd.gradcheck(lambda x, w, b: TF.topk_linear(x, w, b, 4, impl="numba"), inputs)
+
+
+def _wide_rows(dtype, width=2304, batch=40):
+    """Rows for the bounded wide-row path: the previous rows' k-th values bound each row from below; rows far
+    above that bound (x 100), far below it (x 0.01: the bound keeps fewer than k products), a NaN and an
+    infinity (no bound) sit among ordinary ones."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(batch, width, generator=g, dtype=dtype)
+    x[7] *= 100
+    x[8] *= 0.01
+    x[9] *= 0.01
+    return x, torch.randn(6, width, generator=g, dtype=dtype), torch.randn(6, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("positive_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bounded_wide_linear_matches_reference(positive_only, dtype):
+    x, w, b = _wide_rows(dtype)
+    for k in (13, 40):
+        assert bounded_wins(x.shape[1], k) and not guided_wins(x.shape[1], k)
+        fn = lambda impl: lambda x, w, b: TF.topk_linear(x, w, b, k, positive_only, impl=impl)  # noqa: E731
+        fast, reference = _grads(fn("numba"), x, w, b), _grads(fn("reference"), x, w, b)
+        torch.testing.assert_close(fast[0], reference[0])
+        for got, want in zip(fast[1], reference[1]):
+            torch.testing.assert_close(got, want)
+        chosen = TF.topk_linear_selection(x, w, k, positive_only, impl="numba").sort(-1).values
+        products = (x[:, None, :] * w[None]).clamp_min(0 if positive_only else -float("inf"))
+        assert torch.equal(chosen, products.topk(k, dim=-1).indices.int().sort(-1).values)
+
+
+def test_bounded_wide_linear_nan_inf_and_ties():
+    x, w, _ = _wide_rows(torch.float32)
+    x[12, 100] = float("nan")
+    x[20, 5] = float("inf")
+    x[30] = 1.0
+    w.copy_(torch.rand(w.shape, generator=torch.Generator().manual_seed(9)) + 0.1)  # in [0.1, 1.1): row 30's
+    #                                                                       products are w itself
+    w[2, :50] = 2.0                             # 50 tied products at the top of row (30, 2)
+    out = TF.topk_linear(x, w, None, 40, impl="numba")
+    want = TF.topk_linear(x, w, None, 40, impl="reference")
+    assert torch.isnan(out[12]).all() and torch.isnan(want[12]).all()
+    assert torch.equal(torch.isinf(out), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(out[finite], want[finite])
+    assert out[30, 2] == 80.0                   # 40 of the 50 tied 2s
+
+
+def test_bounded_wide_linear_gradcheck():
+    g = torch.Generator().manual_seed(8)
+    shapes = ((5, 2100), (3, 2100), (3,))
+    inputs = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_() for shape in shapes]
+    assert bounded_wins(2100, 20)
+    assert torch.autograd.gradcheck(lambda x, w, b: TF.topk_linear(x, w, b, 20, impl="numba"), inputs, fast_mode=True)
 
 
 def test_ties_at_the_kth_value_keep_the_first_positions():

@@ -21,7 +21,8 @@ import torch
 
 from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
-from .selection import first_k_largest, guided_wins, key_dtype, n_groups_for, select_row, selection_workspace
+from .selection import (bounded_wins, first_k_largest, group_maxima, guided_wins, key_dtype, n_groups_for, select_row,
+                        selection_workspace)
 
 
 @jit
@@ -99,6 +100,65 @@ def _linear_forward_guided(x, weight, k, positive_only, keys_dtype, out, indices
             recent[b % _RECENT_ROWS] = kth
             high = kth
             low = recent[:min(b + 1, _RECENT_ROWS)].min()
+
+
+@inline
+def _candidates_in_groups(products, maxima, bound, groups, positions):
+    """positions[:m] = the positions of the products >= bound, looked for only in the strided groups whose
+    maximum reaches it (group by group, so not in position order); returns m. Branch-free."""
+    n_groups = maxima.shape[0]
+    found = 0
+    for q in range(n_groups):
+        groups[found] = q
+        found += maxima[q] >= bound
+    m = 0
+    for g in range(found):
+        for i in range(groups[g], products.shape[0], n_groups):
+            positions[m] = i
+            m += products[i] >= bound
+    return m
+
+
+@jit
+def _linear_forward_bounded(x, weight, k, n_groups, positive_only, keys_dtype, out, indices, c0, c1):
+    """:func:`_linear_forward` for wide rows (the paper's 25088 -> 512, k = 250). As in
+    :func:`_linear_forward_guided`, the k-th values of the last rows of the same weight row bound the next
+    row's from below: their lowest, or if fewer than k products reach it, that less their spread (both
+    counted in the products' own pass). The strided group maxima (:func:`.selection.group_maxima`) then show
+    which groups hold products above the bound, and only those are scanned: neither select_row's selection
+    over the group maxima nor a scalar pass over the whole row is spent. A row with no bound that keeps k
+    products (the first of each weight row, a NaN) takes :func:`.selection.select_row`. Ties at the k-th
+    value go to the first candidates in group order (select_row's to whichever its quickselect leaves)."""
+    n = x.shape[1]
+    products = np.empty(n, x.dtype)
+    maxima = np.empty(n_groups, x.dtype)
+    groups = np.empty(n_groups, np.int32)
+    positions = np.empty(n, np.int32)
+    scratch_values = np.empty(n, x.dtype)
+    scratch_keys = np.empty(n, keys_dtype)
+    recent = np.empty(_RECENT_ROWS, x.dtype)
+    workspace = selection_workspace(products, n_groups)
+    no_bound = x.dtype.type(-np.inf)  # typed: a float64 bound would turn the vectorised pass scalar
+    for c in range(c0, c1):
+        for b in range(x.shape[0]):
+            low, lower = no_bound, no_bound
+            if b > 0:
+                seen = recent[:min(b, _RECENT_ROWS)]
+                low = seen.min()
+                lower = low - (seen.max() - low)
+            above_low, above_lower, total = _products_above(weight[c], x[b], positive_only, low, lower, products)
+            bound = low if above_low >= k else (lower if above_lower >= k else no_bound)
+            chosen = indices[b, c]
+            if bound > no_bound and np.isfinite(total):
+                group_maxima(products, n_groups, maxima)
+                m = _candidates_in_groups(products, maxima, bound, groups, positions)
+                out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys, chosen)
+            else:
+                out[b, c] = select_row(products, k, n_groups, workspace, chosen)
+                kth = products[chosen[0]]
+                for t in range(1, k):
+                    kth = min(kth, products[chosen[t]])
+            recent[b % _RECENT_ROWS] = kth if np.isfinite(kth) else no_bound
 
 
 @jit
@@ -243,6 +303,7 @@ def _conv_forward_whole(cols, weight_t, k, max_criterion, keys_dtype, out, indic
     order = np.arange(in_ch).astype(np.int32)
     scratch_values = np.empty(2 * in_ch, cols.dtype)
     scratch_keys = np.empty(in_ch, keys_dtype)
+    zero = cols.dtype.type(0)  # a plain 0 would make the select below float64: a scalar loop, 10x slower
     for b in range(b0, b1):
         _sample_scores(cols[b], weight_t, max_criterion, maps, scores)
         _select_sample(scores, k, order, scratch_values, scratch_keys, indices[b], mask)
@@ -254,7 +315,7 @@ def _conv_forward_whole(cols, weight_t, k, max_criterion, keys_dtype, out, indic
                 if max_criterion:  # a select, not a product: an unselected NaN map stays out
                     map_row = maps[i, p]
                     for c in range(out_ch):
-                        acc_row[c] += map_row[c] if keep[c] != 0 else 0
+                        acc_row[c] += map_row[c] if keep[c] != 0 else zero
                 else:  # the mask as a factor, as the reference formula applies it
                     for j in range(taps):
                         v = cols[b, i, j, p]
@@ -309,6 +370,10 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
     if guided_wins(x.shape[1], k):
         keys = key_dtype(x)
         run = lambda c0, c1: _linear_forward_guided(x_a, w_a, k, positive_only, keys, out_a, idx_a, c0, c1)  # noqa: E731
+    elif bounded_wins(x.shape[1], k):
+        keys, groups = key_dtype(x), n_groups_for(x.shape[1], k)
+        run = lambda c0, c1: _linear_forward_bounded(x_a, w_a, k, groups, positive_only, keys, out_a, idx_a,  # noqa: E731
+                                                     c0, c1)
     else:
         groups = n_groups_for(x.shape[1], k)
         run = lambda c0, c1: _linear_forward(x_a, w_a, k, groups, positive_only, out_a, idx_a, c0, c1)  # noqa: E731

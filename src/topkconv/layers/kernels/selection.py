@@ -183,6 +183,20 @@ def selection_workspace(like, n_groups):
             np.empty(width, np.int32), np.empty(width, np.int32), np.empty(_BUCKETS, np.int64))
 
 
+@inline
+def group_maxima(row, n_groups, maxima):
+    """maxima[q] = the largest of row[q], row[q + G], row[q + 2G], ... (G = n_groups): element-wise maxima
+    of consecutive slices, vector instructions."""
+    width = row.shape[0]
+    maxima[:] = row[:n_groups]
+    full = width // n_groups
+    for t in range(1, full):
+        np.maximum(maxima, row[t * n_groups:(t + 1) * n_groups], maxima)
+    tail = width - full * n_groups
+    if tail:
+        np.maximum(maxima[:tail], row[full * n_groups:], maxima[:tail])
+
+
 @jit
 def select_row(row, k, n_groups, workspace, chosen):
     """Positions of the k largest entries of ``row`` into chosen[:k] (any order); returns their sum.
@@ -203,13 +217,7 @@ def select_row(row, k, n_groups, workspace, chosen):
             cand_ids[i] = i
         m = width
     else:
-        maxima[:] = row[:n_groups]
-        full = width // n_groups
-        for t in range(1, full):
-            np.maximum(maxima, row[t * n_groups:(t + 1) * n_groups], maxima)
-        tail = width - full * n_groups
-        if tail:
-            np.maximum(maxima[:tail], row[full * n_groups:], maxima[:tail])
+        group_maxima(row, n_groups, maxima)
         for q in range(n_groups):
             group_ids[q] = q
         _partition_largest(maxima, group_ids, n_groups, k, buckets, counts)
@@ -320,6 +328,13 @@ def guided_wins(width: int, k: int) -> bool:
     """Whether the guided selection of :func:`first_k_largest` beats :func:`select_row` on rows of
     ``width`` entries."""
     return k <= MAX_GUIDED_K and width < _MIN_GROUPED_WIDTH
+
+
+def bounded_wins(width: int, k: int) -> bool:
+    """Whether the Dynamic-k forward bounds each row by the previous rows' k-th values and scans only the
+    strided groups above the bound (``numba_loops._linear_forward_bounded``): on rows long enough to be
+    grouped at all, and k below the group count (else grouping cannot shrink the search)."""
+    return width >= _MIN_GROUPED_WIDTH and k < n_groups_for(width, k)
 
 
 # Below this width the bucket pass over the whole row beats grouping (benchmarks/bench_selection.py:
