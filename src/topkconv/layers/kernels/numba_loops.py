@@ -119,6 +119,11 @@ def _candidates_in_groups(products, maxima, bound, groups, positions):
     return m
 
 
+# Weight rows that take each sample in turn in :func:`_linear_forward_bounded`: their rows and one sample's
+# stay in the L2 cache, so a sample row comes from memory once per block instead of once per weight row.
+_ROW_BLOCK = 4
+
+
 @jit
 def _linear_forward_bounded(x, weight, k, n_groups, positive_only, keys_dtype, out, indices, c0, c1):
     """:func:`_linear_forward` for wide rows (the paper's 25088 -> 512, k = 250). As in
@@ -136,29 +141,30 @@ def _linear_forward_bounded(x, weight, k, n_groups, positive_only, keys_dtype, o
     positions = np.empty(n, np.int32)
     scratch_values = np.empty(n, x.dtype)
     scratch_keys = np.empty(n, keys_dtype)
-    recent = np.empty(_RECENT_ROWS, x.dtype)
+    recent = np.empty((_ROW_BLOCK, _RECENT_ROWS), x.dtype)
     workspace = selection_workspace(products, n_groups)
     no_bound = x.dtype.type(-np.inf)  # typed: a float64 bound would turn the vectorised pass scalar
-    for c in range(c0, c1):
-        for b in range(x.shape[0]):
-            low, lower = no_bound, no_bound
-            if b > 0:
-                seen = recent[:min(b, _RECENT_ROWS)]
-                low = seen.min()
-                lower = low - (seen.max() - low)
-            above_low, above_lower, total = _products_above(weight[c], x[b], positive_only, low, lower, products)
-            bound = low if above_low >= k else (lower if above_lower >= k else no_bound)
-            chosen = indices[b, c]
-            if bound > no_bound and np.isfinite(total):
-                group_maxima(products, n_groups, maxima)
-                m = _candidates_in_groups(products, maxima, bound, groups, positions)
-                out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys, chosen)
-            else:
-                out[b, c] = select_row(products, k, n_groups, workspace, chosen)
-                kth = products[chosen[0]]
-                for t in range(1, k):
-                    kth = min(kth, products[chosen[t]])
-            recent[b % _RECENT_ROWS] = kth if np.isfinite(kth) else no_bound
+    for block in range(c0, c1, _ROW_BLOCK):
+        for b in range(x.shape[0]):  # a sample meets a few weight rows in turn: x[b] is read from cache again
+            for c in range(block, min(c1, block + _ROW_BLOCK)):
+                low, lower = no_bound, no_bound
+                if b > 0:
+                    seen = recent[c - block, :min(b, _RECENT_ROWS)]
+                    low = seen.min()
+                    lower = low - (seen.max() - low)
+                above_low, above_lower, total = _products_above(weight[c], x[b], positive_only, low, lower, products)
+                bound = low if above_low >= k else (lower if above_lower >= k else no_bound)
+                chosen = indices[b, c]
+                if bound > no_bound and np.isfinite(total):
+                    group_maxima(products, n_groups, maxima)
+                    m = _candidates_in_groups(products, maxima, bound, groups, positions)
+                    out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys, chosen)
+                else:
+                    out[b, c] = select_row(products, k, n_groups, workspace, chosen)
+                    kth = products[chosen[0]]
+                    for t in range(1, k):
+                        kth = min(kth, products[chosen[t]])
+                recent[c - block, b % _RECENT_ROWS] = kth if np.isfinite(kth) else no_bound
 
 
 @jit
