@@ -136,13 +136,12 @@ def _linear_forward_bounded(x, weight, k, n_groups, positive_only, keys_dtype, o
     value go to the first candidates in group order (select_row's to whichever its quickselect leaves)."""
     n = x.shape[1]
     products = np.empty(n, x.dtype)
-    maxima = np.empty(n_groups, x.dtype)
-    groups = np.empty(n_groups, np.int32)
-    positions = np.empty(n, np.int32)
-    scratch_values = np.empty(n, x.dtype)
     scratch_keys = np.empty(n, keys_dtype)
     recent = np.empty((_ROW_BLOCK, _RECENT_ROWS), x.dtype)
     workspace = selection_workspace(products, n_groups)
+    # select_row's scratch serves a bounded row too (a row takes one path or the other): its group maxima and
+    # ids, and its candidate values and positions
+    maxima, groups, scratch_values, positions = workspace[0], workspace[1], workspace[2], workspace[3]
     no_bound = x.dtype.type(-np.inf)  # typed: a float64 bound would turn the vectorised pass scalar
     for block in range(c0, c1, _ROW_BLOCK):
         for b in range(x.shape[0]):  # a sample meets a few weight rows in turn: x[b] is read from cache again
