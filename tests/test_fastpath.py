@@ -189,7 +189,8 @@ def numba_jit_first_k(fn, row, positions, k, chosen):
     def call(row, positions, k, values, keys, chosen):
         return fn(row, positions, row.shape[0], k, values, keys, chosen)
 
-    return call(row, positions, k, np.empty_like(row), np.empty(row.shape[0], np.int32), chosen)
+    keys = np.empty(row.shape[0], np.int32 if row.itemsize == 4 else np.int64)  # the floats' width
+    return call(row, positions, k, np.empty_like(row), keys, chosen)
 
 
 def test_nan_ranks_first_as_in_torch_topk():
@@ -261,3 +262,66 @@ def test_numba_backend_runs_its_own_loops_backward_too(monkeypatch):
     xl = torch.randn(4, 30, requires_grad=True)
     TF.topk_linear(xl, torch.randn(5, 30, requires_grad=True), None, 3).sum().backward()
     assert calls == ["conv_forward_whole", "conv_backward_whole", "linear_forward", "linear_backward"]
+
+
+def _columns_case(name, dtype):
+    g = torch.Generator().manual_seed(11)
+    scores = torch.randn(12, 9, generator=g, dtype=dtype)
+    if name == "ties":  # a few distinct values: ties at the k-th in most columns
+        scores = torch.randint(0, 3, (12, 9), generator=g).to(dtype)
+    elif name == "specials":
+        scores[2, 0], scores[7, 1], scores[3, 2], scores[5, 3] = float("nan"), float("inf"), -float("inf"), -0.0
+        scores[:, 4] = 0.0
+        scores[::2, 5] = -0.0  # -0.0 and 0.0 tie
+        scores[:, 6] = -float("inf")
+    return scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 5, 12])
+@pytest.mark.parametrize("name", ["random", "ties", "specials"])
+def test_column_selection_picks_what_first_k_largest_picks_per_column(name, k, dtype):
+    # The conv loops select every output channel's k input channels at once, down the columns of an
+    # (in, out) score array; each column must get exactly first_k_largest's choice for that row.
+    import numpy as np
+
+    from topkconv.layers.kernels.jit import jit
+    from topkconv.layers.kernels.selection import first_k_largest, first_k_largest_down, key_dtype, ordered_keys
+
+    scores = _columns_case(name, dtype).numpy()
+    keys_type = key_dtype(torch.from_numpy(scores))
+
+    @jit
+    def down(scores, k, keys_type):
+        rows, columns = scores.shape
+        keys = np.empty((rows, columns), keys_type)
+        for i in range(rows):
+            ordered_keys(scores[i], columns, keys[i])
+        chosen = np.empty((columns, k), np.int32)
+        mask = np.empty((rows, columns), scores.dtype)
+        scratch = np.empty((3, columns), keys_type)
+        first_k_largest_down(keys, k, chosen, mask, scratch[0], scratch[1], scratch[2], np.empty(columns, np.int32),
+                             np.empty((columns, rows), np.int32))
+        return chosen, mask
+
+    chosen, mask = down(scores, k, keys_type)
+    for c in range(scores.shape[1]):
+        want = torch.empty(k, dtype=torch.int32)
+        column = np.ascontiguousarray(scores[:, c])
+        numba_jit_first_k(first_k_largest, column, np.arange(len(column), dtype=np.int32), k, want.numpy())
+        assert chosen[c].tolist() == want.tolist(), f"column {c}"
+        assert np.flatnonzero(mask[:, c]).tolist() == want.tolist()
+    if name == "specials" and k == 1:
+        assert chosen[0, 0] == 2 and chosen[1, 0] == 7  # NaN above everything, then +inf
+
+
+@pytest.mark.parametrize("criterion", ["max", "sum"])
+def test_dense_loops_score_a_nan_map_first(criterion):
+    # One NaN input pixel makes every map of its channel NaN where it is seen: torch.amax (max) and the
+    # sum score rank NaN first, so that channel is chosen by every output channel, as by the reference.
+    x, w, _ = _conv_inputs(torch.float32)
+    x[1, 4, 2, 2] = float("nan")
+    got = TF.topk_conv2d_selection(x, w, 2, criterion, 1, 1, impl="numba")
+    want = TF.topk_conv2d_selection(x, w, 2, criterion, 1, 1, impl="reference")
+    assert (got[1] == 4).any(-1).all() and (want[1] == 4).any(-1).all()
+    assert torch.equal(got[0].sort(-1).values, want[0].sort(-1).values)

@@ -21,8 +21,8 @@ import torch
 
 from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
-from .selection import (bounded_wins, first_k_largest, group_maxima, guided_wins, key_dtype, n_groups_for, select_row,
-                        selection_workspace)
+from .selection import (bounded_wins, first_k_largest, first_k_largest_down, group_maxima, guided_wins, key_dtype,
+                        n_groups_for, ordered_keys, select_row, selection_workspace)
 
 
 @jit
@@ -242,91 +242,104 @@ def _conv_backward(cols, weight_tm, indices, grad_out, need_x, need_w, grad_cols
 # few output positions of a small map (16 at 4 x 4) would run scalar.
 
 @inline
-def _sample_scores(cols_b, weight_t, max_criterion, maps, scores):
-    """scores (in, out) of one sample: the spatial max of every map A[c, i] (maps (in, L, out) kept for
-    the output; a map holding a NaN scores NaN) or its spatial sum (window sums times the taps)."""
+def _channel_maps_3x3(cols_i, w_i, block):
+    """block (L, out) = the maps of one input channel i of a 3 x 3 kernel: block[p, c] = sum_j w_i[j, c] *
+    cols_i[j, p], with cols_i (9, L) and w_i (9, out). The nine taps are summed in registers and each entry
+    written once (a tap at a time reads and writes the block nine times: about 1.5x the time; a branch
+    between the two inside one function slows this one as much)."""
+    for p in range(cols_i.shape[1]):
+        v0, v1, v2, v3, v4 = cols_i[0, p], cols_i[1, p], cols_i[2, p], cols_i[3, p], cols_i[4, p]
+        v5, v6, v7, v8 = cols_i[5, p], cols_i[6, p], cols_i[7, p], cols_i[8, p]
+        row = block[p]
+        for c in range(row.shape[0]):
+            row[c] = (w_i[0, c] * v0 + w_i[1, c] * v1 + w_i[2, c] * v2 + w_i[3, c] * v3 + w_i[4, c] * v4
+                      + w_i[5, c] * v5 + w_i[6, c] * v6 + w_i[7, c] * v7 + w_i[8, c] * v8)
+
+
+@inline
+def _channel_maps_any(cols_i, w_i, block):
+    """:func:`_channel_maps_3x3` for any kernel, a tap at a time."""
+    block[:] = 0
+    for j in range(cols_i.shape[0]):
+        w_row = w_i[j]
+        for p in range(cols_i.shape[1]):
+            v = cols_i[j, p]
+            row = block[p]
+            for c in range(row.shape[0]):  # 1-D rows: the loop LLVM vectorises
+                row[c] += w_row[c] * v
+
+
+@inline
+def _channel_maps(cols_i, w_i, block):
+    """block (L, out) = the maps of one input channel: block[p, c] = sum_j w_i[j, c] * cols_i[j, p]."""
+    if cols_i.shape[0] == 9:
+        _channel_maps_3x3(cols_i, w_i, block)
+    else:
+        _channel_maps_any(cols_i, w_i, block)
+
+
+@inline
+def _sample_keys(cols_b, weight_t, max_criterion, maps, scores, keys):
+    """keys (in, out): the ordered keys (:func:`.selection.ordered_keys`) of one sample's channel scores,
+    scores (in, out) the floats. ``max``: the spatial max of every map A[c, i] (maps (in, L, out) kept for
+    the output); ``np.maximum`` propagates NaN as ``torch.amax`` does, and vectorises where a select does
+    not (about 4x faster). ``sum``: the spatial sum, from the window sums times the taps."""
     in_ch, taps, positions = cols_b.shape
     out_ch = weight_t.shape[2]
     for i in range(in_ch):  # explicit loops: a numba array expression would allocate its result
-        if not max_criterion:
-            scores[i] = 0
-            row = scores[i]
+        row = scores[i]
+        if max_criterion:
+            block = maps[i]
+            _channel_maps(cols_b[i], weight_t[i], block)
+            row[:] = block[0]
+            for p in range(1, positions):
+                np.maximum(row, block[p], row)
+        else:
+            row[:] = 0
             for j in range(taps):
                 window = np.sum(cols_b[i, j])
                 w_row = weight_t[i, j]
                 for c in range(out_ch):
                     row[c] += w_row[c] * window
-            continue
-        block = maps[i]
-        block[:] = 0
-        for j in range(taps):
-            w_row = weight_t[i, j]
-            for p in range(positions):
-                v = cols_b[i, j, p]
-                map_row = block[p]
-                for c in range(out_ch):  # 1-D rows: the loop LLVM vectorises
-                    map_row[c] += w_row[c] * v
-        best = scores[i]
-        best[:] = block[0]
-        for p in range(1, positions):
-            row = block[p]
-            for c in range(best.shape[0]):
-                best[c] = row[c] if row[c] > best[c] else best[c]
-        if not np.isfinite(np.sum(block)):  # rare: NaN must win the max, as in torch.amax
-            for p in range(positions):
-                for c in range(best.shape[0]):
-                    if block[p, c] != block[p, c]:
-                        best[c] = block[p, c]
-
-
-@inline
-def _select_sample(scores, k, order, scratch_values, scratch_keys, chosen, mask):
-    """chosen (out, k): per output channel the k input channels of best score (ties to the first);
-    mask (in, out) 1 where chosen, else 0."""
-    mask[:] = 0
-    for c in range(scores.shape[1]):
-        for i in range(scores.shape[0]):
-            scratch_values[i] = scores[i, c]
-        first_k_largest(scratch_values, order, scores.shape[0], k, scratch_values[scores.shape[0]:],
-                        scratch_keys, chosen[c])
-        for t in range(k):
-            mask[chosen[c, t], c] = 1
+        ordered_keys(row, out_ch, keys[i])
 
 
 @jit
 def _conv_forward_whole(cols, weight_t, k, max_criterion, keys_dtype, out, indices, b0, b1):
-    """TopKConv forward for samples b0:b1, one sample at a time: scores, selection
-    (:func:`.selection.first_k_largest`: ties to the first channels) and the sum of the selected maps
-    (the max criterion reuses the maps its scores came from). cols (B, in, taps, L) channel-major as
-    ``F.unfold`` gives them; weight_t (in, taps, out); out (B, out, L); indices (B, out, k)."""
+    """TopKConv forward for samples b0:b1, one sample at a time: scores as ordered keys, the selection of
+    every output channel at once (:func:`.selection.first_k_largest_down`: ties to the first channels)
+    and the sum of the selected maps (the max criterion reuses the maps its scores came from). cols (B,
+    in, taps, L) channel-major as ``F.unfold`` gives them; weight_t (in, taps, out); out (B, out, L);
+    indices (B, out, k); keys_dtype: the integer type of the floats' width (:func:`.selection.key_dtype`)."""
     in_ch, taps, positions = cols.shape[1:]
     out_ch = weight_t.shape[2]
     maps = np.empty((in_ch, positions, out_ch), cols.dtype)
     scores = np.empty((in_ch, out_ch), cols.dtype)
+    keys = np.empty((in_ch, out_ch), keys_dtype)
+    column_scratch = np.empty((3, out_ch), keys_dtype)
+    counts = np.empty(out_ch, np.int32)
+    rows_taken = np.empty((out_ch, in_ch), np.int32)
     mask = np.empty((in_ch, out_ch), cols.dtype)
     acc = np.empty((positions, out_ch), cols.dtype)
-    order = np.arange(in_ch).astype(np.int32)
-    scratch_values = np.empty(2 * in_ch, cols.dtype)
-    scratch_keys = np.empty(in_ch, keys_dtype)
     zero = cols.dtype.type(0)  # a plain 0 would make the select below float64: a scalar loop, 10x slower
     for b in range(b0, b1):
-        _sample_scores(cols[b], weight_t, max_criterion, maps, scores)
-        _select_sample(scores, k, order, scratch_values, scratch_keys, indices[b], mask)
+        _sample_keys(cols[b], weight_t, max_criterion, maps, scores, keys)
+        first_k_largest_down(keys, k, indices[b], mask, column_scratch[0], column_scratch[1], column_scratch[2],
+                             counts, rows_taken)
         acc[:] = 0
         for i in range(in_ch):
             keep = mask[i]
+            if not max_criterion:
+                _channel_maps(cols[b, i], weight_t[i], maps[i])
             for p in range(positions):
                 acc_row = acc[p]
+                map_row = maps[i, p]
                 if max_criterion:  # a select, not a product: an unselected NaN map stays out
-                    map_row = maps[i, p]
                     for c in range(out_ch):
                         acc_row[c] += map_row[c] if keep[c] != 0 else zero
                 else:  # the mask as a factor, as the reference formula applies it
-                    for j in range(taps):
-                        v = cols[b, i, j, p]
-                        w_row = weight_t[i, j]
-                        for c in range(out_ch):
-                            acc_row[c] += w_row[c] * keep[c] * v
+                    for c in range(out_ch):
+                        acc_row[c] += map_row[c] * keep[c]
         out[b] = acc.T
 
 

@@ -246,7 +246,7 @@ def key_dtype(values: torch.Tensor):
 
 
 @inline
-def _ordered_keys(values, m, keys):
+def ordered_keys(values, m, keys):
     """keys[:m]: integers in the order of the floats values[:m] (``keys`` an int array of their width):
     the sign-magnitude bits with the negative ones flipped, -0.0 equal to 0.0 and NaN above +inf (as
     ``torch.topk`` ranks it)."""
@@ -294,7 +294,7 @@ def first_k_largest(row, positions, m, k, scratch_values, scratch_keys, chosen):
     first entries equal to it."""
     for j in range(m):
         scratch_values[j] = row[positions[j]]
-    _ordered_keys(scratch_values, m, scratch_keys)
+    ordered_keys(scratch_values, m, scratch_keys)
     kth = _kth_largest_key(scratch_keys, m, k)
     ties = k
     for j in range(m):
@@ -364,3 +364,74 @@ def topk_rows(scores: torch.Tensor, k: int, indices: torch.Tensor) -> None:
     scores = as_array(scores.contiguous())
     args = (scores, k, n_groups_for(scores.shape[1], k), as_array(indices), np.empty(scores.shape[0], scores.dtype))
     split(scores.shape[0], lambda r0, r1: _select_rows(*args, r0, r1))
+
+
+# ---------------------------------------------------------------- compiled, CPU: many short columns at once
+
+# Rows of a TopKConv sample's scores are short (one per input channel) and many (one per output channel):
+# the loops below keep the output channels innermost, so every step is a vectorised pass over a row of
+# them, where :func:`first_k_largest` per output channel would run its bisection scalar, column by column.
+
+@inline
+def _kth_largest_down(keys, k, kth, upper, mid, counts):
+    """kth[c] = the k-th largest of keys[:, c] for every column at once: :func:`_kth_largest_key`'s
+    bisection, one vectorised pass over the rows per step for all the columns. counts: int32."""
+    in_rows, columns = keys.shape
+    for c in range(columns):
+        kth[c] = keys[0, c]
+        upper[c] = keys[0, c]
+    for i in range(1, in_rows):
+        row = keys[i]
+        for c in range(columns):
+            kth[c] = min(kth[c], row[c])
+            upper[c] = max(upper[c], row[c])
+    for _ in range(keys.itemsize * 8 + 1):  # each step halves every open range of keys
+        still_open = 0
+        for c in range(columns):
+            lo, hi = kth[c], upper[c]
+            still_open += lo < hi
+            mid[c] = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1) + 1) >> 1)  # ceil((lo + hi) / 2)
+            counts[c] = 0
+        if still_open == 0:
+            return
+        for i in range(in_rows):
+            row = keys[i]
+            for c in range(columns):
+                counts[c] += np.int32(row[c] >= mid[c])
+        for c in range(columns):  # invariant: at least k keys >= kth[c], fewer than k > upper[c]
+            enough = counts[c] >= k
+            kth[c] = mid[c] if enough else kth[c]
+            upper[c] = upper[c] if enough else mid[c] - 1
+
+
+@inline
+def first_k_largest_down(keys, k, chosen, mask, kth, upper, mid, counts, rows_taken):
+    """chosen[c] = the k rows of largest keys[:, c], in row order, ties at the k-th going to the first rows
+    (what :func:`first_k_largest` picks in each column); mask[i, c] = 1 where row i is chosen for c, else
+    0. kth, upper, mid: scratch of one entry per column of the keys' type; counts the same in int32;
+    rows_taken (columns, rows) int32 scratch."""
+    _kth_largest_down(keys, k, kth, upper, mid, counts)
+    ties = counts
+    for c in range(keys.shape[1]):
+        ties[c] = k
+    for i in range(keys.shape[0]):
+        row = keys[i]
+        for c in range(keys.shape[1]):
+            ties[c] -= np.int32(row[c] > kth[c])
+    for i in range(keys.shape[0]):
+        row = keys[i]
+        keep = mask[i]
+        for c in range(keys.shape[1]):
+            equal = row[c] == kth[c]
+            take = (row[c] > kth[c]) | (equal & (ties[c] > 0))
+            ties[c] -= np.int32(equal & take)
+            keep[c] = take
+    taken = counts
+    taken[:] = 0
+    for i in range(keys.shape[0]):  # branch-free: every row written, the taken ones kept
+        keep = mask[i]
+        for c in range(keys.shape[1]):
+            rows_taken[c, taken[c]] = i
+            taken[c] += np.int32(keep[c] != 0)
+    for c in range(keys.shape[1]):
+        chosen[c] = rows_taken[c, :k]
