@@ -325,3 +325,21 @@ def test_dense_loops_score_a_nan_map_first(criterion):
     want = TF.topk_conv2d_selection(x, w, 2, criterion, 1, 1, impl="reference")
     assert (got[1] == 4).any(-1).all() and (want[1] == 4).any(-1).all()
     assert torch.equal(got[0].sort(-1).values, want[0].sort(-1).values)
+
+
+@pytest.mark.parametrize("m", [20, 64, 65, 100])  # up to 64 candidates ranked against each other, beyond bisected
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_k_largest_keeps_the_first_of_tied_candidates(m, dtype):
+    import numpy as np
+
+    from topkconv.layers.kernels.selection import first_k_largest
+
+    row = torch.randint(0, 3, (m,), generator=torch.Generator().manual_seed(5)).to(dtype).numpy()
+    row[7] = np.nan  # NaN ranks above everything
+    k = 10
+    chosen = torch.empty(k, dtype=torch.int32)
+    total, kth = numba_jit_first_k(first_k_largest, row, np.arange(m, dtype=np.int32), k, chosen.numpy())
+    keys = np.where(np.isnan(row), np.inf, row)
+    want = sorted(np.argsort(-keys, kind="stable")[:k].tolist())
+    assert chosen.tolist() == want
+    assert np.isnan(total) and kth == np.sort(keys)[::-1][k - 1]

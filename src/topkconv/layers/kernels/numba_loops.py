@@ -44,11 +44,13 @@ _RECENT_ROWS = 8
 
 
 @inline
-def _products_above(w_row, x_row, positive_only, high, low, products):
+def _products_above(w_row, x_row, positive_only, high, low, lower, products):
     """products = w_row * x_row (non-positive ones 0 under ``positive_only``); returns how many are at
-    least ``high``, how many at least ``low``, and their sum (NaN if any is NaN). One vectorised pass."""
+    least ``high``, ``low`` and ``lower`` (three candidate bounds, tightest first), and their sum (NaN if
+    any is NaN). One vectorised pass: the bounds must have the products' float type."""
     above_high = 0
     above_low = 0
+    above_lower = 0
     total = products.dtype.type(0)
     for i in range(products.shape[0]):
         p = w_row[i] * x_row[i]
@@ -57,8 +59,31 @@ def _products_above(w_row, x_row, positive_only, high, low, products):
         products[i] = p
         above_high += p >= high
         above_low += p >= low
+        above_lower += p >= lower
         total += p
-    return above_high, above_low, total
+    return above_high, above_low, above_lower, total
+
+
+@inline
+def _tightest_bound(counts, bounds, k, total, no_bound):
+    """The first of ``bounds`` (tightest first) that at least k products reach, else ``no_bound``; also
+    ``no_bound`` when the row's sum is not finite (a NaN or an infinity among the products)."""
+    if not np.isfinite(total):
+        return no_bound
+    for counted, bound in zip(counts, bounds):
+        if counted >= k:
+            return bound
+    return no_bound
+
+
+@inline
+def _recent_bounds(recent, seen, no_bound):
+    """(low, lower) from the k-th values of the last ``seen`` rows: their lowest, and that less their spread."""
+    if seen == 0:
+        return no_bound, no_bound
+    kths = recent[:seen]
+    low = kths.min()
+    return low, low - (kths.max() - low)
 
 
 @inline
@@ -87,19 +112,17 @@ def _linear_forward_guided(x, weight, k, positive_only, keys_dtype, out, indices
     scratch_values = np.empty(n, x.dtype)
     scratch_keys = np.empty(n, keys_dtype)
     recent = np.empty(_RECENT_ROWS, x.dtype)
+    no_bound = x.dtype.type(-np.inf)  # typed: a float64 bound would turn the vectorised pass scalar
     for c in range(c0, c1):
-        high = -np.inf  # the previous row's k-th value
-        low = -np.inf   # the lowest of the last _RECENT_ROWS rows' k-th values
+        high = no_bound  # the previous row's k-th value
         for b in range(x.shape[0]):
-            above_high, above_low, total = _products_above(weight[c], x[b], positive_only, high, low, products)
-            bound = high if above_high >= k else (low if above_low >= k else -np.inf)
-            if total != total:
-                bound = -np.inf
+            low, lower = _recent_bounds(recent, min(b, _RECENT_ROWS), no_bound)
+            counts = _products_above(weight[c], x[b], positive_only, high, low, lower, products)
+            bound = _tightest_bound(counts[:3], (high, low, lower), k, counts[3], no_bound)
             m = _positions_at_least(products, bound, positions)
             out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys, indices[b, c])
-            recent[b % _RECENT_ROWS] = kth
-            high = kth
-            low = recent[:min(b + 1, _RECENT_ROWS)].min()
+            high = kth if np.isfinite(kth) else no_bound
+            recent[b % _RECENT_ROWS] = high
 
 
 @inline
@@ -146,15 +169,11 @@ def _linear_forward_bounded(x, weight, k, n_groups, positive_only, keys_dtype, o
     for block in range(c0, c1, _ROW_BLOCK):
         for b in range(x.shape[0]):  # a sample meets a few weight rows in turn: x[b] is read from cache again
             for c in range(block, min(c1, block + _ROW_BLOCK)):
-                low, lower = no_bound, no_bound
-                if b > 0:
-                    seen = recent[c - block, :min(b, _RECENT_ROWS)]
-                    low = seen.min()
-                    lower = low - (seen.max() - low)
-                above_low, above_lower, total = _products_above(weight[c], x[b], positive_only, low, lower, products)
-                bound = low if above_low >= k else (lower if above_lower >= k else no_bound)
+                low, lower = _recent_bounds(recent[c - block], min(b, _RECENT_ROWS), no_bound)
+                counts = _products_above(weight[c], x[b], positive_only, low, low, lower, products)
+                bound = _tightest_bound(counts[1:3], (low, lower), k, counts[3], no_bound)
                 chosen = indices[b, c]
-                if bound > no_bound and np.isfinite(total):
+                if bound > no_bound:
                     group_maxima(products, n_groups, maxima)
                     m = _candidates_in_groups(products, maxima, bound, groups, positions)
                     out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys, chosen)
