@@ -84,7 +84,9 @@ def test_ctrl_c_prints_one_line_and_stops_every_worker(tmp_path):
     parent, workers = start(tmp_path)
     try:
         os.killpg(parent.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-        _, err = parent.communicate(timeout=30)
+        # generous: a loaded CI machine once took over 30 s to tear the interpreter down (it passed alone in
+        # 15 s); the test is about what is printed and what is left running, not about speed
+        _, err = parent.communicate(timeout=120)
         assert parent.returncode == 130
         assert [line for line in err.splitlines() if line.strip()] == ["topkconv reproduce: interrupted"], err
         assert wait_gone(workers) == []
