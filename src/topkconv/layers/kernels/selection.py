@@ -307,9 +307,9 @@ def first_k_largest(row, positions, m, k, scratch_values, scratch_keys, chosen):
     every entry at or above the row's k-th largest), into ``chosen`` in position order; ties at the
     k-th value go to the earliest positions. Returns (their sum in position order, the k-th value).
 
-    Branch-free: the k-th value by bisection over order-preserving integer keys
-    (:func:`_kth_largest_key`), then one pass in position order that takes what lies above it and the
-    first entries equal to it."""
+    Over order-preserving integer keys: up to :data:`_MAX_RANKED` candidates ranked against each other
+    (:func:`_take_by_rank`); more by the k-th value's bisection (:func:`_kth_largest_key`), then one pass in
+    position order that takes what lies above it and the first entries equal to it. Both branch-free."""
     for j in range(m):
         scratch_values[j] = row[positions[j]]
     ordered_keys(scratch_values, m, scratch_keys)
