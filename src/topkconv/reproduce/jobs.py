@@ -189,15 +189,25 @@ def _stop_workers_on_interrupt(pool):
 @contextlib.contextmanager
 def _sigint_ignored():
     """SIGINT ignored for the block: a process spawned in it inherits that (Python keeps an ignored SIGINT
-    ignored), so Ctrl-C reaches the parent alone, which then stops the workers. Main thread only."""
+    ignored), so Ctrl-C reaches the parent alone, which then stops the workers. Main thread only.
+
+    SIGINT is also blocked for the block (where the platform can), so that a Ctrl-C pressed while a job is
+    being handed out is not lost: Linux keeps a blocked signal pending even while it is ignored, and it
+    reaches the restored handler when the block ends (an ignored, unblocked Ctrl-C was dropped, and the run
+    went on to its end)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    can_block = hasattr(signal, "pthread_sigmask")
+    if can_block:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+        if can_block:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @contextlib.contextmanager
