@@ -42,12 +42,20 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _as_from_a_terminal():
+    """In the child before exec: Ctrl-C at its default, unblocked, as a shell starts a foreground command (a
+    process started with SIGINT ignored keeps it ignored, and Python then installs no KeyboardInterrupt; in the
+    full suite the pytest process had it so, and the Ctrl-C test's run went on to its end)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def start(tmp_path):
     spec = tmp_path / "long.toml"
     spec.write_text(TINY_TABLE.replace("epochs = 1", "epochs = 400"), encoding="utf-8")
     parent = subprocess.Popen([*CLI, "reproduce", "--spec", str(spec), "--out", str(tmp_path / "out"), "--jobs", "2",
                                "--no-progress"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+                              start_new_session=True, preexec_fn=_as_from_a_terminal)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(children(parent.pid)) < 2:
         time.sleep(0.2)
