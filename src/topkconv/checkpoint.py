@@ -19,6 +19,7 @@ writer of a folder (train, prune, evaluate).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shutil
@@ -99,6 +100,33 @@ def replace_run(run_dir, staging) -> None:
     for path in sorted(staging.iterdir(), key=lambda p: p.name == STATE_FILE):
         os.replace(path, run_dir / path.name)
     staging.rmdir()
+
+
+def output_folder(out_dir: Path, force: bool, writes: bool, verb: str) -> tuple[Path, bool]:
+    """``(folder to write, whether it replaces a finished run)`` for a run made from another (pruned, or given
+    a test-time defence): a finished run in ``out_dir`` is refused unless ``force``, and then stays complete
+    until the new one is (the new one is written beside it, then :func:`replace_run` moves it in)."""
+    replacing = is_complete(out_dir)
+    if replacing and not force:
+        raise UserError(f"{out_dir} already holds a finished run; to keep it, {verb} into another --out; to "
+                        f"replace it, add --force (it stays intact until the new run is complete)")
+    work_dir = out_dir / STAGING_DIR if replacing else out_dir
+    if writes:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        clear_run(work_dir)
+    return work_dir, replacing
+
+
+def check_same_model(source_dir: Path, source: RunSpec, derived: RunSpec) -> None:
+    """A run made from ``source`` (in ``source_dir``) must describe the same network but for its defence."""
+    def without_defense(spec: RunSpec) -> dict:
+        fields = dataclasses.asdict(spec.model)
+        fields.pop("defense")
+        return fields
+
+    if without_defense(derived) != without_defense(source):
+        raise ValueError(f"{source_dir}: its model ({without_defense(source)}) differs from the one spec "
+                         f"{derived.name!r} describes ({without_defense(derived)})")
 
 
 # ---------------------------------------------------------------- one writer per run folder

@@ -225,12 +225,6 @@ def pruned_spec(source: RunSpec, scope: str, sparsity: float, epochs: int,
     return dataclasses.replace(source, model=model, name=name or f"{source.name}-pruned-{scope}")
 
 
-def _model_without_defense(spec: RunSpec) -> dict:
-    fields = dataclasses.asdict(spec.model)
-    fields.pop("defense")
-    return fields
-
-
 def prune_run(source, spec: RunSpec, out_dir, progress: bool = True, force: bool = False) -> tuple[nn.Module, dict]:
     """Prune the trained standard run ``source`` as ``spec.model.defense`` says, into ``out_dir``.
 
@@ -241,18 +235,16 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True, force: bool
     summary) and ``metrics.jsonl``; returns ``(model in eval mode, summary)``.
     """
     from . import distributed, train
-    from .checkpoint import replace_run, save_checkpoint
+    from .checkpoint import check_same_model, output_folder, replace_run, save_checkpoint
     from .data import load_data
 
     model, source_spec, source_dir, source_hash = _load_source(source, spec, Path(out_dir))
     splits = load_data(spec.data)
     resolved = train.resolve_spec(spec, splits)
-    if _model_without_defense(resolved) != _model_without_defense(source_spec):
-        raise ValueError(f"{source_dir}: its model ({_model_without_defense(source_spec)}) differs from the "
-                         f"one spec {spec.name!r} describes ({_model_without_defense(resolved)})")
+    check_same_model(source_dir, source_spec, resolved)
     process = distributed.context()
     writes = process.is_main  # under torchrun every rank computes the same; one writes
-    work_dir, replacing = _output_folder(Path(out_dir), force, writes)
+    work_dir, replacing = output_folder(Path(out_dir), force, writes, "prune")
     device = distributed.pick_device(spec.train.device, process.local_rank)
     model.to(device)
     start = time.perf_counter()
@@ -296,23 +288,6 @@ def _load_source(source, spec: RunSpec, out_dir: Path) -> tuple[nn.Module, RunSp
         raise ValueError(f"{source_dir}: pruning starts from a standard model; this run's defense is "
                          f"{source_spec.model.defense.kind!r}")
     return model, source_spec, source_dir, source_hash
-
-
-def _output_folder(out_dir: Path, force: bool, writes: bool) -> tuple[Path, bool]:
-    """``(folder to write, whether it replaces a finished run)``: a finished run in ``out_dir`` is refused
-    unless ``force``, and then stays complete until the new one is (the new one is written beside it)."""
-    from .checkpoint import STAGING_DIR, clear_run, is_complete
-    from .errors import UserError
-
-    replacing = is_complete(out_dir)
-    if replacing and not force:
-        raise UserError(f"{out_dir} already holds a finished run; to keep it, prune into another --out; to replace "
-                        f"it, add --force (it stays intact until the pruned run is complete)")
-    work_dir = out_dir / STAGING_DIR if replacing else out_dir
-    if writes:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        clear_run(work_dir)
-    return work_dir, replacing
 
 
 def _prune_and_fine_tune(model: nn.Module, spec: RunSpec, splits, source_epochs: int, device, progress: bool,

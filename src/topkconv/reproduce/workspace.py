@@ -26,9 +26,10 @@ from typing import Callable, Optional
 
 from ..checkpoint import EVAL_FILE, MODEL_FILE, is_complete, run_lock
 from ..config import AttackConfig, spec_from_dict
+from ..test_time import is_test_time_only, standard_twin
 from .spec import Study
 
-TRAIN, PRUNE, EVALUATE = "train", "prune", "evaluate"
+TRAIN, PRUNE, DERIVE, EVALUATE = "train", "prune", "derive", "evaluate"
 # Workers take the ready job of highest priority first; measured on table3-quick: strong suite > training > paper.
 PRIORITY_STRONG, PRIORITY_TRAIN, PRIORITY_PAPER = 3, 2, 1
 
@@ -36,13 +37,13 @@ PRIORITY_STRONG, PRIORITY_TRAIN, PRIORITY_PAPER = 3, 2, 1
 @dataclass(frozen=True)
 class Job:
     """One independent piece of work: train or prune one run, or run one suite of attacks on it."""
-    step: str                             # train | prune | evaluate
+    step: str                             # train | prune | derive | evaluate
     key: str                              # unique: the run folder's name, or "<run>/<eval file>"
     title: str                            # what the progress line says: "Baseline, seed 1: paper attacks"
     spec: dict                            # the run's RunSpec as a dict (picklable, for a worker)
     run_dir: str
     needs: tuple = ()                     # keys of the jobs that must finish first
-    source_dir: Optional[str] = None      # prune: the trained run it starts from
+    source_dir: Optional[str] = None      # prune, derive: the trained run it starts from
     eval_file: Optional[str] = None       # evaluate: where the result goes
     attack: Optional[dict] = None         # evaluate: the AttackConfig as a dict
     surrogate_dir: Optional[str] = None   # evaluate: the transfer attack's source model
@@ -112,25 +113,36 @@ class Workspace:
         return order, cached
 
     def _plan_run(self, study: Study, label: str, seed: int, jobs: dict, cached: list) -> str:
+        """Plan column ``label``'s run at ``seed``: trained, pruned from its ``prune_from`` column's run, or
+        (a test-time-only defence) derived from its standard twin's run; returns its key."""
         column = study.table.column(label)
         spec = study.run_spec(label, seed)
+        where = f"{study.name} {label}, seed {seed}: "
+        if column.prune_from is not None:
+            source_key = self._plan_run(study, column.prune_from, seed, jobs, cached)
+            return self._plan_spec(spec, label, seed, where + "pruning", PRUNE, source_key, jobs, cached)
+        if is_test_time_only(spec):
+            twin_key = self._plan_spec(standard_twin(spec), label, seed, where + "training (its standard twin)",
+                                       TRAIN, None, jobs, cached)
+            return self._plan_spec(spec, label, seed, where + "test-time defence on the twin", DERIVE, twin_key,
+                                   jobs, cached)
+        return self._plan_spec(spec, label, seed, where + "training", TRAIN, None, jobs, cached)
+
+    def _plan_spec(self, spec, label: str, seed: int, title: str, step: str, source_key: Optional[str],
+                   jobs: dict, cached: list) -> str:
+        """Plan the run of ``spec`` (made from the run ``source_key`` unless it is trained) once."""
         run_dir = self.run_dir(spec)
         key = run_dir.name
         if key in jobs or any(entry["run"] == key and entry["action"] == "cached" for entry in cached):
             return key
-        title = f"{study.name} {label}, seed {seed}: " + ("pruning" if column.prune_from else "training")
-        needs: tuple = ()
-        source = None
-        if column.prune_from is not None:
-            source_key = self._plan_run(study, column.prune_from, seed, jobs, cached)
-            source = str(self.runs / source_key)
-            needs = (source_key,) if source_key in jobs else ()
+        needs = (source_key,) if source_key in jobs else ()
         replace = self._replace_reason(run_dir) or ("source retrained" if needs and is_complete(run_dir) else "")
         if is_complete(run_dir) and not replace:
             cached.append({"column": label, "seed": seed, "run": key, "action": "cached"})
             return key
-        jobs[key] = Job(PRUNE if source else TRAIN, key, title, spec.to_dict(), str(run_dir), needs,
-                        source_dir=source, priority=PRIORITY_TRAIN, replace=replace)
+        source = str(self.runs / source_key) if source_key else None
+        jobs[key] = Job(step, key, title, spec.to_dict(), str(run_dir), needs, source_dir=source,
+                        priority=PRIORITY_TRAIN, replace=replace)
         return key
 
     def _replace_reason(self, run_dir: Path) -> str:
@@ -301,24 +313,33 @@ def execute(job: Job) -> dict:
     spec = spec_from_dict(job.spec)
     run_dir = Path(job.run_dir)
     summary = {"key": job.key, "step": job.step}
-    if job.step in (TRAIN, PRUNE):
+    if job.step in (TRAIN, PRUNE, DERIVE):
         with run_lock(run_dir):  # a second topkconv process gets RunLockedError naming this folder
             replace = _replace_under_lock(job, run_dir)
             if replace is None:  # finished meanwhile by another process: never trained twice
                 summary["skipped"] = "already trained"
-            elif job.step == TRAIN:
-                from ..train import fit
-
-                fit(spec, run_dir, progress=False, force=replace)
             else:
-                from ..pruning import prune_run
-
-                prune_run(job.source_dir, spec, run_dir, progress=False, force=replace)
+                _make_run(job, spec, run_dir, replace)
     elif job.step == EVALUATE:
         _evaluate(job, spec, run_dir)
     else:
         raise ValueError(f"job {job.key}: unknown step {job.step!r}")
     return dict(summary, seconds=round(time.perf_counter() - start, 1))
+
+
+def _make_run(job: Job, spec, run_dir: Path, replace: bool) -> None:
+    if job.step == TRAIN:
+        from ..train import fit
+
+        fit(spec, run_dir, progress=False, force=replace)
+    elif job.step == PRUNE:
+        from ..pruning import prune_run
+
+        prune_run(job.source_dir, spec, run_dir, progress=False, force=replace)
+    else:
+        from ..test_time import derive_run
+
+        derive_run(job.source_dir, spec, run_dir, force=replace)
 
 
 def _replace_under_lock(job: Job, run_dir: Path) -> Optional[bool]:
