@@ -61,7 +61,11 @@ def start(tmp_path):
         time.sleep(0.2)
     workers = children(parent.pid)
     assert len(workers) == 2, (workers, parent.poll())
-    time.sleep(3)  # past the workers' start-up, into their jobs
+    # into both jobs: each training has finished an epoch, so each worker has made its (disabled) progress bar,
+    # whose default lock a stopped worker once left for the resource tracker to warn of at exit
+    while time.monotonic() < deadline and len(list((tmp_path / "out").glob("runs/*/metrics.jsonl"))) < 2:
+        time.sleep(0.1)
+    assert len(list((tmp_path / "out").glob("runs/*/metrics.jsonl"))) == 2, parent.poll()
     return parent, workers
 
 

@@ -41,5 +41,10 @@ def init_worker(parent_pid: int, torch_threads: int = 1) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent_pid)
     import torch
+    from tqdm import tqdm
 
     torch.set_num_threads(torch_threads)
+    # tqdm's default lock is a named POSIX semaphore, which a worker stopped by its parent (Ctrl-C) never
+    # unlinks, and multiprocessing's resource tracker then warns of it when the parent exits; a worker prints
+    # no bars, so a thread lock does
+    tqdm.set_lock(threading.RLock())
