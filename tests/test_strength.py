@@ -181,14 +181,20 @@ def test_strength_curves_flag_a_budget_that_is_still_falling_and_not_one_that_fl
     from topkconv.evaluate.curves import CurveConfig, strength_curves, write_curves
 
     cfg = AttackConfig(eps=32)
-    short = CurveConfig(examples=60, steps=[1, 2], restarts=[1, 2], restart_steps=1, eps=[4, 32, 255])
+    short = CurveConfig(examples=60, steps=[1, 2], restarts=[1, 2], restart_steps=1, eps=[4, 32, 255],
+                        zo_shares=[0.0005, 0.001])
     found = strength_curves(cnn, *digits_test, cfg, short)
     print({name: [p["accuracy"] for p in c["points"]] for name, c in found["curves"].items()})
     # 1 -> 2 steps of 2.5 eps / steps: the second step still breaks many examples
     assert found["curves"]["steps"]["still_falling"] and "steps" in found["still_falling"]
     by_eps = [p["accuracy"] for p in found["curves"]["eps"]["points"]]
     assert by_eps[-1] < 0.1 and by_eps == sorted(by_eps, reverse=True)   # unbounded: one step nearly always wins
-    long = CurveConfig(examples=60, steps=[50, 100], restarts=[1, 2], restart_steps=50, eps=[32])
+    # the zeroth-order attack at 0.05% and 0.1% of the reference's pairs (340 and 640 an example): it removes most
+    # of the accuracy without a gradient, and doubling its pairs still removes more than a point
+    zo = found["curves"]["zeroth_order"]
+    assert [p["pairs"] for p in zo["points"]] == [340, 640]
+    assert zo["points"][-1]["accuracy"] < found["clean"] - 0.5 and "zeroth_order" in found["still_falling"]
+    long = CurveConfig(examples=60, steps=[50, 100], restarts=[1, 2], restart_steps=50, eps=[32], zo_shares=[])
     converged = strength_curves(cnn, *digits_test, cfg, long)
     print({name: [p["accuracy"] for p in c["points"]] for name, c in converged["curves"].items()})
     assert converged["still_falling"] == [] and converged["text"].startswith("flattened")
@@ -202,6 +208,26 @@ def test_curve_budgets_must_end_on_a_doubling():
 
     with pytest.raises(ValueError, match="steps.*doubling"):
         CurveConfig(steps=[10, 100, 1000])
+    with pytest.raises(ValueError, match="zo_shares.*doubling"):
+        CurveConfig(zo_shares=[0.01, 0.1])
+    with pytest.raises(ValueError, match=r"zo_shares: expected shares of the reference budget in \(0, 1\]"):
+        CurveConfig(zo_shares=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--curves-zo-share", "0.5"], "draws no curve without --curves N"),
+    (["--curves", "4", "--curves-zo-share", "1.5"], "expected a share in (0, 1], got 1.5"),
+], ids=["share-without-curves", "share-above-one"])
+def test_cli_curves_zo_share_errors_name_the_flag(args, words, tmp_path, capsys):
+    from test_evaluate import _tiny_checkpoint
+    from topkconv.cli import main
+
+    run = _tiny_checkpoint(tmp_path / "run", defense="standard")
+    try:
+        status = main(["evaluate", str(run), "--n", "4", "--no-progress", *args])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status == 2 and words in capsys.readouterr().err
 
 
 def test_cli_evaluate_curves_writes_the_curves_beside_eval_json(tmp_path, capsys):
@@ -215,6 +241,7 @@ def test_cli_evaluate_curves_writes_the_curves_beside_eval_json(tmp_path, capsys
     curves = json.loads((run / "strength-curves.json").read_text())
     assert [p["x"] for p in curves["curves"]["steps"]["points"]] == [10, 20, 50, 100, 200, 500, 1000]
     assert [p["x"] for p in curves["curves"]["eps"]["points"]][-1] == 255 and curves["n"] == 4
+    assert [p["x"] for p in curves["curves"]["zeroth_order"]["points"]] == [0.0025, 0.005, 0.01]
     assert (run / "strength-curves.png").is_file() and "strength curves" in capsys.readouterr().out
 
 

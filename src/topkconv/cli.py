@@ -104,6 +104,13 @@ def _positive_number(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text}")
+    return value
+
+
 def _non_negative_number(text: str) -> float:
     value = _number(text)
     if value < 0:
@@ -340,8 +347,12 @@ def _add_evaluate(sub) -> None:
                    help="evaluate the last finished epoch of a run that stopped early (killed, or a NaN loss)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--curves", type=_at_least(1), metavar="N",
-                   help="also draw attack-strength curves (PGD steps 10-1000, restarts 1-10, eps 1-32 and unbounded) "
-                        "on the first N test examples: strength-curves.json and .png beside eval.json")
+                   help="also draw attack-strength curves (PGD steps 10-1000, restarts 1-10, eps 1-32 and unbounded, "
+                        "zeroth-order pairs up to --curves-zo-share of the reference's) on the first N test examples: "
+                        "strength-curves.json and .png beside eval.json")
+    p.add_argument("--curves-zo-share", type=_share, metavar="SHARE",
+                   help="the zeroth-order curve's largest share of the reference budget, in (0, 1] (default 0.01; "
+                        "1 = the reference: over a million forward passes an example)")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -488,6 +499,8 @@ def _run_evaluate(args) -> int:
         return _run_evaluate_user_model(args, overrides)
     if args.checkpoint is None:
         raise ValueError("evaluate: give a CHECKPOINT (run folder), or --model, --weights and --dataset")
+    if args.curves_zo_share is not None and not args.curves:
+        raise ValueError("evaluate --curves-zo-share: draws no curve without --curves N")
     out = _writable_output(args.out or run_folder(args.checkpoint) / EVAL_FILE)  # before any attack runs
     with _run_lock_if_main(out.parent):
         result = evaluate_run(args.checkpoint, suite=args.suite, surrogate_dir=args.surrogate, n_examples=args.n,
@@ -498,7 +511,8 @@ def _run_evaluate(args) -> int:
         from .evaluate.curves import curves_for_run
 
         curves = curves_for_run(args.checkpoint, args.curves, out.parent, eps=args.eps, overrides=overrides,
-                                device=args.device, allow_unfinished=args.allow_unfinished)
+                                device=args.device, allow_unfinished=args.allow_unfinished,
+                                zo_share=args.curves_zo_share)
         print(f"strength curves ({out.parent / 'strength-curves.json'}): {curves['text']}")
     return 0
 

@@ -1,6 +1,8 @@
 """Attack-strength curves (Carlini et al. 2019: report the curve, not one point): robust accuracy under PGD as
 its steps grow (10 -> 1,000 on a log scale), as its restarts grow (1 -> 10), and as eps grows (1/255 -> 32/255,
-then unbounded). A budget curve whose last doubling still removes more than ``still_falling_points`` is
+then unbounded); and under the zeroth-order attack as its noise pairs grow towards the reference's (Tramer et
+al. 2020: 100 steps of 50, 500 then 10,000 pairs, 611,000 pairs an example; each point runs that attack with
+every step's pairs scaled by a share of it). A budget curve whose last doubling still removes more than ``still_falling_points`` is
 flagged **still falling**: the attack had not converged at the budget the evaluation used.
 
 Each PGD point starts at random and steps by Madry et al.'s 2.5 eps / steps, so every budget can cross the
@@ -20,6 +22,7 @@ from torch import nn
 from ..attacks.common import correct, seeded
 from ..attacks.masking import slack
 from ..attacks.pgd import pgd
+from ..attacks.zeroth_order import PAPER_SAMPLES, PAPER_SIGMA, PAPER_STEP_SIZE, PAPER_STEPS, total_pairs, zeroth_order
 from ..config import AttackConfig
 from .plan import model_traits
 from .run import attack_seed
@@ -35,13 +38,22 @@ class CurveConfig:
     restarts: list = field(default_factory=lambda: [1, 2, 5, 10])                   # ends on a doubling
     restart_steps: int = 50                                                         # steps per restart
     eps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, UNBOUNDED])      # 0-255 units
+    # shares of the reference zeroth-order attack's noise pairs (1.0 = the reference); ends on a doubling ([]: no
+    # zeroth-order curve). The
+    # default stops at 1%, about 6,000 pairs an example: the reference itself takes over a million forward passes
+    # an example, hours on a CPU (topkconv evaluate --curves-zo-share 1 asks for it)
+    zo_shares: list = field(default_factory=lambda: [0.0025, 0.005, 0.01])
     still_falling_points: float = 0.01   # the last doubling may remove at most 1 point
 
     def __post_init__(self):
         if self.examples < 1:
             raise ValueError(f"curves: examples: expected >= 1, got {self.examples}")
-        for name in ("steps", "restarts"):
+        if not all(0 < share <= 1 for share in self.zo_shares):
+            raise ValueError(f"curves: zo_shares: expected shares of the reference budget in (0, 1], got {self.zo_shares}")
+        for name in ("steps", "restarts", "zo_shares"):
             values = getattr(self, name)
+            if name == "zo_shares" and not values:  # no zeroth-order curve
+                continue
             if len(values) < 2 or values[-1] != 2 * values[-2] or sorted(values) != list(values):
                 raise ValueError(f"curves: {name}: expected an increasing list ending on a doubling, got {values}")
 
@@ -51,6 +63,19 @@ def _robust(model: nn.Module, x, y, clean, eps: float, steps: int, restarts: int
     with seeded(model, seed) as generator:
         x_adv = pgd(model, x, y, eps / 255, 2.5 * eps / 255 / steps, steps, start="random", restarts=restarts,
                     eot_samples=eot, generator=generator)
+        return (correct(model, x_adv, y) & clean).double().mean().item()
+
+
+def zo_schedule(share: float) -> list:
+    """The reference zeroth-order schedule with every step's pairs scaled by ``share`` (at least one pair)."""
+    return [[start, max(1, round(pairs * share))] for start, pairs in PAPER_SAMPLES]
+
+
+def _robust_zo(model: nn.Module, x, y, clean, eps: float, share: float, seed: int) -> float:
+    """Robust accuracy under the reference zeroth-order attack at ``eps`` (0-255) with ``share`` of its pairs."""
+    with seeded(model, seed) as generator:
+        x_adv = zeroth_order(model, x, y, eps / 255, steps=PAPER_STEPS, step_size=PAPER_STEP_SIZE, sigma=PAPER_SIGMA,
+                             samples=zo_schedule(share), generator=generator)
         return (correct(model, x_adv, y) & clean).double().mean().item()
 
 
@@ -67,7 +92,7 @@ def _curve(name: str, points: list, measure, budget: bool, tolerance: float) -> 
 
 def strength_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig,
                     curves: Optional[CurveConfig] = None) -> dict:
-    """The three curves at ``cfg.eps`` on the first ``curves.examples`` examples (see the module docstring)."""
+    """The curves at ``cfg.eps`` on the first ``curves.examples`` examples (see the module docstring)."""
     curves = curves or CurveConfig()
     x, y = x[:curves.examples], y[:curves.examples]
     traits = model_traits(model, x, cfg.indicators)
@@ -85,6 +110,11 @@ def strength_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Att
         _curve("eps", curves.eps, lambda e: _robust(model, x, y, clean, e, curves.restart_steps, 1, eot, seed("eps")),
                False, falling),
     ]
+    if curves.zo_shares:
+        found.append(_curve("zeroth_order", curves.zo_shares, lambda share: _robust_zo(
+            model, x, y, clean, eps, share, seed("zeroth_order")), True, falling))
+        for point in found[-1]["points"]:  # each share also as the pairs it draws an example, at most
+            point["pairs"] = total_pairs(zo_schedule(point["x"]), PAPER_STEPS)
     still = [c["name"] for c in found if c.get("still_falling")]
     return {"eps": eps, "n": int(x.shape[0]), "clean": clean.double().mean().item(), "eot_samples": eot,
             "config": asdict(curves), "curves": {c["name"]: c for c in found}, "still_falling": still,
@@ -93,14 +123,17 @@ def strength_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Att
 
 
 def plot_curves(result: dict, folder, title: str = "") -> str:
-    """``strength-curves.png`` in ``folder``: the three curves side by side, on log scales."""
+    """``strength-curves.png`` in ``folder``: the curves side by side, on log scales."""
     from pathlib import Path
 
     from ..figures import _matplotlib, save_figure
 
     plt = _matplotlib()
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=110)
-    for ax, (name, label) in zip(axes, [("steps", "PGD steps"), ("restarts", "restarts"), ("eps", "eps (255 = unbounded)")]):
+    panels = [("steps", "PGD steps"), ("restarts", "restarts"), ("eps", "eps (255 = unbounded)"),
+              ("zeroth_order", "zeroth-order: share of the reference's pairs")]
+    panels = [(name, label) for name, label in panels if name in result["curves"]]  # files from before the 4th
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.4), dpi=110)
+    for ax, (name, label) in zip(axes, panels):
         curve = result["curves"][name]
         ax.plot([p["x"] for p in curve["points"]], [p["accuracy"] for p in curve["points"]], "o-")
         ax.set_xscale("log")
@@ -124,9 +157,10 @@ def write_curves(result: dict, folder, title: str = "") -> None:
 
 
 def curves_for_run(run_dir, examples: int, out_folder, eps: Optional[float] = None, overrides: Optional[dict] = None,
-                   device: str = "cpu", allow_unfinished: bool = False) -> dict:
+                   device: str = "cpu", allow_unfinished: bool = False, zo_share: Optional[float] = None) -> dict:
     """The strength curves of the checkpoint in ``run_dir`` on its first ``examples`` test examples, at the run's
-    eps (or ``eps``), written to ``out_folder``; the run's ``[attack]`` settings with ``overrides``."""
+    eps (or ``eps``), written to ``out_folder``; the run's ``[attack]`` settings with ``overrides``. ``zo_share``:
+    the zeroth-order curve's largest share of the reference budget (its points: a quarter, a half and all of it)."""
     from ..checkpoint import load_checkpoint
     from ..config import attack_config_with
     from ..data import load_data
@@ -135,7 +169,8 @@ def curves_for_run(run_dir, examples: int, out_folder, eps: Optional[float] = No
     cfg = attack_config_with(spec.attack, dict(overrides or {}, **({"eps": float(eps)} if eps is not None else {})))
     model = model.to("cuda" if device == "cuda" else "cpu")
     x, y = load_data(spec.data).test_tensors(limit=examples)
-    result = strength_curves(model, x, y, cfg, CurveConfig(examples=examples))
+    shares = {"zo_shares": [zo_share / 4, zo_share / 2, zo_share]} if zo_share is not None else {}
+    result = strength_curves(model, x, y, cfg, CurveConfig(examples=examples, **shares))
     result["run"] = {"dir": str(run_dir), "name": spec.name, "hash": spec.hash()}
     write_curves(result, out_folder, title=f"{spec.name}: attack strength at eps {cfg.eps:g} (n = {result['n']})")
     return result
