@@ -441,9 +441,9 @@ def test_fashion_specs_load_plan_and_build_on_idx_files(tmp_path, name):
     described = meta(study)  # what the report says: not "embedded", and no absolute path
     assert "(its default location)" in described["data"] and "(spec /" not in described["preset"]
     jobs, cached = Workspace(tmp_path / "out").plan([study])
-    trainings = [j for j in jobs if j.step in ("train", "prune")]
-    assert not cached and len(trainings) == table.seeds * len(table.reproduced_labels)
-    assert len(jobs) - len(trainings) == table.seeds * len(table.reproduced_labels) * len(study.attack_configs(base))
+    runs = [j for j in jobs if j.step in ("train", "prune", "derive")]  # one made run per column and seed
+    assert not cached and len(runs) == table.seeds * len(table.reproduced_labels)
+    assert len(jobs) - len(runs) == table.seeds * len(table.reproduced_labels) * len(study.attack_configs(base))
     _build_every_column(table, tmp_path / "fm")
 
 
