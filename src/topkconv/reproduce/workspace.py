@@ -36,7 +36,7 @@ PRIORITY_STRONG, PRIORITY_TRAIN, PRIORITY_PAPER = 3, 2, 1
 
 @dataclass(frozen=True)
 class Job:
-    """One independent piece of work: train or prune one run, or run one suite of attacks on it."""
+    """One independent piece of work: make one run (train, prune or derive it), or run one suite of attacks on it."""
     step: str                             # train | prune | derive | evaluate
     key: str                              # unique: the run folder's name, or "<run>/<eval file>"
     title: str                            # what the progress line says: "Baseline, seed 1: paper attacks"
