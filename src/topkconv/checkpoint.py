@@ -19,7 +19,6 @@ writer of a folder (train, prune, evaluate).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 import shutil
@@ -115,18 +114,6 @@ def output_folder(out_dir: Path, force: bool, writes: bool, verb: str) -> tuple[
         work_dir.mkdir(parents=True, exist_ok=True)
         clear_run(work_dir)
     return work_dir, replacing
-
-
-def check_same_model(source_dir: Path, source: RunSpec, derived: RunSpec) -> None:
-    """A run made from ``source`` (in ``source_dir``) must describe the same network but for its defence."""
-    def without_defense(spec: RunSpec) -> dict:
-        fields = dataclasses.asdict(spec.model)
-        fields.pop("defense")
-        return fields
-
-    if without_defense(derived) != without_defense(source):
-        raise ValueError(f"{source_dir}: its model ({without_defense(source)}) differs from the one spec "
-                         f"{derived.name!r} describes ({without_defense(derived)})")
 
 
 # ---------------------------------------------------------------- one writer per run folder

@@ -225,6 +225,12 @@ def pruned_spec(source: RunSpec, scope: str, sparsity: float, epochs: int,
     return dataclasses.replace(source, model=model, name=name or f"{source.name}-pruned-{scope}")
 
 
+def _model_without_defense(spec: RunSpec) -> dict:
+    fields = dataclasses.asdict(spec.model)
+    fields.pop("defense")
+    return fields
+
+
 def prune_run(source, spec: RunSpec, out_dir, progress: bool = True, force: bool = False) -> tuple[nn.Module, dict]:
     """Prune the trained standard run ``source`` as ``spec.model.defense`` says, into ``out_dir``.
 
@@ -235,13 +241,15 @@ def prune_run(source, spec: RunSpec, out_dir, progress: bool = True, force: bool
     summary) and ``metrics.jsonl``; returns ``(model in eval mode, summary)``.
     """
     from . import distributed, train
-    from .checkpoint import check_same_model, output_folder, replace_run, save_checkpoint
+    from .checkpoint import output_folder, replace_run, save_checkpoint
     from .data import load_data
 
     model, source_spec, source_dir, source_hash = _load_source(source, spec, Path(out_dir))
     splits = load_data(spec.data)
     resolved = train.resolve_spec(spec, splits)
-    check_same_model(source_dir, source_spec, resolved)
+    if _model_without_defense(resolved) != _model_without_defense(source_spec):
+        raise ValueError(f"{source_dir}: its model ({_model_without_defense(source_spec)}) differs from the "
+                         f"one spec {spec.name!r} describes ({_model_without_defense(resolved)})")
     process = distributed.context()
     writes = process.is_main  # under torchrun every rank computes the same; one writes
     work_dir, replacing = output_folder(Path(out_dir), force, writes, "prune")

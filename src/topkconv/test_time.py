@@ -45,11 +45,11 @@ def derive_run(source, spec: RunSpec, out_dir, force: bool = False) -> nn.Module
         raise ValueError(f"spec {spec.name!r}: defense {spec.model.defense.kind!r} acts in training too, so its run "
                          f"must be trained, not derived from a standard run")
     source_dir = Path(source)
-    source_model, source_spec = load_checkpoint(source_dir)  # errors name the missing or broken file
     twin_hash = standard_twin(spec).hash()
-    if read_run_json(source_dir).get("hash") != twin_hash:
+    if read_run_json(source_dir).get("hash") != twin_hash:  # before its weights are read
         raise ValueError(f"{source_dir}: not the standard twin of spec {spec.name!r} (a run of spec hash "
                          f"{twin_hash} was expected): its weights would not be the ones {spec.name!r} trains")
+    source_model, source_spec = load_checkpoint(source_dir)  # errors name the missing or broken file
     resolved = dataclasses.replace(spec, model=dataclasses.replace(source_spec.model, defense=spec.model.defense))
     model = build_model(resolved.model)
     model.load_state_dict(source_model.state_dict())  # strict: the defence adds no parameter or buffer
