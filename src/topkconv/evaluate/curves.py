@@ -2,8 +2,9 @@
 its steps grow (10 -> 1,000 on a log scale), as its restarts grow (1 -> 10), and as eps grows (1/255 -> 32/255,
 then unbounded); and under the zeroth-order attack as its noise pairs grow towards the reference's (Tramer et
 al. 2020: 100 steps of 50, 500 then 10,000 pairs, 611,000 pairs an example; each point runs that attack with
-every step's pairs scaled by a share of it). A budget curve whose last doubling still removes more than ``still_falling_points`` is
-flagged **still falling**: the attack had not converged at the budget the evaluation used.
+every step's pairs scaled by a share of it). A budget curve whose last doubling still removes more than
+``still_falling_points`` is flagged **still falling**: the attack had not converged at the budget the
+evaluation used.
 
 Each PGD point starts at random and steps by Madry et al.'s 2.5 eps / steps, so every budget can cross the
 ball; on a random model each gradient is averaged over ``[attack.eot_pgd] samples`` draws (EOT). The curves go
@@ -39,9 +40,8 @@ class CurveConfig:
     restart_steps: int = 50                                                         # steps per restart
     eps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, UNBOUNDED])      # 0-255 units
     # shares of the reference zeroth-order attack's noise pairs (1.0 = the reference); ends on a doubling ([]: no
-    # zeroth-order curve). The
-    # default stops at 1%, about 6,000 pairs an example: the reference itself takes over a million forward passes
-    # an example, hours on a CPU (topkconv evaluate --curves-zo-share 1 asks for it)
+    # zeroth-order curve). The default stops at 1%, about 6,000 pairs an example: the reference itself takes over
+    # a million forward passes an example, hours on a CPU (topkconv evaluate --curves-zo-share 1 asks for it)
     zo_shares: list = field(default_factory=lambda: [0.0025, 0.005, 0.01])
     still_falling_points: float = 0.01   # the last doubling may remove at most 1 point
 
@@ -49,21 +49,25 @@ class CurveConfig:
         if self.examples < 1:
             raise ValueError(f"curves: examples: expected >= 1, got {self.examples}")
         if not all(0 < share <= 1 for share in self.zo_shares):
-            raise ValueError(f"curves: zo_shares: expected shares of the reference budget in (0, 1], got {self.zo_shares}")
-        for name in ("steps", "restarts", "zo_shares"):
+            raise ValueError(f"curves: zo_shares: expected shares of the reference budget in (0, 1], "
+                             f"got {self.zo_shares}")
+        for name in ("steps", "restarts") + (("zo_shares",) if self.zo_shares else ()):  # []: no zeroth-order curve
             values = getattr(self, name)
-            if name == "zo_shares" and not values:  # no zeroth-order curve
-                continue
             if len(values) < 2 or values[-1] != 2 * values[-2] or sorted(values) != list(values):
                 raise ValueError(f"curves: {name}: expected an increasing list ending on a doubling, got {values}")
 
 
+def _accuracy_under(model: nn.Module, y, clean, seed: int, attack) -> float:
+    """The share of examples clean and still correct on ``attack(generator)``'s adversarial images."""
+    with seeded(model, seed) as generator:
+        return (correct(model, attack(generator), y) & clean).double().mean().item()
+
+
 def _robust(model: nn.Module, x, y, clean, eps: float, steps: int, restarts: int, eot: int, seed: int) -> float:
     """Robust accuracy under PGD at ``eps`` (0-255 units) with ``steps`` x ``restarts``."""
-    with seeded(model, seed) as generator:
-        x_adv = pgd(model, x, y, eps / 255, 2.5 * eps / 255 / steps, steps, start="random", restarts=restarts,
-                    eot_samples=eot, generator=generator)
-        return (correct(model, x_adv, y) & clean).double().mean().item()
+    return _accuracy_under(model, y, clean, seed, lambda generator: pgd(
+        model, x, y, eps / 255, 2.5 * eps / 255 / steps, steps, start="random", restarts=restarts, eot_samples=eot,
+        generator=generator))
 
 
 def zo_schedule(share: float) -> list:
@@ -73,10 +77,9 @@ def zo_schedule(share: float) -> list:
 
 def _robust_zo(model: nn.Module, x, y, clean, eps: float, share: float, seed: int) -> float:
     """Robust accuracy under the reference zeroth-order attack at ``eps`` (0-255) with ``share`` of its pairs."""
-    with seeded(model, seed) as generator:
-        x_adv = zeroth_order(model, x, y, eps / 255, steps=PAPER_STEPS, step_size=PAPER_STEP_SIZE, sigma=PAPER_SIGMA,
-                             samples=zo_schedule(share), generator=generator)
-        return (correct(model, x_adv, y) & clean).double().mean().item()
+    return _accuracy_under(model, y, clean, seed, lambda generator: zeroth_order(
+        model, x, y, eps / 255, steps=PAPER_STEPS, step_size=PAPER_STEP_SIZE, sigma=PAPER_SIGMA,
+        samples=zo_schedule(share), generator=generator))
 
 
 def _curve(name: str, points: list, measure, budget: bool, tolerance: float) -> dict:
