@@ -63,9 +63,10 @@ def start(tmp_path):
     assert len(workers) == 2, (workers, parent.poll())
     # into both jobs: each training has finished an epoch, so each worker has made its (disabled) progress bar,
     # whose default lock a stopped worker once left for the resource tracker to warn of at exit
-    while time.monotonic() < deadline and len(list((tmp_path / "out").glob("runs/*/metrics.jsonl"))) < 2:
+    trained_an_epoch = lambda: len(list((tmp_path / "out").glob("runs/*/metrics.jsonl")))  # noqa: E731
+    while time.monotonic() < deadline and trained_an_epoch() < 2:
         time.sleep(0.1)
-    assert len(list((tmp_path / "out").glob("runs/*/metrics.jsonl"))) == 2, parent.poll()
+    assert trained_an_epoch() == 2, parent.poll()
     return parent, workers
 
 
