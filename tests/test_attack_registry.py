@@ -136,8 +136,9 @@ def test_a_registered_toy_attack_runs_through_topkconv_evaluate(toy_attack, tmp_
     code = main(["evaluate", str(run), "--suite", "full", "--n", "16", "--steps", "2", "--eps-curve", "0", "64",
                  "--apgd-iters", "2", "--autoattack-attacks", "apgd-ce", "--square-queries", "5", "--zo-steps", "0",
                  "--indicator-examples", "4", "--indicator-draws", "2", "--indicator-steps", "2",
-                 "--toy-noise-scale", "0.5", "--no-progress", "--device", "cpu"])
+                 "--toy-noise-scale", "0.5", "--no-progress", "--device", "cpu", "--curves", "0"])
     assert code == 0, capsys.readouterr().err
+    assert not (run / "strength-curves.json").exists()   # --curves 0: the full suite without its curves
     result = json.loads((run / "eval.json").read_text())
     toy = result["attacks"]["toy_noise"]
     assert toy["params"] == {"eps": 8.0, "scale": 0.5} and 0 <= toy["accuracy"] <= result["clean"]

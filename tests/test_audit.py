@@ -154,6 +154,19 @@ def test_cli_evaluates_a_model_from_user_code_and_safetensors_weights(factory, u
     assert (folder / "out" / "eval.md").read_text().splitlines()[2].startswith("**Verdict: ")
 
 
+def test_cli_draws_strength_curves_for_a_model_from_user_code(user_code):
+    from topkconv.cli import main
+
+    folder, weights = user_code
+    out = folder / "out" / "eval.json"
+    assert main(["evaluate", "--model", "usermodels:build", "--weights", str(weights), "--out", str(out),
+                 "--curves", "4", "--eps", "32"] + SMALL) == 0
+    curves = json.loads((folder / "out" / "strength-curves.json").read_text())
+    assert curves["n"] == 4 and curves["eps"] == 32 and curves["run"]["factory"] == "usermodels:build"
+    assert curves["curves"]["eps"]["points"][-1]["accuracy"] == 0   # unbounded: the attack must win
+    assert (folder / "out" / "strength-curves.png").is_file()
+
+
 @pytest.mark.parametrize("args, named", [
     (["--model", "nowhere_pkg.models:build"], "nowhere_pkg.models"),
     (["--model", "usermodels:missing"], "missing"),

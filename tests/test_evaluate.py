@@ -399,6 +399,9 @@ def test_cli_evaluate_writes_eval_json_and_plot_for_a_checkpoint(tmp_path, capsy
     assert result["verdict"]["text"]
     assert result["run"]["name"] == "tiny-dynamic_k" and "env" in result
     assert result["verdict"]["text"] in capsys.readouterr().out and (run / "eval.md").is_file()
+    curves = json.loads((run / "strength-curves.json").read_text())   # part of --suite full without --curves N
+    assert curves["n"] == 20 and curves["eps"] == 8 and curves["run"]["name"] == "tiny-dynamic_k"
+    assert {"steps", "restarts", "eps", "zeroth_order"} == set(curves["curves"])
 
 
 def test_cli_evaluate_names_a_missing_checkpoint(tmp_path, capsys):

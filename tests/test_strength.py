@@ -216,8 +216,9 @@ def test_curve_budgets_must_end_on_a_doubling():
 
 @pytest.mark.parametrize("args,words", [
     (["--curves-zo-share", "0.5"], "draws no curve without --curves N"),
+    (["--suite", "full", "--curves", "0", "--curves-zo-share", "0.5"], "draws no curve without --curves N"),
     (["--curves", "4", "--curves-zo-share", "1.5"], "expected a share in (0, 1], got 1.5"),
-], ids=["share-without-curves", "share-above-one"])
+], ids=["share-without-curves", "share-with-curves-0", "share-above-one"])
 def test_cli_curves_zo_share_errors_name_the_flag(args, words, tmp_path, capsys):
     from test_evaluate import _tiny_checkpoint
     from topkconv.cli import main

@@ -346,10 +346,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--allow-unfinished", action="store_true",
                    help="evaluate the last finished epoch of a run that stopped early (killed, or a NaN loss)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--curves", type=_at_least(1), metavar="N",
-                   help="also draw attack-strength curves (PGD steps 10-1000, restarts 1-10, eps 1-32 and unbounded, "
-                        "zeroth-order pairs up to --curves-zo-share of the reference's) on the first N test examples: "
-                        "strength-curves.json and .png beside eval.json")
+    p.add_argument("--curves", type=_at_least(0), metavar="N",
+                   help="attack-strength curves (PGD steps 10-1000, restarts 1-10, eps 1-32 and unbounded, zeroth-order "
+                        "pairs up to --curves-zo-share of the reference's) on the first N test examples: "
+                        "strength-curves.json and .png beside eval.json (default: 20 with --suite full, none with "
+                        "--suite paper; 0: none)")
     p.add_argument("--curves-zo-share", type=_share, metavar="SHARE",
                    help="the zeroth-order curve's largest share of the reference budget, in (0, 1] (default 0.01; "
                         "1 = the reference: over a million forward passes an example)")
@@ -467,10 +468,15 @@ def _run_evaluate_user_model(args, overrides: dict) -> int:
     changes = dict(overrides, suite=args.suite, **({"n_examples": args.n} if args.n else {}),
                    **({"eps": float(args.eps)} if args.eps is not None else {}))
     out = _writable_output(args.out or EVAL_FILE)
-    result = evaluate_user_model(args.model, args.weights, data, attack_config_with(AttackConfig(), changes),
-                                 out=out, surrogate_dir=args.surrogate, device=args.device,
-                                 progress=not args.no_progress)
+    cfg = attack_config_with(AttackConfig(), changes)
+    result = evaluate_user_model(args.model, args.weights, data, cfg, out=out, surrogate_dir=args.surrogate,
+                                 device=args.device, progress=not args.no_progress)
     _print_evaluation(result)
+    from .evaluate.curves import curves_for_user_model
+
+    _strength_curves(args, out.parent, lambda: curves_for_user_model(
+        args.model, args.weights, data, cfg, args.curves, out.parent, device=args.device,
+        zo_share=args.curves_zo_share))
     return 0
 
 
@@ -493,28 +499,43 @@ def _run_evaluate(args) -> int:
     from .evaluate import evaluate_run
 
     overrides = _attack_overrides(args)
+    args.curves = _curve_examples(args)
     if args.model is not None:
-        if args.curves:
-            raise ValueError("evaluate --curves: needs a CHECKPOINT (run folder), not --model")
         return _run_evaluate_user_model(args, overrides)
     if args.checkpoint is None:
         raise ValueError("evaluate: give a CHECKPOINT (run folder), or --model, --weights and --dataset")
-    if args.curves_zo_share is not None and not args.curves:
-        raise ValueError("evaluate --curves-zo-share: draws no curve without --curves N")
     out = _writable_output(args.out or run_folder(args.checkpoint) / EVAL_FILE)  # before any attack runs
     with _run_lock_if_main(out.parent):
         result = evaluate_run(args.checkpoint, suite=args.suite, surrogate_dir=args.surrogate, n_examples=args.n,
                               eps=args.eps, out=out, overrides=overrides, device=args.device,
                               progress=not args.no_progress, allow_unfinished=args.allow_unfinished)
     _print_evaluation(result)
-    if args.curves:
-        from .evaluate.curves import curves_for_run
+    from .evaluate.curves import curves_for_run
 
-        curves = curves_for_run(args.checkpoint, args.curves, out.parent, eps=args.eps, overrides=overrides,
-                                device=args.device, allow_unfinished=args.allow_unfinished,
-                                zo_share=args.curves_zo_share)
-        print(f"strength curves ({out.parent / 'strength-curves.json'}): {curves['text']}")
+    _strength_curves(args, out.parent, lambda: curves_for_run(
+        args.checkpoint, args.curves, out.parent, eps=args.eps, overrides=overrides, device=args.device,
+        allow_unfinished=args.allow_unfinished, zo_share=args.curves_zo_share))
     return 0
+
+
+def _curve_examples(args) -> int:
+    """``evaluate --curves``: N as given, else the full suite's default (strength curves are part of it)."""
+    from .evaluate.curves import FULL_SUITE_EXAMPLES
+
+    examples = args.curves if args.curves is not None else FULL_SUITE_EXAMPLES if args.suite == "full" else 0
+    if args.curves_zo_share is not None and not examples:
+        raise ValueError("evaluate --curves-zo-share: draws no curve without --curves N (or --suite full)")
+    return examples
+
+
+def _strength_curves(args, folder, draw) -> None:
+    """``draw()`` the curves when ``--curves`` asks for them, in one process (they are not split across ranks)."""
+    from . import distributed
+    from .evaluate.curves import CURVES_FILE
+
+    if args.curves and distributed.context().is_main:
+        curves = draw()
+        print(f"strength curves ({folder / CURVES_FILE}, n = {curves['n']}): {curves['text']}")
 
 
 def _writable_output(path):

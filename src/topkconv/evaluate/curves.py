@@ -30,6 +30,9 @@ from .run import attack_seed
 
 UNBOUNDED = 255.0   # eps = 255/255: the whole box, so the attack must win (0-255 units)
 CURVES_FILE, CURVES_PLOT = "strength-curves.json", "strength-curves.png"
+# `topkconv evaluate --suite full` draws the curves on this many examples unless --curves N says otherwise: enough
+# to see a budget still falling, few enough that the curves cost about what the full suite does (docs/audit.md)
+FULL_SUITE_EXAMPLES = 20
 
 
 @dataclass
@@ -159,21 +162,44 @@ def write_curves(result: dict, folder, title: str = "") -> None:
     plot_curves(result, folder, title)
 
 
+def curves_for_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, examples: int,
+                     out_folder, title: str, zo_share: Optional[float] = None, run: Optional[dict] = None) -> dict:
+    """The strength curves of ``model`` on the first ``examples`` of ``x, y`` at ``cfg.eps``, written to
+    ``out_folder`` with ``run`` (what was evaluated) in the JSON. ``zo_share``: the zeroth-order curve's largest
+    share of the reference budget (its points: a quarter, a half and all of it)."""
+    shares = {"zo_shares": [zo_share / 4, zo_share / 2, zo_share]} if zo_share is not None else {}
+    result = strength_curves(model, x[:examples], y[:examples], cfg, CurveConfig(examples=examples, **shares))
+    result["run"] = run or {}
+    write_curves(result, out_folder, title=f"{title}: attack strength at eps {cfg.eps:g} (n = {result['n']})")
+    return result
+
+
 def curves_for_run(run_dir, examples: int, out_folder, eps: Optional[float] = None, overrides: Optional[dict] = None,
                    device: str = "cpu", allow_unfinished: bool = False, zo_share: Optional[float] = None) -> dict:
-    """The strength curves of the checkpoint in ``run_dir`` on its first ``examples`` test examples, at the run's
-    eps (or ``eps``), written to ``out_folder``; the run's ``[attack]`` settings with ``overrides``. ``zo_share``:
-    the zeroth-order curve's largest share of the reference budget (its points: a quarter, a half and all of it)."""
+    """:func:`curves_for_model` for the checkpoint in ``run_dir`` on its test split, with the run's ``[attack]``
+    settings and ``overrides`` (``eps`` replaces the run's)."""
     from ..checkpoint import load_checkpoint
     from ..config import attack_config_with
     from ..data import load_data
 
+    from ..distributed import pick_device
+
     model, spec = load_checkpoint(run_dir, allow_unfinished=allow_unfinished)
     cfg = attack_config_with(spec.attack, dict(overrides or {}, **({"eps": float(eps)} if eps is not None else {})))
-    model = model.to("cuda" if device == "cuda" else "cpu")
+    model = model.to(pick_device(device))
     x, y = load_data(spec.data).test_tensors(limit=examples)
-    shares = {"zo_shares": [zo_share / 4, zo_share / 2, zo_share]} if zo_share is not None else {}
-    result = strength_curves(model, x, y, cfg, CurveConfig(examples=examples, **shares))
-    result["run"] = {"dir": str(run_dir), "name": spec.name, "hash": spec.hash()}
-    write_curves(result, out_folder, title=f"{spec.name}: attack strength at eps {cfg.eps:g} (n = {result['n']})")
-    return result
+    return curves_for_model(model, x, y, cfg, examples, out_folder, spec.name, zo_share,
+                            run={"dir": str(run_dir), "name": spec.name, "hash": spec.hash()})
+
+
+def curves_for_user_model(factory: str, weights, data, cfg: AttackConfig, examples: int, out_folder,
+                          device: str = "auto", zo_share: Optional[float] = None) -> dict:
+    """:func:`curves_for_model` for ``evaluate --model FACTORY --weights FILE``, on the test split of ``data``."""
+    from ..data import load_data
+    from ..distributed import pick_device
+    from ..user_model import build_user_model
+
+    model = build_user_model(factory, weights).to(pick_device(device))
+    x, y = load_data(data).test_tensors(limit=examples)
+    return curves_for_model(model, x, y, cfg, examples, out_folder, factory, zo_share,
+                            run={"factory": factory, "weights": str(weights)})
