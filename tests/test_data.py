@@ -425,7 +425,7 @@ def test_cifar10_table3_spec_builds_full_width_models_on_cifar_files(tmp_path):
     _build_every_column(table, tmp_path / "cifar")
 
 
-@pytest.mark.parametrize("name", ["table1", "table2", "table3"])
+@pytest.mark.parametrize("name", ["table1", "table2", "table3", "tableat"])
 def test_fashion_specs_load_plan_and_build_on_idx_files(tmp_path, name):
     from topkconv.reproduce import Study, Workspace, load_table_spec
     from topkconv.reproduce.tables import meta
@@ -437,6 +437,7 @@ def test_fashion_specs_load_plan_and_build_on_idx_files(tmp_path, name):
     assert table.seeds >= 10 and base.attack.suite == "full"
     # the strong suite on at least 500 images, or a cut that the report's note declares
     assert base.attack.n_examples >= 500 or f"first {base.attack.n_examples} (CUT from the 500" in table.note
+    assert base.attack.indicators.examples >= 100   # a verdict preset's masking indicators (issue 22)
     study = Study(table)
     described = meta(study)  # what the report says: not "embedded", and no absolute path
     assert "(its default location)" in described["data"] and "(spec /" not in described["preset"]
