@@ -110,6 +110,20 @@ def test_zeroth_order_fraction_counts_pairs_over_steps():
     assert at_size_on_some["fraction"] == 1.0 and at_size_on_some["below_reference"]
 
 
+@pytest.mark.parametrize("attacks, below", [
+    ([], False),
+    (["apgd-ce", "apgd-t", "fab-t", "square"], False),
+    (["square", "apgd-dlr", "fab-t", "apgd-t", "apgd-ce"], False),
+    (["apgd-ce", "apgd-dlr"], True),
+    (["apgd-ce", "apgd-t", "fab-t"], True),
+], ids=["the-versions-own", "standard-named", "standard-and-more", "quick-pair", "no-square"])
+def test_autoattack_is_at_its_reference_only_with_all_of_the_standard_attacks(attacks, below):
+    from topkconv.attacks.autoattack import AutoAttackBudget
+
+    share = AutoAttackBudget(iterations=100, attacks=attacks).reference_fraction()
+    assert share["fraction"] == 1.0 and share["below_reference"] is below
+
+
 # ---------------------------------------------------------------- a random model judged over draws
 
 def test_a_random_model_is_judged_over_draws_and_its_worst_case_is_taken_within_each_draw(sap_mlp, digits_test):
