@@ -188,7 +188,8 @@ def test_a_retrain_leaves_no_evaluation_of_the_old_weights(tmp_path):
     run = tmp_path / "run"
     assert main(["train", *TRAIN, "--out", str(run)]) == 0
     old = ["eval.json", "eval.md", "acc-vs-eps.png", "eval-strong-8.json", "eval-strong-8.md",
-           "eval-strong-8-acc-vs-eps.png"]
+           "eval-strong-8-acc-vs-eps.png", "strength-curves.json", "strength-curves.png",
+           "eval-strong-8-strength-curves.json"]
     for name in old:
         (run / name).write_text("of the old weights\n")
     (run / "notes.txt").write_text("mine\n")

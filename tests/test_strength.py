@@ -212,9 +212,12 @@ def test_strength_curves_flag_a_budget_that_is_still_falling_and_not_one_that_fl
     converged = strength_curves(cnn, *digits_test, cfg, long)
     print({name: [p["accuracy"] for p in c["points"]] for name, c in converged["curves"].items()})
     assert converged["still_falling"] == [] and converged["text"].startswith("flattened")
-    write_curves(found, tmp_path)
+    write_curves(found, tmp_path / "eval.json")
     assert (tmp_path / "strength-curves.json").is_file()
     assert (tmp_path / "strength-curves.png").read_bytes()[:4] == b"\x89PNG"
+    write_curves(found, tmp_path / "eval-strong.json")   # beside another evaluation: named after it
+    assert (tmp_path / "eval-strong-strength-curves.json").is_file()
+    assert (tmp_path / "eval-strong-strength-curves.png").is_file()
 
 
 def test_curve_budgets_must_end_on_a_doubling():

@@ -40,10 +40,19 @@ STATE_FILE = "train_state.json"      # the trainer's per-epoch commit record (se
 STATE_DIR = "state"                  # the tensors that STATE_FILE names
 EVAL_FILE = "eval.json"              # evaluate's default output
 PLOT_FILE = "acc-vs-eps.png"         # beside eval.json; ``<stem>-acc-vs-eps.png`` beside other eval files
+CURVES_FILE = "strength-curves.json"  # evaluate's attack-strength curves, named as PLOT_FILE is
+CURVES_PLOT = "strength-curves.png"
 # Every artefact an evaluation leaves (evaluate's ``write_results``: the JSON, its Markdown and its plot; the
-# strong suites' ``eval-<suite>.json``). One list, used by every retrain, replace and extend, so that no
-# verdict of older weights survives beside new ones.
-EVALUATION_PATTERNS = ("eval*.json", "eval*.md", f"*{PLOT_FILE}")
+# strong suites' ``eval-<suite>.json``; the strength curves). One list, used by every retrain, replace and
+# extend, so that no verdict of older weights survives beside new ones.
+EVALUATION_PATTERNS = ("eval*.json", "eval*.md", f"*{PLOT_FILE}", f"*{CURVES_FILE}", f"*{CURVES_PLOT}")
+
+
+def beside(out, name: str) -> Path:
+    """``name`` beside evaluate's default output (eval.json), ``<stem>-name`` beside any other: two evaluations
+    written to one folder keep their own plots and curves."""
+    out = Path(out)
+    return out.parent / (name if out.name == EVAL_FILE else f"{out.stem}-{name}")
 TEMP_PATTERN = ".*.tmp"               # topkconv.io's atomic writes: a writer killed mid-write leaves one
 LOCK_FILE = ".topkconv.lock"         # held by the one process writing the folder (see run_lock)
 STAGING_DIR = ".replacing"           # a --force retrain's first epoch, until it replaces the old run

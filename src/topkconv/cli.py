@@ -474,8 +474,8 @@ def _run_evaluate_user_model(args, overrides: dict) -> int:
     _print_evaluation(result)
     from .evaluate.curves import curves_for_user_model
 
-    _strength_curves(args, out.parent, lambda: curves_for_user_model(
-        args.model, args.weights, data, cfg, args.curves, out.parent, device=args.device,
+    _strength_curves(args, out, lambda: curves_for_user_model(
+        args.model, args.weights, data, cfg, args.curves, out, device=args.device,
         zo_share=args.curves_zo_share))
     return 0
 
@@ -512,8 +512,8 @@ def _run_evaluate(args) -> int:
     _print_evaluation(result)
     from .evaluate.curves import curves_for_run
 
-    _strength_curves(args, out.parent, lambda: curves_for_run(
-        args.checkpoint, args.curves, out.parent, eps=args.eps, overrides=overrides, device=args.device,
+    _strength_curves(args, out, lambda: curves_for_run(
+        args.checkpoint, args.curves, out, eps=args.eps, overrides=overrides, device=args.device,
         allow_unfinished=args.allow_unfinished, zo_share=args.curves_zo_share))
     return 0
 
@@ -528,14 +528,15 @@ def _curve_examples(args) -> int:
     return examples
 
 
-def _strength_curves(args, folder, draw) -> None:
-    """``draw()`` the curves when ``--curves`` asks for them, in one process (they are not split across ranks)."""
+def _strength_curves(args, out, draw) -> None:
+    """``draw()`` the curves beside the evaluation ``out`` when ``--curves`` asks for them, in one process (they
+    are not split across ranks)."""
     from . import distributed
-    from .evaluate.curves import CURVES_FILE
+    from .checkpoint import CURVES_FILE, beside
 
     if args.curves and distributed.context().is_main:
         curves = draw()
-        print(f"strength curves ({folder / CURVES_FILE}, n = {curves['n']}): {curves['text']}")
+        print(f"strength curves ({beside(out, CURVES_FILE)}, n = {curves['n']}): {curves['text']}")
 
 
 def _writable_output(path):

@@ -29,7 +29,6 @@ from .plan import model_traits
 from .run import attack_seed
 
 UNBOUNDED = 255.0   # eps = 255/255: the whole box, so the attack must win (0-255 units)
-CURVES_FILE, CURVES_PLOT = "strength-curves.json", "strength-curves.png"
 # `topkconv evaluate --suite full` draws the curves on this many examples unless --curves N says otherwise: enough
 # to see a budget still falling, few enough that the curves cost about what the full suite does (docs/audit.md)
 FULL_SUITE_EXAMPLES = 20
@@ -128,10 +127,8 @@ def strength_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Att
                      f"{100 * falling:.3g} points)") if still else "flattened: no budget curve still falling"}
 
 
-def plot_curves(result: dict, folder, title: str = "") -> str:
-    """``strength-curves.png`` in ``folder``: the curves side by side, on log scales."""
-    from pathlib import Path
-
+def plot_curves(result: dict, path, title: str = "") -> str:
+    """The curves side by side, on log scales, as a PNG at ``path``."""
     from ..figures import _matplotlib, save_figure
 
     plt = _matplotlib()
@@ -149,32 +146,32 @@ def plot_curves(result: dict, folder, title: str = "") -> str:
     axes[0].set_ylabel("robust accuracy")
     fig.suptitle(title or f"attack strength at eps {result['eps']:g} (n = {result['n']})", fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, Path(folder) / CURVES_PLOT)
+    return save_figure(fig, path)
 
 
-def write_curves(result: dict, folder, title: str = "") -> None:
-    """``strength-curves.json`` and ``strength-curves.png`` in ``folder``, each atomically."""
-    from pathlib import Path
-
+def write_curves(result: dict, out, title: str = "") -> None:
+    """``strength-curves.json`` and ``.png`` beside the evaluation ``out`` (``eval.json``; ``<stem>-strength-curves``
+    beside another name, as :func:`topkconv.checkpoint.beside` names them), each atomically."""
+    from ..checkpoint import CURVES_FILE, CURVES_PLOT, beside
     from ..io import atomic_write_json
 
-    atomic_write_json(Path(folder) / CURVES_FILE, result)
-    plot_curves(result, folder, title)
+    atomic_write_json(beside(out, CURVES_FILE), result)
+    plot_curves(result, beside(out, CURVES_PLOT), title)
 
 
 def curves_for_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, examples: int,
-                     out_folder, title: str, zo_share: Optional[float] = None, run: Optional[dict] = None) -> dict:
-    """The strength curves of ``model`` on the first ``examples`` of ``x, y`` at ``cfg.eps``, written to
-    ``out_folder`` with ``run`` (what was evaluated) in the JSON. ``zo_share``: the zeroth-order curve's largest
+                     out, title: str, zo_share: Optional[float] = None, run: Optional[dict] = None) -> dict:
+    """The strength curves of ``model`` on the first ``examples`` of ``x, y`` at ``cfg.eps``, written beside the
+    evaluation ``out`` (:func:`write_curves`) with ``run`` (what was evaluated) in the JSON. ``zo_share``: the zeroth-order curve's largest
     share of the reference budget (its points: a quarter, a half and all of it)."""
     shares = {"zo_shares": [zo_share / 4, zo_share / 2, zo_share]} if zo_share is not None else {}
     result = strength_curves(model, x[:examples], y[:examples], cfg, CurveConfig(examples=examples, **shares))
     result["run"] = run or {}
-    write_curves(result, out_folder, title=f"{title}: attack strength at eps {cfg.eps:g} (n = {result['n']})")
+    write_curves(result, out, title=f"{title}: attack strength at eps {cfg.eps:g} (n = {result['n']})")
     return result
 
 
-def curves_for_run(run_dir, examples: int, out_folder, eps: Optional[float] = None, overrides: Optional[dict] = None,
+def curves_for_run(run_dir, examples: int, out, eps: Optional[float] = None, overrides: Optional[dict] = None,
                    device: str = "cpu", allow_unfinished: bool = False, zo_share: Optional[float] = None) -> dict:
     """:func:`curves_for_model` for the checkpoint in ``run_dir`` on its test split, with the run's ``[attack]``
     settings and ``overrides`` (``eps`` replaces the run's)."""
@@ -188,11 +185,11 @@ def curves_for_run(run_dir, examples: int, out_folder, eps: Optional[float] = No
     cfg = attack_config_with(spec.attack, dict(overrides or {}, **({"eps": float(eps)} if eps is not None else {})))
     model = model.to(pick_device(device))
     x, y = load_data(spec.data).test_tensors(limit=examples)
-    return curves_for_model(model, x, y, cfg, examples, out_folder, spec.name, zo_share,
+    return curves_for_model(model, x, y, cfg, examples, out, spec.name, zo_share,
                             run={"dir": str(run_dir), "name": spec.name, "hash": spec.hash()})
 
 
-def curves_for_user_model(factory: str, weights, data, cfg: AttackConfig, examples: int, out_folder,
+def curves_for_user_model(factory: str, weights, data, cfg: AttackConfig, examples: int, out,
                           device: str = "auto", zo_share: Optional[float] = None) -> dict:
     """:func:`curves_for_model` for ``evaluate --model FACTORY --weights FILE``, on the test split of ``data``."""
     from ..data import load_data
@@ -201,5 +198,5 @@ def curves_for_user_model(factory: str, weights, data, cfg: AttackConfig, exampl
 
     model = build_user_model(factory, weights).to(pick_device(device))
     x, y = load_data(data).test_tensors(limit=examples)
-    return curves_for_model(model, x, y, cfg, examples, out_folder, factory, zo_share,
+    return curves_for_model(model, x, y, cfg, examples, out, factory, zo_share,
                             run={"factory": factory, "weights": str(weights)})

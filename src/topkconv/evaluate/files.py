@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import EVAL_FILE, PLOT_FILE
+from ..checkpoint import EVAL_FILE, PLOT_FILE, beside
 from ..config import AttackConfig, attack_config_with
 from .pipeline import evaluate
 
@@ -15,8 +15,7 @@ from .pipeline import evaluate
 def plot_path(out: Path) -> Path:
     """acc-vs-eps.png beside eval.json; ``<stem>-acc-vs-eps.png`` beside any other name, so two suites
     written to one folder keep their own plots."""
-    out = Path(out)
-    return out.parent / (PLOT_FILE if out.name == EVAL_FILE else f"{out.stem}-{PLOT_FILE}")
+    return beside(out, PLOT_FILE)
 
 
 def write_results(result: dict, out: Path, title: str = "") -> None:
