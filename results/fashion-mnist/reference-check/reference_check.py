@@ -1,15 +1,15 @@
 """Do the presets' cut budgets change the worst case? The strong suite of one seed's models re-run with AutoAttack
 and Square at their reference budgets, against the preset's own (quick) strong suite on the same examples.
 
-    python reference_check.py SPEC OUT_DIR --seed 0 --jobs 2 --folder FOLDER
+    python reference_check.py SPEC OUT_DIR --seed 0 --jobs 2 --folder FOLDER [--n N] [--labels LABEL ...]
 
 SPEC: a table spec (e.g. src/topkconv/experiments/table3-fashion.toml); OUT_DIR: the folder that
 `topkconv reproduce ... --out OUT_DIR` filled (its runs/ hold the trained models and their quick strong suite,
 eval-strong-8.json). For every column it runs `topkconv evaluate RUN --suite full` with the run's own attack
 settings except the budgets in REFERENCE (each evaluation in its own process, one torch thread), then writes
 FOLDER/reference-check.{md,json,csv}: per model, the quick and the reference worst case on the same examples,
-and the examples that only the reference budgets broke. Each evaluation's eval.json and console output stay in
-FOLDER/<label>/.
+and the examples that only the reference budgets broke (on the first N of the quick suite's examples: default all).
+Each evaluation's eval.json and console output stay in FOLDER/<label>/.
 """
 from __future__ import annotations
 
@@ -36,19 +36,20 @@ REFERENCE = ["--apgd-iters", "100", "--autoattack-attacks", "apgd-ce", "apgd-t",
              "--indicator-examples", "100", "--curves", "0"]
 
 
-def planned(spec: Path, out_dir: Path, seed: int) -> list[dict]:
-    """Each column's run folder, quick strong-suite file and surrogate at ``seed``."""
+def planned(spec: Path, out_dir: Path, seed: int, labels=None, n=None) -> list[dict]:
+    """Each column's (or each of ``labels``') run folder, quick strong-suite file and surrogate at ``seed``,
+    with the examples to compare on (the quick suite's, or its first ``n``)."""
     table = load_table_spec(spec)
     study, workspace = Study(table), Workspace(out_dir)
     eps = max(table.strong_eps)
     rows = []
-    for label in table.reproduced_labels:
+    for label in labels or table.reproduced_labels:
         quick, surrogate = workspace.evaluation_file(study, label, seed, f"strong@{eps:g}")
         if not quick.is_file():
             raise FileNotFoundError(f"{quick}: no quick strong suite for {label!r} at seed {seed}; run "
                                     f"`topkconv reproduce {table.table} --preset {table.preset} --out {out_dir}` first")
         rows.append({"label": label, "run": str(quick.parent), "quick": str(quick), "surrogate": surrogate,
-                     "eps": eps, "n": json.loads(quick.read_text())["n_examples"]})
+                     "eps": eps, "n": min(n or 10 ** 9, json.loads(quick.read_text())["n_examples"])})
     return rows
 
 
@@ -74,20 +75,20 @@ def compared(row: dict) -> dict:
     """Quick against reference worst case on the same examples (robust masks per example)."""
     quick, ref = (json.loads(Path(row[k]).read_text()) for k in ("quick", "reference"))
     key = f"worst_case@{row['eps']:g}"
-    masks = [[c == "1" for c in result["per_example"][key]] for result in (quick, ref)]
+    masks = [[c == "1" for c in result["per_example"][key][:row["n"]]] for result in (quick, ref)]
     assert len(masks[0]) == len(masks[1]), (row["label"], len(masks[0]), len(masks[1]))
     only_ref = sum(q and not r for q, r in zip(*masks))
     only_quick = sum(r and not q for q, r in zip(*masks))
     n = len(masks[0])
 
-    def acc(result, name):
-        return result["attacks"][name]["accuracy"] if name in result["attacks"] else None
+    def acc(result, name):  # on the compared examples
+        mask = result["per_example"].get(name)
+        return None if mask is None else mask[:n].count("1") / n
 
-    return {"label": row["label"], "n": n, "clean": ref["clean"], "quick_worst": sum(masks[0]) / n,
+    return {"label": row["label"], "n": n, "clean": acc(ref, "clean"), "quick_worst": sum(masks[0]) / n,
             "reference_worst": sum(masks[1]) / n, "broken_only_by_reference": only_ref,
             "robust_only_under_reference": only_quick,
             "quick_autoattack": acc(quick, "autoattack"), "reference_autoattack": acc(ref, "autoattack"),
-            "quick_square": acc(quick, "square"), "reference_square": acc(ref, "square"),
             "reference_provisional": ref["verdict"]["reason"] if ref["verdict"]["provisional"] else "no",
             "reference_verdict": ref["verdict"]["text"], "seconds": row["seconds"]}
 
@@ -104,10 +105,10 @@ def write(rows: list, folder: Path, header: dict) -> None:
              f"Quick = the preset's strong suite (`{header['out_dir']}`); reference = the same suite with "
              f"`{' '.join(REFERENCE)}`. Worst case at {rows[0]['n']} test images, per example over every attack.", "",
              "| model | clean | worst, quick | worst, reference | broken only by reference | AutoAttack quick / ref "
-             "| Square quick / ref | seconds |", "|---|---|---|---|---|---|---|---|"]
+             "| seconds (reference) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['clean']:.3f} | {r['quick_worst']:.3f} | {r['reference_worst']:.3f} | "
               f"{r['broken_only_by_reference']} | {fmt(r['quick_autoattack'])} / {fmt(r['reference_autoattack'])} | "
-              f"{fmt(r['quick_square'])} / {fmt(r['reference_square'])} | {r['seconds']:.0f} |" for r in rows]
+              f"{r['seconds']:.0f} |" for r in rows]
     lines += ["", "Verdicts at the reference budgets:", ""] + [f"- {r['label']}: {r['reference_verdict']}"
                                                               for r in rows]
     atomic_write_text(folder / "reference-check.md", "\n".join(lines) + "\n")
@@ -120,13 +121,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--labels", nargs="+", help="these columns only (default: every column)")
+    parser.add_argument("--n", type=int, help="the first N test images only (default: the quick suite's)")
     args = parser.parse_args()
-    plan = planned(args.spec, args.out_dir, args.seed)
+    plan = planned(args.spec, args.out_dir, args.seed, args.labels, args.n)
     with ThreadPoolExecutor(args.jobs) as pool:
         done = list(pool.map(lambda row: evaluate_at_reference(row, args.folder), plan))
     rows = [compared(row) for row in done]
     write(rows, args.folder, {"spec": str(args.spec), "out_dir": str(args.out_dir), "seed": args.seed,
-                              "reference_flags": REFERENCE})
+                              "n": args.n, "reference_flags": REFERENCE})
     print((args.folder / "reference-check.md").read_text())
 
 
