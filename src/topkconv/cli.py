@@ -505,16 +505,16 @@ def _run_evaluate(args) -> int:
     if args.checkpoint is None:
         raise ValueError("evaluate: give a CHECKPOINT (run folder), or --model, --weights and --dataset")
     out = _writable_output(args.out or run_folder(args.checkpoint) / EVAL_FILE)  # before any attack runs
-    with _run_lock_if_main(out.parent):
+    from .evaluate.curves import curves_for_run
+
+    with _run_lock_if_main(out.parent):  # the curves too: they are files of this evaluation
         result = evaluate_run(args.checkpoint, suite=args.suite, surrogate_dir=args.surrogate, n_examples=args.n,
                               eps=args.eps, out=out, overrides=overrides, device=args.device,
                               progress=not args.no_progress, allow_unfinished=args.allow_unfinished)
-    _print_evaluation(result)
-    from .evaluate.curves import curves_for_run
-
-    _strength_curves(args, out, lambda: curves_for_run(
-        args.checkpoint, args.curves, out, eps=args.eps, overrides=overrides, device=args.device,
-        allow_unfinished=args.allow_unfinished, zo_share=args.curves_zo_share))
+        _print_evaluation(result)
+        _strength_curves(args, out, lambda: curves_for_run(
+            args.checkpoint, args.curves, out, eps=args.eps, overrides=overrides, device=args.device,
+            allow_unfinished=args.allow_unfinished, zo_share=args.curves_zo_share))
     return 0
 
 
