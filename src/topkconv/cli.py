@@ -347,8 +347,8 @@ def _add_evaluate(sub) -> None:
                    help="evaluate the last finished epoch of a run that stopped early (killed, or a NaN loss)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--curves", type=_at_least(0), metavar="N",
-                   help="attack-strength curves (PGD steps 10-1000, restarts 1-10, eps 1-32 and unbounded, zeroth-order "
-                        "pairs up to --curves-zo-share of the reference's) on the first N test examples: "
+                   help="attack-strength curves (PGD steps 10-1000, restarts 1-10, eps 1-32 and unbounded, "
+                        "zeroth-order pairs up to --curves-zo-share of the reference's) on the first N test examples: "
                         "strength-curves.json and .png beside eval.json (default: 20 with --suite full, none with "
                         "--suite paper; 0: none)")
     p.add_argument("--curves-zo-share", type=_share, metavar="SHARE",

@@ -57,8 +57,9 @@ def evaluate_at_reference(row: dict, folder: Path) -> dict:
     """``topkconv evaluate`` of one run at the reference budgets; its eval.json and console in folder/label."""
     where = folder / row["label"].replace(" ", "_")
     where.mkdir(parents=True, exist_ok=True)
-    command = [str(Path(sys.executable).parent / "topkconv"), "evaluate", row["run"], "--suite", "full", "--n", str(row["n"]),
-               "--eps", f"{row['eps']:g}", "--no-progress", "--device", "cpu", "--out", str(where / "eval.json"),
+    command = [str(Path(sys.executable).parent / "topkconv"), "evaluate", row["run"], "--suite", "full",
+               "--n", str(row["n"]), "--eps", f"{row['eps']:g}", "--no-progress", "--device", "cpu",
+               "--out", str(where / "eval.json"),
                *(["--surrogate", row["surrogate"]] if row["surrogate"] else []), *REFERENCE]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     start = time.monotonic()

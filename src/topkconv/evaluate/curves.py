@@ -162,10 +162,10 @@ def write_curves(result: dict, out, title: str = "") -> None:
 def curves_for_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, examples: int,
                      out, title: str, zo_share: Optional[float] = None, run: Optional[dict] = None) -> dict:
     """The strength curves of ``model`` on the first ``examples`` of ``x, y`` at ``cfg.eps``, written beside the
-    evaluation ``out`` (:func:`write_curves`) with ``run`` (what was evaluated) in the JSON. ``zo_share``: the zeroth-order curve's largest
-    share of the reference budget (its points: a quarter, a half and all of it)."""
+    evaluation ``out`` (:func:`write_curves`) with ``run`` (what was evaluated) in the JSON. ``zo_share``: the
+    zeroth-order curve's largest share of the reference budget (its points: a quarter, a half and all of it)."""
     shares = {"zo_shares": [zo_share / 4, zo_share / 2, zo_share]} if zo_share is not None else {}
-    result = strength_curves(model, x[:examples], y[:examples], cfg, CurveConfig(examples=examples, **shares))
+    result = strength_curves(model, x, y, cfg, CurveConfig(examples=examples, **shares))  # it takes the first N
     result["run"] = run or {}
     write_curves(result, out, title=f"{title}: attack strength at eps {cfg.eps:g} (n = {result['n']})")
     return result
@@ -178,7 +178,6 @@ def curves_for_run(run_dir, examples: int, out, eps: Optional[float] = None, ove
     from ..checkpoint import load_checkpoint
     from ..config import attack_config_with
     from ..data import load_data
-
     from ..distributed import pick_device
 
     model, spec = load_checkpoint(run_dir, allow_unfinished=allow_unfinished)
