@@ -311,6 +311,8 @@ def test_column_selection_picks_what_first_k_largest_picks_per_column(name, k, d
         numba_jit_first_k(first_k_largest, column, np.arange(len(column), dtype=np.int32), k, want.numpy())
         assert chosen[c].tolist() == want.tolist(), f"column {c}"
         assert np.flatnonzero(mask[:, c]).tolist() == want.tolist()
+        if name != "specials":  # and the k largest by an independent rule: a stable sort, ties to the first
+            assert chosen[c].tolist() == sorted(np.argsort(-column, kind="stable")[:k].tolist()), f"column {c}"
     if name == "specials" and k == 1:
         assert chosen[0, 0] == 2 and chosen[1, 0] == 7  # NaN above everything, then +inf
 
@@ -343,3 +345,24 @@ def test_first_k_largest_keeps_the_first_of_tied_candidates(m, dtype):
     want = sorted(np.argsort(-keys, kind="stable")[:k].tolist())
     assert chosen.tolist() == want
     assert np.isnan(total) and kth == np.sort(keys)[::-1][k - 1]
+
+
+@pytest.mark.parametrize("m", [65, 100, 1000])  # beyond 64 candidates: the bisection, which may stop early
+@pytest.mark.parametrize("k", [1, 10, 64])
+def test_first_k_largest_bisection_picks_the_k_largest_of_distinct_and_tied_values(m, k):
+    # The bisection stops at a midpoint that exactly k keys reach (distinct values: nearly always) and
+    # otherwise runs down to the k-th key (ties across the k-th): both must select what a stable sort does.
+    import numpy as np
+
+    from topkconv.layers.kernels.selection import first_k_largest
+
+    generator = torch.Generator().manual_seed(m + k)
+    distinct = torch.randn(m, generator=generator).numpy()
+    tied = torch.randint(0, 5, (m,), generator=generator).float().numpy()
+    for row in (distinct, tied):
+        chosen = torch.empty(k, dtype=torch.int32)
+        total, kth = numba_jit_first_k(first_k_largest, row, np.arange(m, dtype=np.int32), k, chosen.numpy())
+        want = sorted(np.argsort(-row, kind="stable")[:k].tolist())
+        assert chosen.tolist() == want
+        assert kth == np.sort(row)[::-1][k - 1]
+        assert total == pytest.approx(float(row[want].sum()), rel=1e-5, abs=1e-4)  # float32 sums

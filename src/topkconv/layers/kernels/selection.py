@@ -265,7 +265,9 @@ def ordered_keys(values, m, keys):
 @inline
 def _kth_largest_key(keys, m, k):
     """The k-th largest of keys[:m], by bisection over the key range: each step one count of the keys
-    at or above the midpoint (a vectorised pass, no data-dependent branch)."""
+    at or above the midpoint (a vectorised pass, no data-dependent branch). It stops early at a midpoint
+    that exactly k keys reach: that threshold selects the same k keys (none equals it but the k-th, if
+    any), and the callers only compare keys with it."""
     lo = keys[0]
     hi = keys[0]
     for j in range(1, m):
@@ -276,7 +278,9 @@ def _kth_largest_key(keys, m, k):
         count = 0
         for j in range(m):
             count += keys[j] >= mid
-        if count >= k:
+        if count == k:  # exactly the k largest reach mid: it selects as the k-th key would, so stop early
+            return mid
+        if count > k:
             lo = mid
         else:
             hi = mid - 1
@@ -399,8 +403,9 @@ def topk_rows(scores: torch.Tensor, k: int, indices: torch.Tensor) -> None:
 
 @inline
 def _kth_largest_down(keys, k, kth, upper, mid, counts):
-    """kth[c] = the k-th largest of keys[:, c] for every column at once: :func:`_kth_largest_key`'s
-    bisection, one vectorised pass over the rows per step for all the columns. counts: int32."""
+    """kth[c] = the k-th largest of keys[:, c] for every column at once, or a threshold that exactly k of
+    them reach (:func:`_kth_largest_key`'s bisection and early stop), one vectorised pass over the rows per
+    step for all the columns; it ends when every column has. counts: int32."""
     in_rows, columns = keys.shape
     for c in range(columns):
         kth[c] = keys[0, c]
@@ -426,7 +431,8 @@ def _kth_largest_down(keys, k, kth, upper, mid, counts):
         for c in range(columns):  # invariant: at least k keys >= kth[c], fewer than k > upper[c]
             enough = counts[c] >= k
             kth[c] = mid[c] if enough else kth[c]
-            upper[c] = upper[c] if enough else mid[c] - 1
+            # exactly k keys reach mid: they are the k largest, so the column closes at mid (the early stop)
+            upper[c] = mid[c] if counts[c] == k else (upper[c] if enough else mid[c] - 1)
 
 
 @inline
