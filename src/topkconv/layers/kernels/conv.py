@@ -328,9 +328,9 @@ def _column_bytes(x, weight, stride, padding, dilation) -> int:
 
 def dense_loops_win(x: torch.Tensor, weight: torch.Tensor, k: int, stride, padding, dilation) -> bool:
     """Whether :func:`forward_dense_loops` / :func:`backward_dense_loops` serve (numba backend): when the
-    whole batch's columns fit the memory budget (one ``F.unfold`` / ``F.fold`` and one compiled loop
-    per call, none of the chunked driver's machinery), or when k is a large share of the channels; and
-    never when one sample's maps exceed the budget."""
+    whole batch's patch columns would fit the memory budget (a small problem: one compiled loop per call
+    beats the chunked driver's machinery; the loops themselves never build the columns), or when k is a
+    large share of the channels; and never when one sample's maps exceed the budget."""
     columns = _column_bytes(x, weight, stride, padding, dilation)
     # per thread, one sample's maps (in, L, out) for the max score: they must fit the budget too
     maps = columns // (weight.shape[2] * weight.shape[3]) * weight.shape[0]
@@ -339,16 +339,18 @@ def dense_loops_win(x: torch.Tensor, weight: torch.Tensor, k: int, stride, paddi
     return x.shape[0] * columns <= get_memory_budget() or k >= DENSE_LOOPS_MIN_SHARE * weight.shape[1]
 
 
-def _sample_chunks(x, weight, stride, padding, dilation):
-    """(b0, b1) chunks of samples whose columns fit the memory budget (at least one sample)."""
-    return chunks(x.shape[0], units_per_chunk(_column_bytes(x, weight, stride, padding, dilation), x.shape[0]))
+def _padded(x: torch.Tensor, padding) -> torch.Tensor:
+    """The input with its zero padding (contiguous): what the dense-order loops read their windows from."""
+    ph, pw = padding
+    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x.contiguous()
 
 
-def _columns(x, weight, stride, padding, dilation) -> torch.Tensor:
-    """(n, in, taps, L) channel-major patch columns: ``F.unfold``'s layout, no copy to reorder it."""
-    batch, in_ch = x.shape[:2]
-    cols = F.unfold(x, weight.shape[2:], dilation=pair(dilation), padding=pair(padding), stride=pair(stride))
-    return cols.view(batch, in_ch, weight.shape[2] * weight.shape[3], cols.shape[-1])
+def _loop_geometry(x, weight, stride, padding, dilation) -> tuple:
+    """(kh, kw, sh, sw, dh, dw, oh, ow): what the dense-order loops need of the convolution's geometry."""
+    (kh, kw), stride, padding, dilation = weight.shape[2:], pair(stride), pair(padding), pair(dilation)
+    oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return (kh, kw, *stride, *dilation, oh, ow)
 
 
 def _channels_last(weight: torch.Tensor) -> torch.Tensor:
@@ -357,35 +359,29 @@ def _channels_last(weight: torch.Tensor) -> torch.Tensor:
 
 
 def forward_dense_loops(x, weight, k: int, criterion: str, stride, padding, dilation):
-    """:func:`forward` by the dense-order loops, chunk of samples by chunk (numba backend)."""
-    batch, (out_ch, in_ch, kh, kw) = x.shape[0], weight.shape
-    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
-    oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    """:func:`forward` by the dense-order loops (numba backend), from the zero-padded input."""
+    batch, out_ch = x.shape[0], weight.shape[0]
+    geometry = _loop_geometry(x, weight, stride, padding, dilation)
+    oh, ow = geometry[6:]
     out = x.new_empty(batch, out_ch, oh * ow)
     indices = torch.empty(batch, out_ch, k, dtype=torch.int32)
-    weight_t = _channels_last(weight)
-    for b0, b1 in _sample_chunks(x, weight, stride, padding, dilation):
-        cols = _columns(x[b0:b1], weight, stride, padding, dilation)
-        numba_loops.conv_forward_whole(cols, weight_t, k, criterion, out[b0:b1], indices[b0:b1])
+    numba_loops.conv_forward_whole(_padded(x, pair(padding)), geometry, _channels_last(weight), k, criterion, out,
+                                   indices)
     return out.view(batch, out_ch, oh, ow), indices
 
 
 def backward_dense_loops(x, weight, indices, grad_out, stride, padding, dilation, need_x: bool, need_w: bool):
-    """:func:`backward` by the dense-order loops, chunk of samples by chunk (numba backend); every
-    weight-gradient entry sums over the samples in order, whatever the chunks."""
-    batch, (out_ch, in_ch, kh, kw) = x.shape[0], weight.shape
-    taps, positions = kh * kw, grad_out.shape[2] * grad_out.shape[3]
-    g_all = grad_out.reshape(batch, out_ch, positions)
-    weight_t = _channels_last(weight)
-    grad_x = torch.empty_like(x) if need_x else None
-    grad_wt = weight.new_zeros(in_ch, taps, out_ch) if need_w else None
-    for b0, b1 in _sample_chunks(x, weight, stride, padding, dilation):
-        cols = _columns(x[b0:b1], weight, stride, padding, dilation) if need_w else None
-        grad_cols = x.new_empty(b1 - b0, in_ch, taps, positions) if need_x else None
-        numba_loops.conv_backward_whole(cols, weight_t, indices[b0:b1], g_all[b0:b1], grad_cols, grad_wt)
-        if need_x:
-            grad_x[b0:b1] = F.fold(grad_cols.view(b1 - b0, in_ch * taps, positions), x.shape[2:], (kh, kw),
-                                   dilation=pair(dilation), padding=pair(padding), stride=pair(stride))
+    """:func:`backward` by the dense-order loops (numba backend): the input gradient summed onto a padded
+    plane, then its interior; every weight-gradient entry sums over the samples in order."""
+    (batch, in_ch, height, width), out_ch = x.shape, weight.shape[0]
+    padding = pair(padding)
+    geometry = _loop_geometry(x, weight, stride, padding, dilation)
+    g_all = grad_out.reshape(batch, out_ch, geometry[6] * geometry[7])
+    grad_padded = x.new_zeros(batch, in_ch, height + 2 * padding[0], width + 2 * padding[1]) if need_x else None
+    grad_wt = weight.new_zeros(in_ch, geometry[0] * geometry[1], out_ch) if need_w else None
+    numba_loops.conv_backward_whole(_padded(x, padding) if need_w else None, geometry, _channels_last(weight),
+                                    indices, g_all, grad_padded, grad_wt)
+    grad_x = grad_padded[:, :, padding[0]:padding[0] + height, padding[1]:padding[1] + width].contiguous() \
+        if need_x else None
     grad_w = grad_wt.permute(2, 0, 1).reshape_as(weight) if need_w else None
     return grad_x, grad_w

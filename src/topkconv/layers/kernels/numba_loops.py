@@ -258,26 +258,73 @@ def _conv_backward(cols, weight_tm, indices, grad_out, need_x, need_w, grad_cols
 
 # The whole-batch TopKConv loops below keep the output channels innermost, in (in, taps, out)
 # weights and (L, out) maps: loops of `out` contiguous multiply-adds vectorise, where loops over the
-# few output positions of a small map (16 at 4 x 4) would run scalar.
+# few output positions of a small map (16 at 4 x 4) would run scalar. They read the zero-padded input
+# itself, one (sample, channel) plane at a time, and write the input gradient onto a padded plane:
+# F.unfold's and F.fold's whole-batch columns cost more than a third of a dense convolution apiece
+# at 4 x 4 (0.37 ms each at 64 x 32 x 4 x 4, one thread). ``geometry`` is (kh, kw, sh, sw, dh, dw, oh, ow).
 
 @inline
-def _channel_maps_3x3(cols_i, w_i, block):
-    """block (L, out) = the maps of one input channel i of a 3 x 3 kernel: block[p, c] = sum_j w_i[j, c] *
-    cols_i[j, p], with cols_i (9, L) and w_i (9, out). The nine taps are summed in registers and each entry
-    written once (a tap at a time reads and writes the block nine times: about 1.5x the time; a branch
-    between the two inside one function slows this one as much)."""
-    for p in range(cols_i.shape[1]):
-        v0, v1, v2, v3, v4 = cols_i[0, p], cols_i[1, p], cols_i[2, p], cols_i[3, p], cols_i[4, p]
-        v5, v6, v7, v8 = cols_i[5, p], cols_i[6, p], cols_i[7, p], cols_i[8, p]
-        row = block[p]
-        for c in range(row.shape[0]):
-            row[c] = (w_i[0, c] * v0 + w_i[1, c] * v1 + w_i[2, c] * v2 + w_i[3, c] * v3 + w_i[4, c] * v4
-                      + w_i[5, c] * v5 + w_i[6, c] * v6 + w_i[7, c] * v7 + w_i[8, c] * v8)
+def _plane_columns(plane, geometry, cols_i):
+    """cols_i (taps, L) = what each tap sees at each output position of one zero-padded input plane: that
+    sample's and channel's ``F.unfold`` columns, tap-major."""
+    kh, kw, sh, sw, dh, dw, oh, ow = geometry
+    if kh == 3 and kw == 3:  # nine loads and stores per position, no loops over taps (measured: the weight
+        # gradient at 64 x 32 x 4 x 4 took 0.94 ms instead of 1.30 ms)
+        for oy in range(oh):
+            r0, r1, r2 = plane[oy * sh], plane[oy * sh + dh], plane[oy * sh + 2 * dh]
+            for ox in range(ow):
+                x0, p = ox * sw, oy * ow + ox
+                cols_i[0, p], cols_i[1, p], cols_i[2, p] = r0[x0], r0[x0 + dw], r0[x0 + 2 * dw]
+                cols_i[3, p], cols_i[4, p], cols_i[5, p] = r1[x0], r1[x0 + dw], r1[x0 + 2 * dw]
+                cols_i[6, p], cols_i[7, p], cols_i[8, p] = r2[x0], r2[x0 + dw], r2[x0 + 2 * dw]
+        return
+    for u in range(kh):
+        for v in range(kw):
+            dst = cols_i[u * kw + v]
+            for oy in range(oh):
+                src = plane[oy * sh + u * dh]
+                for ox in range(ow):
+                    dst[oy * ow + ox] = src[ox * sw + v * dw]
+
+
+@inline
+def _fold_plane(grad_cols_i, geometry, grad_plane):
+    """grad_plane (zero-padded) += every column gradient of grad_cols_i (taps, L) at the input position it
+    came from (the adjoint of :func:`_plane_columns`), tap by tap then position by position: ``F.fold``'s
+    order of additions, so the sums are its bits."""
+    kh, kw, sh, sw, dh, dw, oh, ow = geometry
+    for u in range(kh):
+        for v in range(kw):
+            src = grad_cols_i[u * kw + v]
+            for oy in range(oh):
+                dst = grad_plane[oy * sh + u * dh]
+                for ox in range(ow):
+                    dst[ox * sw + v * dw] += src[oy * ow + ox]
+
+
+@inline
+def _plane_maps_3x3(plane, geometry, w_i, block):
+    """block (L, out) = the maps of one input channel of a 3 x 3 kernel: block[p, c] = sum_j w_i[j, c] *
+    (tap j at position p), read from the zero-padded plane, w_i (9, out). The nine taps are summed in
+    registers and each entry written once (a tap at a time reads and writes the block nine times: about
+    1.5x the time; a branch between the two inside one function slows this one as much)."""
+    _, _, sh, sw, dh, dw, oh, ow = geometry
+    for oy in range(oh):
+        r0, r1, r2 = plane[oy * sh], plane[oy * sh + dh], plane[oy * sh + 2 * dh]
+        for ox in range(ow):
+            x0 = ox * sw
+            v0, v1, v2 = r0[x0], r0[x0 + dw], r0[x0 + 2 * dw]
+            v3, v4, v5 = r1[x0], r1[x0 + dw], r1[x0 + 2 * dw]
+            v6, v7, v8 = r2[x0], r2[x0 + dw], r2[x0 + 2 * dw]
+            row = block[oy * ow + ox]
+            for c in range(row.shape[0]):
+                row[c] = (w_i[0, c] * v0 + w_i[1, c] * v1 + w_i[2, c] * v2 + w_i[3, c] * v3 + w_i[4, c] * v4
+                          + w_i[5, c] * v5 + w_i[6, c] * v6 + w_i[7, c] * v7 + w_i[8, c] * v8)
 
 
 @inline
 def _channel_maps_any(cols_i, w_i, block):
-    """:func:`_channel_maps_3x3` for any kernel, a tap at a time."""
+    """:func:`_plane_maps_3x3` for any kernel, from the plane's columns (taps, L), a tap at a time."""
     block[:] = 0
     for j in range(cols_i.shape[0]):
         w_row = w_i[j]
@@ -289,34 +336,38 @@ def _channel_maps_any(cols_i, w_i, block):
 
 
 @inline
-def _channel_maps(cols_i, w_i, block):
-    """block (L, out) = the maps of one input channel: block[p, c] = sum_j w_i[j, c] * cols_i[j, p]."""
-    if cols_i.shape[0] == 9:
-        _channel_maps_3x3(cols_i, w_i, block)
+def _channel_maps(plane, geometry, cols_i, w_i, block):
+    """block (L, out) = the maps of one input channel from its zero-padded plane: block[p, c] = sum_j
+    w_i[j, c] * (tap j at position p); cols_i (taps, L) is scratch for kernels other than 3 x 3."""
+    if geometry[0] == 3 and geometry[1] == 3:
+        _plane_maps_3x3(plane, geometry, w_i, block)
     else:
+        _plane_columns(plane, geometry, cols_i)
         _channel_maps_any(cols_i, w_i, block)
 
 
 @inline
-def _sample_keys(cols_b, weight_t, max_criterion, maps, scores, keys):
+def _sample_keys(planes_b, geometry, weight_t, max_criterion, maps, scores, keys, cols_i):
     """keys (in, out): the ordered keys (:func:`.selection.ordered_keys`) of one sample's channel scores,
-    scores (in, out) the floats. ``max``: the spatial max of every map A[c, i] (maps (in, L, out) kept for
-    the output); ``np.maximum`` propagates NaN as ``torch.amax`` does, and vectorises where a select does
-    not (about 4x faster). ``sum``: the spatial sum, from the window sums times the taps."""
-    in_ch, taps, positions = cols_b.shape
-    out_ch = weight_t.shape[2]
+    scores (in, out) the floats, from its zero-padded planes (in, Hp, Wp). ``max``: the spatial max of every
+    map A[c, i] (maps (in, L, out) kept for the output); ``np.maximum`` propagates NaN as ``torch.amax``
+    does, and vectorises where a select does not (about 4x faster). ``sum``: the spatial sum, from the
+    window sums times the taps. cols_i (taps, L): scratch."""
+    in_ch, taps, out_ch = weight_t.shape
+    positions = maps.shape[1]
     for i in range(in_ch):  # explicit loops: a numba array expression would allocate its result
         row = scores[i]
         if max_criterion:
             block = maps[i]
-            _channel_maps(cols_b[i], weight_t[i], block)
+            _channel_maps(planes_b[i], geometry, cols_i, weight_t[i], block)
             row[:] = block[0]
             for p in range(1, positions):
                 np.maximum(row, block[p], row)
         else:
+            _plane_columns(planes_b[i], geometry, cols_i)
             row[:] = 0
             for j in range(taps):
-                window = np.sum(cols_b[i, j])
+                window = np.sum(cols_i[j])
                 w_row = weight_t[i, j]
                 for c in range(out_ch):
                     row[c] += w_row[c] * window
@@ -324,32 +375,34 @@ def _sample_keys(cols_b, weight_t, max_criterion, maps, scores, keys):
 
 
 @jit
-def _conv_forward_whole(cols, weight_t, k, max_criterion, keys_dtype, out, indices, b0, b1):
+def _conv_forward_whole(padded, geometry, weight_t, k, max_criterion, keys_dtype, out, indices, b0, b1):
     """TopKConv forward for samples b0:b1, one sample at a time: scores as ordered keys, the selection of
     every output channel at once (:func:`.selection.first_k_largest_down`: ties to the first channels)
-    and the sum of the selected maps (the max criterion reuses the maps its scores came from). cols (B,
-    in, taps, L) channel-major as ``F.unfold`` gives them; weight_t (in, taps, out); out (B, out, L);
-    indices (B, out, k); keys_dtype: the integer type of the floats' width (:func:`.selection.key_dtype`)."""
-    in_ch, taps, positions = cols.shape[1:]
-    out_ch = weight_t.shape[2]
-    maps = np.empty((in_ch, positions, out_ch), cols.dtype)
-    scores = np.empty((in_ch, out_ch), cols.dtype)
+    and the sum of the selected maps (the max criterion reuses the maps its scores came from). padded (B,
+    in, Hp, Wp): the zero-padded input; weight_t (in, taps, out); out (B, out, L); indices (B, out, k);
+    keys_dtype: the integer type of the floats' width (:func:`.selection.key_dtype`)."""
+    in_ch, taps, out_ch = weight_t.shape
+    positions = geometry[6] * geometry[7]
+    dtype = padded.dtype
+    maps = np.empty((in_ch, positions, out_ch), dtype)
+    cols_i = np.empty((taps, positions), dtype)
+    scores = np.empty((in_ch, out_ch), dtype)
     keys = np.empty((in_ch, out_ch), keys_dtype)
     column_scratch = np.empty((3, out_ch), keys_dtype)
     counts = np.empty(out_ch, np.int32)
     rows_taken = np.empty((out_ch, in_ch), np.int32)
-    mask = np.empty((in_ch, out_ch), cols.dtype)
-    acc = np.empty((positions, out_ch), cols.dtype)
-    zero = cols.dtype.type(0)  # a plain 0 would make the select below float64: a scalar loop, 10x slower
+    mask = np.empty((in_ch, out_ch), dtype)
+    acc = np.empty((positions, out_ch), dtype)
+    zero = dtype.type(0)  # a plain 0 would make the select below float64: a scalar loop, 10x slower
     for b in range(b0, b1):
-        _sample_keys(cols[b], weight_t, max_criterion, maps, scores, keys)
+        _sample_keys(padded[b], geometry, weight_t, max_criterion, maps, scores, keys, cols_i)
         first_k_largest_down(keys, k, indices[b], mask, column_scratch[0], column_scratch[1], column_scratch[2],
                              counts, rows_taken)
         acc[:] = 0
         for i in range(in_ch):
             keep = mask[i]
             if not max_criterion:
-                _channel_maps(cols[b, i], weight_t[i], maps[i])
+                _channel_maps(padded[b, i], geometry, cols_i, weight_t[i], maps[i])
             for p in range(positions):
                 acc_row = acc[p]
                 map_row = maps[i, p]
@@ -397,7 +450,8 @@ def _input_gradient_columns(w_masked, g_t, grad_cols_i):
 @inline
 def _weight_gradient_rows(g_kept, cols_i, grad_wt_i):
     """grad_wt_i (taps, out) += cols_i (taps, L) times g_kept (L, out): four positions per pass over a
-    tap's row (a position per pass reads and writes the row four times as often)."""
+    tap's row (a position per pass reads and writes the row four times as often). (Read from the padded
+    plane instead of its columns, with four positions of an output row per pass, it ran 1.1x slower at 4 x 4.)"""
     positions = g_kept.shape[0]
     whole = positions - positions % 4
     for j in range(cols_i.shape[0]):
@@ -424,14 +478,16 @@ def _sample_mask(indices_b, mask):
 
 
 @jit
-def _conv_input_gradient_whole(weight_t, indices, grad_out, grad_cols, i0, i1):
-    """grad_cols (B, in, taps, L) of :func:`_conv_forward_whole` for input channels i0:i1: only the selected
-    (input, output) channel pairs pass gradient, the mask applied to the weight once per input channel.
-    (The two gradients are separate loops: compiled together, each ran up to 1.6x slower.)"""
+def _conv_input_gradient_whole(weight_t, indices, grad_out, geometry, grad_padded, i0, i1):
+    """Adds into grad_padded (B, in, Hp, Wp), zero-padded, the input gradient of :func:`_conv_forward_whole`
+    for input channels i0:i1: only the selected (input, output) channel pairs pass gradient, the mask
+    applied to the weight once per input channel. (The two gradients are separate loops: compiled
+    together, each ran up to 1.6x slower.)"""
     in_ch, taps, out_ch = weight_t.shape
     mask = np.empty((in_ch, out_ch), weight_t.dtype)
     g_t = np.empty((grad_out.shape[2], out_ch), weight_t.dtype)
     w_masked = np.empty((taps, out_ch), weight_t.dtype)
+    grad_cols_i = np.empty((taps, grad_out.shape[2]), weight_t.dtype)
     for b in range(grad_out.shape[0]):
         _sample_mask(indices[b], mask)
         g_t[:] = grad_out[b].T
@@ -440,19 +496,21 @@ def _conv_input_gradient_whole(weight_t, indices, grad_out, grad_cols, i0, i1):
             for j in range(taps):
                 for c in range(out_ch):
                     w_masked[j, c] = weight_t[i, j, c] * keep[c]
-            _input_gradient_columns(w_masked, g_t, grad_cols[b, i])
+            _input_gradient_columns(w_masked, g_t, grad_cols_i)
+            _fold_plane(grad_cols_i, geometry, grad_padded[b, i])
 
 
 @jit
-def _conv_weight_gradient_whole(cols, indices, grad_out, grad_wt, i0, i1):
+def _conv_weight_gradient_whole(padded, geometry, indices, grad_out, grad_wt, i0, i1):
     """Adds into grad_wt (in, taps, out) the weight gradient of :func:`_conv_forward_whole` for input
     channels i0:i1 (threads own disjoint entries; every entry sums over the samples in order, whatever
     the thread count), the mask applied to the output gradient once per input channel."""
-    in_ch, out_ch = grad_wt.shape[0], grad_wt.shape[2]
+    in_ch, taps, out_ch = grad_wt.shape
     positions = grad_out.shape[2]
     mask = np.empty((in_ch, out_ch), grad_wt.dtype)
     g_t = np.empty((positions, out_ch), grad_wt.dtype)
     g_kept = np.empty((positions, out_ch), grad_wt.dtype)
+    cols_i = np.empty((taps, positions), grad_wt.dtype)
     for b in range(grad_out.shape[0]):
         _sample_mask(indices[b], mask)
         g_t[:] = grad_out[b].T  # one transposing copy; read in place, the mask loop below would not vectorise
@@ -462,7 +520,8 @@ def _conv_weight_gradient_whole(cols, indices, grad_out, grad_wt, i0, i1):
                 g_row = g_t[p]
                 for c in range(out_ch):
                     g_kept[p, c] = keep[c] * g_row[c]
-            _weight_gradient_rows(g_kept, cols[b, i], grad_wt[i])
+            _plane_columns(padded[b, i], geometry, cols_i)
+            _weight_gradient_rows(g_kept, cols_i, grad_wt[i])
 
 
 # ---------------------------------------------------------------- torch-facing entry points (CPU tensors)
@@ -516,25 +575,27 @@ def conv_backward(cols, weight_tm, indices, grad_out, grad_cols, grad_w) -> None
                      lambda nx, nw, *ranges: _conv_backward(*arrays, nx, nw, *outputs, *ranges))
 
 
-def conv_forward_whole(cols: torch.Tensor, weight_t: torch.Tensor, k: int, criterion: str, out: torch.Tensor,
-                       indices: torch.Tensor) -> None:
-    """out (B, out, L) and indices (B, out, k) of TopKConv from channel-major columns (B, in, taps, L) and
-    the weight as (in, taps, out), split over samples (:func:`_conv_forward_whole`)."""
-    args = (as_array(cols), as_array(weight_t), k, criterion == "max", key_dtype(cols), as_array(out),
+def conv_forward_whole(padded: torch.Tensor, geometry: tuple, weight_t: torch.Tensor, k: int, criterion: str,
+                       out: torch.Tensor, indices: torch.Tensor) -> None:
+    """out (B, out, L) and indices (B, out, k) of TopKConv from the zero-padded input (B, in, Hp, Wp), the
+    geometry (kh, kw, sh, sw, dh, dw, oh, ow) and the weight as (in, taps, out), split over samples
+    (:func:`_conv_forward_whole`)."""
+    args = (as_array(padded), geometry, as_array(weight_t), k, criterion == "max", key_dtype(padded), as_array(out),
             as_array(indices))
-    split(cols.shape[0], lambda b0, b1: _conv_forward_whole(*args, b0, b1), cols.numel() * weight_t.shape[2])
+    work = padded.shape[0] * weight_t.numel() * geometry[6] * geometry[7]
+    split(padded.shape[0], lambda b0, b1: _conv_forward_whole(*args, b0, b1), work)
 
 
-def conv_backward_whole(cols, weight_t, indices, grad_out, grad_cols, grad_wt) -> None:
-    """Writes grad_cols (B, in, taps, L) and adds into grad_wt (in, taps, out) the gradients of
-    :func:`conv_forward_whole`; either may be None (then ``cols`` may be None when grad_wt is)."""
+def conv_backward_whole(padded, geometry, weight_t, indices, grad_out, grad_padded, grad_wt) -> None:
+    """Adds into grad_padded (B, in, Hp, Wp), zeros on entry, and grad_wt (in, taps, out) the gradients of
+    :func:`conv_forward_whole`; either may be None (then ``padded`` may be None when grad_wt is)."""
     weight_a, indices_a, grad_a = as_array(weight_t), as_array(indices), as_array(grad_out.contiguous())
     work = grad_out.numel() * weight_t.shape[0] * weight_t.shape[1]
-    if grad_cols is not None:
-        grad_cols_a = as_array(grad_cols)
-        split(weight_t.shape[0], lambda i0, i1: _conv_input_gradient_whole(weight_a, indices_a, grad_a, grad_cols_a,
-                                                                           i0, i1), work)
+    if grad_padded is not None:
+        grad_padded_a = as_array(grad_padded)
+        split(weight_t.shape[0], lambda i0, i1: _conv_input_gradient_whole(weight_a, indices_a, grad_a, geometry,
+                                                                           grad_padded_a, i0, i1), work)
     if grad_wt is not None:
-        cols_a, grad_wt_a = as_array(cols), as_array(grad_wt)
-        split(weight_t.shape[0], lambda i0, i1: _conv_weight_gradient_whole(cols_a, indices_a, grad_a, grad_wt_a,
-                                                                            i0, i1), work)
+        padded_a, grad_wt_a = as_array(padded), as_array(grad_wt)
+        split(weight_t.shape[0], lambda i0, i1: _conv_weight_gradient_whole(padded_a, geometry, indices_a, grad_a,
+                                                                            grad_wt_a, i0, i1), work)
