@@ -1,5 +1,6 @@
 """The paper's claims as data: the real claims file, malformed entries, and verdicts from per-seed outcomes."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -198,9 +199,10 @@ def test_a_report_names_the_claims_file_relative_never_absolute(tmp_path, monkey
 
 
 def test_the_verdict_run_is_the_quick_table_with_ten_seeds_and_shares_its_runs(tmp_path):
-    """experiments/table3-verdict.toml: the main job's table with >= 10 seeds and nothing else changed, so
-    seeds 0-2 are the main job's cached runs and evaluations; it plans 10 trainings and 3 evaluations
-    (the paper's attacks, the strong suite at 8 and 24) per column, and every claim of Table III fits it."""
+    """experiments/table3-verdict.toml: the main job's table with >= 10 seeds and only the indicators' budget
+    raised (100 examples, the binarization test on 20), so seeds 0-2 are the main job's cached trainings; it
+    plans 10 trainings and 3 evaluations (the paper's attacks, the strong suite at 8 and 24) per column, and
+    every claim of Table III fits it."""
     from topkconv.reproduce import Workspace, spec_path
     from topkconv.reproduce.driver import load_study
 
@@ -208,13 +210,18 @@ def test_the_verdict_run_is_the_quick_table_with_ten_seeds_and_shares_its_runs(t
     verdict = load_table_spec(EXPERIMENTS / "table3-verdict.toml")
     assert verdict.seeds >= 10 and quick.seeds == 3
     differing = {key for key in vars(quick) if getattr(quick, key) != getattr(verdict, key)}
-    assert differing == {"seeds", "title", "path"}
+    assert differing == {"seeds", "title", "path", "base"}
+    indicators = verdict.base["attack"]["indicators"]
+    assert (indicators["examples"], indicators["binarization_examples"]) == (100, 20)
+    unraised = copy.deepcopy(verdict.base)
+    for key in ("examples", "binarization_examples"):
+        unraised["attack"]["indicators"][key] = quick.base["attack"]["indicators"][key]
+    assert unraised == quick.base  # nothing else in the base differs
     study = load_study("table3", "quick", EXPERIMENTS / "table3-verdict.toml", {}, None)
     main = load_study("table3", "quick", spec_path("table3", "quick"), {}, None)
     for label in quick.labels:
         for seed in range(3):
             assert study.run_spec(label, seed).hash() == main.run_spec(label, seed).hash()
-        assert study.attack_configs(study.run_spec(label)) == main.attack_configs(main.run_spec(label))
     planned, cached = Workspace(tmp_path).plan([study])
     steps = [job.step for job in planned]
     assert (steps.count("train"), steps.count("evaluate"), cached) == (10 * 5, 10 * 5 * 3, [])
