@@ -44,6 +44,7 @@ from typing import Callable, List, Optional
 import json
 import subprocess
 
+import topkconv  # noqa: F401  (before torch: it shortens OpenMP's spin, as for users; topkconv/_openmp.py)
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -335,8 +336,8 @@ def machine_line(threads: int) -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     device = "cpu" if DEVICE.type == "cpu" else f"{DEVICE} ({torch.cuda.get_device_name(DEVICE)}, CUDA {torch.version.cuda})"
     return (f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
-            f"torch threads {threads}, load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
-            f"device {device}")
+            f"torch threads {threads}, GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'default')}, "
+            f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, device {device}")
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+import topkconv  # noqa: F401  (before torch: it shortens OpenMP's spin, as for users; topkconv/_openmp.py)
 import torch
 import torch.nn.functional as F
 
