@@ -318,11 +318,17 @@ def backward(x, weight, indices, grad_out, stride, padding, dilation, need_x: bo
 DENSE_LOOPS_MIN_SHARE = 0.25
 
 
-def _column_bytes(x, weight, stride, padding, dilation) -> int:
-    """Bytes of one sample's patch columns."""
+def _loop_geometry(x, weight, stride, padding, dilation) -> tuple:
+    """(kh, kw, sh, sw, dh, dw, oh, ow): what the dense-order loops need of the convolution's geometry."""
     (kh, kw), stride, padding, dilation = weight.shape[2:], pair(stride), pair(padding), pair(dilation)
     oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return (kh, kw, *stride, *dilation, oh, ow)
+
+
+def _column_bytes(x, weight, stride, padding, dilation) -> int:
+    """Bytes of one sample's patch columns."""
+    kh, kw, _, _, _, _, oh, ow = _loop_geometry(x, weight, stride, padding, dilation)
     return x.shape[1] * kh * kw * oh * ow * x.element_size()
 
 
@@ -343,14 +349,6 @@ def _padded(x: torch.Tensor, padding) -> torch.Tensor:
     """The input with its zero padding (contiguous): what the dense-order loops read their windows from."""
     ph, pw = padding
     return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x.contiguous()
-
-
-def _loop_geometry(x, weight, stride, padding, dilation) -> tuple:
-    """(kh, kw, sh, sw, dh, dw, oh, ow): what the dense-order loops need of the convolution's geometry."""
-    (kh, kw), stride, padding, dilation = weight.shape[2:], pair(stride), pair(padding), pair(dilation)
-    oh = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    ow = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    return (kh, kw, *stride, *dilation, oh, ow)
 
 
 def _channels_last(weight: torch.Tensor) -> torch.Tensor:
