@@ -60,7 +60,8 @@ BINARIZATION = [("sap", "eot 4 x 16", "eot", 4, 16, 1), ("sap", "eot 10 x 100", 
                 ("sap", "corner search 100 x 5 draws", "corners", 100, 5, 1),
                 ("sap", "eot 10 x 100", "eot", 10, 100, 10),
                 ("sap", "corner search 100 x 5 draws", "corners", 100, 5, 10),
-                ("standard", "pgd 16", "pgd", 1, 16, 1), ("standard", "corner search 100 x 5 draws", "corners", 100, 5, 1)]
+                ("standard", "pgd 16", "pgd", 1, 16, 1),
+                ("standard", "corner search 100 x 5 draws", "corners", 100, 5, 1)]
 
 
 def cli(args: list, log: list) -> None:
@@ -230,8 +231,8 @@ def write(out: Path, rows: list, binar: list, log: list, n: int, seconds: float)
         lines.append(f"| {r['run']} | {r['row']} | {r['eps']:g} | {budget} | {r['loss']} | {_fmt(r['accuracy'])} | "
                      f"{_fmt(r['expected_over_draws'])}{interval} | {_fmt(r['worst_draw'])} |")
     lines += ["", "Binarization test (pass = the attack found the adversarial example known to exist):", "",
-              "| model | attack | eps | features over draws | passes / valid | invalid | pass rate [95% Clopper-Pearson] |",
-              "|" + " --- |" * 7]
+              "| model | attack | eps | features over draws | passes / valid | invalid "
+              "| pass rate [95% Clopper-Pearson] |", "|" + " --- |" * 7]
     for b in binar:
         interval = f" [{_fmt(b['interval'][0], 2)}, {_fmt(b['interval'][1], 2)}]" if b["interval"] else ""
         lines.append(f"| {b['model']} | {b['attack']} | {b['eps']} | {b.get('draws', 1)} | {b['passes']} / "
