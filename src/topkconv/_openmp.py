@@ -5,8 +5,9 @@ after every parallel region, waiting for the next one. The routing layers' numba
 on Python threads (:mod:`topkconv.layers.kernels.bridge`), so with 2 torch threads on 2 cores they shared the
 cores with spinning workers and gained nothing from the second thread. ``GOMP_SPINCOUNT=30000`` lets the
 workers sleep sooner. Measured with ``benchmarks/bench_models.py --settings small --threads 2`` (vgg-small
-width 0.25, batch 64, a 2-core Intel Xeon VM): the standard model's train step unchanged (19.6 ms at the
-default, 19.4 ms at 30,000; 10,000 the same; 3,000 made it 25.5 ms), TKC-max's from 38.5 to 31.7 ms.
+width 0.25, batch 64, a 2-core Intel Xeon VM, the two settings alternated three times): the standard model's
+train step 19.0-20.0 ms at the default, 19.1-21.8 ms at 30,000 (3,000 made it 25.5 ms); TKC-max's 37.1-39.1 ms,
+then 31.9-33.6 ms (BENCHMARKS.md, Threads).
 
 libgomp reads the setting once, when torch loads it, so it takes effect only when ``topkconv`` is imported
 before ``torch`` (as the ``topkconv`` command does), and never over a user's own ``GOMP_SPINCOUNT`` or
