@@ -3,7 +3,7 @@
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py            # about 15 minutes, one thread
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --more     # + 100 x 16 and 10 x 250: about 27
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --more --longest   # + 10 x 1,000: 85 min measured, shared
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --more --longest   # + 10 x 1,000: 85 min (shared)
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --smoke    # the same pipeline in about a minute
 
 1. ``topkconv train`` twice: table1-quick.toml's base model (digits at 32 px, vgg-small width 0.25, hidden 128,
@@ -251,7 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-train", action="store_true", help="reuse the run folders in --runs")
     parser.add_argument("--reuse", action="store_true", help="keep a grid point's eval.json when it exists")
     parser.add_argument("--more", action="store_true", help="also the larger budgets of MORE (at 24/255)")
-    parser.add_argument("--longest", action="store_true", help="also 10 x 1,000 at both radii (measured: 64 min on a shared core)")
+    parser.add_argument("--longest", action="store_true",
+                        help="also 10 x 1,000 at both radii (measured: 64 min on a shared core)")
     args = parser.parse_args(argv)
     tic, log = time.perf_counter(), []
     args.out.mkdir(parents=True, exist_ok=True)
