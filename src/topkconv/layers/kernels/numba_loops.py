@@ -4,9 +4,9 @@ The masked-weight matmuls of the torch-level TopKConv kernel do a dense convolut
 each (sample, output channel) uses only k of the input channels. Here the output and both gradients
 walk the saved (sample, output channel, k) indices and touch only the selected channels: ``k / in``
 of the dense FLOPs, as contiguous multiply-adds along the output positions. For small inputs or a
-large k the dense-order loops (``_conv_forward_whole``, ``_conv_backward_whole``) serve instead: every
-map with the output channels innermost, which vectorises where the few output positions of a small
-map would not. The Dynamic-k forward forms one row of products at a time and selects in place
+large k the dense-order loops (``_conv_forward_whole``, ``_conv_input_gradient_whole``,
+``_conv_weight_gradient_whole``) serve instead, reading the zero-padded input: every map with the output
+channels innermost, which vectorises where the few output positions of a small map would not. The Dynamic-k forward forms one row of products at a time and selects in place
 (:mod:`.selection`); for small k, guided by the previous rows' k-th values (``_linear_forward_guided``).
 
 Every function writes into arrays the caller allocated; none allocates per row. The entry points at
