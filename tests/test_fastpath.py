@@ -366,3 +366,76 @@ def test_first_k_largest_bisection_picks_the_k_largest_of_distinct_and_tied_valu
         assert chosen.tolist() == want
         assert kth == np.sort(row)[::-1][k - 1]
         assert total == pytest.approx(float(row[want].sum()), rel=1e-5, abs=1e-4)  # float32 sums
+
+
+def _jit_first_k_above(row, positions, k, bound):
+    import numpy as np
+
+    from topkconv.layers.kernels.jit import jit
+    from topkconv.layers.kernels.selection import first_k_largest_above
+
+    @jit
+    def call(row, positions, k, bound, values, keys, chosen):
+        return first_k_largest_above(row, positions, positions.shape[0], k, bound, values, keys, chosen)
+
+    chosen = np.empty(k, np.int32)
+    keys = np.empty(row.shape[0], np.int32 if row.itemsize == 4 else np.int64)
+    total, kth = call(row, positions, k, row.dtype.type(bound), np.empty_like(row), keys, chosen)
+    return chosen, total, kth
+
+
+ABOVE_ROWS = {  # name: (row, k); the bound is the row's (k + extra)-th largest value or its minimum
+    "distinct": (lambda g: torch.randn(200, generator=g), 13),
+    "ties at the k-th": (lambda g: torch.randint(0, 6, (200,), generator=g).float(), 13),
+    "adjacent floats": (lambda g: torch.tensor([1.0, 1.0000001, 1.0000002, 0.5] * 10), 5),
+    "k = 1 at a tied top": (lambda g: torch.tensor([3.0, 1.0, 3.0, 2.0] * 8), 1),
+    "k = m": (lambda g: torch.randn(40, generator=g), 40),
+    "magnitudes apart": (lambda g: torch.tensor([1e-30, 2e-30, 1e30, 3e-30, 5.0] * 9), 20),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("extra", [0, 4, 1000])
+@pytest.mark.parametrize("name", list(ABOVE_ROWS), ids=list(ABOVE_ROWS))
+def test_first_k_largest_above_bisects_the_values_and_picks_what_a_stable_sort_does(name, extra, dtype):
+    # The candidates at or above a bound that at least k of them reach: the value bisection finds a threshold
+    # exactly k reach, or (ties at the k-th, adjacent floats) hands the row to the ranking; either way the
+    # k of a stable sort, in position order, and the same sum and k-th value as first_k_largest's.
+    import numpy as np
+
+    from topkconv.layers.kernels.selection import first_k_largest
+
+    make, k = ABOVE_ROWS[name]
+    row = make(torch.Generator().manual_seed(3)).to(dtype).numpy()
+    ordered = np.sort(row)[::-1]
+    bound = ordered[min(k - 1 + extra, len(row) - 1)]
+    positions = np.flatnonzero(row >= bound).astype(np.int32)
+    chosen, total, kth = _jit_first_k_above(row, positions, k, bound)
+    want = sorted(np.argsort(-row, kind="stable")[:k].tolist())
+    assert chosen.tolist() == want
+    assert kth == ordered[k - 1]
+    reference = torch.empty(k, dtype=torch.int32).numpy()
+    assert (total, kth) == numba_jit_first_k(first_k_largest, row, np.arange(len(row), dtype=np.int32), k,
+                                             reference)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n", [0, 5, 16, 250, 256, 1000])
+def test_positions_at_least_packs_what_a_plain_comparison_keeps(n, dtype):
+    # 16 entries at a time through the vector compress, the last n % 16 one by one: in order, NaN never kept.
+    import numpy as np
+
+    from topkconv.layers.kernels.jit import jit
+    from topkconv.layers.kernels.simd import positions_at_least
+
+    @jit
+    def call(row, bound, positions):
+        return positions_at_least(row, bound, positions)
+
+    row = torch.randn(n, generator=torch.Generator().manual_seed(n)).numpy().astype(dtype)
+    row[::7] = np.nan
+    row[1::11] = 0.5  # entries equal to the bound are kept
+    positions = np.full(n, -1, np.int32)
+    for bound in (-np.inf, 0.5, 1.0, np.inf):
+        m = call(row, row.dtype.type(bound), positions)
+        assert positions[:m].tolist() == np.flatnonzero(row >= bound).tolist()

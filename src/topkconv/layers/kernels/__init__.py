@@ -5,6 +5,7 @@
 * :mod:`.linear`, :mod:`.conv`: the chunked torch-level routing kernels (any device).
 * :mod:`.sampling`: which categories draws with replacement hit (SAP), exact, O(n + draws) per row.
 * :mod:`.numba_loops`: the compiled CPU routing loops.
+* :mod:`.simd`: vector steps the compiled loops do not vectorise by themselves (LLVM intrinsics).
 * :mod:`.bridge`: torch tensors as numpy views, and the compiled loops split over threads.
 * :mod:`.budget`: the memory budget that bounds every chunk's temporaries.
 * :mod:`.jit`: whether numba is there, and how its functions are compiled.

@@ -6,8 +6,10 @@ walk the saved (sample, output channel, k) indices and touch only the selected c
 of the dense FLOPs, as contiguous multiply-adds along the output positions. For small inputs or a
 large k the dense-order loops (``_conv_forward_whole``, ``_conv_input_gradient_whole``,
 ``_conv_weight_gradient_whole``) serve instead, reading the zero-padded input: every map with the output
-channels innermost, which vectorises where the few output positions of a small map would not. The Dynamic-k forward forms one row of products at a time and selects in place
-(:mod:`.selection`); for small k, guided by the previous rows' k-th values (``_linear_forward_guided``).
+channels innermost, which vectorises where the few output positions of a small map would not. The Dynamic-k
+forward forms one row of products at a time and selects in place (:mod:`.selection`); for small k, guided by
+the previous rows' k-th values (``_linear_forward_guided``: the products at or above the bound are packed 16
+at a time by :mod:`.simd`, and a bisection of their values finds the k largest).
 
 Every function writes into arrays the caller allocated; none allocates per row. The entry points at
 the bottom take CPU tensors, view them as numpy arrays and split the loops over threads
@@ -21,8 +23,9 @@ import torch
 
 from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
-from .selection import (bounded_wins, first_k_largest, first_k_largest_down, group_maxima, guided_wins, key_dtype,
-                        n_groups_for, ordered_keys, select_row, selection_workspace)
+from .selection import (bounded_wins, first_k_largest, first_k_largest_above, first_k_largest_down, group_maxima,
+                        guided_wins, key_dtype, n_groups_for, ordered_keys, select_row, selection_workspace)
+from .simd import positions_at_least
 
 
 @jit
@@ -47,21 +50,24 @@ _RECENT_ROWS = 8
 def _products_above(w_row, x_row, positive_only, high, low, lower, products):
     """products = w_row * x_row (non-positive ones 0 under ``positive_only``); returns how many are at
     least ``high``, ``low`` and ``lower`` (three candidate bounds, tightest first), and their sum (NaN if
-    any is NaN). One vectorised pass: the bounds must have the products' float type."""
-    above_high = 0
-    above_low = 0
-    above_lower = 0
-    total = products.dtype.type(0)
+    any is NaN). One vectorised pass: the bounds must have the products' float type, and the counts are kept
+    in it too (exact below 2**24 products), since integer counts would halve the vector's lanes."""
+    zero = products.dtype.type(0)  # a plain 0 would widen p, the bounds and the sum to float64
+    one = products.dtype.type(1)
+    above_high = zero
+    above_low = zero
+    above_lower = zero
+    total = zero
     for i in range(products.shape[0]):
         p = w_row[i] * x_row[i]
-        if positive_only and p < 0:
-            p = 0
+        if positive_only and p < zero:
+            p = zero
         products[i] = p
-        above_high += p >= high
-        above_low += p >= low
-        above_lower += p >= lower
+        above_high += one if p >= high else zero
+        above_low += one if p >= low else zero
+        above_lower += one if p >= lower else zero
         total += p
-    return above_high, above_low, above_lower, total
+    return int(above_high), int(above_low), int(above_lower), total
 
 
 @inline
@@ -81,23 +87,22 @@ def _recent_bounds(recent, seen, no_bound):
     """(low, lower) from the k-th values of the last ``seen`` rows: their lowest, and that less their spread."""
     if seen == 0:
         return no_bound, no_bound
-    kths = recent[:seen]
-    low = kths.min()
-    return low, low - (kths.max() - low)
+    low = recent[0]
+    high = recent[0]
+    for j in range(1, seen):  # not recent[:seen].min(): numpy's reductions cost more than the products' pass
+        low = min(low, recent[j])
+        high = max(high, recent[j])
+    return low, low - (high - low)
 
 
 @inline
 def _positions_at_least(products, bound, positions):
     """positions[:m] = the positions of the products >= bound, in order (all of them for -inf); returns m."""
-    m = 0
     if bound == -np.inf:  # NaNs included
         for i in range(products.shape[0]):
             positions[i] = i
         return products.shape[0]
-    for i in range(products.shape[0]):  # branch-free: write every position, advance past the kept ones
-        positions[m] = i
-        m += products[i] >= bound
-    return m
+    return positions_at_least(products, bound, positions)
 
 
 @jit
@@ -120,7 +125,12 @@ def _linear_forward_guided(x, weight, k, positive_only, keys_dtype, out, indices
             counts = _products_above(weight[c], x[b], positive_only, high, low, lower, products)
             bound = _tightest_bound(counts[:3], (high, low, lower), k, counts[3], no_bound)
             m = _positions_at_least(products, bound, positions)
-            out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys, indices[b, c])
+            if bound > no_bound:
+                out[b, c], kth = first_k_largest_above(products, positions, m, k, bound, scratch_values, scratch_keys,
+                                                       indices[b, c])
+            else:
+                out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys,
+                                                 indices[b, c])
             high = kth if np.isfinite(kth) else no_bound
             recent[b % _RECENT_ROWS] = high
 
@@ -176,7 +186,8 @@ def _linear_forward_bounded(x, weight, k, n_groups, positive_only, keys_dtype, o
                 if bound > no_bound:
                     group_maxima(products, n_groups, maxima)
                     m = _candidates_in_groups(products, maxima, bound, groups, positions)
-                    out[b, c], kth = first_k_largest(products, positions, m, k, scratch_values, scratch_keys, chosen)
+                    out[b, c], kth = first_k_largest_above(products, positions, m, k, bound, scratch_values,
+                                                           scratch_keys, chosen)
                 else:
                     out[b, c] = select_row(products, k, n_groups, workspace, chosen)
                     kth = products[chosen[0]]

@@ -316,6 +316,73 @@ def first_k_largest(row, positions, m, k, scratch_values, scratch_keys, chosen):
     position order that takes what lies above it and the first entries equal to it. Both branch-free."""
     for j in range(m):
         scratch_values[j] = row[positions[j]]
+    _k_largest_positions(scratch_values, positions, m, k, scratch_keys)
+    return _sum_and_kth(row, scratch_keys, k, chosen)
+
+
+@inline
+def first_k_largest_above(row, positions, m, k, bound, scratch_values, scratch_keys, chosen):
+    """:func:`first_k_largest` when the candidates are all finite and at least ``bound`` (a row whose
+    products' sum is finite, cut at a bound k of them reach): a threshold that exactly k candidates reach,
+    found by bisecting their value range (:func:`_split_at_k`), takes the same k in a few vectorised
+    passes, where ranking m candidates costs m * m comparisons. Ties at the k-th value leave no such
+    threshold; then :func:`first_k_largest`'s ranking decides."""
+    top = row[positions[0]]
+    for j in range(m):
+        scratch_values[j] = row[positions[j]]
+        top = max(top, scratch_values[j])
+    threshold = _split_at_k(scratch_values, m, k, bound, top)
+    if threshold == threshold:
+        taken = 0
+        for j in range(m):  # branch-free: every position written, the taken ones kept
+            scratch_keys[taken] = positions[j]
+            taken += scratch_values[j] >= threshold
+    else:
+        _k_largest_positions(scratch_values, positions, m, k, scratch_keys)
+    return _sum_and_kth(row, scratch_keys, k, chosen)
+
+
+# Bisection steps :func:`_split_at_k` tries before it leaves the row to the ranking (a handful on rows
+# of distinct values; more only when the k-th and the next are very close or the range spans magnitudes).
+_MAX_SPLIT_STEPS = 40
+
+
+@inline
+def _split_at_k(values, m, k, low, high):
+    """A threshold that exactly k of values[:m] reach (all finite, all >= ``low``; ``high`` their
+    largest), by bisection of the value range; NaN if none is found (ties at the k-th value)."""
+    zero = values.dtype.type(0)
+    one = values.dtype.type(1)
+    half = values.dtype.type(0.5)
+    if m == k:
+        return low
+    above = zero  # counted in the values' float type, so the pass keeps all its lanes
+    for j in range(m):
+        above += one if values[j] >= high else zero
+    if above == k:
+        return high
+    if above > k:
+        return values.dtype.type(np.nan)
+    for _ in range(_MAX_SPLIT_STEPS):  # invariant: more than k values >= low, fewer than k >= high
+        mid = low + (high - low) * half
+        if not (low < mid and mid < high):  # adjacent floats (or an overflowing range): no threshold
+            break
+        above = zero
+        for j in range(m):
+            above += one if values[j] >= mid else zero
+        if above == k:
+            return mid
+        if above > k:
+            low = mid
+        else:
+            high = mid
+    return values.dtype.type(np.nan)
+
+
+@inline
+def _k_largest_positions(scratch_values, positions, m, k, scratch_keys):
+    """scratch_keys[:k] = the positions of the k largest of scratch_values[:m] (the row's values at
+    ``positions[:m]``), in position order, ties at the k-th to the first; scratch_values is overwritten."""
     ordered_keys(scratch_values, m, scratch_keys)
     if m <= _MAX_RANKED:
         _take_by_rank(scratch_keys, m, k, scratch_values)
@@ -336,10 +403,15 @@ def first_k_largest(row, positions, m, k, scratch_values, scratch_keys, chosen):
             ties -= equal & take
             scratch_keys[taken] = positions[j]  # keys[j] is read: slot taken <= j is free to reuse
             taken += take
+
+
+@inline
+def _sum_and_kth(row, taken_positions, k, chosen):
+    """chosen = taken_positions[:k]; returns the sum of their values (in that order) and the smallest."""
     total = row.dtype.type(0)
-    kth_value = row[scratch_keys[0]]
+    kth_value = row[taken_positions[0]]
     for t in range(k):
-        chosen[t] = scratch_keys[t]
+        chosen[t] = taken_positions[t]
         value = row[chosen[t]]
         total += value
         if not _greater(value, kth_value):

@@ -1,0 +1,85 @@
+"""Vector steps that numba's loops do not vectorise by themselves, written as LLVM intrinsics: the
+compaction of a row to the positions of its entries at or above a bound.
+
+A branch-free compaction loop (``positions[m] = i; m += row[i] >= bound``) carries ``m`` from one entry to
+the next and runs scalar: about 115 ns for a row of 256 (the Dynamic-k rows of the quick model). Here 16
+entries are compared at once and the positions that pass are packed with LLVM's vector compress (one
+``vpcompressd`` with AVX-512; a generic expansion on other CPUs, the same result) and stored together,
+``m`` advancing by the mask's population count: about 27 ns, and no branch on the data.
+"""
+
+from __future__ import annotations
+
+from .jit import AVAILABLE, inline
+
+LANES = 16
+
+if AVAILABLE:
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.core.errors import TypingError
+    from numba.extending import intrinsic
+
+    def _splat(builder, vector_type, scalar):
+        vector = cgutils.get_null_value(vector_type)
+        for lane in range(LANES):
+            vector = builder.insert_element(vector, scalar, ir.Constant(ir.IntType(32), lane))
+        return vector
+
+    def _intrinsic(builder, name, result, arguments):
+        fn_type = ir.FunctionType(result, [a.type for a in arguments])
+        return builder.call(cgutils.get_or_insert_function(builder.module, fn_type, name), arguments)
+
+    @intrinsic
+    def pack_at_least(typingctx, row, start, bound, positions, m):
+        """Writes the positions ``start + q`` (q < 16) with ``row[start + q] >= bound`` (False for NaN), in
+        order, to ``positions[m:]`` and returns m plus their count. ``row``: a contiguous 1-D float array with
+        ``start + 16 <= len(row)``; ``positions``: contiguous int32 with 16 slots from ``m`` (all 16 lanes
+        are stored; those past the count are scratch)."""
+        if not (isinstance(row, types.Array) and row.ndim == 1 and isinstance(row.dtype, types.Float)):
+            raise TypingError("pack_at_least: row must be a 1-D float array")
+        if not (isinstance(positions, types.Array) and positions.ndim == 1 and positions.dtype == types.int32):
+            raise TypingError("pack_at_least: positions must be a 1-D int32 array")
+        signature = types.intp(row, types.intp, row.dtype, positions, types.intp)
+
+        def codegen(context, builder, sig, args):
+            values, first, threshold, out, count = args
+            data = context.make_array(sig.args[0])(context, builder, values).data
+            slots = context.make_array(sig.args[3])(context, builder, out).data
+            lanes = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
+            int32s = ir.VectorType(ir.IntType(32), LANES)
+            block = builder.load(builder.bitcast(builder.gep(data, [first]), lanes.as_pointer()), align=1)
+            passes = builder.fcmp_ordered(">=", block, _splat(builder, lanes, threshold))
+            ids = builder.add(_splat(builder, int32s, builder.trunc(first, ir.IntType(32))),
+                              ir.Constant(int32s, list(range(LANES))))
+            packed = _intrinsic(builder, "llvm.experimental.vector.compress.v16i32", int32s,
+                                [ids, passes, cgutils.get_null_value(int32s)])
+            builder.store(packed, builder.bitcast(builder.gep(slots, [count]), int32s.as_pointer()), align=1)
+            bits = builder.bitcast(passes, ir.IntType(LANES))
+            passed = _intrinsic(builder, "llvm.ctpop.i16", ir.IntType(LANES), [bits])
+            return builder.add(count, builder.zext(passed, ir.IntType(64)))
+
+        return signature, codegen
+else:  # plain Python, for the loops' uncompiled fallbacks: the same results
+    def pack_at_least(row, start, bound, positions, m):
+        for i in range(start, start + LANES):
+            if row[i] >= bound:
+                positions[m] = i
+                m += 1
+        return m
+
+
+@inline
+def positions_at_least(row, bound, positions):
+    """positions[:m] = the positions of row's entries >= bound, in order; returns m. ``row``: contiguous
+    float; ``positions``: int32, as long as the row."""
+    n = row.shape[0]
+    whole = n - n % LANES
+    m = 0
+    for start in range(0, whole, LANES):  # m <= start: the 16 slots stored from m lie within the row's
+        m = pack_at_least(row, start, bound, positions, m)
+    for i in range(whole, n):  # the last n % 16, branch-free
+        positions[m] = i
+        m += row[i] >= bound
+    return m
