@@ -439,3 +439,20 @@ def test_positions_at_least_packs_what_a_plain_comparison_keeps(n, dtype):
     for bound in (-np.inf, 0.5, 1.0, np.inf):
         m = call(row, row.dtype.type(bound), positions)
         assert positions[:m].tolist() == np.flatnonzero(row >= bound).tolist()
+
+
+def test_bounded_wide_rows_give_ties_at_the_kth_to_the_first_positions():
+    # Rows of 2,100 products (the bounded path) drawn from 5 values, so the k-th value is tied many times
+    # over: every row after a weight row's first (which the quickselect of select_row takes, ties in any
+    # order) is bounded, packed in position order and must keep the first tied positions, as a stable sort.
+    import numpy as np
+
+    k = 40
+    assert bounded_wins(2100, k)
+    x = torch.randint(0, 5, (6, 2100), generator=torch.Generator().manual_seed(9)).float()
+    w = torch.ones(2, 2100)
+    chosen = TF.topk_linear_selection(x, w, k, impl="numba")
+    for b in range(1, 6):
+        want = sorted(np.argsort(-x[b].numpy(), kind="stable")[:k].tolist())
+        assert chosen[b, 0].sort().values.tolist() == want
+        assert chosen[b, 1].sort().values.tolist() == want

@@ -23,8 +23,8 @@ import torch
 
 from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
-from .selection import (bounded_wins, first_k_largest, first_k_largest_above, first_k_largest_down, group_maxima,
-                        guided_wins, key_dtype, n_groups_for, ordered_keys, select_row, selection_workspace)
+from .selection import (bounded_wins, first_k_largest, first_k_largest_above, first_k_largest_down, guided_wins,
+                        key_dtype, n_groups_for, ordered_keys, select_row, selection_workspace)
 from .simd import positions_at_least
 
 
@@ -135,23 +135,6 @@ def _linear_forward_guided(x, weight, k, positive_only, keys_dtype, out, indices
             recent[b % _RECENT_ROWS] = high
 
 
-@inline
-def _candidates_in_groups(products, maxima, bound, groups, positions):
-    """positions[:m] = the positions of the products >= bound, looked for only in the strided groups whose
-    maximum reaches it (group by group, so not in position order); returns m. Branch-free."""
-    n_groups = maxima.shape[0]
-    found = 0
-    for q in range(n_groups):
-        groups[found] = q
-        found += maxima[q] >= bound
-    m = 0
-    for g in range(found):
-        for i in range(groups[g], products.shape[0], n_groups):
-            positions[m] = i
-            m += products[i] >= bound
-    return m
-
-
 # Weight rows that take each sample in turn in :func:`_linear_forward_bounded`: their rows and one sample's
 # stay in the L2 cache, so a sample row comes from memory once per block instead of once per weight row.
 _ROW_BLOCK = 4
@@ -162,19 +145,19 @@ def _linear_forward_bounded(x, weight, k, n_groups, positive_only, keys_dtype, o
     """:func:`_linear_forward` for wide rows (the paper's 25088 -> 512, k = 250). As in
     :func:`_linear_forward_guided`, the k-th values of the last rows of the same weight row bound the next
     row's from below: their lowest, or if fewer than k products reach it, that less their spread (both
-    counted in the products' own pass). The strided group maxima (:func:`.selection.group_maxima`) then show
-    which groups hold products above the bound, and only those are scanned: neither select_row's selection
-    over the group maxima nor a scalar pass over the whole row is spent. A row with no bound that keeps k
-    products (the first of each weight row, a NaN) takes :func:`.selection.select_row`. Ties at the k-th
-    value go to the first candidates in group order (select_row's to whichever its quickselect leaves)."""
+    counted in the products' own pass). The products at or above the bound are packed 16 at a time
+    (:func:`.simd.positions_at_least`: about 300 of 25,088) and a bisection of their values picks the k
+    largest (:func:`.selection.first_k_largest_above`). A row with no bound that keeps k products (the first
+    of each weight row, a NaN) takes :func:`.selection.select_row`. Ties at the k-th value go to the first
+    positions (select_row's to whichever its quickselect leaves)."""
     n = x.shape[1]
     products = np.empty(n, x.dtype)
     scratch_keys = np.empty(n, keys_dtype)
     recent = np.empty((_ROW_BLOCK, _RECENT_ROWS), x.dtype)
     workspace = selection_workspace(products, n_groups)
-    # select_row's scratch serves a bounded row too (a row takes one path or the other): its group maxima and
-    # ids, and its candidate values and positions
-    maxima, groups, scratch_values, positions = workspace[0], workspace[1], workspace[2], workspace[3]
+    # select_row's scratch serves a bounded row too (a row takes one path or the other): its candidate values
+    # and positions
+    scratch_values, positions = workspace[2], workspace[3]
     no_bound = x.dtype.type(-np.inf)  # typed: a float64 bound would turn the vectorised pass scalar
     for block in range(c0, c1, _ROW_BLOCK):
         for b in range(x.shape[0]):  # a sample meets a few weight rows in turn: x[b] is read from cache again
@@ -184,8 +167,7 @@ def _linear_forward_bounded(x, weight, k, n_groups, positive_only, keys_dtype, o
                 bound = _tightest_bound(counts[1:3], (low, lower), k, counts[3], no_bound)
                 chosen = indices[b, c]
                 if bound > no_bound:
-                    group_maxima(products, n_groups, maxima)
-                    m = _candidates_in_groups(products, maxima, bound, groups, positions)
+                    m = positions_at_least(products, bound, positions)
                     out[b, c], kth = first_k_largest_above(products, positions, m, k, bound, scratch_values,
                                                            scratch_keys, chosen)
                 else:
