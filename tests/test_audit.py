@@ -103,6 +103,28 @@ def test_a_cascaded_attack_runs_on_the_white_box_survivors_only(digits_test, cnn
     assert result["verdict"]["text"].startswith(f"found {broke} examples the white-box attacks missed (p = ")
 
 
+def test_autoattack_cascaded_runs_on_the_survivors_of_the_other_white_box_attacks(digits_test, cnn):
+    # The verdict presets run AutoAttack at its reference budget on the other white-box attacks' survivors only:
+    # it leaves the cascade's base (the "whitebox" row), attacks exactly that row's survivors, can only add
+    # breaks, and enters the worst case.
+    cfg = AttackConfig(suite="full", eps=16, eps_curve=[], n_examples=80, batch_size=50,
+                       budgets={"pgd": {"step_size": 2, "steps": 2}, "square": {"queries": 5},
+                                "autoattack": {"iterations": 5, "attacks": ["apgd-ce", "apgd-t"]}},
+                       indicators={"examples": 10, "draws": 2, "steps": 2}, cascade_attacks=["autoattack", "square"])
+    result = evaluate(cnn, *digits_test, cfg, progress=False)
+    outcomes, attacks = result["per_example"], result["attacks"]
+    whitebox = outcomes["whitebox"]
+    assert attacks["whitebox"]["params"]["worst_of"] == ["pgd_zero", "pgd_random", "pgd_2x_steps", "pgd_2x_restarts"]
+    cascade = attacks["autoattack"]["params"]["cascade"]
+    assert cascade["after"] == attacks["whitebox"]["params"]["worst_of"]
+    assert cascade["n_attacked"] == whitebox.count("1") > 0
+    row = outcomes["autoattack"]
+    assert all(w == "1" for r, w in zip(row, whitebox) if r == "1"), "a cascaded row counts a broken example"
+    assert cascade["broke"] > 0   # two-step PGD leaves what 5-iteration APGD-CE and APGD-T still break
+    assert "autoattack" in result["worst_case"]["attacks"]
+    assert outcomes["worst_case"].count("1") <= row.count("1")
+
+
 def test_cascade_attacks_names_what_it_accepts():
     with pytest.raises(ValueError, match="cascade_attacks.*pgd_zero"):
         plan_attacks(nn.Linear(2, 2), AttackConfig(suite="full", cascade_attacks=["pgd_zero"]),

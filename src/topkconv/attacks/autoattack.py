@@ -122,5 +122,7 @@ def _plan(ctx: PlanContext, eps: float) -> Planned:
         square_queries=queries, seed=seed, batch_size=ctx.cfg.batch_size, eot_iter=eot_iter))
 
 
-register(Attack("autoattack", _plan, Role.WHITEBOX, config=AutoAttackBudget,
+# Cascadable: a verdict preset runs it at its reference budget on the survivors of the other white-box attacks
+# only (its own attacks cascade the same way inside it), where on every example it would cost minutes a model.
+register(Attack("autoattack", _plan, Role.WHITEBOX, config=AutoAttackBudget, cascadable=True,
                 description="AutoAttack (Croce and Hein 2020) via pyautoattack"))

@@ -59,8 +59,9 @@ class Plan:
         return [a for a in self.attacks if a.eps == self.eps]
 
     def cascade_base(self) -> tuple:
-        """The white-box reference attacks at the main eps, whose survivors a cascaded attack runs on."""
-        return tuple(a.name for a in self.at_main_eps() if a.entry.reference)
+        """The white-box reference attacks at the main eps, whose survivors a cascaded attack runs on (a cascaded
+        white-box attack, such as AutoAttack at its reference budget in a verdict preset, is not one of them)."""
+        return tuple(a.name for a in self.at_main_eps() if a.entry.reference and not a.cascade)
 
     def reference_rows(self) -> list:
         """The paper suite's white-box reference rows at the main eps (combined rows replace their parts),
