@@ -199,10 +199,11 @@ def test_a_report_names_the_claims_file_relative_never_absolute(tmp_path, monkey
 
 
 def test_the_verdict_run_is_the_quick_table_with_ten_seeds_and_shares_its_runs(tmp_path):
-    """experiments/table3-verdict.toml: the main job's table with >= 10 seeds and only the indicators' budget
-    raised (100 examples, the binarization test on 20), so seeds 0-2 are the main job's cached trainings; it
-    plans 10 trainings and 3 evaluations (the paper's attacks, the strong suite at 8 and 24) per column, and
-    every claim of Table III fits it."""
+    """experiments/table3-verdict.toml: the main job's table with >= 10 seeds and only attack budgets raised
+    (the indicators on 100 examples, the binarization test on 20, AutoAttack's standard version at 100
+    iterations and Square at 5,000 queries, AutoAttack cascaded), so seeds 0-2 are the main job's cached
+    trainings; it plans 10 trainings and 3 evaluations (the paper's attacks, the strong suite at 8 and 24) per
+    column, and every claim of Table III fits it."""
     from topkconv.reproduce import Workspace, spec_path
     from topkconv.reproduce.driver import load_study
 
@@ -211,11 +212,15 @@ def test_the_verdict_run_is_the_quick_table_with_ten_seeds_and_shares_its_runs(t
     assert verdict.seeds >= 10 and quick.seeds == 3
     differing = {key for key in vars(quick) if getattr(quick, key) != getattr(verdict, key)}
     assert differing == {"seeds", "title", "path", "base"}
-    indicators = verdict.base["attack"]["indicators"]
-    assert (indicators["examples"], indicators["binarization_examples"]) == (100, 20)
+    attack = verdict.base["attack"]
+    assert (attack["indicators"]["examples"], attack["indicators"]["binarization_examples"]) == (100, 20)
+    assert attack["autoattack"] == {"iterations": 100, "attacks": []} and attack["square"] == {"queries": 5000}
+    assert attack["cascade_attacks"] == ["autoattack"] + quick.base["attack"]["cascade_attacks"]
     unraised = copy.deepcopy(verdict.base)
     for key in ("examples", "binarization_examples"):
         unraised["attack"]["indicators"][key] = quick.base["attack"]["indicators"][key]
+    for key in ("autoattack", "square", "cascade_attacks"):
+        unraised["attack"][key] = quick.base["attack"][key]
     assert unraised == quick.base  # nothing else in the base differs
     study = load_study("table3", "quick", EXPERIMENTS / "table3-verdict.toml", {}, None)
     main = load_study("table3", "quick", spec_path("table3", "quick"), {}, None)
