@@ -322,16 +322,17 @@ def first_k_largest(row, positions, m, k, scratch_values, scratch_keys, chosen):
 
 @inline
 def first_k_largest_above(row, positions, m, k, bound, scratch_values, scratch_keys, chosen):
-    """:func:`first_k_largest` when the candidates are all finite and at least ``bound`` (a row whose
-    products' sum is finite, cut at a bound k of them reach): a threshold that exactly k candidates reach,
-    found by bisecting their value range (:func:`_split_at_k`), takes the same k in a few vectorised
-    passes, where ranking m candidates costs m * m comparisons. Ties at the k-th value leave no such
-    threshold; then :func:`first_k_largest`'s ranking decides."""
+    """:func:`first_k_largest` for candidates at or above ``bound``, which k of them reach: all finite unless
+    the bound is -inf (a row whose products' sum is finite, cut at a bound). A threshold that exactly k
+    candidates reach, found by bisecting their value range (:func:`_split_at_k`), takes the same k in a few
+    vectorised passes, where ranking m candidates costs m * m comparisons. Ties at the k-th value leave no
+    such threshold, and a bound of -inf no finite range; then :func:`first_k_largest`'s ranking decides."""
     top = row[positions[0]]
     for j in range(m):
         scratch_values[j] = row[positions[j]]
         top = max(top, scratch_values[j])
-    threshold = _split_at_k(scratch_values, m, k, bound, top)
+    # no bound (-inf): the candidates may hold NaN or infinities, which only the ranking orders as torch.topk does
+    threshold = _split_at_k(scratch_values, m, k, bound, top) if bound > -np.inf else row.dtype.type(np.nan)
     if threshold == threshold:
         taken = 0
         for j in range(m):  # branch-free: every position written, the taken ones kept
