@@ -456,3 +456,25 @@ def test_bounded_wide_rows_give_ties_at_the_kth_to_the_first_positions():
         want = sorted(np.argsort(-x[b].numpy(), kind="stable")[:k].tolist())
         assert chosen[b, 0].sort().values.tolist() == want
         assert chosen[b, 1].sort().values.tolist() == want
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 250])
+def test_count_at_least_counts_what_a_plain_comparison_counts(n, dtype):
+    # 16 lanes at a time, the last block's lanes past n masked out of the load (here past n lie values that would
+    # count): NaN never counts, entries equal to the bound do.
+    import numpy as np
+
+    from topkconv.layers.kernels.jit import jit
+    from topkconv.layers.kernels.simd import count_at_least
+
+    @jit
+    def call(row, n, bound):
+        return count_at_least(row, n, bound)
+
+    row = torch.randn(n + 16, generator=torch.Generator().manual_seed(n)).numpy().astype(dtype)
+    row[::5] = np.nan
+    row[1::7] = 0.25
+    row[n:] = 10.0
+    for bound in (-np.inf, 0.25, 1.0, np.inf):
+        assert call(row, n, row.dtype.type(bound)) == int((row[:n] >= bound).sum())

@@ -31,6 +31,7 @@ import torch
 
 from .bridge import as_array, split
 from .jit import inline, jit
+from .simd import count_at_least
 
 # ---------------------------------------------------------------- torch level, any device
 
@@ -351,15 +352,12 @@ _MAX_SPLIT_STEPS = 40
 @inline
 def _split_at_k(values, m, k, low, high):
     """A threshold that exactly k of values[:m] reach (all finite, all >= ``low``; ``high`` their
-    largest), by bisection of the value range; NaN if none is found (ties at the k-th value)."""
-    zero = values.dtype.type(0)
-    one = values.dtype.type(1)
+    largest), by bisection of the value range, each step one 16-lane count (:func:`.simd.count_at_least`);
+    NaN if none is found (ties at the k-th value)."""
     half = values.dtype.type(0.5)
     if m == k:
         return low
-    above = zero  # counted in the values' float type, so the pass keeps all its lanes
-    for j in range(m):
-        above += one if values[j] >= high else zero
+    above = count_at_least(values, m, high)
     if above == k:
         return high
     if above > k:
@@ -368,9 +366,7 @@ def _split_at_k(values, m, k, low, high):
         mid = low + (high - low) * half
         if not (low < mid and mid < high):  # adjacent floats (or an overflowing range): no threshold
             break
-        above = zero
-        for j in range(m):
-            above += one if values[j] >= mid else zero
+        above = count_at_least(values, m, mid)
         if above == k:
             return mid
         if above > k:
