@@ -419,28 +419,6 @@ def test_first_k_largest_above_bisects_the_values_and_picks_what_a_stable_sort_d
                                              reference)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("n", [0, 5, 16, 250, 256, 1000])
-def test_positions_at_least_packs_what_a_plain_comparison_keeps(n, dtype):
-    # 16 entries at a time through the vector compress, the last n % 16 one by one: in order, NaN never kept.
-    import numpy as np
-
-    from topkconv.layers.kernels.jit import jit
-    from topkconv.layers.kernels.simd import positions_at_least
-
-    @jit
-    def call(row, bound, positions):
-        return positions_at_least(row, bound, positions)
-
-    row = torch.randn(n, generator=torch.Generator().manual_seed(n)).numpy().astype(dtype)
-    row[::7] = np.nan
-    row[1::11] = 0.5  # entries equal to the bound are kept
-    positions = np.full(n, -1, np.int32)
-    for bound in (-np.inf, 0.5, 1.0, np.inf):
-        m = call(row, row.dtype.type(bound), positions)
-        assert positions[:m].tolist() == np.flatnonzero(row >= bound).tolist()
-
-
 def test_bounded_wide_rows_give_ties_at_the_kth_to_the_first_positions():
     # Rows of 2,100 products (the bounded path) drawn from 5 values, so the k-th value is tied many times
     # over: every row after a weight row's first (which the quickselect of select_row takes, ties in any
@@ -459,22 +437,26 @@ def test_bounded_wide_rows_give_ties_at_the_kth_to_the_first_positions():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 250])
-def test_count_at_least_counts_what_a_plain_comparison_counts(n, dtype):
-    # 16 lanes at a time, the last block's lanes past n masked out of the load (here past n lie values that would
-    # count): NaN never counts, entries equal to the bound do.
+@pytest.mark.parametrize("n", [0, 1, 5, 15, 16, 17, 250, 256, 1000])
+def test_simd_packing_and_counting_agree_with_a_plain_comparison(n, dtype):
+    # 16 entries at a time (the vector compress; the count's last block masked out of the load, and past n lie
+    # values that would count), the packing's last n % 16 one by one: in order, NaN never kept or counted,
+    # entries equal to the bound kept and counted.
     import numpy as np
 
     from topkconv.layers.kernels.jit import jit
-    from topkconv.layers.kernels.simd import count_at_least
+    from topkconv.layers.kernels.simd import count_at_least, positions_at_least
 
     @jit
-    def call(row, n, bound):
-        return count_at_least(row, n, bound)
+    def call(row, n, bound, positions):
+        return positions_at_least(row[:n], bound, positions), count_at_least(row, n, bound)
 
     row = torch.randn(n + 16, generator=torch.Generator().manual_seed(n)).numpy().astype(dtype)
-    row[::5] = np.nan
-    row[1::7] = 0.25
+    row[::7] = np.nan
+    row[1::11] = 0.5
     row[n:] = 10.0
-    for bound in (-np.inf, 0.25, 1.0, np.inf):
-        assert call(row, n, row.dtype.type(bound)) == int((row[:n] >= bound).sum())
+    positions = np.full(n, -1, np.int32)
+    for bound in (-np.inf, 0.5, 1.0, np.inf):
+        m, count = call(row, n, row.dtype.type(bound), positions)
+        assert positions[:m].tolist() == np.flatnonzero(row[:n] >= bound).tolist()
+        assert count == m
