@@ -25,7 +25,7 @@ from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
 from .selection import (bounded_wins, first_k_largest_above, first_k_largest_down, guided_wins, key_dtype,
                         n_groups_for, ordered_keys, select_row, selection_workspace)
-from .simd import positions_at_least
+from .simd import borrowed, positions_at_least
 
 
 @jit
@@ -105,22 +105,29 @@ def _positions_at_least(products, bound, positions):
     return positions_at_least(products, bound, positions)
 
 
+def _guided_scratch(x: torch.Tensor, k: int) -> tuple:
+    """The scratch rows of :func:`_linear_forward_guided`, allocated by its caller (who keeps them alive):
+    products, candidate positions, candidate values, their keys, the recent rows' k-th values, one row's chosen
+    positions."""
+    n, dtype = x.shape[1], as_array(x).dtype
+    return (np.empty(n, dtype), np.empty(n, np.int32), np.empty(n, dtype), np.empty(n, key_dtype(x)),
+            np.empty(_RECENT_ROWS, dtype), np.empty(k, np.int32))
+
+
 @jit
-def _linear_forward_guided(x, weight, k, positive_only, keys_dtype, out, indices, c0, c1):
+def _linear_forward_guided(x, weight, k, positive_only, scratch, out, indices, c0, c1):
     """:func:`_linear_forward` for small k and rows: the same weight row meets every sample in turn, and
     the k-th values of the last rows bound the next row's from below, so only the few products above
     that bound reach the selection (:func:`.selection.first_k_largest_above`; ties at the k-th value keep
-    the first inputs). A row whose bound keeps fewer than k products starts from all of them. Every row takes
-    the one selection call (a branch between two calls made numba reference-count their arrays on each path:
-    atomic operations, 18% of the forward's samples under perf, 13% with one call)."""
-    n = x.shape[1]
-    products = np.empty(n, x.dtype)
-    positions = np.empty(n, np.int32)
-    scratch_values = np.empty(n, x.dtype)
-    scratch_keys = np.empty(n, keys_dtype)
-    recent = np.empty(_RECENT_ROWS, x.dtype)
+    the first inputs). A row whose bound keeps fewer than k products starts from all of them.
+
+    Every array is used through a borrowed view (:func:`.simd.borrowed`; the caller holds the arrays, the
+    scratch included, :func:`_guided_scratch`): numba reference-counts the arrays its inlined helpers take,
+    with atomic operations, which took 13-18% of this loop's samples under perf."""
+    products, positions, scratch_values = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2])
+    scratch_keys, recent, chosen = borrowed(scratch[3]), borrowed(scratch[4]), borrowed(scratch[5])
+    x, weight, out, indices = borrowed(x), borrowed(weight), borrowed(out), borrowed(indices)
     no_bound = x.dtype.type(-np.inf)  # typed: a float64 bound would turn the vectorised pass scalar
-    chosen = np.empty(k, np.int32)
     for c in range(c0, c1):
         high = no_bound  # the previous row's k-th value
         w_row = weight[c]
@@ -129,7 +136,8 @@ def _linear_forward_guided(x, weight, k, positive_only, keys_dtype, out, indices
             counts = _products_above(w_row, x, b, positive_only, high, low, lower, products)
             bound = _tightest_bound(counts[:3], (high, low, lower), k, counts[3], no_bound)
             m = _positions_at_least(products, bound, positions)
-            out[b, c], kth = first_k_largest_above(products, positions, m, k, bound, scratch_values, scratch_keys, chosen)
+            out[b, c], kth = first_k_largest_above(products, positions, m, k, bound, scratch_values, scratch_keys,
+                                                   chosen)
             for t in range(k):
                 indices[b, c, t] = chosen[t]
             high = kth if np.isfinite(kth) else no_bound
@@ -184,7 +192,7 @@ def _linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w
     """Gradients of :func:`_linear_forward` from the saved indices, over samples b0:b1 and output
     rows c0:c1; adds into grad_x and grad_w. Weight row outermost: its row and its gradient's stay in cache
     while every sample adds into them (sample outermost, the paper's layer fetched a line of the 51 MB weight
-    and its gradient from memory for nearly every selected pair: 218 against 112 ms on one thread). Each entry still sums
+    and its gradient from memory for nearly every selected pair: 218 against 112 ms on one thread). Each entry sums
     its terms in the same order (grad_x over c, grad_w over b, both increasing), so the bits are the same."""
     k = indices.shape[2]
     for c in range(c0, c1):
@@ -530,8 +538,8 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
     indices = torch.empty(x.shape[0], weight.shape[0], k, dtype=torch.int32)
     x_a, w_a, out_a, idx_a = as_array(x), as_array(weight), as_array(out), as_array(indices)
     if guided_wins(x.shape[1], k):
-        keys = key_dtype(x)
-        run = lambda c0, c1: _linear_forward_guided(x_a, w_a, k, positive_only, keys, out_a, idx_a, c0, c1)  # noqa: E731
+        def run(c0, c1):
+            _linear_forward_guided(x_a, w_a, k, positive_only, _guided_scratch(x, k), out_a, idx_a, c0, c1)
     elif bounded_wins(x.shape[1], k):
         keys, groups = key_dtype(x), n_groups_for(x.shape[1], k)
         run = lambda c0, c1: _linear_forward_bounded(x_a, w_a, k, groups, positive_only, keys, out_a, idx_a,  # noqa: E731

@@ -8,7 +8,8 @@ entries are compared at once and the positions that pass are packed with LLVM's 
 ``m`` advancing by the mask's population count: about 27 ns, and no branch on the data. The count of a
 short row (the 17-30 candidates of a Dynamic-k row, counted once per bisection step) is one 16-lane compare
 and a population count per block, the last block's lanes past the end masked out of the load, where numba's
-loop ran 4 lanes wide with a scalar tail.
+loop ran 4 lanes wide with a scalar tail. :func:`borrowed` drops an array's reference count from a view of
+it, for loops whose helpers numba would otherwise reference-count (atomically) at every call.
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ if AVAILABLE:
             return builder.zext(passed, ir.IntType(64))
 
         return signature, codegen
+    @intrinsic
+    def borrowed(typingctx, array):
+        """``array`` without its reference count (no meminfo, no parent): it and its views are not
+        reference-counted. Only for arrays someone else keeps alive for as long as it is used (a jitted
+        function's arguments, which its Python caller holds)."""
+        def codegen(context, builder, sig, args):
+            view = context.make_array(sig.args[0])(context, builder, args[0])
+            view.meminfo = cgutils.get_null_value(view.meminfo.type)
+            view.parent = cgutils.get_null_value(view.parent.type)
+            return view._getvalue()
+
+        return array(array), codegen
+
 else:  # plain Python, for the loops' uncompiled fallbacks: the same results
     def count_block_at_least(row, start, stop, bound):
         return sum(1 for i in range(start, min(start + LANES, stop)) if row[i] >= bound)
