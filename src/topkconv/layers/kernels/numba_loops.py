@@ -385,20 +385,29 @@ def _conv_forward_whole(padded, geometry, weight_t, k, max_criterion, keys_dtype
     every output channel at once (:func:`.selection.first_k_largest_down`: ties to the first channels)
     and the sum of the selected maps (the max criterion reuses the maps its scores came from). padded (B,
     in, Hp, Wp): the zero-padded input; weight_t (in, taps, out); out (B, out, L); indices (B, out, k);
-    keys_dtype: the integer type of the floats' width (:func:`.selection.key_dtype`)."""
+    keys_dtype: the integer type of the floats' width (:func:`.selection.key_dtype`). Allocates the scratch
+    and hands everything to :func:`_conv_forward_samples`, which holds it all through borrowed views."""
     in_ch, taps, out_ch = weight_t.shape
     positions = geometry[6] * geometry[7]
     dtype = padded.dtype
-    maps = np.empty((in_ch, positions, out_ch), dtype)
-    cols_i = np.empty((taps, positions), dtype)
-    scores = np.empty((in_ch, out_ch), dtype)
-    keys = np.empty((in_ch, out_ch), keys_dtype)
-    column_scratch = np.empty((3, out_ch), keys_dtype)
-    counts = np.empty(out_ch, np.int32)
-    rows_taken = np.empty((out_ch, in_ch), np.int32)
-    mask = np.empty((in_ch, out_ch), dtype)
-    acc = np.empty((positions, out_ch), dtype)
-    zero = dtype.type(0)  # a plain 0 would make the select below float64: a scalar loop, 10x slower
+    scratch = (np.empty((in_ch, positions, out_ch), dtype), np.empty((taps, positions), dtype),
+               np.empty((in_ch, out_ch), dtype), np.empty((in_ch, out_ch), keys_dtype),
+               np.empty((3, out_ch), keys_dtype), np.empty(out_ch, np.int32), np.empty((out_ch, in_ch), np.int32),
+               np.empty((in_ch, out_ch), dtype), np.empty((positions, out_ch), dtype))
+    _conv_forward_samples(padded, geometry, weight_t, k, max_criterion, out, indices, scratch, b0, b1)
+
+
+@jit
+def _conv_forward_samples(padded, geometry, weight_t, k, max_criterion, out, indices, scratch, b0, b1):
+    """The loop of :func:`_conv_forward_whole`, every array through a borrowed view (:func:`.simd.borrowed`:
+    the caller holds them): numba would reference-count the views taken per sample and channel (atomic
+    operations)."""
+    maps, cols_i, scores, keys = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2]), borrowed(scratch[3])
+    column_scratch, counts, rows_taken = borrowed(scratch[4]), borrowed(scratch[5]), borrowed(scratch[6])
+    mask, acc = borrowed(scratch[7]), borrowed(scratch[8])
+    padded, weight_t, out, indices = borrowed(padded), borrowed(weight_t), borrowed(out), borrowed(indices)
+    in_ch, positions, out_ch = maps.shape
+    zero = padded.dtype.type(0)  # a plain 0 would make the select below float64: a scalar loop, 10x slower
     for b in range(b0, b1):
         _sample_keys(padded[b], geometry, weight_t, max_criterion, maps, scores, keys, cols_i)
         first_k_largest_down(keys, k, indices[b], mask, column_scratch[0], column_scratch[1], column_scratch[2],
