@@ -460,3 +460,32 @@ def test_simd_packing_and_counting_agree_with_a_plain_comparison(n, dtype):
         m, count = call(row, n, row.dtype.type(bound), positions)
         assert positions[:m].tolist() == np.flatnonzero(row[:n] >= bound).tolist()
         assert count == m
+
+
+def test_simd_python_fallbacks_give_what_the_intrinsics_give(monkeypatch):
+    # Without numba the loops run as plain Python (jit.AVAILABLE False): simd's fallbacks must pack, count and
+    # borrow as its intrinsics do.
+    import importlib
+
+    import numpy as np
+
+    from topkconv.layers.kernels import jit, simd
+
+    row = torch.randn(37, generator=torch.Generator().manual_seed(2)).numpy()
+    row[3] = np.nan
+    compiled = jit.jit(lambda row, bound, positions: (simd.positions_at_least(row, bound, positions),
+                                                      simd.count_at_least(row, row.shape[0], bound),
+                                                      simd.borrowed(positions)[0]))
+    want_positions = np.zeros(37, np.int32)
+    want = compiled(row, np.float32(0.1), want_positions)
+    monkeypatch.setattr(jit, "AVAILABLE", False)
+    monkeypatch.setattr(jit, "numba", None)
+    fallback = importlib.reload(simd)
+    try:
+        positions = np.zeros(37, np.int32)
+        got = (fallback.positions_at_least(row, np.float32(0.1), positions),
+               fallback.count_at_least(row, 37, np.float32(0.1)), fallback.borrowed(positions)[0])
+        assert got == want and positions[:got[0]].tolist() == want_positions[:want[0]].tolist()
+    finally:
+        monkeypatch.undo()
+        importlib.reload(simd)

@@ -109,6 +109,9 @@ else:  # plain Python, for the loops' uncompiled fallbacks: the same results
     def count_block_at_least(row, start, stop, bound):
         return sum(1 for i in range(start, min(start + LANES, stop)) if row[i] >= bound)
 
+    def borrowed(array):
+        return array
+
     def pack_at_least(row, start, bound, positions, m):
         for i in range(start, start + LANES):
             if row[i] >= bound:
