@@ -93,17 +93,20 @@ def test_dense_loops_give_the_same_numbers_on_two_threads():
 
 @pytest.mark.parametrize("positive_only", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_guided_linear_matches_reference_and_the_general_loop(positive_only, dtype):
+@pytest.mark.parametrize("fan_in, k", [(96, 7), (96, 40), (2100, 2100)], ids=["guided", "guided k=40", "general"])
+def test_guided_linear_matches_reference_and_the_general_loop(fan_in, k, positive_only, dtype):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(40, 96, generator=g, dtype=dtype)  # no zero inputs: no tied products whose gradient counts
-    w, b = torch.randn(20, 96, generator=g, dtype=dtype), torch.randn(20, generator=g, dtype=dtype)
-    assert guided_wins(96, 7) and not guided_wins(96, 40)
-    for k in (7, 40):  # the guided path, then the general one
-        fn = lambda impl: lambda x, w, b: TF.topk_linear(x, w, b, k, positive_only, impl=impl)  # noqa: E731
-        fast, reference = _grads(fn("numba"), x, w, b), _grads(fn("reference"), x, w, b)
-        torch.testing.assert_close(fast[0], reference[0])
-        for got, want in zip(fast[1], reference[1]):
-            torch.testing.assert_close(got, want)
+    x = torch.randn(40, fan_in, generator=g, dtype=dtype)  # no zero inputs: no tied products whose gradient counts
+    w, b = torch.randn(20, fan_in, generator=g, dtype=dtype), torch.randn(20, generator=g, dtype=dtype)
+    if k == fan_in:  # every product summed: small integers keep 2,100-term float32 sums exact in any order
+        x = x.sign() * torch.randint(1, 4, x.shape, generator=g)
+        w = torch.randint(-3, 4, w.shape, generator=g).to(dtype)
+    assert guided_wins(fan_in, k) == (fan_in < 2048) and not bounded_wins(fan_in, k)  # k = fan_in: the general loop
+    fn = lambda impl: lambda x, w, b: TF.topk_linear(x, w, b, k, positive_only, impl=impl)  # noqa: E731
+    fast, reference = _grads(fn("numba"), x, w, b), _grads(fn("reference"), x, w, b)
+    torch.testing.assert_close(fast[0], reference[0])
+    for got, want in zip(fast[1], reference[1]):
+        torch.testing.assert_close(got, want)
 
 
 def test_guided_linear_gradcheck():
