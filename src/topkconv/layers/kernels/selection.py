@@ -314,11 +314,10 @@ def first_k_largest(row, positions, m, k, scratch_values, scratch_keys, chosen):
 
     Over order-preserving integer keys: up to :data:`_MAX_RANKED` candidates ranked against each other
     (:func:`_take_by_rank`); more by the k-th value's bisection (:func:`_kth_largest_key`), then one pass in
-    position order that takes what lies above it and the first entries equal to it. Both branch-free."""
-    for j in range(m):
-        scratch_values[j] = row[positions[j]]
-    _k_largest_positions(scratch_values, positions, m, k, scratch_keys)
-    return _sum_and_kth(row, scratch_keys, k, chosen)
+    position order that takes what lies above it and the first entries equal to it. Both branch-free. It is
+    :func:`first_k_largest_above` with no bound, which leaves every row to the ranking."""
+    no_bound = row.dtype.type(-np.inf)
+    return first_k_largest_above(row, positions, m, k, no_bound, scratch_values, scratch_keys, chosen)
 
 
 @inline
@@ -419,9 +418,10 @@ def _sum_and_kth(row, taken_positions, k, chosen):
 def guided_wins(width: int, k: int) -> bool:
     """Whether the guided selection (:func:`first_k_largest_above` from a guessed bound) beats
     :func:`select_row` on rows of ``width`` entries: below the grouped width, for every k. Measured at one
-    thread, 64 samples (with the bisection of the candidates' values; before it, only up to k = 32): 256 -> 128,
-    k = 13: 1.7 against 11 ms; 1024 -> 128, k = 51: 5.2 against 33 ms; k = 900: 35 against 40 ms; 2000 -> 64,
-    k = 40: 4.0 against 28 ms; k = 1000: 71 against 74 ms."""
+    thread, 64 samples (with the bisection of the candidates' values; before it, only up to k = 32): 1024 -> 128,
+    k = 51: 5.2 against 33 ms; k = 900: 35 against 40 ms; 2000 -> 64, k = 40: 4.0 against 28 ms; k = 1000: 71
+    against 74 ms (another job on the other core). (256 -> 128, k = 13: 1.7 ms quiet; the bucket pass had taken
+    11 ms there.)"""
     return width < _MIN_GROUPED_WIDTH
 
 

@@ -35,14 +35,23 @@ if AVAILABLE:
         fn_type = ir.FunctionType(result, [a.type for a in arguments])
         return builder.call(cgutils.get_or_insert_function(builder.module, fn_type, name), arguments)
 
+    def _check_float_row(name, row):
+        if not (isinstance(row, types.Array) and row.ndim == 1 and isinstance(row.dtype, types.Float)):
+            raise TypingError(f"{name}: row must be a 1-D float array")
+
+    def _at_least(builder, block, threshold):
+        """(the 16-lane mask block >= threshold, NaN never, and its population count as an int64)."""
+        passes = builder.fcmp_ordered(">=", block, _splat(builder, block.type, threshold))
+        bits = builder.bitcast(passes, ir.IntType(LANES))
+        return passes, builder.zext(_intrinsic(builder, "llvm.ctpop.i16", ir.IntType(LANES), [bits]), ir.IntType(64))
+
     @intrinsic
     def pack_at_least(typingctx, row, start, bound, positions, m):
         """Writes the positions ``start + q`` (q < 16) with ``row[start + q] >= bound`` (False for NaN), in
         order, to ``positions[m:]`` and returns m plus their count. ``row``: a contiguous 1-D float array with
         ``start + 16 <= len(row)``; ``positions``: contiguous int32 with 16 slots from ``m`` (all 16 lanes
         are stored; those past the count are scratch)."""
-        if not (isinstance(row, types.Array) and row.ndim == 1 and isinstance(row.dtype, types.Float)):
-            raise TypingError("pack_at_least: row must be a 1-D float array")
+        _check_float_row("pack_at_least", row)
         if not (isinstance(positions, types.Array) and positions.ndim == 1 and positions.dtype == types.int32):
             raise TypingError("pack_at_least: positions must be a 1-D int32 array")
         signature = types.intp(row, types.intp, row.dtype, positions, types.intp)
@@ -54,15 +63,13 @@ if AVAILABLE:
             lanes = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
             int32s = ir.VectorType(ir.IntType(32), LANES)
             block = builder.load(builder.bitcast(builder.gep(data, [first]), lanes.as_pointer()), align=1)
-            passes = builder.fcmp_ordered(">=", block, _splat(builder, lanes, threshold))
+            passes, passed = _at_least(builder, block, threshold)
             ids = builder.add(_splat(builder, int32s, builder.trunc(first, ir.IntType(32))),
                               ir.Constant(int32s, list(range(LANES))))
             packed = _intrinsic(builder, "llvm.experimental.vector.compress.v16i32", int32s,
                                 [ids, passes, cgutils.get_null_value(int32s)])
             builder.store(packed, builder.bitcast(builder.gep(slots, [count]), int32s.as_pointer()), align=1)
-            bits = builder.bitcast(passes, ir.IntType(LANES))
-            passed = _intrinsic(builder, "llvm.ctpop.i16", ir.IntType(LANES), [bits])
-            return builder.add(count, builder.zext(passed, ir.IntType(64)))
+            return builder.add(count, passed)
 
         return signature, codegen
 
@@ -70,8 +77,7 @@ if AVAILABLE:
     def count_block_at_least(typingctx, row, start, stop, bound):
         """How many of ``row[start:min(start + 16, stop)]`` are >= bound (NaN never), ``start < stop <=
         len(row)``: one 16-lane compare and a population count (the lanes past ``stop`` are not loaded)."""
-        if not (isinstance(row, types.Array) and row.ndim == 1 and isinstance(row.dtype, types.Float)):
-            raise TypingError("count_block_at_least: row must be a 1-D float array")
+        _check_float_row("count_block_at_least", row)
         signature = types.intp(row, types.intp, types.intp, row.dtype)
 
         def codegen(context, builder, sig, args):
@@ -86,12 +92,10 @@ if AVAILABLE:
             nan = _splat(builder, lanes, ir.Constant(element, float("nan")))
             block = _intrinsic(builder, f"llvm.masked.load.v16{'f32' if element == ir.FloatType() else 'f64'}.p0",
                                lanes, [pointer, ir.Constant(ir.IntType(32), 1), inside, nan])
-            passes = builder.fcmp_ordered(">=", block, _splat(builder, lanes, threshold))
-            bits = builder.bitcast(passes, ir.IntType(LANES))
-            passed = _intrinsic(builder, "llvm.ctpop.i16", ir.IntType(LANES), [bits])
-            return builder.zext(passed, ir.IntType(64))
+            return _at_least(builder, block, threshold)[1]
 
         return signature, codegen
+
     @intrinsic
     def borrowed(typingctx, array):
         """``array`` without its reference count (no meminfo, no parent): it and its views are not
