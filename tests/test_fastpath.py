@@ -332,6 +332,49 @@ def test_dense_loops_score_a_nan_map_first(criterion):
     assert torch.equal(got[0].sort(-1).values, want[0].sort(-1).values)
 
 
+def test_maps_are_finite_only_when_no_map_can_overflow_or_hold_nan():
+    from topkconv.layers.kernels.numba_loops import maps_are_finite
+
+    x, w, _ = _conv_inputs(torch.float32)
+    weight_t = conv._channels_last(w)
+    assert maps_are_finite(x, weight_t)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = x.clone()
+        spoiled[2, 3, 1, 1] = bad
+        assert not maps_are_finite(spoiled, weight_t)
+        assert not maps_are_finite(x, conv._channels_last(torch.where(w > 2, bad, w)))
+    # finite values whose nine products could sum past float32's largest: the NaN-safe path serves
+    assert not maps_are_finite(x * 1e19, weight_t * 1e19)
+    assert maps_are_finite(x.double() * 1e19, weight_t.double() * 1e19)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e19], ids=["finite-maps", "maps-may-overflow"])
+def test_dense_loops_max_score_paths_agree_with_the_reference(scale, monkeypatch):
+    # 1.0: the maps' max taken in the pass that computes them; 1e19: products reach infinity, the NaN-safe
+    # max serves. Both must select as the reference, and the fast path must equal the NaN-safe one.
+    from topkconv.layers.kernels import numba_loops
+
+    x, w, _ = _conv_inputs(torch.float32)
+    x, w = x * scale, w * scale
+    got = TF.topk_conv2d_selection(x, w, 3, "max", 1, 1, impl="numba")
+    want = TF.topk_conv2d_selection(x, w, 3, "max", 1, 1, impl="reference")
+    if scale == 1.0:
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    else:  # infinite maps tie: compare the scores of the chosen channels, not their indices
+        scores = conv_scores_reference(x, w)
+        assert torch.equal(scores.gather(2, got.long()).sort(-1).values, scores.gather(2, want.long()).sort(-1).values)
+    fast = TF.topk_conv2d(x, w, None, 3, "max", 1, 1, impl="numba")
+    monkeypatch.setattr(numba_loops, "maps_are_finite", lambda padded, weight_t: False)
+    safe = TF.topk_conv2d(x, w, None, 3, "max", 1, 1, impl="numba")
+    torch.testing.assert_close(safe, fast, rtol=0, atol=0, equal_nan=True)  # infinite maps may sum to NaN
+
+
+def conv_scores_reference(x, w):
+    from topkconv.layers.topk_conv import channel_maps, channel_scores
+
+    return channel_scores(channel_maps(x, w, 1, 1, 1), "max")
+
+
 @pytest.mark.parametrize("m", [20, 64, 65, 100])  # up to 64 candidates ranked against each other, beyond bisected
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_first_k_largest_keeps_the_first_of_tied_candidates(m, dtype):

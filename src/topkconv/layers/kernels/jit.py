@@ -7,6 +7,30 @@ process pays the few seconds of compilation once per machine.
 
 from __future__ import annotations
 
+import os
+
+
+def _prefer_512_bit_vectors() -> None:
+    """On an AVX-512 CPU, let LLVM vectorise numba's loops 512 bits wide (16 float32 lanes).
+
+    LLVM's x86 tuning prefers 256-bit vectors on AVX-512 parts (a clock penalty of early AVX-512 chips);
+    numba keeps that default. Measured on this project's 2-core Xeon VM: the TopKConv loops ran about 12%
+    faster at 16 lanes. The setting is numba's own (``NUMBA_CPU_FEATURES``: the host's features plus
+    ``-prefer-256-bit``, as numba's own tests set it), read when numba compiles; a value the user set is
+    kept, and compiled code is cached per feature string, so the two never mix."""
+    if "NUMBA_CPU_FEATURES" in os.environ:
+        return
+    try:
+        import llvmlite.binding as llvm
+        features = llvm.get_host_cpu_features().flatten()
+    except (ImportError, RuntimeError):  # no llvmlite (no numba), or a host LLVM cannot describe
+        return
+    if "+avx512f" in features.split(","):
+        os.environ["NUMBA_CPU_FEATURES"] = features + ",-prefer-256-bit"
+
+
+_prefer_512_bit_vectors()
+
 try:
     import numba
 except ImportError:  # the torch-level kernels serve instead
