@@ -60,6 +60,21 @@ def test_dense_loops_match_the_sparse_router_and_reference(dtype, criterion, geo
 
 
 @pytest.mark.parametrize("criterion", ["max", "sum"])
+@pytest.mark.parametrize("kernel", [(1, 1), (2, 3), (5, 5)], ids=["1x1", "2x3", "5x5"])
+def test_dense_loops_match_the_reference_for_kernels_other_than_3x3(kernel, criterion):
+    # 3 x 3 kernels take the taps' vector path (simd.taps_block_3x3); every other kernel the masked-weight loops.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, 6, 6, generator=g, dtype=torch.float64)
+    w, b = torch.randn(5, 6, *kernel, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    assert conv.dense_loops_win(x, w, 3, 1, 1, 1)
+    fn = lambda impl: lambda x, w, b: TF.topk_conv2d(x, w, b, 3, criterion, 1, 1, impl=impl)  # noqa: E731
+    got, want = _grads(fn("numba"), x, w, b), _grads(fn("reference"), x, w, b)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    for got_grad, want_grad in zip(got[1], want[1]):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("criterion", ["max", "sum"])
 def test_dense_loops_gradcheck(criterion):
     x, w, b = _conv_inputs(torch.float64, batch=2, cin=6, cout=4, size=4)
     fn = lambda x, w, b: TF.topk_conv2d(x, w, b, 3, criterion, 1, 1, impl="numba")  # noqa: E731
@@ -524,6 +539,10 @@ def test_simd_python_fallbacks_give_what_the_intrinsics_give(monkeypatch):
                                                       simd.borrowed(positions)[0]))
     want_positions = np.zeros(37, np.int32)
     want = compiled(row, np.float32(0.1), want_positions)
+    w_i, g_b = np.arange(36.0).reshape(9, 4) - 17.5, np.arange(20.0).reshape(4, 5) * 0.5  # 5 positions: a tail
+    chosen = np.array([3, 0, 2], np.int32)
+    want_taps = np.full((9, 5), -1.0)
+    jit.jit(lambda *args: simd.taps_block_3x3(*args))(w_i, g_b, chosen, 3, 0, want_taps)
     monkeypatch.setattr(jit, "AVAILABLE", False)
     monkeypatch.setattr(jit, "numba", None)
     fallback = importlib.reload(simd)
@@ -532,6 +551,10 @@ def test_simd_python_fallbacks_give_what_the_intrinsics_give(monkeypatch):
         got = (fallback.positions_at_least(row, np.float32(0.1), positions),
                fallback.count_at_least(row, 37, np.float32(0.1)), fallback.borrowed(positions)[0])
         assert got == want and positions[:got[0]].tolist() == want_positions[:want[0]].tolist()
+        got_taps = np.full((9, 5), -1.0)
+        fallback.taps_block_3x3(w_i, g_b, chosen, 3, 0, got_taps)
+        np.testing.assert_allclose(got_taps, want_taps, rtol=1e-12)
+        np.testing.assert_allclose(want_taps, w_i[:, chosen] @ g_b[chosen], rtol=1e-12)
     finally:
         monkeypatch.undo()
         importlib.reload(simd)

@@ -25,7 +25,7 @@ from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
 from .selection import (bounded_wins, first_k_largest_above, first_k_largest_down, guided_wins, key_dtype,
                         n_groups_for, ordered_keys, select_row, selection_workspace)
-from .simd import borrowed, positions_at_least
+from .simd import LANES, borrowed, positions_at_least, taps_block_3x3
 
 
 @jit
@@ -449,33 +449,15 @@ def _conv_forward_samples(padded, geometry, weight_t, k, max_criterion, maps_fin
 @inline
 def _input_gradient_columns(w_masked, g_t, grad_cols_i):
     """grad_cols_i (taps, L) = w_masked (taps, out) times g_t (L, out) transposed: one dot over the output
-    channels per (tap, position); a 3 x 3 kernel's nine dots share each pass over g_t's row."""
-    taps = w_masked.shape[0]
+    channels per (tap, position)."""
     zero = w_masked.dtype.type(0)  # a float64 literal would widen the float32 sums
     for p in range(g_t.shape[0]):
         g_row = g_t[p]
-        if taps == 9:
-            a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+        for j in range(w_masked.shape[0]):
+            dot = zero
             for c in range(g_row.shape[0]):
-                g = g_row[c]
-                a0 += w_masked[0, c] * g
-                a1 += w_masked[1, c] * g
-                a2 += w_masked[2, c] * g
-                a3 += w_masked[3, c] * g
-                a4 += w_masked[4, c] * g
-                a5 += w_masked[5, c] * g
-                a6 += w_masked[6, c] * g
-                a7 += w_masked[7, c] * g
-                a8 += w_masked[8, c] * g
-            grad_cols_i[0, p], grad_cols_i[1, p], grad_cols_i[2, p], grad_cols_i[3, p] = a0, a1, a2, a3
-            grad_cols_i[4, p], grad_cols_i[5, p], grad_cols_i[6, p], grad_cols_i[7, p], grad_cols_i[8, p] = \
-                a4, a5, a6, a7, a8
-        else:
-            for j in range(taps):
-                dot = zero
-                for c in range(g_row.shape[0]):
-                    dot += w_masked[j, c] * g_row[c]
-                grad_cols_i[j, p] = dot
+                dot += w_masked[j, c] * g_row[c]
+            grad_cols_i[j, p] = dot
 
 
 @inline
@@ -508,26 +490,58 @@ def _sample_mask(indices_b, mask):
             mask[indices_b[c, t], c] = 1
 
 
+@inline
+def _chosen_by(indices_b, counts, chosen):
+    """chosen[i, :counts[i]] = the output channels that selected input channel i, ascending."""
+    counts[:] = 0
+    for c in range(indices_b.shape[0]):
+        for t in range(indices_b.shape[1]):
+            i = indices_b[c, t]
+            chosen[i, counts[i]] = c
+            counts[i] += 1
+
+
 @jit
 def _conv_input_gradient_whole(weight_t, indices, grad_out, geometry, grad_padded, i0, i1):
     """Adds into grad_padded (B, in, Hp, Wp), zero-padded, the input gradient of :func:`_conv_forward_whole`
-    for input channels i0:i1: only the selected (input, output) channel pairs pass gradient, the mask
-    applied to the weight once per input channel. (The two gradients are separate loops: compiled
-    together, each ran up to 1.6x slower.)"""
+    for input channels i0:i1: only the selected (input, output) channel pairs pass gradient. A 3 x 3 kernel
+    sums, per (sample, input channel), the output gradient rows of the channels that selected it
+    (:func:`.simd.taps_block_3x3`); other kernels apply the mask to the weight once per input channel. (The
+    two gradients are separate loops: compiled together, each ran up to 1.6x slower.)"""
     in_ch, taps, out_ch = weight_t.shape
-    mask = np.empty((in_ch, out_ch), weight_t.dtype)
-    g_t = np.empty((grad_out.shape[2], out_ch), weight_t.dtype)
-    w_masked = np.empty((taps, out_ch), weight_t.dtype)
-    grad_cols_i = np.empty((taps, grad_out.shape[2]), weight_t.dtype)
+    scratch = (np.empty((in_ch, out_ch), weight_t.dtype), np.empty((grad_out.shape[2], out_ch), weight_t.dtype),
+               np.empty((taps, out_ch), weight_t.dtype), np.empty((taps, grad_out.shape[2]), weight_t.dtype),
+               np.empty(in_ch, np.int32), np.empty((in_ch, out_ch), np.int32))
+    _conv_input_gradient_samples(weight_t, indices, grad_out, geometry, grad_padded, scratch, i0, i1)
+
+
+@jit
+def _conv_input_gradient_samples(weight_t, indices, grad_out, geometry, grad_padded, scratch, i0, i1):
+    """The loop of :func:`_conv_input_gradient_whole`, every array through a borrowed view."""
+    mask, g_t, w_masked, grad_cols_i = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2]), \
+        borrowed(scratch[3])
+    counts, chosen = borrowed(scratch[4]), borrowed(scratch[5])
+    weight_t, indices, grad_out, grad_padded = borrowed(weight_t), borrowed(indices), borrowed(grad_out), \
+        borrowed(grad_padded)
+    in_ch, taps, out_ch = weight_t.shape
+    positions = grad_out.shape[2]
+    by_taps = geometry[0] == 3 and geometry[1] == 3
     for b in range(grad_out.shape[0]):
-        _sample_mask(indices[b], mask)
-        g_t[:] = grad_out[b].T
+        if by_taps:
+            _chosen_by(indices[b], counts, chosen)
+        else:
+            _sample_mask(indices[b], mask)
+            g_t[:] = grad_out[b].T
         for i in range(i0, i1):
-            keep = mask[i]
-            for j in range(taps):
-                for c in range(out_ch):
-                    w_masked[j, c] = weight_t[i, j, c] * keep[c]
-            _input_gradient_columns(w_masked, g_t, grad_cols_i)
+            if by_taps:
+                for start in range(0, positions, LANES):
+                    taps_block_3x3(weight_t[i], grad_out[b], chosen[i], counts[i], start, grad_cols_i)
+            else:
+                keep = mask[i]
+                for j in range(taps):
+                    for c in range(out_ch):
+                        w_masked[j, c] = weight_t[i, j, c] * keep[c]
+                _input_gradient_columns(w_masked, g_t, grad_cols_i)
             _fold_plane(grad_cols_i, geometry, grad_padded[b, i])
 
 

@@ -10,6 +10,12 @@ short row (the 17-30 candidates of a Dynamic-k row, counted once per bisection s
 and a population count per block, the last block's lanes past the end masked out of the load, where numba's
 loop ran 4 lanes wide with a scalar tail. :func:`borrowed` drops an array's reference count from a view of
 it, for loops whose helpers numba would otherwise reference-count (atomically) at every call.
+
+:func:`taps_block_3x3` is a 3 x 3 TopKConv's input gradient for 16 output positions of one (sample, input
+channel): the nine taps' sums held in nine vector registers over the output channels that selected the
+input channel. numba's own loop over the positions kept its sums in memory and checked the rows for
+overlap at every (channel, tap): 2.3x slower than the dense-order loop it was to replace; this is 1.9x
+faster than that loop at 64 x 64 x 4 x 4 -> 64, k = 32.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 from .jit import AVAILABLE, inline
 
 LANES = 16
+TAPS_3X3 = 9
 
 if AVAILABLE:
     from llvmlite import ir
@@ -38,6 +45,33 @@ if AVAILABLE:
     def _check_float_row(name, row):
         if not (isinstance(row, types.Array) and row.ndim == 1 and isinstance(row.dtype, types.Float)):
             raise TypingError(f"{name}: row must be a 1-D float array")
+
+    def _lanes_inside(builder, first, stop):
+        """The 16-lane mask of lanes first + q < stop."""
+        int64s = ir.VectorType(ir.IntType(64), LANES)
+        return builder.icmp_signed("<", ir.Constant(int64s, list(range(LANES))),
+                                   _splat(builder, int64s, builder.sub(stop, first)))
+
+    def _i64(value):
+        return ir.Constant(ir.IntType(64), value)
+
+    def _suffix(element):
+        return "f32" if element == ir.FloatType() else "f64"
+
+    def _masked_load(builder, pointer, inside, filler):
+        lanes = filler.type
+        return _intrinsic(builder, f"llvm.masked.load.v16{_suffix(lanes.element)}.p0", lanes,
+                          [builder.bitcast(pointer, lanes.as_pointer()), ir.Constant(ir.IntType(32), 1), inside,
+                           filler])
+
+    def _masked_store(builder, value, pointer, inside):
+        arguments = [value, builder.bitcast(pointer, value.type.as_pointer()), ir.Constant(ir.IntType(32), 1), inside]
+        _intrinsic(builder, f"llvm.masked.store.v16{_suffix(value.type.element)}.p0", ir.VoidType(), arguments)
+
+    def _check_c_arrays(name, *arrays):
+        for array, ndim in arrays:
+            if not (isinstance(array, types.Array) and array.ndim == ndim and array.layout == "C"):
+                raise TypingError(f"{name}: expected a C-contiguous {ndim}-D array, got {array}")
 
     def _at_least(builder, block, threshold):
         """(the 16-lane mask block >= threshold, NaN never, and its population count as an int64)."""
@@ -84,15 +118,47 @@ if AVAILABLE:
             values, first, last, threshold = args
             data = context.make_array(sig.args[0])(context, builder, values).data
             element = context.get_value_type(sig.args[0].dtype)
-            lanes = ir.VectorType(element, LANES)
-            int64s = ir.VectorType(ir.IntType(64), LANES)
-            inside = builder.icmp_signed("<", ir.Constant(int64s, list(range(LANES))),
-                                         _splat(builder, int64s, builder.sub(last, first)))
-            pointer = builder.bitcast(builder.gep(data, [first]), lanes.as_pointer())
-            nan = _splat(builder, lanes, ir.Constant(element, float("nan")))
-            block = _intrinsic(builder, f"llvm.masked.load.v16{'f32' if element == ir.FloatType() else 'f64'}.p0",
-                               lanes, [pointer, ir.Constant(ir.IntType(32), 1), inside, nan])
+            nan = _splat(builder, ir.VectorType(element, LANES), ir.Constant(element, float("nan")))
+            block = _masked_load(builder, builder.gep(data, [first]), _lanes_inside(builder, first, last), nan)
             return _at_least(builder, block, threshold)[1]
+
+        return signature, codegen
+
+    @intrinsic
+    def taps_block_3x3(typingctx, w_i, g_b, chosen, n, start, grad_cols_i):
+        """grad_cols_i[j, start:start + 16] = the sum over t < n of w_i[j, c] * g_b[c, start:start + 16], c =
+        chosen[t], for the nine taps j of a 3 x 3 kernel: the input gradient's columns at 16 output positions of
+        one (sample, input channel). w_i (9, out): the channel's weights; g_b (out, L): the sample's output
+        gradient; chosen: int32, the output channels that selected the channel, in the order they are summed.
+        Lanes at or past L are neither read nor written."""
+        _check_c_arrays("taps_block_3x3", (w_i, 2), (g_b, 2), (chosen, 1), (grad_cols_i, 2))
+        if not (w_i.dtype == g_b.dtype == grad_cols_i.dtype and isinstance(w_i.dtype, types.Float)
+                and chosen.dtype == types.int32):
+            raise TypingError("taps_block_3x3: expected float arrays of one type and int32 channels")
+        signature = types.none(w_i, g_b, chosen, types.intp, types.intp, grad_cols_i)
+
+        def codegen(context, builder, sig, args):
+            weights, grads, channels, count, first, columns = (
+                context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a
+                for t, a in zip(sig.args, args))
+            lanes = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
+            out_ch, positions = builder.extract_value(weights.shape, 1), builder.extract_value(grads.shape, 1)
+            inside = _lanes_inside(builder, first, positions)
+            zero = ir.Constant(lanes, None)
+            # alloca'd in the entry block, promoted to registers by LLVM's mem2reg
+            sums = [cgutils.alloca_once_value(builder, zero) for _ in range(TAPS_3X3)]
+            with cgutils.for_range(builder, count) as loop:
+                c = builder.sext(builder.load(builder.gep(channels.data, [loop.index])), ir.IntType(64))
+                g_block = _masked_load(builder, builder.gep(grads.data, [builder.add(builder.mul(c, positions), first)]),
+                                       inside, zero)
+                for j, total in enumerate(sums):
+                    w = builder.load(builder.gep(weights.data, [builder.add(builder.mul(out_ch, _i64(j)), c)]))
+                    builder.store(_intrinsic(builder, f"llvm.fmuladd.v16{_suffix(lanes.element)}", lanes,
+                                             [_splat(builder, lanes, w), g_block, builder.load(total)]), total)
+            for j, total in enumerate(sums):
+                row = builder.gep(columns.data, [builder.add(builder.mul(positions, _i64(j)), first)])
+                _masked_store(builder, builder.load(total), row, inside)
+            return context.get_dummy_value()
 
         return signature, codegen
 
@@ -115,6 +181,13 @@ else:  # plain Python, for the loops' uncompiled fallbacks: the same results
 
     def borrowed(array):
         return array
+
+    def taps_block_3x3(w_i, g_b, chosen, n, start, grad_cols_i):
+        stop = min(start + LANES, g_b.shape[1])
+        grad_cols_i[:, start:stop] = 0
+        for t in range(n):
+            c = chosen[t]
+            grad_cols_i[:, start:stop] += w_i[:, c:c + 1] * g_b[c, start:stop]
 
     def pack_at_least(row, start, bound, positions, m):
         for i in range(start, start + LANES):
