@@ -543,6 +543,8 @@ def test_simd_python_fallbacks_give_what_the_intrinsics_give(monkeypatch):
     chosen = np.array([3, 0, 2], np.int32)
     want_taps = np.full((9, 5), -1.0)
     jit.jit(lambda *args: simd.taps_block_3x3(*args))(w_i, g_b, chosen, 3, 0, want_taps)
+    cols_b, want_sums = np.arange(45.0).reshape(9, 5) * 0.25 - 5, np.ones((4, 9, 16))
+    jit.jit(lambda *args: simd.weight_taps_block_3x3(*args))(cols_b, g_b, chosen, 3, 0, want_sums)
     monkeypatch.setattr(jit, "AVAILABLE", False)
     monkeypatch.setattr(jit, "numba", None)
     fallback = importlib.reload(simd)
@@ -555,6 +557,11 @@ def test_simd_python_fallbacks_give_what_the_intrinsics_give(monkeypatch):
         fallback.taps_block_3x3(w_i, g_b, chosen, 3, 0, got_taps)
         np.testing.assert_allclose(got_taps, want_taps, rtol=1e-12)
         np.testing.assert_allclose(want_taps, w_i[:, chosen] @ g_b[chosen], rtol=1e-12)
+        got_sums = np.ones((4, 9, 16))
+        fallback.weight_taps_block_3x3(cols_b, g_b, chosen, 3, 0, got_sums)
+        np.testing.assert_allclose(got_sums, want_sums, rtol=1e-12)
+        assert np.all(want_sums[:, :, 5:] == 1) and np.all(want_sums[1] == 1)  # past L and unchosen: untouched
+        np.testing.assert_allclose(want_sums[chosen, :, :5], 1 + cols_b[None] * g_b[chosen][:, None], rtol=1e-12)
     finally:
         monkeypatch.undo()
         importlib.reload(simd)

@@ -25,7 +25,7 @@ from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
 from .selection import (bounded_wins, first_k_largest_above, first_k_largest_down, guided_wins, key_dtype,
                         n_groups_for, ordered_keys, select_row, selection_workspace)
-from .simd import LANES, borrowed, positions_at_least, taps_block_3x3
+from .simd import LANES, borrowed, positions_at_least, taps_block_3x3, weight_taps_block_3x3
 
 
 @jit
@@ -545,18 +545,51 @@ def _conv_input_gradient_samples(weight_t, indices, grad_out, geometry, grad_pad
             _fold_plane(grad_cols_i, geometry, grad_padded[b, i])
 
 
+@inline
+def _chosen_by_samples(indices, i0, i1, counts, chosen):
+    """chosen[b, i - i0, :counts[b, i - i0]] = the output channels of sample b that selected input channel i,
+    ascending, for i0 <= i < i1."""
+    counts[:] = 0
+    for b in range(indices.shape[0]):
+        indices_b, counts_b, chosen_b = indices[b], counts[b], chosen[b]
+        for c in range(indices_b.shape[0]):
+            for t in range(indices_b.shape[1]):
+                i = indices_b[c, t] - i0
+                if 0 <= i < i1 - i0:
+                    chosen_b[i, counts_b[i]] = c
+                    counts_b[i] += 1
+
+
+@inline
+def _aligned_empty(shape, dtype):
+    """np.empty(shape, dtype) starting on a 64-byte boundary: 16-lane loads and stores that never straddle
+    two cache lines (about 1.15x faster in :func:`_conv_weight_gradient_by_taps`)."""
+    size = 1
+    for n in shape:
+        size *= n
+    raw = np.empty(size + 64, dtype)
+    skip = (64 - raw.ctypes.data % 64) % 64 // raw.itemsize
+    return raw[skip:skip + size].reshape(shape)
+
+
 @jit
 def _conv_weight_gradient_whole(padded, geometry, indices, grad_out, grad_wt, i0, i1):
     """Adds into grad_wt (in, taps, out) the weight gradient of :func:`_conv_forward_whole` for input
     channels i0:i1 (threads own disjoint entries; every entry sums over the samples in order, whatever
-    the thread count), the mask applied to the output gradient once per input channel."""
+    the thread count). A 3 x 3 kernel: :func:`_conv_weight_gradient_by_taps`; other kernels apply the mask
+    to the output gradient once per (sample, input channel)."""
     in_ch, taps, out_ch = grad_wt.shape
-    positions = grad_out.shape[2]
+    batch, positions = grad_out.shape[0], grad_out.shape[2]
+    if geometry[0] == 3 and geometry[1] == 3:
+        scratch = (np.empty((batch, i1 - i0), np.int32), np.empty((batch, i1 - i0, out_ch), np.int32),
+                   np.empty((batch, taps, positions), grad_wt.dtype), _aligned_empty((out_ch, taps, LANES), grad_wt.dtype))
+        _conv_weight_gradient_by_taps(padded, geometry, indices, grad_out, grad_wt, scratch, i0, i1)
+        return
     mask = np.empty((in_ch, out_ch), grad_wt.dtype)
     g_t = np.empty((positions, out_ch), grad_wt.dtype)
     g_kept = np.empty((positions, out_ch), grad_wt.dtype)
     cols_i = np.empty((taps, positions), grad_wt.dtype)
-    for b in range(grad_out.shape[0]):
+    for b in range(batch):
         _sample_mask(indices[b], mask)
         g_t[:] = grad_out[b].T  # one transposing copy; read in place, the mask loop below would not vectorise
         for i in range(i0, i1):
@@ -567,6 +600,30 @@ def _conv_weight_gradient_whole(padded, geometry, indices, grad_out, grad_wt, i0
                     g_kept[p, c] = keep[c] * g_row[c]
             _plane_columns(padded[b, i], geometry, cols_i)
             _weight_gradient_rows(g_kept, cols_i, grad_wt[i])
+
+
+@jit
+def _conv_weight_gradient_by_taps(padded, geometry, indices, grad_out, grad_wt, scratch, i0, i1):
+    """:func:`_conv_weight_gradient_whole` for a 3 x 3 kernel, an input channel at a time: the samples' patch
+    columns, then for each 16 output positions the products with the gradient rows of the output channels
+    that selected the channel, kept lane by lane in sums (out, 9, 16) over the samples
+    (:func:`.simd.weight_taps_block_3x3`) and their lanes summed once. Every array through a borrowed view."""
+    counts, chosen, cols, sums = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2]), borrowed(scratch[3])
+    padded, indices, grad_out, grad_wt = borrowed(padded), borrowed(indices), borrowed(grad_out), borrowed(grad_wt)
+    _, taps, out_ch = grad_wt.shape
+    batch, positions = grad_out.shape[0], grad_out.shape[2]
+    _chosen_by_samples(indices, i0, i1, counts, chosen)
+    for i in range(i0, i1):
+        for b in range(batch):
+            _plane_columns(padded[b, i], geometry, cols[b])
+        grad_wt_i = grad_wt[i]
+        for start in range(0, positions, LANES):
+            sums[:] = 0
+            for b in range(batch):
+                weight_taps_block_3x3(cols[b], grad_out[b], chosen[b, i - i0], counts[b, i - i0], start, sums)
+            for c in range(out_ch):
+                for j in range(taps):
+                    grad_wt_i[j, c] += np.sum(sums[c, j])
 
 
 # ---------------------------------------------------------------- torch-facing entry points (CPU tensors)

@@ -68,7 +68,7 @@ if AVAILABLE:
         arguments = [value, builder.bitcast(pointer, value.type.as_pointer()), ir.Constant(ir.IntType(32), 1), inside]
         _intrinsic(builder, f"llvm.masked.store.v16{_suffix(value.type.element)}.p0", ir.VoidType(), arguments)
 
-    def _check_c_arrays(name, *arrays):
+    def _check_c_arrays(name, *arrays):  # (array type, ndim) pairs
         for array, ndim in arrays:
             if not (isinstance(array, types.Array) and array.ndim == ndim and array.layout == "C"):
                 raise TypingError(f"{name}: expected a C-contiguous {ndim}-D array, got {array}")
@@ -124,6 +124,29 @@ if AVAILABLE:
 
         return signature, codegen
 
+    def _arrays(context, builder, sig, args):
+        return [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a
+                for t, a in zip(sig.args, args)]
+
+    def _check_taps_arrays(name, taps_array, g_b, chosen, out_array, out_ndim):
+        _check_c_arrays(name, (taps_array, 2), (g_b, 2), (chosen, 1), (out_array, out_ndim))
+        if not (taps_array.dtype == g_b.dtype == out_array.dtype and isinstance(g_b.dtype, types.Float)
+                and chosen.dtype == types.int32):
+            raise TypingError(f"{name}: expected float arrays of one type and int32 channels")
+
+    def _for_chosen_rows(builder, g_b, channels, count, first, inside, body):
+        """body(c, block) for c = channels[t], t < count, block = g_b[c, first:first + 16] (lanes past the
+        row's end read as 0)."""
+        positions = builder.extract_value(g_b.shape, 1)
+        zero = ir.Constant(ir.VectorType(g_b.data.type.pointee, LANES), None)
+        with cgutils.for_range(builder, count) as loop:
+            c = builder.sext(builder.load(builder.gep(channels.data, [loop.index])), ir.IntType(64))
+            row = builder.gep(g_b.data, [builder.add(builder.mul(c, positions), first)])
+            body(c, _masked_load(builder, row, inside, zero))
+
+    def _fmuladd(builder, a, b, c):
+        return _intrinsic(builder, f"llvm.fmuladd.v16{_suffix(a.type.element)}", a.type, [a, b, c])
+
     @intrinsic
     def taps_block_3x3(typingctx, w_i, g_b, chosen, n, start, grad_cols_i):
         """grad_cols_i[j, start:start + 16] = the sum over t < n of w_i[j, c] * g_b[c, start:start + 16], c =
@@ -131,33 +154,55 @@ if AVAILABLE:
         one (sample, input channel). w_i (9, out): the channel's weights; g_b (out, L): the sample's output
         gradient; chosen: int32, the output channels that selected the channel, in the order they are summed.
         Lanes at or past L are neither read nor written."""
-        _check_c_arrays("taps_block_3x3", (w_i, 2), (g_b, 2), (chosen, 1), (grad_cols_i, 2))
-        if not (w_i.dtype == g_b.dtype == grad_cols_i.dtype and isinstance(w_i.dtype, types.Float)
-                and chosen.dtype == types.int32):
-            raise TypingError("taps_block_3x3: expected float arrays of one type and int32 channels")
+        _check_taps_arrays("taps_block_3x3", w_i, g_b, chosen, grad_cols_i, 2)
         signature = types.none(w_i, g_b, chosen, types.intp, types.intp, grad_cols_i)
 
         def codegen(context, builder, sig, args):
-            weights, grads, channels, count, first, columns = (
-                context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a
-                for t, a in zip(sig.args, args))
+            weights, grads, channels, count, first, columns = _arrays(context, builder, sig, args)
             lanes = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
             out_ch, positions = builder.extract_value(weights.shape, 1), builder.extract_value(grads.shape, 1)
             inside = _lanes_inside(builder, first, positions)
-            zero = ir.Constant(lanes, None)
             # alloca'd in the entry block, promoted to registers by LLVM's mem2reg
-            sums = [cgutils.alloca_once_value(builder, zero) for _ in range(TAPS_3X3)]
-            with cgutils.for_range(builder, count) as loop:
-                c = builder.sext(builder.load(builder.gep(channels.data, [loop.index])), ir.IntType(64))
-                g_block = _masked_load(builder, builder.gep(grads.data, [builder.add(builder.mul(c, positions), first)]),
-                                       inside, zero)
+            sums = [cgutils.alloca_once_value(builder, ir.Constant(lanes, None)) for _ in range(TAPS_3X3)]
+
+            def add_row(c, g_block):
                 for j, total in enumerate(sums):
                     w = builder.load(builder.gep(weights.data, [builder.add(builder.mul(out_ch, _i64(j)), c)]))
-                    builder.store(_intrinsic(builder, f"llvm.fmuladd.v16{_suffix(lanes.element)}", lanes,
-                                             [_splat(builder, lanes, w), g_block, builder.load(total)]), total)
+                    builder.store(_fmuladd(builder, _splat(builder, lanes, w), g_block, builder.load(total)), total)
+
+            _for_chosen_rows(builder, grads, channels, count, first, inside, add_row)
             for j, total in enumerate(sums):
                 row = builder.gep(columns.data, [builder.add(builder.mul(positions, _i64(j)), first)])
                 _masked_store(builder, builder.load(total), row, inside)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    @intrinsic
+    def weight_taps_block_3x3(typingctx, cols_b, g_b, chosen, n, start, sums):
+        """sums[c, j, :] += cols_b[j, start:start + 16] * g_b[c, start:start + 16] for c = chosen[t], t < n,
+        and the nine taps j of a 3 x 3 kernel: one sample's share of the weight gradient of one input channel
+        at 16 output positions, lane by lane (the caller sums the lanes). cols_b (9, L): the channel's patch
+        columns; g_b (out, L); sums (out, 9, 16). Lanes at or past L add 0."""
+        _check_taps_arrays("weight_taps_block_3x3", cols_b, g_b, chosen, sums, 3)
+        signature = types.none(cols_b, g_b, chosen, types.intp, types.intp, sums)
+
+        def codegen(context, builder, sig, args):
+            cols, grads, channels, count, first, totals = _arrays(context, builder, sig, args)
+            lanes = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
+            positions = builder.extract_value(grads.shape, 1)
+            inside = _lanes_inside(builder, first, positions)
+            taps = [_masked_load(builder, builder.gep(cols.data, [builder.add(builder.mul(positions, _i64(j)), first)]),
+                                 inside, ir.Constant(lanes, None)) for j in range(TAPS_3X3)]
+
+            def add_row(c, g_block):
+                base = builder.mul(c, _i64(TAPS_3X3 * LANES))
+                for j, tap in enumerate(taps):
+                    slot = builder.bitcast(builder.gep(totals.data, [builder.add(base, _i64(j * LANES))]),
+                                           lanes.as_pointer())
+                    builder.store(_fmuladd(builder, tap, g_block, builder.load(slot, align=4)), slot, align=4)
+
+            _for_chosen_rows(builder, grads, channels, count, first, inside, add_row)
             return context.get_dummy_value()
 
         return signature, codegen
@@ -188,6 +233,12 @@ else:  # plain Python, for the loops' uncompiled fallbacks: the same results
         for t in range(n):
             c = chosen[t]
             grad_cols_i[:, start:stop] += w_i[:, c:c + 1] * g_b[c, start:stop]
+
+    def weight_taps_block_3x3(cols_b, g_b, chosen, n, start, sums):
+        stop = min(start + LANES, g_b.shape[1])
+        for t in range(n):
+            c = chosen[t]
+            sums[c, :, :stop - start] += cols_b[:, start:stop] * g_b[c, start:stop]
 
     def pack_at_least(row, start, bound, positions, m):
         for i in range(start, start + LANES):
