@@ -25,7 +25,7 @@ from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
 from .selection import (bounded_wins, first_k_largest_above, first_k_largest_down, guided_wins, key_dtype,
                         n_groups_for, ordered_keys, select_row, selection_workspace)
-from .simd import LANES, borrowed, positions_at_least, taps_block_3x3, weight_taps_block_3x3
+from .simd import LANES, borrowed, positions_at_least, routed_block_3x3, taps_block_3x3, weight_taps_block_3x3
 
 
 @jit
@@ -364,13 +364,13 @@ def _channel_maps(plane, geometry, cols_i, w_i, block, spare_row):
 
 
 @inline
-def _sample_keys(planes_b, geometry, weight_t, max_criterion, maps_finite, maps, scores, keys, cols_i):
+def _sample_keys(planes_b, geometry, weight_t, max_criterion, maps_finite, maps, scores, keys, cols):
     """keys (in, out): the ordered keys (:func:`.selection.ordered_keys`) of one sample's channel scores,
     scores (in, out) the floats, from its zero-padded planes (in, Hp, Wp). ``max``: the spatial max of every
     map A[c, i] (maps (in, L, out) kept for the output): for a 3 x 3 kernel whose maps hold no NaN
     (``maps_finite``) in the pass that computes them, else by ``np.maximum``, which propagates NaN as
-    ``torch.amax`` does. ``sum``: the spatial sum, from the window sums
-    times the taps. cols_i (taps, L): scratch."""
+    ``torch.amax`` does. ``sum``: the spatial sum, from the window sums times the taps, and cols (in, taps,
+    L) the sample's patch columns."""
     in_ch, taps, out_ch = weight_t.shape
     positions = maps.shape[1]
     for i in range(in_ch):  # explicit loops: a numba array expression would allocate its result
@@ -379,11 +379,12 @@ def _sample_keys(planes_b, geometry, weight_t, max_criterion, maps_finite, maps,
             _plane_maps_3x3(planes_b[i], geometry, weight_t[i], maps[i], row)
         elif max_criterion:
             block = maps[i]
-            _channel_maps(planes_b[i], geometry, cols_i, weight_t[i], block, row)
+            _channel_maps(planes_b[i], geometry, cols[i], weight_t[i], block, row)
             row[:] = block[0]
             for p in range(1, positions):  # NaN propagates as in torch.amax
                 np.maximum(row, block[p], row)
         else:
+            cols_i = cols[i]
             _plane_columns(planes_b[i], geometry, cols_i)
             row[:] = 0
             for j in range(taps):
@@ -395,45 +396,57 @@ def _sample_keys(planes_b, geometry, weight_t, max_criterion, maps_finite, maps,
 
 
 @jit
-def _conv_forward_whole(padded, geometry, weight_t, k, max_criterion, maps_finite, keys_dtype, out, indices, b0,
-                        b1):
+def _conv_forward_whole(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, keys_dtype, out,
+                        indices, b0, b1):
     """TopKConv forward for samples b0:b1, one sample at a time: scores as ordered keys, the selection of
     every output channel at once (:func:`.selection.first_k_largest_down`: ties to the first channels)
-    and the sum of the selected maps (the max criterion reuses the maps its scores came from). padded (B,
-    in, Hp, Wp): the zero-padded input; weight_t (in, taps, out); out (B, out, L); indices (B, out, k);
+    and the sum of the selected maps (the max criterion reuses the maps its scores came from; the sum
+    criterion of a 3 x 3 kernel whose maps are finite computes the selected ones alone, from the patch
+    columns, :func:`.simd.routed_block_3x3`; otherwise every map, masked as the reference formula). padded (B,
+    in, Hp, Wp): the zero-padded input; weight_t (in, taps, out), and weight_rows (out, in, taps) the same
+    weight as the module holds it (read by the routed sum); out (B, out, L); indices (B, out, k);
     keys_dtype: the integer type of the floats' width (:func:`.selection.key_dtype`); maps_finite: no map can
     hold NaN (:func:`maps_are_finite`). Allocates the scratch
     and hands everything to :func:`_conv_forward_samples`, which holds it all through borrowed views."""
     in_ch, taps, out_ch = weight_t.shape
     positions = geometry[6] * geometry[7]
     dtype = padded.dtype
-    scratch = (np.empty((in_ch, positions, out_ch), dtype), np.empty((taps, positions), dtype),
+    scratch = (np.empty((in_ch, positions, out_ch), dtype), np.empty((in_ch, taps, positions), dtype),
                np.empty((in_ch, out_ch), dtype), np.empty((in_ch, out_ch), keys_dtype),
                np.empty((3, out_ch), keys_dtype), np.empty(out_ch, np.int32), np.empty((out_ch, in_ch), np.int32),
                np.empty((in_ch, out_ch), dtype), np.empty((positions, out_ch), dtype))
-    _conv_forward_samples(padded, geometry, weight_t, k, max_criterion, maps_finite, out, indices, scratch, b0, b1)
+    _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, out, indices, scratch,
+                          b0, b1)
 
 
 @jit
-def _conv_forward_samples(padded, geometry, weight_t, k, max_criterion, maps_finite, out, indices, scratch, b0, b1):
+def _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, out, indices, scratch,
+                          b0, b1):
     """The loop of :func:`_conv_forward_whole`, every array through a borrowed view (:func:`.simd.borrowed`:
     the caller holds them): numba would reference-count the views taken per sample and channel (atomic
     operations)."""
-    maps, cols_i, scores, keys = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2]), borrowed(scratch[3])
+    maps, cols, scores, keys = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2]), borrowed(scratch[3])
     column_scratch, counts, rows_taken = borrowed(scratch[4]), borrowed(scratch[5]), borrowed(scratch[6])
     mask, acc = borrowed(scratch[7]), borrowed(scratch[8])
     padded, weight_t, out, indices = borrowed(padded), borrowed(weight_t), borrowed(out), borrowed(indices)
+    weight_rows = borrowed(weight_rows)
     in_ch, positions, out_ch = maps.shape
     zero = padded.dtype.type(0)  # a plain 0 would make the select below float64: a scalar loop, 10x slower
+    routed = not max_criterion and maps_finite and geometry[0] == 3 and geometry[1] == 3
     for b in range(b0, b1):
-        _sample_keys(padded[b], geometry, weight_t, max_criterion, maps_finite, maps, scores, keys, cols_i)
+        _sample_keys(padded[b], geometry, weight_t, max_criterion, maps_finite, maps, scores, keys, cols)
         first_k_largest_down(keys, k, indices[b], mask, column_scratch[0], column_scratch[1], column_scratch[2],
                              counts, rows_taken)
+        if routed:  # the selected maps alone, from the columns the scores came from
+            for c in range(out_ch):
+                for start in range(0, positions, LANES):
+                    routed_block_3x3(cols, weight_rows[c], indices[b, c], start, out[b, c])
+            continue
         acc[:] = 0
         for i in range(in_ch):
             keep = mask[i]
             if not max_criterion:
-                _channel_maps(padded[b, i], geometry, cols_i, weight_t[i], maps[i], scores[i])
+                _channel_maps(padded[b, i], geometry, cols[i], weight_t[i], maps[i], scores[i])
             for p in range(positions):
                 acc_row = acc[p]
                 map_row = maps[i, p]
@@ -694,9 +707,10 @@ def conv_forward_whole(padded: torch.Tensor, geometry: tuple, weight_t: torch.Te
     geometry (kh, kw, sh, sw, dh, dw, oh, ow) and the weight as (in, taps, out), split over samples
     (:func:`_conv_forward_whole`)."""
     max_criterion = criterion == "max"
-    maps_finite = max_criterion and maps_are_finite(padded, weight_t)
-    args = (as_array(padded), geometry, as_array(weight_t), k, max_criterion, maps_finite, key_dtype(padded),
-            as_array(out), as_array(indices))
+    maps_finite = maps_are_finite(padded, weight_t)
+    weight_rows = weight_t.permute(2, 0, 1).contiguous()  # (out, in, taps): each output channel's weights together
+    args = (as_array(padded), geometry, as_array(weight_t), as_array(weight_rows), k, max_criterion, maps_finite,
+            key_dtype(padded), as_array(out), as_array(indices))
     work = padded.shape[0] * weight_t.numel() * geometry[6] * geometry[7]
     split(padded.shape[0], lambda b0, b1: _conv_forward_whole(*args, b0, b1), work)
 

@@ -179,6 +179,44 @@ if AVAILABLE:
         return signature, codegen
 
     @intrinsic
+    def routed_block_3x3(typingctx, cols_b, weight_c, inputs, start, out_row):
+        """out_row[start:start + 16] = the sum over t and the nine taps j of weight_c[i, j] * cols_b[i, j,
+        start:start + 16], i = inputs[t]: 16 output positions of one (sample, output channel) of a 3 x 3
+        TopKConv, from its selected input channels alone. cols_b (in, 9, L): the sample's patch columns;
+        weight_c (in, 9): the output channel's weights; inputs: int32. Each tap sums in its own register, the
+        nine added at the end. Lanes at or past L are neither read nor written."""
+        _check_c_arrays("routed_block_3x3", (cols_b, 3), (weight_c, 2), (inputs, 1), (out_row, 1))
+        if not (cols_b.dtype == weight_c.dtype == out_row.dtype and isinstance(cols_b.dtype, types.Float)
+                and inputs.dtype == types.int32):
+            raise TypingError("routed_block_3x3: expected float arrays of one type and int32 channels")
+        signature = types.none(cols_b, weight_c, inputs, types.intp, out_row)
+
+        def codegen(context, builder, sig, args):
+            cols, weights, chosen, first, out = _arrays(context, builder, sig, args)
+            lanes = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
+            positions = builder.extract_value(cols.shape, 2)
+            inside = _lanes_inside(builder, first, positions)
+            zero = ir.Constant(lanes, None)
+            sums = [cgutils.alloca_once_value(builder, zero) for _ in range(TAPS_3X3)]
+            with cgutils.for_range(builder, builder.extract_value(chosen.shape, 0)) as loop:
+                i = builder.sext(builder.load(builder.gep(chosen.data, [loop.index])), ir.IntType(64))
+                cols_i = builder.add(builder.mul(i, builder.mul(positions, _i64(TAPS_3X3))), first)
+                weights_i = builder.mul(i, _i64(TAPS_3X3))
+                for j, total in enumerate(sums):
+                    tap = _masked_load(builder, builder.gep(cols.data, [builder.add(cols_i, builder.mul(positions, _i64(j)))]),
+                                       inside, zero)
+                    w = builder.load(builder.gep(weights.data, [builder.add(weights_i, _i64(j))]))
+                    builder.store(_fmuladd(builder, _splat(builder, lanes, w), tap, builder.load(total)), total)
+            values = [builder.load(total) for total in sums]
+            while len(values) > 1:  # a tree: ((s0 + s1) + (s2 + s3)) + ...
+                values = [builder.fadd(values[q], values[q + 1]) if q + 1 < len(values) else values[q]
+                          for q in range(0, len(values), 2)]
+            _masked_store(builder, values[0], builder.gep(out.data, [first]), inside)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    @intrinsic
     def weight_taps_block_3x3(typingctx, cols_b, g_b, chosen, n, start, sums):
         """sums[c, j, :] += cols_b[j, start:start + 16] * g_b[c, start:start + 16] for c = chosen[t], t < n,
         and the nine taps j of a 3 x 3 kernel: one sample's share of the weight gradient of one input channel
@@ -233,6 +271,12 @@ else:  # plain Python, for the loops' uncompiled fallbacks: the same results
         for t in range(n):
             c = chosen[t]
             grad_cols_i[:, start:stop] += w_i[:, c:c + 1] * g_b[c, start:stop]
+
+    def routed_block_3x3(cols_b, weight_c, inputs, start, out_row):
+        stop = min(start + LANES, cols_b.shape[2])
+        out_row[start:stop] = 0
+        for i in inputs:
+            out_row[start:stop] += weight_c[i] @ cols_b[i, :, start:stop]
 
     def weight_taps_block_3x3(cols_b, g_b, chosen, n, start, sums):
         stop = min(start + LANES, g_b.shape[1])
