@@ -287,6 +287,8 @@ def _columns_case(name, dtype):
     scores = torch.randn(12, 9, generator=g, dtype=dtype)
     if name == "ties":  # a few distinct values: ties at the k-th in most columns
         scores = torch.randint(0, 3, (12, 9), generator=g).to(dtype)
+    elif name == "many-columns":  # ties over 37 columns: the chosen rows are gathered 16 columns at a time
+        scores = torch.randint(0, 3, (12, 37), generator=g).to(dtype)
     elif name == "specials":
         scores[2, 0], scores[7, 1], scores[3, 2], scores[5, 3] = float("nan"), float("inf"), -float("inf"), -0.0
         scores[:, 4] = 0.0
@@ -297,7 +299,7 @@ def _columns_case(name, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 5, 12])
-@pytest.mark.parametrize("name", ["random", "ties", "specials"])
+@pytest.mark.parametrize("name", ["random", "ties", "specials", "many-columns"])
 def test_column_selection_picks_what_first_k_largest_picks_per_column(name, k, dtype):
     # The conv loops select every output channel's k input channels at once, down the columns of an
     # (in, out) score array; each column must get exactly first_k_largest's choice for that row.

@@ -501,6 +501,12 @@ def _kth_largest_down(keys, k, kth, upper, mid, counts):
             upper[c] = mid[c] if counts[c] == k else (upper[c] if enough else mid[c] - 1)
 
 
+# Columns whose chosen rows are gathered together: each writes its own row of rows_taken, a stride of
+# rows x 4 bytes apart, so all 256 columns of a 256-row layer at once kept 256 cache lines in play (of L1's
+# 48 KB) and ran at about 13 cycles a store, a quarter of the 256 -> 256 forward; 16 lines stay in L1.
+_TAKEN_BLOCK = 16
+
+
 @inline
 def first_k_largest_down(keys, k, chosen, mask, kth, upper, mid, counts, rows_taken):
     """chosen[c] = the k rows of largest keys[:, c], in row order, ties at the k-th going to the first rows
@@ -525,10 +531,13 @@ def first_k_largest_down(keys, k, chosen, mask, kth, upper, mid, counts, rows_ta
             keep[c] = take
     taken = counts
     taken[:] = 0
-    for i in range(keys.shape[0]):  # branch-free: every row written, the taken ones kept
-        keep = mask[i]
-        for c in range(keys.shape[1]):
-            rows_taken[c, taken[c]] = i
-            taken[c] += np.int32(keep[c] != 0)
+    columns = keys.shape[1]
+    for c0 in range(0, columns, _TAKEN_BLOCK):  # a block of columns at a time: see _TAKEN_BLOCK
+        c1 = min(c0 + _TAKEN_BLOCK, columns)
+        for i in range(keys.shape[0]):  # branch-free: every row written, the taken ones kept
+            keep = mask[i]
+            for c in range(c0, c1):
+                rows_taken[c, taken[c]] = i
+                taken[c] += np.int32(keep[c] != 0)
     for c in range(keys.shape[1]):
         chosen[c] = rows_taken[c, :k]
