@@ -65,7 +65,8 @@ def test_dense_loops_match_the_reference_for_kernels_other_than_3x3(kernel, crit
     # 3 x 3 kernels take the taps' vector path (simd.taps_block_3x3); every other kernel the masked-weight loops.
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 6, 6, 6, generator=g, dtype=torch.float64)
-    w, b = torch.randn(5, 6, *kernel, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 6, *kernel, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
     assert conv.dense_loops_win(x, w, 3, 1, 1, 1)
     fn = lambda impl: lambda x, w, b: TF.topk_conv2d(x, w, b, 3, criterion, 1, 1, impl=impl)  # noqa: E731
     got, want = _grads(fn("numba"), x, w, b), _grads(fn("reference"), x, w, b)

@@ -595,7 +595,8 @@ def _conv_weight_gradient_whole(padded, geometry, indices, grad_out, grad_wt, i0
     batch, positions = grad_out.shape[0], grad_out.shape[2]
     if geometry[0] == 3 and geometry[1] == 3:
         scratch = (np.empty((batch, i1 - i0), np.int32), np.empty((batch, i1 - i0, out_ch), np.int32),
-                   np.empty((batch, taps, positions), grad_wt.dtype), _aligned_empty((out_ch, taps, LANES), grad_wt.dtype))
+                   np.empty((batch, taps, positions), grad_wt.dtype),
+                   _aligned_empty((out_ch, taps, LANES), grad_wt.dtype))
         _conv_weight_gradient_by_taps(padded, geometry, indices, grad_out, grad_wt, scratch, i0, i1)
         return
     mask = np.empty((in_ch, out_ch), grad_wt.dtype)

@@ -203,8 +203,8 @@ if AVAILABLE:
                 cols_i = builder.add(builder.mul(i, builder.mul(positions, _i64(TAPS_3X3))), first)
                 weights_i = builder.mul(i, _i64(TAPS_3X3))
                 for j, total in enumerate(sums):
-                    tap = _masked_load(builder, builder.gep(cols.data, [builder.add(cols_i, builder.mul(positions, _i64(j)))]),
-                                       inside, zero)
+                    tap_row = builder.add(cols_i, builder.mul(positions, _i64(j)))
+                    tap = _masked_load(builder, builder.gep(cols.data, [tap_row]), inside, zero)
                     w = builder.load(builder.gep(weights.data, [builder.add(weights_i, _i64(j))]))
                     builder.store(_fmuladd(builder, _splat(builder, lanes, w), tap, builder.load(total)), total)
             values = [builder.load(total) for total in sums]
