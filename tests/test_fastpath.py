@@ -548,6 +548,8 @@ def test_simd_python_fallbacks_give_what_the_intrinsics_give(monkeypatch):
     jit.jit(lambda *args: simd.taps_block_3x3(*args))(w_i, g_b, chosen, 3, 0, want_taps)
     cols_b, want_sums = np.arange(45.0).reshape(9, 5) * 0.25 - 5, np.ones((4, 9, 16))
     jit.jit(lambda *args: simd.weight_taps_block_3x3(*args))(cols_b, g_b, chosen, 3, 0, want_sums)
+    cols_all, weight_c, want_routed = np.stack([cols_b, cols_b[::-1]]), w_i[:, :2].T.copy(), np.full(20, -1.0)
+    jit.jit(lambda *args: simd.routed_block_3x3(*args))(cols_all, weight_c, np.array([1, 0], np.int32), 0, want_routed)
     monkeypatch.setattr(jit, "AVAILABLE", False)
     monkeypatch.setattr(jit, "numba", None)
     fallback = importlib.reload(simd)
@@ -565,6 +567,11 @@ def test_simd_python_fallbacks_give_what_the_intrinsics_give(monkeypatch):
         np.testing.assert_allclose(got_sums, want_sums, rtol=1e-12)
         assert np.all(want_sums[:, :, 5:] == 1) and np.all(want_sums[1] == 1)  # past L and unchosen: untouched
         np.testing.assert_allclose(want_sums[chosen, :, :5], 1 + cols_b[None] * g_b[chosen][:, None], rtol=1e-12)
+        got_routed = np.full(20, -1.0)
+        fallback.routed_block_3x3(cols_all, weight_c, np.array([1, 0], np.int32), 0, got_routed)
+        np.testing.assert_allclose(got_routed, want_routed, rtol=1e-12)
+        assert np.all(want_routed[5:] == -1)  # past L: untouched
+        np.testing.assert_allclose(want_routed[:5], weight_c[0] @ cols_b + weight_c[1] @ cols_b[::-1], rtol=1e-12)
     finally:
         monkeypatch.undo()
         importlib.reload(simd)

@@ -375,7 +375,7 @@ def _sample_keys(planes_b, geometry, weight_t, max_criterion, maps_finite, maps,
     positions = maps.shape[1]
     for i in range(in_ch):  # explicit loops: a numba array expression would allocate its result
         row = scores[i]
-        if max_criterion and maps_finite and geometry[0] == 3 and geometry[1] == 3:
+        if max_criterion and maps_finite:  # a 3 x 3 kernel (see conv_forward_whole)
             _plane_maps_3x3(planes_b[i], geometry, weight_t[i], maps[i], row)
         elif max_criterion:
             block = maps[i]
@@ -396,17 +396,17 @@ def _sample_keys(planes_b, geometry, weight_t, max_criterion, maps_finite, maps,
 
 
 @jit
-def _conv_forward_whole(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, keys_dtype, out,
-                        indices, b0, b1):
+def _conv_forward_whole(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, routed, keys_dtype,
+                        out, indices, b0, b1):
     """TopKConv forward for samples b0:b1, one sample at a time: scores as ordered keys, the selection of
     every output channel at once (:func:`.selection.first_k_largest_down`: ties to the first channels)
     and the sum of the selected maps (the max criterion reuses the maps its scores came from; the sum
     criterion of a 3 x 3 kernel whose maps are finite computes the selected ones alone, from the patch
-    columns, :func:`.simd.routed_block_3x3`; otherwise every map, masked as the reference formula). padded (B,
-    in, Hp, Wp): the zero-padded input; weight_t (in, taps, out), and weight_rows (out, in, taps) the same
-    weight as the module holds it (read by the routed sum); out (B, out, L); indices (B, out, k);
-    keys_dtype: the integer type of the floats' width (:func:`.selection.key_dtype`); maps_finite: no map can
-    hold NaN (:func:`maps_are_finite`). Allocates the scratch
+    columns, :func:`.simd.routed_block_3x3`, when ``routed``; otherwise every map, masked as the reference
+    formula). padded (B, in, Hp, Wp): the zero-padded input; weight_t (in, taps, out), and weight_rows (out,
+    in, taps) the same weight as the module holds it (read only when routed); out (B, out, L); indices (B, out,
+    k); keys_dtype: the integer type of the floats' width (:func:`.selection.key_dtype`); maps_finite: a 3 x 3
+    kernel whose maps cannot hold NaN (:func:`maps_are_finite`). Allocates the scratch
     and hands everything to :func:`_conv_forward_samples`, which holds it all through borrowed views."""
     in_ch, taps, out_ch = weight_t.shape
     positions = geometry[6] * geometry[7]
@@ -415,13 +415,13 @@ def _conv_forward_whole(padded, geometry, weight_t, weight_rows, k, max_criterio
                np.empty((in_ch, out_ch), dtype), np.empty((in_ch, out_ch), keys_dtype),
                np.empty((3, out_ch), keys_dtype), np.empty(out_ch, np.int32), np.empty((out_ch, in_ch), np.int32),
                np.empty((in_ch, out_ch), dtype), np.empty((positions, out_ch), dtype))
-    _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, out, indices, scratch,
-                          b0, b1)
+    _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, routed, out, indices,
+                          scratch, b0, b1)
 
 
 @jit
-def _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, out, indices, scratch,
-                          b0, b1):
+def _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, routed, out, indices,
+                          scratch, b0, b1):
     """The loop of :func:`_conv_forward_whole`, every array through a borrowed view (:func:`.simd.borrowed`:
     the caller holds them): numba would reference-count the views taken per sample and channel (atomic
     operations)."""
@@ -432,7 +432,6 @@ def _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criter
     weight_rows = borrowed(weight_rows)
     in_ch, positions, out_ch = maps.shape
     zero = padded.dtype.type(0)  # a plain 0 would make the select below float64: a scalar loop, 10x slower
-    routed = not max_criterion and maps_finite and geometry[0] == 3 and geometry[1] == 3
     for b in range(b0, b1):
         _sample_keys(padded[b], geometry, weight_t, max_criterion, maps_finite, maps, scores, keys, cols)
         first_k_largest_down(keys, k, indices[b], mask, column_scratch[0], column_scratch[1], column_scratch[2],
@@ -504,14 +503,16 @@ def _sample_mask(indices_b, mask):
 
 
 @inline
-def _chosen_by(indices_b, counts, chosen):
-    """chosen[i, :counts[i]] = the output channels that selected input channel i, ascending."""
+def _chosen_by(indices_b, i0, i1, counts, chosen):
+    """chosen[i - i0, :counts[i - i0]] = the output channels that selected input channel i, ascending, for
+    i0 <= i < i1."""
     counts[:] = 0
     for c in range(indices_b.shape[0]):
         for t in range(indices_b.shape[1]):
-            i = indices_b[c, t]
-            chosen[i, counts[i]] = c
-            counts[i] += 1
+            i = indices_b[c, t] - i0
+            if 0 <= i < i1 - i0:
+                chosen[i, counts[i]] = c
+                counts[i] += 1
 
 
 @jit
@@ -541,7 +542,7 @@ def _conv_input_gradient_samples(weight_t, indices, grad_out, geometry, grad_pad
     by_taps = geometry[0] == 3 and geometry[1] == 3
     for b in range(grad_out.shape[0]):
         if by_taps:
-            _chosen_by(indices[b], counts, chosen)
+            _chosen_by(indices[b], 0, in_ch, counts, chosen)
         else:
             _sample_mask(indices[b], mask)
             g_t[:] = grad_out[b].T
@@ -556,21 +557,6 @@ def _conv_input_gradient_samples(weight_t, indices, grad_out, geometry, grad_pad
                         w_masked[j, c] = weight_t[i, j, c] * keep[c]
                 _input_gradient_columns(w_masked, g_t, grad_cols_i)
             _fold_plane(grad_cols_i, geometry, grad_padded[b, i])
-
-
-@inline
-def _chosen_by_samples(indices, i0, i1, counts, chosen):
-    """chosen[b, i - i0, :counts[b, i - i0]] = the output channels of sample b that selected input channel i,
-    ascending, for i0 <= i < i1."""
-    counts[:] = 0
-    for b in range(indices.shape[0]):
-        indices_b, counts_b, chosen_b = indices[b], counts[b], chosen[b]
-        for c in range(indices_b.shape[0]):
-            for t in range(indices_b.shape[1]):
-                i = indices_b[c, t] - i0
-                if 0 <= i < i1 - i0:
-                    chosen_b[i, counts_b[i]] = c
-                    counts_b[i] += 1
 
 
 @inline
@@ -626,7 +612,8 @@ def _conv_weight_gradient_by_taps(padded, geometry, indices, grad_out, grad_wt, 
     padded, indices, grad_out, grad_wt = borrowed(padded), borrowed(indices), borrowed(grad_out), borrowed(grad_wt)
     _, taps, out_ch = grad_wt.shape
     batch, positions = grad_out.shape[0], grad_out.shape[2]
-    _chosen_by_samples(indices, i0, i1, counts, chosen)
+    for b in range(batch):
+        _chosen_by(indices[b], i0, i1, counts[b], chosen[b])
     for i in range(i0, i1):
         for b in range(batch):
             _plane_columns(padded[b, i], geometry, cols[b])
@@ -708,10 +695,13 @@ def conv_forward_whole(padded: torch.Tensor, geometry: tuple, weight_t: torch.Te
     geometry (kh, kw, sh, sw, dh, dw, oh, ow) and the weight as (in, taps, out), split over samples
     (:func:`_conv_forward_whole`)."""
     max_criterion = criterion == "max"
-    maps_finite = maps_are_finite(padded, weight_t)
-    weight_rows = weight_t.permute(2, 0, 1).contiguous()  # (out, in, taps): each output channel's weights together
+    # the bound costs a pass over the input: only 3 x 3 kernels have paths that use it
+    maps_finite = geometry[:2] == (3, 3) and maps_are_finite(padded, weight_t)
+    routed = maps_finite and not max_criterion
+    # (out, in, taps): each output channel's weights together, for the routed sum alone
+    weight_rows = weight_t.permute(2, 0, 1).contiguous() if routed else weight_t.new_empty(0, 0, 0)
     args = (as_array(padded), geometry, as_array(weight_t), as_array(weight_rows), k, max_criterion, maps_finite,
-            key_dtype(padded), as_array(out), as_array(indices))
+            routed, key_dtype(padded), as_array(out), as_array(indices))
     work = padded.shape[0] * weight_t.numel() * geometry[6] * geometry[7]
     split(padded.shape[0], lambda b0, b1: _conv_forward_whole(*args, b0, b1), work)
 

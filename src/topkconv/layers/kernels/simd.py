@@ -15,7 +15,9 @@ it, for loops whose helpers numba would otherwise reference-count (atomically) a
 channel): the nine taps' sums held in nine vector registers over the output channels that selected the
 input channel. numba's own loop over the positions kept its sums in memory and checked the rows for
 overlap at every (channel, tap): 2.3x slower than the dense-order loop it was to replace; this is 1.9x
-faster than that loop at 64 x 64 x 4 x 4 -> 64, k = 32.
+faster than that loop at 64 x 64 x 4 x 4 -> 64, k = 32. :func:`weight_taps_block_3x3` (the weight gradient,
+lane by lane over samples) and :func:`routed_block_3x3` (the sum criterion's output from the selected input
+channels alone) are built the same way.
 """
 
 from __future__ import annotations
@@ -128,10 +130,12 @@ if AVAILABLE:
         return [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a
                 for t, a in zip(sig.args, args)]
 
-    def _check_taps_arrays(name, taps_array, g_b, chosen, out_array, out_ndim):
-        _check_c_arrays(name, (taps_array, 2), (g_b, 2), (chosen, 1), (out_array, out_ndim))
-        if not (taps_array.dtype == g_b.dtype == out_array.dtype and isinstance(g_b.dtype, types.Float)
-                and chosen.dtype == types.int32):
+    def _check_taps_arrays(name, channels, *floats):
+        """channels: a C-contiguous 1-D int32 array; floats: (array type, ndim) pairs, C-contiguous, one float
+        type."""
+        _check_c_arrays(name, (channels, 1), *floats)
+        dtypes = {array.dtype for array, _ in floats}
+        if not (len(dtypes) == 1 and isinstance(floats[0][0].dtype, types.Float) and channels.dtype == types.int32):
             raise TypingError(f"{name}: expected float arrays of one type and int32 channels")
 
     def _for_chosen_rows(builder, g_b, channels, count, first, inside, body):
@@ -154,7 +158,7 @@ if AVAILABLE:
         one (sample, input channel). w_i (9, out): the channel's weights; g_b (out, L): the sample's output
         gradient; chosen: int32, the output channels that selected the channel, in the order they are summed.
         Lanes at or past L are neither read nor written."""
-        _check_taps_arrays("taps_block_3x3", w_i, g_b, chosen, grad_cols_i, 2)
+        _check_taps_arrays("taps_block_3x3", chosen, (w_i, 2), (g_b, 2), (grad_cols_i, 2))
         signature = types.none(w_i, g_b, chosen, types.intp, types.intp, grad_cols_i)
 
         def codegen(context, builder, sig, args):
@@ -185,10 +189,7 @@ if AVAILABLE:
         TopKConv, from its selected input channels alone. cols_b (in, 9, L): the sample's patch columns;
         weight_c (in, 9): the output channel's weights; inputs: int32. Each tap sums in its own register, the
         nine added at the end. Lanes at or past L are neither read nor written."""
-        _check_c_arrays("routed_block_3x3", (cols_b, 3), (weight_c, 2), (inputs, 1), (out_row, 1))
-        if not (cols_b.dtype == weight_c.dtype == out_row.dtype and isinstance(cols_b.dtype, types.Float)
-                and inputs.dtype == types.int32):
-            raise TypingError("routed_block_3x3: expected float arrays of one type and int32 channels")
+        _check_taps_arrays("routed_block_3x3", inputs, (cols_b, 3), (weight_c, 2), (out_row, 1))
         signature = types.none(cols_b, weight_c, inputs, types.intp, out_row)
 
         def codegen(context, builder, sig, args):
@@ -222,7 +223,7 @@ if AVAILABLE:
         and the nine taps j of a 3 x 3 kernel: one sample's share of the weight gradient of one input channel
         at 16 output positions, lane by lane (the caller sums the lanes). cols_b (9, L): the channel's patch
         columns; g_b (out, L); sums (out, 9, 16). Lanes at or past L add 0."""
-        _check_taps_arrays("weight_taps_block_3x3", cols_b, g_b, chosen, sums, 3)
+        _check_taps_arrays("weight_taps_block_3x3", chosen, (cols_b, 2), (g_b, 2), (sums, 3))
         signature = types.none(cols_b, g_b, chosen, types.intp, types.intp, sums)
 
         def codegen(context, builder, sig, args):
