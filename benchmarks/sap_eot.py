@@ -4,6 +4,7 @@
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py            # about 15 minutes, one thread
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --more     # + 100 x 16 and 10 x 250: about 27
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --more --longest   # + 10 x 1,000: 85 min (shared)
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --more --longest --longer   # + 10 x 2,000 at 24/255
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sap_eot.py --smoke    # the same pipeline in about a minute
 
 1. ``topkconv train`` twice: table1-quick.toml's base model (digits at 32 px, vgg-small width 0.25, hidden 128,
@@ -48,6 +49,9 @@ MORE = [("sap-eot100x16", "sap", ONLY_24 + ["--eot-samples", "100"]),
 # Longer still (measured: 10 x 250 at 24/255 was still falling): --longest adds 1,000 steps at both radii, about an
 # hour on one core (10 x 100 at both radii took 348 s).
 LONGEST = [("sap-eot10x1000", "sap", BOTH_EPS + ["--eot-samples", "10", "--eot-steps", "1000"])]
+# One doubling more at 24/255 (measured: 250 -> 1,000 steps still removed about 2 points a doubling, over the "still
+# falling" rule's 1): --longer adds 2,000 steps there, about an hour on one core.
+LONGER = [("sap-eot10x2000", "sap", ONLY_24 + ["--eot-samples", "10", "--eot-steps", "2000"])]
 SMOKE_GRID = [("standard-pgd16", "standard", BOTH_EPS + ["--steps", "2"]),
               ("sap-eot2x3", "sap", BOTH_EPS + ["--eot-samples", "2", "--eot-steps", "3", "--steps", "2"])]
 # (model, label, kind, samples, steps, draws): the quick and the large EOT budget on SAP, PGD-16 on the standard
@@ -253,13 +257,15 @@ def main(argv=None) -> int:
     parser.add_argument("--more", action="store_true", help="also the larger budgets of MORE (at 24/255)")
     parser.add_argument("--longest", action="store_true",
                         help="also 10 x 1,000 at both radii (measured: 64 min on a shared core)")
+    parser.add_argument("--longer", action="store_true", help="also 10 x 2,000 at 24/255 (about an hour, one core)")
     args = parser.parse_args(argv)
     tic, log = time.perf_counter(), []
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_train:
         train(args.runs, ["--epochs", "1"] if args.smoke else [], log)
     n = 8 if args.smoke else args.n
-    grid = SMOKE_GRID if args.smoke else GRID + (MORE if args.more else []) + (LONGEST if args.longest else [])
+    grid = SMOKE_GRID if args.smoke else (GRID + (MORE if args.more else []) + (LONGEST if args.longest else [])
+                                          + (LONGER if args.longer else []))
     rows = evaluate(args.runs, args.out, grid, n, log, reuse=args.reuse)
     rows += before_change(args.runs, n, 2 if args.smoke else 4, 3 if args.smoke else 16, log)
     previous = args.out / "summary.json"
