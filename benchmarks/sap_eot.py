@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shlex
 import subprocess
@@ -207,7 +206,7 @@ def _fmt(value, digits=3):
 
 
 def write(out: Path, rows: list, binar: list, log: list, n: int, seconds: float) -> None:
-    from topkconv.io import atomic_write_json, atomic_write_text, environment_info
+    from topkconv.io import atomic_write_csv, atomic_write_json, atomic_write_text, environment_info
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], capture_output=True,
@@ -218,11 +217,7 @@ def write(out: Path, rows: list, binar: list, log: list, n: int, seconds: float)
     meta = {"commit": commit, "attack_seconds": measured, "dirty_tree": dirty, "n_examples": n, "seeds": [0], "total_seconds": seconds,
             "commands": log, "env": environment_info()}
     atomic_write_json(out / "summary.json", {**meta, "rows": rows, "binarization": binar})
-    with open(out / "summary.csv.tmp", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({**row, "interval": json.dumps(row["interval"])} for row in rows)
-    (out / "summary.csv.tmp").replace(out / "summary.csv")
+    atomic_write_csv(out / "summary.csv", [{**row, "interval": json.dumps(row["interval"])} for row in rows])
     lines = [f"# SAP under EOT: quick SAP model vs its standard twin (single training seed 0, n = {n})", "",
              f"commit {commit}{' (uncommitted changes)' if dirty else ''}; {seconds / 60:.1f} min this invocation; "
              f"the attacks reported took {measured / 60:.1f} min on one thread (a reused eval.json names the "

@@ -18,7 +18,6 @@ zeroth-order attack broke among them and its time, beside the quick-budget attac
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shlex
 import subprocess
@@ -80,17 +79,13 @@ def row_of(run: Path, label: str, result: dict, eps: float) -> dict:
 
 
 def write(out: Path, rows: list, log: list, args, seconds: float) -> None:
-    from topkconv.io import atomic_write_json, atomic_write_text, environment_info
+    from topkconv.io import atomic_write_csv, atomic_write_json, atomic_write_text, environment_info
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     atomic_write_json(out / "summary.json", {"commit": commit, "schedule": args.schedule, "n": args.n,
                                              "eps": args.eps, "total_seconds": seconds, "commands": log,
                                              "env": environment_info(), "rows": rows})
-    with open(out / "summary.csv.tmp", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "summary.csv.tmp").replace(out / "summary.csv")
+    atomic_write_csv(out / "summary.csv", rows)
     lines = [f"# The zeroth-order attack at {' '.join(args.schedule)} on the white-box survivors (eps {args.eps:g}/255, "
              f"first {args.n} test images)", "", f"commit {commit}; {seconds / 60:.1f} min this invocation", "",
              "| run | clean | white-box survivors | broken by the zeroth-order attack | worst case | its share of the "

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from topkconv.io import (append_jsonl, atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
-                         atomic_write_text, environment_info)
+from topkconv.io import (append_jsonl, atomic_save_safetensors, atomic_write_bytes, atomic_write_csv,
+                         atomic_write_json, atomic_write_text, environment_info)
 
 
 def test_atomic_writes_replace_and_leave_no_temp_files(tmp_path):
@@ -20,6 +20,15 @@ def test_atomic_writes_replace_and_leave_no_temp_files(tmp_path):
     assert json.loads((tmp_path / "j.json").read_text()) == {"a": [1, 2], "b": 1}
     leftovers = [p for p in os.listdir(tmp_path) + os.listdir(tmp_path / "sub") if p.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_csv_rows_keep_the_first_rows_column_order_and_a_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "rows.csv"
+    atomic_write_csv(target, [{"b": 1, "a": "x,y"}, {"b": 2, "a": None}])
+    assert target.read_text() == 'b,a\n1,"x,y"\n2,\n'
+    with pytest.raises(ValueError):  # a key the header lacks
+        atomic_write_csv(target, [{"b": 1}, {"c": 2}])
+    assert target.read_text().startswith("b,a\n") and [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):

@@ -7,6 +7,8 @@ half-way) therefore sees either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import platform
@@ -66,6 +68,15 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """JSON with sorted keys and a trailing newline, so reruns give byte-identical files."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_write_csv(path: PathLike, rows: list) -> None:
+    """Rows (dicts with the same keys, the first row's order) as CSV with a header, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, Any], metadata: dict | None = None) -> None:
