@@ -1,0 +1,165 @@
+"""Where a routed model's eval forward spends its time beyond the dense layer it replaces: the compiled loops of
+the quick preset's routing layers split into their stages, on the activations those layers really see.
+
+    python benchmarks/bench_stages.py                 # batch 20 (Square's survivors) and 64 (the benchmarks')
+    python benchmarks/bench_stages.py --batch 64 --repeats 300
+
+The layers are those of ``bench_models.py``'s ``small`` setting (vgg-small width 0.25, 32 px), built from the
+quick preset's defence configs with seed 0, fed the activations of a random batch, one torch thread, eval mode,
+``torch.inference_mode()``. Times are medians of ``time.thread_time`` (this thread's CPU time, so another job
+on the other core disturbs them less), in ms for the whole batch:
+
+* TopKConv2d max, the last convolution (64 -> 64 at 4 x 4, k = 32): the module; the dense convolution it
+  replaces; the compiled loop cut after its stages (the channel maps, their spatial maxima and ordered keys; then
+  the column selection, ``selection.first_k_largest_down``; then the masked sum of the selected maps);
+* TopKLinear, the first classifier layer of Dynamic-k (256 -> 128, k = 13): the module; ``F.linear``; the
+  guided loop cut after its products pass, the bounds and the packing of the candidates (the bounds from the
+  true k-th values, as the whole loop finds them), and whole.
+
+A stage's time is the difference of two cuts; each cut is its own compiled loop built from the library's
+inlined helpers, so the cuts stay in step with the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import topkconv  # noqa: F401  (before torch: OpenMP's spin as users get it)
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_models import SETTINGS, batch_for, build, quick_defences  # noqa: E402
+
+from topkconv.layers.kernels import conv, numba_loops as loops, selection  # noqa: E402
+from topkconv.layers.kernels.bridge import as_array  # noqa: E402
+from topkconv.layers.kernels.jit import jit  # noqa: E402
+from topkconv.layers.kernels.simd import borrowed  # noqa: E402
+
+KEYS, SELECT, SUM = 0, 1, 2
+
+
+@jit
+def _conv_cut(padded, geometry, weight_t, k, keys_dtype, out, indices, last_stage):
+    """The max criterion's forward of :func:`loops._conv_forward_samples` (3 x 3, finite maps), stopped after
+    ``last_stage`` for every sample."""
+    in_ch, taps, out_ch = weight_t.shape
+    positions = geometry[6] * geometry[7]
+    dtype = padded.dtype
+    maps, cols = np.empty((in_ch, positions, out_ch), dtype), np.empty((in_ch, taps, positions), dtype)
+    scores, keys = np.empty((in_ch, out_ch), dtype), np.empty((in_ch, out_ch), keys_dtype)
+    column_scratch, counts = np.empty((3, out_ch), keys_dtype), np.empty(out_ch, np.int32)
+    rows_taken, mask = np.empty((out_ch, in_ch), np.int32), np.empty((in_ch, out_ch), dtype)
+    acc, zero = np.empty((positions, out_ch), dtype), dtype.type(0)
+    for b in range(padded.shape[0]):
+        loops._sample_keys(padded[b], geometry, weight_t, True, True, maps, scores, keys, cols)
+        if last_stage == KEYS:
+            continue
+        selection.first_k_largest_down(keys, k, indices[b], mask, column_scratch[0], column_scratch[1],
+                                       column_scratch[2], counts, rows_taken)
+        if last_stage == SELECT:
+            continue
+        acc[:] = 0
+        for i in range(in_ch):
+            for p in range(positions):
+                for c in range(out_ch):
+                    acc[p, c] += maps[i, p, c] if mask[i, c] != 0 else zero
+        out[b] = acc.T
+
+
+@jit
+def _linear_packing(x, weight, k, scratch, out, c0, c1):
+    """:func:`loops._linear_forward_guided` up to the packed candidates (no selection): the bounds guided by the
+    true k-th values (``out`` holds them on entry, the candidate counts on return)."""
+    products, positions, recent = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[4])
+    no_bound = x.dtype.type(-np.inf)
+    for c in range(c0, c1):
+        high = no_bound
+        for b in range(x.shape[0]):
+            low, lower = loops._recent_bounds(recent, min(b, loops._RECENT_ROWS), no_bound)
+            counts = loops._products_above(weight[c], x, b, False, high, low, lower, products)
+            bound = loops._tightest_bound(counts[:3], (high, low, lower), k, counts[3], no_bound)
+            kth = out[b, c]
+            out[b, c] = loops._positions_at_least(products, bound, positions)
+            high = kth
+            recent[b % loops._RECENT_ROWS] = kth
+
+
+def timed(fn, repeats: int) -> float:
+    for _ in range(5):
+        fn()
+    found = []
+    for _ in range(repeats):
+        tic = time.thread_time()
+        fn()
+        found.append(time.thread_time() - tic)
+    return 1e3 * statistics.median(found)
+
+
+def _inputs_of(model, x, layer_index: int):
+    with torch.inference_mode():
+        for layer in model.features[:layer_index]:
+            x = layer(x)
+    return x
+
+
+def conv_rows(batch: int, repeats: int) -> list:
+    model = build(SETTINGS["small"], quick_defences()["TKC-max"]).eval()
+    layer = model.features[24]
+    x = _inputs_of(model, batch_for(SETTINGS["small"])[0][:batch], 24)
+    w = layer.weight.detach()
+    padded, weight_t = conv._padded(x, layer.padding), conv._channels_last(w)
+    geometry = conv._loop_geometry(x, w, layer.stride, layer.padding, layer.dilation)
+    out = x.new_empty(batch, w.shape[0], geometry[6] * geometry[7])
+    indices = torch.empty(batch, w.shape[0], layer.k, dtype=torch.int32)
+    args = (as_array(padded), geometry, as_array(weight_t), layer.k, selection.key_dtype(padded), as_array(out),
+            as_array(indices))
+    with torch.inference_mode():
+        module, dense = timed(lambda: layer(x), repeats), timed(lambda: F.conv2d(x, w, None, 1, 1), repeats)
+    cuts = [timed(lambda: _conv_cut(*args, stage), repeats) for stage in (KEYS, SELECT, SUM)]
+    name = f"TopKConv2d max {tuple(x.shape[1:])} -> {w.shape[0]}, k = {layer.k}"
+    return [(name, "module", module), (name, "nn.Conv2d", dense), (name, "maps, maxima, keys", cuts[0]),
+            (name, "column selection", cuts[1] - cuts[0]), (name, "masked sum", cuts[2] - cuts[1]),
+            (name, "glue (module - loop)", module - cuts[2])]
+
+
+def linear_rows(batch: int, repeats: int) -> list:
+    model = build(SETTINGS["small"], quick_defences()["Dynamic-k"]).eval()
+    layer = model.classifier[0]
+    with torch.inference_mode():
+        x = model.features(batch_for(SETTINGS["small"])[0][:batch]).flatten(1).contiguous()
+    w = layer.weight.detach().contiguous()
+    kth = (x[:, None, :] * w[None]).topk(layer.k, -1).values[..., -1].contiguous()
+    name = f"TopKLinear {w.shape[1]} -> {w.shape[0]}, k = {layer.k}"
+    scratch = loops._guided_scratch(x, layer.k)
+    packed = kth.clone()
+    with torch.inference_mode():
+        module, dense = timed(lambda: layer(x), repeats), timed(lambda: F.linear(x, w), repeats)
+        loop = timed(lambda: loops.linear_forward(x, w, layer.k, False), repeats)
+        packing = timed(lambda: (packed.copy_(kth), _linear_packing(as_array(x), as_array(w), layer.k, scratch,
+                                                                    as_array(packed), 0, w.shape[0])), repeats)
+    return [(name, "module", module), (name, "F.linear", dense), (name, "products, bounds, packing", packing),
+            (name, f"selection (candidates: median {packed.median().item():.0f})", loop - packing),
+            (name, "glue (module - loop)", module - loop)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (default 20 and 64)")
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print("| layer | batch | stage | ms (thread_time median) |\n| --- | --- | --- | --- |")
+    for batch in args.batch or [20, 64]:
+        for name, stage, ms in conv_rows(batch, args.repeats) + linear_rows(batch, args.repeats):
+            print(f"| {name} | {batch} | {stage} | {ms:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
