@@ -14,7 +14,8 @@ on the other core disturbs them less), in ms for the whole batch:
   the column selection, ``selection.first_k_largest_down``; then the masked sum of the selected maps);
 * TopKLinear, the first classifier layer of Dynamic-k (256 -> 128, k = 13): the module; ``F.linear``; the
   guided loop cut after its products pass, the bounds and the packing of the candidates (the bounds from the
-  true k-th values, as the whole loop finds them), and whole.
+  true k-th values, as the whole loop finds them); the same loop given the k-th value as its threshold (no
+  search); and whole.
 
 A stage's time is the difference of two cuts; each cut is its own compiled loop built from the library's
 inlined helpers, so the cuts stay in step with the kernels.
@@ -73,32 +74,48 @@ def _conv_cut(padded, geometry, weight_t, k, keys_dtype, out, indices, last_stag
 
 
 @jit
-def _linear_packing(x, weight, k, scratch, out, c0, c1):
-    """:func:`loops._linear_forward_guided` up to the packed candidates (no selection): the bounds guided by the
-    true k-th values (``out`` holds them on entry, the candidate counts on return)."""
-    products, positions, recent = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[4])
+def _linear_cut(x, weight, k, scratch, out, indices, take):
+    """:func:`loops._linear_forward_guided` with the bounds guided by the true k-th values (``out`` holds them on
+    entry), cut after the packing of the candidates (``take`` False: ``out`` gets the candidate counts) or given
+    the threshold instead of searching it (``take``: the candidates at or above the k-th value taken, summed and
+    their positions written; no ties in these rows)."""
+    products, positions, values = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2])
+    taken_positions, recent, chosen = borrowed(scratch[3]), borrowed(scratch[4]), borrowed(scratch[5])
     no_bound = x.dtype.type(-np.inf)
-    for c in range(c0, c1):
+    for c in range(weight.shape[0]):
         high = no_bound
         for b in range(x.shape[0]):
             low, lower = loops._recent_bounds(recent, min(b, loops._RECENT_ROWS), no_bound)
             counts = loops._products_above(weight[c], x, b, False, high, low, lower, products)
             bound = loops._tightest_bound(counts[:3], (high, low, lower), k, counts[3], no_bound)
             kth = out[b, c]
-            out[b, c] = loops._positions_at_least(products, bound, positions)
+            m = loops._positions_at_least(products, bound, positions)
+            if take:
+                taken = 0
+                for j in range(m):
+                    values[j] = products[positions[j]]
+                    taken_positions[taken] = positions[j]
+                    taken += values[j] >= kth
+                out[b, c] = selection._sum_and_kth(products, taken_positions, k, chosen)[0]
+                for t in range(k):
+                    indices[b, c, t] = chosen[t]
+            else:
+                out[b, c] = m
             high = kth
             recent[b % loops._RECENT_ROWS] = kth
 
 
-def timed(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    found = []
-    for _ in range(repeats):
-        tic = time.thread_time()
-        fn()
-        found.append(time.thread_time() - tic)
-    return 1e3 * statistics.median(found)
+def timed_together(fns: dict, repeats: int) -> dict:
+    """name -> median ms of ``fns[name]()``, the functions run in turn each repeat (a change in the machine's
+    load hits them alike)."""
+    found = {name: [] for name in fns}
+    for repeat in range(repeats + 5):
+        for name, fn in fns.items():
+            tic = time.thread_time()
+            fn()
+            if repeat >= 5:   # the first rounds warm the caches
+                found[name].append(time.thread_time() - tic)
+    return {name: 1e3 * statistics.median(times) for name, times in found.items()}
 
 
 def _inputs_of(model, x, layer_index: int):
@@ -120,12 +137,13 @@ def conv_rows(batch: int, repeats: int) -> list:
     args = (as_array(padded), geometry, as_array(weight_t), layer.k, selection.key_dtype(padded), as_array(out),
             as_array(indices))
     with torch.inference_mode():
-        module, dense = timed(lambda: layer(x), repeats), timed(lambda: F.conv2d(x, w, None, 1, 1), repeats)
-    cuts = [timed(lambda: _conv_cut(*args, stage), repeats) for stage in (KEYS, SELECT, SUM)]
+        t = timed_together({"module": lambda: layer(x), "dense": lambda: F.conv2d(x, w, None, 1, 1),
+                            **{stage: lambda stage=stage: _conv_cut(*args, stage) for stage in (KEYS, SELECT, SUM)}},
+                           repeats)
     name = f"TopKConv2d max {tuple(x.shape[1:])} -> {w.shape[0]}, k = {layer.k}"
-    return [(name, "module", module), (name, "nn.Conv2d", dense), (name, "maps, maxima, keys", cuts[0]),
-            (name, "column selection", cuts[1] - cuts[0]), (name, "masked sum", cuts[2] - cuts[1]),
-            (name, "glue (module - loop)", module - cuts[2])]
+    return [(name, "module", t["module"]), (name, "nn.Conv2d", t["dense"]), (name, "maps, maxima, keys", t[KEYS]),
+            (name, "column selection", t[SELECT] - t[KEYS]), (name, "masked sum", t[SUM] - t[SELECT]),
+            (name, "glue (module - loop)", t["module"] - t[SUM])]
 
 
 def linear_rows(batch: int, repeats: int) -> list:
@@ -137,14 +155,22 @@ def linear_rows(batch: int, repeats: int) -> list:
     kth = (x[:, None, :] * w[None]).topk(layer.k, -1).values[..., -1].contiguous()
     name = f"TopKLinear {w.shape[1]} -> {w.shape[0]}, k = {layer.k}"
     scratch = loops._guided_scratch(x, layer.k)
-    packed = kth.clone()
+    found, indices = kth.clone(), torch.empty(batch, w.shape[0], layer.k, dtype=torch.int32)
+
+    def cut(take: bool):
+        found.copy_(kth)
+        _linear_cut(as_array(x), as_array(w), layer.k, scratch, as_array(found), as_array(indices), take)
+
     with torch.inference_mode():
-        module, dense = timed(lambda: layer(x), repeats), timed(lambda: F.linear(x, w), repeats)
-        loop = timed(lambda: loops.linear_forward(x, w, layer.k, False), repeats)
-        packing = timed(lambda: (packed.copy_(kth), _linear_packing(as_array(x), as_array(w), layer.k, scratch,
-                                                                    as_array(packed), 0, w.shape[0])), repeats)
+        t = timed_together({"module": lambda: layer(x), "dense": lambda: F.linear(x, w),
+                            "loop": lambda: loops.linear_forward(x, w, layer.k, False),
+                            "packing": lambda: cut(False), "given": lambda: cut(True)}, repeats)
+        cut(False)
+    module, dense, loop, packing, given = (t[key] for key in ("module", "dense", "loop", "packing", "given"))
     return [(name, "module", module), (name, "F.linear", dense), (name, "products, bounds, packing", packing),
-            (name, f"selection (candidates: median {packed.median().item():.0f})", loop - packing),
+            (name, f"gather, sum, indices at the k-th value (candidates: median {found.median().item():.0f})",
+             given - packing),
+            (name, "the threshold's search (bisection of the candidates' values)", loop - given),
             (name, "glue (module - loop)", module - loop)]
 
 
