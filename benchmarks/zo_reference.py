@@ -53,6 +53,7 @@ def evaluate(run: Path, target: Path, args, log: list) -> dict:
     log.append("python -m topkconv.cli " + shlex.join(command))
     print(log[-1], flush=True)
     subprocess.run([sys.executable, "-m", "topkconv.cli"] + command, check=True)
+    target.with_name(f"{target.stem}-acc-vs-eps.png").unlink(missing_ok=True)   # JSON and Markdown only
     return json.loads(target.read_text())
 
 
