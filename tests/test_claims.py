@@ -234,6 +234,27 @@ def test_the_verdict_run_is_the_quick_table_with_ten_seeds_and_shares_its_runs(t
     assert len([c for c in claims if c.table == "table3"]) == 7
 
 
+def test_the_zeroth_order_reference_override_raises_only_that_budget_and_keeps_the_trainings():
+    """``reproduce --zo-reference`` on the verdict preset: every run's zeroth-order attack at 100% of its reference
+    on every example (so nothing below a reference is left in the plan), the rest of the attack config and the
+    trainings' hashes unchanged."""
+    from topkconv.attacks.zeroth_order import reference_budget
+    from topkconv.reproduce.driver import load_study
+
+    path = EXPERIMENTS / "table3-verdict.toml"
+    plain = load_study("table3", "quick", path, {}, None)
+    raised = load_study("table3", "quick", path, {"attack": {"zeroth_order": reference_budget()}}, None)
+    for label in plain.table.labels:
+        before, after = plain.run_spec(label, 1), raised.run_spec(label, 1)
+        assert before.hash() == after.hash()   # the same cached training
+        share = after.attack.budget("zeroth_order").reference_fraction()
+        assert share["fraction"] == 1.0 and not share["below_reference"]
+        assert before.attack.budget("zeroth_order").reference_fraction()["below_reference"]
+        assert after.attack.budget("zeroth_order").max_batch == before.attack.budget("zeroth_order").max_batch
+        unchanged = {name: budget for name, budget in after.attack.budgets.items() if name != "zeroth_order"}
+        assert unchanged == {name: budget for name, budget in before.attack.budgets.items() if name != "zeroth_order"}
+
+
 def test_a_claim_the_test_examples_alone_cannot_settle_says_so():
     decision = {"difference": {"method": stats.T_SEEDS}, "seeds_needed": None, "target_half_width": 0.014,
                 "examples_half_width": 0.032, "seed_sd": 0.014, "target_from": "half the paper's effect -0.028"}

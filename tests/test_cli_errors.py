@@ -242,6 +242,10 @@ def test_the_paper_preset_without_a_gpu_states_the_measured_cost_and_asks_to_con
     assert calls[-1]["overrides"] == {"train": {"device": "cpu"}}
     assert main(["reproduce", "--preset", "paper", "--yes"]) == 0
     assert calls[-1]["overrides"] is None and measured == [224]  # confirmed: nothing measured again
+    assert main(["reproduce", "--zo-reference", "--device", "cpu"]) == 0
+    assert calls[-1]["overrides"] == {"train": {"device": "cpu"},
+                                      "attack": {"zeroth_order": {"steps": 100, "step_size": 2.55, "sigma": 8.0,
+                                                                  "samples": "reference", "examples": None}}}
 
 
 def test_a_failure_of_the_computation_is_one_line_with_exit_1(monkeypatch, tmp_path, capsys):

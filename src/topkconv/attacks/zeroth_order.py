@@ -16,6 +16,7 @@ forward calls of at most ``max_batch`` inputs (the memory bound).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -165,6 +166,13 @@ class ZerothOrderBudget:
         50, 500 then 10,000 pairs: 611,000 pairs); a limit on the examples is below the reference too."""
         return reference_share(total_pairs(self.samples, self.steps), total_pairs(SCHEDULES["reference"], PAPER_STEPS),
                                "Tramer et al. 2020: 100 steps x 50/500/10,000 pairs", complete=self.examples is None)
+
+
+def reference_budget() -> dict:
+    """The ``[attack.zeroth_order]`` table of the reference budget (its fields' defaults, no limit on the examples;
+    the forward calls' size, a memory bound, left as the spec has it), as a spec's override (``topkconv reproduce
+    --zo-reference``)."""
+    return {key: value for key, value in dataclasses.asdict(ZerothOrderBudget()).items() if key != "max_batch"}
 
 
 def _plan(ctx: PlanContext, eps: float) -> Planned:
