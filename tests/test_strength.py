@@ -110,6 +110,23 @@ def test_zeroth_order_fraction_counts_pairs_over_steps():
     assert at_size_on_some["fraction"] == 1.0 and at_size_on_some["below_reference"]
 
 
+@pytest.mark.parametrize("n, below", [(20, False), (15, False), (21, True), (None, True)],
+                         ids=["all-of-them", "more-than-asked", "some-of-them", "unknown-n"])
+def test_a_limit_on_the_examples_at_or_above_those_evaluated_is_no_limit(n, below):
+    """``evaluate --zo-examples 100`` on 100 examples attacks every one: at the reference size, not below it."""
+    from types import SimpleNamespace
+
+    from topkconv.attacks.zeroth_order import ZerothOrderBudget
+    from topkconv.config import AttackConfig
+    from topkconv.evaluate.strength import budget_fractions
+
+    cfg = AttackConfig().with_budget("zeroth_order", **vars(ZerothOrderBudget(examples=20)))
+    plan = SimpleNamespace(attacks=[SimpleNamespace(name="zeroth_order", entry=SimpleNamespace(
+        budget_name="zeroth_order"))])
+    share = budget_fractions(plan, cfg, n)["zeroth_order"]
+    assert share["fraction"] == 1.0 and share["below_reference"] is below and share["attacks"] == ["zeroth_order"]
+
+
 @pytest.mark.parametrize("attacks, below", [
     ([], False),
     (["apgd-ce", "apgd-t", "fab-t", "square"], False),

@@ -55,7 +55,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
         measured["binarization"]["seconds"] = time.perf_counter() - tic
     indicators, found_checks, line = judge(plan, summary, traits, cfg, num_classes, measured)
     main_worst = next(w for w in summary.worst_cases if w["eps"] == cfg.eps)
-    budgets = budget_fractions(plan, cfg)
+    budgets = budget_fractions(plan, cfg, n)
     drawn = over_draws(plan, outcomes, len(range(0, n, cfg.batch_size)))
     for row, found in drawn.items():
         target = next((w for w in summary.worst_cases if row == f"worst_case@{w['eps']:g}"), None)

@@ -11,6 +11,8 @@ Every rank runs it on the same first examples with the same seed, so every rank 
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Optional
 
 import torch
@@ -82,16 +84,19 @@ def _judged(found: dict, attack: str, threshold: float, skipped: Optional[dict])
             "upper_bound": upper, "attack": attack, "skipped": skipped, **found}
 
 
-def budget_fractions(plan: Plan, cfg: AttackConfig) -> dict:
+def budget_fractions(plan: Plan, cfg: AttackConfig, n: Optional[int] = None) -> dict:
     """Each budget table the planned attacks read, as a fraction of its reference (declared beside the budget
     dataclass as ``reference_fraction``), with the attacks that read it. Tables without a reference (a BPDA
-    stand-in's temperature) are left out."""
+    stand-in's temperature) are left out. A budget's limit on the examples (``examples``) at or above the ``n``
+    examples evaluated limits nothing: it is judged as no limit."""
     found: dict = {}
     for attack in plan.attacks:
         table = attack.entry.budget_name
         budget = cfg.budgets.get(table)
         if budget is None or not hasattr(budget, "reference_fraction"):
             continue
+        if n is not None and (getattr(budget, "examples", None) or 0) >= n:
+            budget = dataclasses.replace(budget, examples=None)
         found.setdefault(table, dict(budget.reference_fraction(), attacks=[]))["attacks"].append(attack.name)
     return found
 
