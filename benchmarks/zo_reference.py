@@ -38,12 +38,27 @@ def label_of(run: Path) -> str:
     return f"{kind}-seed{spec['train']['seed']}"
 
 
+def _budget_key(steps: int, step_size: float, samples) -> tuple:
+    """A zeroth-order budget as compared for keeping an evaluation: its schedule normalised (a name or pairs)."""
+    from topkconv.attacks.zeroth_order import sample_schedule
+
+    return steps, step_size, sample_schedule(samples)
+
+
+def _asked(args) -> tuple:
+    """(n, eps, budget key) of the command line; ``--schedule`` as ``evaluate --zo-samples`` reads it."""
+    pairs = [[int(part) for part in item.split(":")] for item in args.schedule if ":" in item]
+    samples = pairs if pairs else args.schedule[0]
+    return args.n, args.eps, _budget_key(args.zo_steps, args.zo_step_size, samples)
+
+
 def evaluate(run: Path, target: Path, args, log: list) -> dict:
-    """The run's eval.json at the asked budget (kept when it exists for the same n, eps and schedule)."""
+    """The run's eval.json at the asked budget (kept when it exists for the same n, eps and zeroth-order budget)."""
     if target.exists():
         found = json.loads(target.read_text())
         zo = found["config"]["budgets"]["zeroth_order"]
-        if (found["n_examples"], found["config"]["eps"], zo["steps"]) == (args.n, args.eps, args.zo_steps):
+        if (found["n_examples"], found["config"]["eps"],
+                _budget_key(zo["steps"], zo["step_size"], zo["samples"])) == _asked(args):
             log.append(f"(kept {target}, made at commit {found['env'].get('git_commit')})")
             return found
     command = ["evaluate", str(run), "--suite", "full", "--n", str(args.n), "--eps", str(args.eps), "--device", "cpu",
@@ -82,10 +97,11 @@ def row_of(run: Path, label: str, result: dict, eps: float) -> dict:
 def write(out: Path, rows: list, log: list, args, seconds: float) -> None:
     from topkconv.io import atomic_write_csv, atomic_write_json, atomic_write_text, environment_info
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    env = environment_info()
+    commit = env["git_commit"]
     atomic_write_json(out / "summary.json", {"commit": commit, "schedule": args.schedule, "n": args.n,
                                              "eps": args.eps, "total_seconds": seconds, "commands": log,
-                                             "env": environment_info(), "rows": rows})
+                                             "env": env, "rows": rows})
     atomic_write_csv(out / "summary.csv", rows)
     lines = [f"# The zeroth-order attack at {' '.join(args.schedule)} on the white-box survivors (eps {args.eps:g}/255, "
              f"first {args.n} test images)", "", f"commit {commit}; {seconds / 60:.1f} min this invocation", "",

@@ -95,7 +95,8 @@ def budget_fractions(plan: Plan, cfg: AttackConfig, n: Optional[int] = None) -> 
         budget = cfg.budgets.get(table)
         if budget is None or not hasattr(budget, "reference_fraction"):
             continue
-        if n is not None and (getattr(budget, "examples", None) or 0) >= n:
+        limit = getattr(budget, "examples", None)
+        if n is not None and limit is not None and limit >= n:
             budget = dataclasses.replace(budget, examples=None)
         found.setdefault(table, dict(budget.reference_fraction(), attacks=[]))["attacks"].append(attack.name)
     return found
