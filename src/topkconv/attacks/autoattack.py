@@ -92,7 +92,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
         raise ValueError(f"eot_iter: expected an integer >= 1 with version 'rand', got {eot_iter} with {version!r}")
     from pyautoattack import AutoAttack
 
-    with attack_mode(model) as device, _isolated_rng(device), _quiet_logger():
+    with attack_mode(model, fast_queries=True) as device, _isolated_rng(device), _quiet_logger():
         runner = AutoAttack(model, device=device, eps=eps, norm="Linf", seed=seed, version=version)
         if attacks is not None:  # after the version set its parameters (rand: 20 EOT iterations)
             runner.attacks_to_run = list(attacks)

@@ -54,16 +54,43 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[torch.device]:
+def query_layout(model: nn.Module) -> Iterator[None]:
+    """On CPU, the model's 4-D parameters and buffers (convolution weights) in channels-last memory inside the
+    block, and the very tensors they held before restored on the way out (no copy back, nothing else changed).
+
+    oneDNN then runs the convolutions, batch norms and poolings in its native NHWC order instead of converting
+    every activation in and out of it: the quick models' attack queries ran 1.2-2.3x faster (BENCHMARKS.md,
+    "Attack queries in channels-last memory"). The values are the same up to float rounding, so the attacks
+    that query a model thousands of times use it; predictions and accuracies keep the model's own layout."""
+    if model_device(model).type != "cpu":
+        yield
+        return
+    kept = []
+    with torch.no_grad():  # new storage for the same values; .data keeps each Parameter object (and sharing)
+        for tensor in {id(t): t for t in (*model.parameters(), *model.buffers())}.values():
+            if tensor.dim() == 4 and not tensor.is_contiguous(memory_format=torch.channels_last):
+                kept.append((tensor, tensor.data))
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for tensor, data in kept:
+            tensor.data = data
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, fast_queries: bool = False) -> Iterator[torch.device]:
     """Eval mode inside the block; each module's own train/eval flag restored on the way out.
 
     Restoring per module (not ``model.train(previous)``) keeps mixed states intact, e.g. a frozen,
-    eval-mode backbone inside a model that is otherwise training.
+    eval-mode backbone inside a model that is otherwise training. ``fast_queries``: the model in
+    :func:`query_layout` inside the block too (the query-heavy attacks).
     """
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        yield model_device(model)
+        with query_layout(model) if fast_queries else contextlib.nullcontext():
+            yield model_device(model)
     finally:
         for module, training in flags:
             module.training = training

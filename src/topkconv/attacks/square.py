@@ -35,7 +35,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_que
         raise ValueError(f"n_queries: expected >= 1, got {n_queries}")
     from pyautoattack.square import SquareAttack
 
-    with attack_mode(model) as device, _isolated_rng(device), torch.inference_mode():
+    with attack_mode(model, fast_queries=True) as device, _isolated_rng(device), torch.inference_mode():
         attack = SquareAttack(model, norm="Linf", n_queries=n_queries, eps=eps, p_init=p_init, n_restarts=1,
                               seed=seed, verbose=False, loss=loss, resc_schedule=True, device=device)
         x_adv = attack.perturb(x.detach().to(device), y.to(device))

@@ -102,7 +102,7 @@ def estimate_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma:
 
 def zeroth_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = PAPER_STEPS,
                  step_size: float = PAPER_STEP_SIZE, sigma: float = PAPER_SIGMA,
-                 samples: Schedule = PAPER_SAMPLES, max_batch: int = 1024,
+                 samples: Schedule = PAPER_SAMPLES, max_batch: int = 256,
                  generator: Optional[torch.Generator] = None, trace: Optional[list] = None) -> torch.Tensor:
     """L-inf attack on gradient estimates from forward passes only (Tramèr et al. 2020's k-WTA attack).
 
@@ -120,7 +120,7 @@ def zeroth_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         raise ValueError(f"steps, step_size, sigma and max_batch: expected an integer steps >= 0, step_size >= 0, "
                          f"sigma > 0 and max_batch >= 2, got {steps}, {step_size}, {sigma} and {max_batch}")
     trace = trace_for(trace)
-    with attack_mode(model) as device, torch.inference_mode():
+    with attack_mode(model, fast_queries=True) as device, torch.inference_mode():
         x = x.detach().to(device)
         y = y.to(device)
         low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
@@ -156,7 +156,9 @@ class ZerothOrderBudget:
                                              metavar="FROM:PAIRS",
                                              help="its noise pairs per step from a step on (FROM:PAIRS ...), or a "
                                                   "schedule name: " + ", ".join(SCHEDULES))
-    max_batch: int = budget_field(default=1024, flag="--zo-max-batch", minimum=2,
+    # 256: the quick models' queries ran 1.2-1.4x faster than in calls of 1,024 on a CPU (the activations of a
+    # call stay in cache; benchmarks/bench_queries.py); a GPU may want larger calls
+    max_batch: int = budget_field(default=256, flag="--zo-max-batch", minimum=2,
                                   help="inputs per forward call of it")
     examples: Optional[int] = budget_field(default=None, flag="--zo-examples", minimum=1,
                                            help="attack only the first N examples with it (unset: all)")
