@@ -33,6 +33,9 @@ PAPER_SAMPLES = ((0, 50), (20, 500), (40, 10000))
 PAPER_STEPS = 100
 PAPER_STEP_SIZE = 0.01
 PAPER_SIGMA = 8 / 255
+# Inputs per forward call: the quick models' queries ran 1.3-1.6x faster on a CPU than in calls of 1,024 (a call's
+# activations stay in cache; benchmarks/bench_queries.py, BENCHMARKS.md); a GPU may want larger calls.
+QUERY_BATCH = 256
 # Named schedules for the [attack.zeroth_order] budget: the reference's, and twice it (this project's
 # "reference" before it counted pairs: 100 / 1,000 / 20,000 pairs per step).
 SCHEDULES = {"reference": [list(pair) for pair in PAPER_SAMPLES],
@@ -102,7 +105,7 @@ def estimate_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma:
 
 def zeroth_order(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = PAPER_STEPS,
                  step_size: float = PAPER_STEP_SIZE, sigma: float = PAPER_SIGMA,
-                 samples: Schedule = PAPER_SAMPLES, max_batch: int = 256,
+                 samples: Schedule = PAPER_SAMPLES, max_batch: int = QUERY_BATCH,
                  generator: Optional[torch.Generator] = None, trace: Optional[list] = None) -> torch.Tensor:
     """L-inf attack on gradient estimates from forward passes only (Tramèr et al. 2020's k-WTA attack).
 
@@ -156,9 +159,7 @@ class ZerothOrderBudget:
                                              metavar="FROM:PAIRS",
                                              help="its noise pairs per step from a step on (FROM:PAIRS ...), or a "
                                                   "schedule name: " + ", ".join(SCHEDULES))
-    # 256: the quick models' queries ran 1.2-1.4x faster than in calls of 1,024 on a CPU (the activations of a
-    # call stay in cache; benchmarks/bench_queries.py); a GPU may want larger calls
-    max_batch: int = budget_field(default=256, flag="--zo-max-batch", minimum=2,
+    max_batch: int = budget_field(default=QUERY_BATCH, flag="--zo-max-batch", minimum=2,
                                   help="inputs per forward call of it")
     examples: Optional[int] = budget_field(default=None, flag="--zo-examples", minimum=1,
                                            help="attack only the first N examples with it (unset: all)")
