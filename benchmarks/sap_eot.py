@@ -63,6 +63,8 @@ BINARIZATION = [("sap", "eot 4 x 16", "eot", 4, 16, 1), ("sap", "eot 10 x 100", 
                 ("sap", "corner search 100 x 5 draws", "corners", 100, 5, 1),
                 ("sap", "eot 10 x 100", "eot", 10, 100, 10),
                 ("sap", "corner search 100 x 5 draws", "corners", 100, 5, 10),
+                # the budget along each axis, judged over 10 draws: more steps, and more draws per step
+                ("sap", "eot 10 x 1000", "eot", 10, 1000, 10), ("sap", "eot 100 x 100", "eot", 100, 100, 10),
                 ("standard", "pgd 16", "pgd", 1, 16, 1),
                 ("standard", "corner search 100 x 5 draws", "corners", 100, 5, 1)]
 
