@@ -228,13 +228,15 @@ def _saved_nothing(layer, x):
     return out
 
 
-@pytest.mark.parametrize("make", [
-    lambda impl: TopKConv2d(12, 10, 3, 4, "max", padding=1, impl=impl),
-    lambda impl: TopKConv2d(12, 10, 3, 4, "sum", padding=1, impl=impl),
-    lambda impl: TopKNeuronConv2d(12, 10, 3, 4, padding=1, impl=impl),
-    lambda impl: torch.nn.Sequential(torch.nn.Flatten(), TopKLinear(12 * 25, 10, 6, impl=impl)),
-])
-def test_forward_only_calls_match_and_build_no_graph(make, monkeypatch):
+# (layer, tolerance between the forward-only and the graph call): TopKLinear's forward-only value sums the k largest
+# largest first (simd.top_k_sums_block), its autograd Function in input order, so they may differ in the last bits
+@pytest.mark.parametrize("make, tolerance", [
+    (lambda impl: TopKConv2d(12, 10, 3, 4, "max", padding=1, impl=impl), 0.0),
+    (lambda impl: TopKConv2d(12, 10, 3, 4, "sum", padding=1, impl=impl), 0.0),
+    (lambda impl: TopKNeuronConv2d(12, 10, 3, 4, padding=1, impl=impl), 0.0),
+    (lambda impl: torch.nn.Sequential(torch.nn.Flatten(), TopKLinear(12 * 25, 10, 6, impl=impl)), 1e-6),
+], ids=["topkconv-max", "topkconv-sum", "tkc-neuron", "topklinear"])
+def test_forward_only_calls_match_and_build_no_graph(make, tolerance, monkeypatch):
     torch.manual_seed(0)
     layer, reference = make("auto"), make("reference")
     reference.load_state_dict(layer.state_dict())
@@ -247,7 +249,7 @@ def test_forward_only_calls_match_and_build_no_graph(make, monkeypatch):
     got = _saved_nothing(layer, x)
     assert applied == []  # no autograd Function under inference_mode
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, graph.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(got, graph.detach(), rtol=tolerance, atol=tolerance)
 
 
 def test_impl_names_are_one_list_and_fast_is_deprecated():
@@ -572,6 +574,122 @@ def test_simd_python_fallbacks_give_what_the_intrinsics_give(monkeypatch):
         np.testing.assert_allclose(got_routed, want_routed, rtol=1e-12)
         assert np.all(want_routed[5:] == -1)  # past L: untouched
         np.testing.assert_allclose(want_routed[:5], weight_c[0] @ cols_b + weight_c[1] @ cols_b[::-1], rtol=1e-12)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(simd)
+
+
+def _dynamic_k_reference(x, w, k, positive_only):
+    products = x[:, None, :] * w[None]
+    return (products.clamp(min=0) if positive_only else products).topk(k, -1).values.sum(-1)
+
+
+# (samples, inputs, k): whole and partial 16-sample blocks, k = 1 (one register), 13 (the quick model) and 16
+# (the largest network), k = inputs (every product), k = 17 (no network: the indexed loops serve)
+_VALUES_CASES = [(1, 16, 1), (5, 37, 13), (16, 256, 13), (40, 300, 16), (33, 16, 16), (17, 64, 17)]
+
+
+@pytest.mark.parametrize("positive_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, fan_in, k", _VALUES_CASES, ids=[f"{b}x{i}-k{k}" for b, i, k in _VALUES_CASES])
+def test_forward_values_match_the_reference_and_the_indexed_loops(batch, fan_in, k, positive_only, dtype):
+    from topkconv.layers.kernels import numba_loops
+
+    g = torch.Generator().manual_seed(batch * 100 + k)
+    x, w = torch.randn(batch, fan_in, generator=g, dtype=dtype), torch.randn(9, fan_in, generator=g, dtype=dtype)
+    got = numba_loops.linear_values(x, w, k, positive_only)
+    assert got.shape == (batch, 9) and got.is_contiguous()
+    torch.testing.assert_close(got, _dynamic_k_reference(x, w, k, positive_only))
+    torch.testing.assert_close(got, numba_loops.linear_forward(x, w, k, positive_only)[0])
+
+
+def test_forward_values_sum_tied_products_exactly():
+    # Small integers: every sum exact in any order. Many products tie at the k-th value (and, positive-only, at 0):
+    # the sum of the k largest does not depend on which tied ones are taken.
+    from topkconv.layers.kernels import numba_loops
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randint(-2, 3, (40, 64), generator=g).float(), torch.randint(-2, 3, (11, 64), generator=g).float()
+    for positive_only in (False, True):
+        for k in (1, 7, 16):
+            want = _dynamic_k_reference(x, w, k, positive_only)
+            assert torch.equal(numba_loops.linear_values(x, w, k, positive_only), want)
+
+
+def test_forward_values_redo_samples_with_nan_or_infinite_products():
+    # The network's comparisons do not order NaN: those samples (and infinite ones) are redone by the indexed loops,
+    # whose ranking puts NaN first as torch.topk does; the other samples keep the network's sums.
+    from topkconv.layers.kernels import numba_loops
+
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(20, 48, generator=g), torch.randn(7, 48, generator=g)
+    x[3, 5], x[11, 2], x[12, 0] = float("nan"), float("inf"), -float("inf")
+    got, want = numba_loops.linear_values(x, w, 4, False), numba_loops.linear_forward(x, w, 4, False)[0]
+    assert torch.equal(got.isnan(), want.isnan()) and got[3].isnan().all()
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num())
+    clean = [b for b in range(20) if b not in (3, 11, 12)]
+    torch.testing.assert_close(got[clean], _dynamic_k_reference(x[clean], w, 4, False))
+
+
+def test_forward_values_on_two_threads_give_the_same_numbers():
+    from topkconv.layers.kernels import numba_loops
+
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(64, 256, generator=g), torch.randn(128, 256, generator=g)
+    assert x.numel() * w.shape[0] >= bridge.MIN_THREADED_WORK  # big enough to be split
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = numba_loops.linear_values(x, w, 13, False)
+        torch.set_num_threads(2)
+        two = numba_loops.linear_values(x, w, 13, False)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_topk_linear_forward_only_runs_the_sorted_registers(monkeypatch):
+    # Under inference_mode TopKLinear's value comes from the network (k <= 16), not from the indexed search.
+    from topkconv.layers.kernels import numba_loops
+
+    layer = TopKLinear(40, 6, 5, impl="numba")
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = _dynamic_k_reference(x, layer.weight, 5, False) + layer.bias
+    monkeypatch.setattr(numba_loops, "linear_forward", lambda *a: pytest.fail("the indexed search ran"))
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), want)
+
+
+def test_top_k_sums_python_fallback_gives_what_the_intrinsic_gives(monkeypatch):
+    import importlib
+
+    import numpy as np
+
+    from topkconv.layers.kernels import jit, simd
+
+    g = torch.Generator().manual_seed(9)
+    xt, w_row = torch.randn(30, 21, generator=g).double().numpy(), torch.randn(30, generator=g).double().numpy()
+    compiled = jit.jit(lambda *args: simd.top_k_sums_block(*args))
+    want = {}
+    for start, k, positive_only in ((0, 3, False), (16, 16, True)):  # a whole and a partial block (5 samples)
+        sums, totals = np.full(21, -1.0), np.full(21, -1.0)
+        compiled(xt, w_row, start, k, positive_only, sums, totals)
+        want[start] = sums, totals
+    monkeypatch.setattr(jit, "AVAILABLE", False)
+    monkeypatch.setattr(jit, "numba", None)
+    fallback = importlib.reload(simd)
+    try:
+        for start, k, positive_only in ((0, 3, False), (16, 16, True)):
+            sums, totals = np.full(21, -1.0), np.full(21, -1.0)
+            fallback.top_k_sums_block(xt, w_row, start, k, positive_only, sums, totals)
+            np.testing.assert_allclose(sums, want[start][0], rtol=1e-12)
+            np.testing.assert_allclose(totals, want[start][1], rtol=1e-12)
+            stop = min(start + 16, 21)
+            products = xt[:, start:stop] * w_row[:, None]
+            products = np.maximum(products, 0) if positive_only else products
+            np.testing.assert_allclose(sums[start:stop], -np.sort(-products, 0)[:k].sum(0), rtol=1e-12)
+            assert np.all(sums[:start] == -1) and np.all(sums[stop:] == -1)  # other samples: untouched
     finally:
         monkeypatch.undo()
         importlib.reload(simd)

@@ -173,14 +173,15 @@ def test_auto_picks_the_compiled_loops_on_cpu_float(monkeypatch):
     from topkconv.layers.kernels import numba_loops as compiled
 
     calls = []
-    for name in ("linear_forward", "conv_output", "conv_forward_whole"):
+    for name in ("linear_forward", "linear_values", "conv_output", "conv_forward_whole"):
         original = getattr(compiled, name)
         monkeypatch.setattr(compiled, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     x, w, b = _linear_inputs(2, 50, 4)
     TF.topk_linear(x, w, b, 5)
     xc, wc, bc = _conv_inputs(2, 6, 4, 5)
     TF.topk_conv2d(xc, wc, bc, 2, "sum", 1, 1)
-    assert calls == ["linear_forward", "conv_forward_whole"]  # a small batch: the dense-order loops
+    # nothing needs a gradient: Dynamic-k's forward-only value; a small batch: the dense-order loops
+    assert calls == ["linear_values", "conv_forward_whole"]
     calls.clear()
     with TF.memory_budget(64):  # too small for the whole batch, and k = 1 of 6 channels: the sparse router
         TF.topk_conv2d(xc, wc, bc, 1, "sum", 1, 1)

@@ -140,7 +140,7 @@ def topk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             return F.linear(x2, weight, bias)  # every product is kept
         backend = backends.resolve(impl, x2, weight)
         if not needs_autograd(x2, weight, bias):  # forward only: no Function, nothing saved
-            out = backend.linear_forward(x2.contiguous(), weight.contiguous(), k, positive_only)[0]
+            out = backend.linear_values(x2.contiguous(), weight.contiguous(), k, positive_only)
             return out if bias is None else out.add_(bias)
         return TopKLinearFunction.apply(x2.contiguous(), weight.contiguous(), bias, k, positive_only, backend)
 

@@ -3,8 +3,9 @@
 A backend is an object with the operations the routing layers' autograd Functions call:
 
 * ``supports(*tensors) -> bool``: whether it can run on these tensors (device, dtype);
-* ``linear_forward(x, weight, k, positive_only) -> (out, indices)`` and
-  ``linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w) -> (grad_x, grad_w)``;
+* ``linear_forward(x, weight, k, positive_only) -> (out, indices)``,
+  ``linear_values(x, weight, k, positive_only) -> out`` (the same output, for forward passes that save nothing)
+  and ``linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w) -> (grad_x, grad_w)``;
 * ``conv_forward(x, weight, k, criterion, stride, padding, dilation) -> (out, indices)`` and
   ``conv_backward(x, weight, indices, grad_out, stride, padding, dilation, need_x, need_w) -> (grad_x, grad_w)``.
 
@@ -14,7 +15,7 @@ beyond the inputs. Today there are two backends:
 * ``"torch"``: the chunked torch-level kernels (:mod:`.linear`, :mod:`.conv`). Any device and dtype.
 * ``"numba"``: compiled CPU loops (:mod:`.numba_loops`, :mod:`.selection`). CPU float32/float64.
 
-A future GPU kernel (``"cuda"``, e.g. Triton or a CUDA extension) is one more class with these five
+A future GPU kernel (``"cuda"``, e.g. Triton or a CUDA extension) is one more class with these six
 methods, one line in :data:`BACKENDS` (its key is also its ``impl`` name), and its name at the front of
 :data:`AUTO_ORDER`.
 """
@@ -37,6 +38,9 @@ class TorchBackend:
 
     def linear_forward(self, x, weight, k, positive_only):
         return linear.forward(x, weight, k, positive_only)
+
+    def linear_values(self, x, weight, k, positive_only):
+        return self.linear_forward(x, weight, k, positive_only)[0]
 
     def linear_backward(self, x, weight, indices, grad_out, positive_only, need_x, need_w):
         return linear.backward(x, weight, indices, grad_out, positive_only, need_x, need_w)
@@ -64,6 +68,9 @@ class NumbaBackend(TorchBackend):
 
     def linear_forward(self, x, weight, k, positive_only):
         return numba_loops.linear_forward(x, weight, k, positive_only)
+
+    def linear_values(self, x, weight, k, positive_only):
+        return numba_loops.linear_values(x, weight, k, positive_only)
 
     def linear_backward(self, x, weight, indices, grad_out, positive_only, need_x, need_w):
         return numba_loops.linear_backward(x, weight, indices, grad_out, positive_only, need_x, need_w)

@@ -25,7 +25,8 @@ from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
 from .selection import (bounded_wins, first_k_largest_above, first_k_largest_down, guided_wins, key_dtype,
                         n_groups_for, ordered_keys, select_row, selection_workspace)
-from .simd import LANES, borrowed, positions_at_least, routed_block_3x3, taps_block_3x3, weight_taps_block_3x3
+from .simd import (LANES, MAX_NETWORK_K, borrowed, positions_at_least, routed_block_3x3, taps_block_3x3,
+                   top_k_sums_block, weight_taps_block_3x3)
 
 
 @jit
@@ -142,6 +143,16 @@ def _linear_forward_guided(x, weight, k, positive_only, scratch, out, indices, c
                 indices[b, c, t] = chosen[t]
             high = kth if np.isfinite(kth) else no_bound
             recent[b % _RECENT_ROWS] = high
+
+
+@jit
+def _linear_values_lanes(xt, weight, k, positive_only, out_t, totals_t, c0, c1):
+    """Output rows c0 <= c < c1 of the Dynamic-k forward value, transposed (out_t[c, b]), 16 samples at a time
+    (:func:`.simd.top_k_sums_block`), with the sum of every product of each row in totals_t."""
+    xt, weight, out_t, totals_t = borrowed(xt), borrowed(weight), borrowed(out_t), borrowed(totals_t)
+    for c in range(c0, c1):
+        for start in range(0, xt.shape[1], LANES):
+            top_k_sums_block(xt, weight[c], start, k, positive_only, out_t[c], totals_t[c])
 
 
 # Weight rows that take each sample in turn in :func:`_linear_forward_bounded`: their rows and one sample's
@@ -647,6 +658,24 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
         run = lambda c0, c1: _linear_forward(x_a, w_a, k, groups, positive_only, out_a, idx_a, c0, c1)  # noqa: E731
     split(weight.shape[0], run, x.numel() * weight.shape[0])
     return out, indices
+
+
+def linear_values(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool) -> torch.Tensor:
+    """The output of :func:`linear_forward` without its indices, for forward passes that save nothing. For k <=
+    :data:`.simd.MAX_NETWORK_K`, the sorted registers of :func:`.simd.top_k_sums_block` (the k largest summed
+    largest first, so it may differ from :func:`linear_forward`'s position-order sum in the last bits); a sample
+    with a NaN or infinite product is redone by :func:`linear_forward`, whose ranking orders them as torch does."""
+    if k > MAX_NETWORK_K:
+        return linear_forward(x, weight, k, positive_only)[0]
+    out_t = x.new_empty(weight.shape[0], x.shape[0])
+    totals_t = torch.empty_like(out_t)
+    arrays = as_array(x.t().contiguous()), as_array(weight), k, positive_only, as_array(out_t), as_array(totals_t)
+    split(weight.shape[0], lambda c0, c1: _linear_values_lanes(*arrays, c0, c1), x.numel() * weight.shape[0])
+    out = out_t.t().contiguous()
+    redo = ~torch.isfinite(totals_t).all(0)
+    if redo.any():
+        out[redo] = linear_forward(x[redo].contiguous(), weight, k, positive_only)[0]
+    return out
 
 
 def linear_backward(x, weight, indices, grad_out, positive_only: bool, need_x: bool, need_w: bool):

@@ -15,8 +15,8 @@ from .jit import AVAILABLE
 
 
 def compile_kernels() -> float:
-    """Run every numba-backed layer path once per float dtype, forward and backward, and SAP's draws (one
-    dtype: they are merged in float64 whatever the activations' dtype); returns the seconds."""
+    """Run every numba-backed layer path once per float dtype, forward and backward (and forward only), and SAP's
+    draws (one dtype: they are merged in float64 whatever the activations' dtype); returns the seconds."""
     from ..sap import stochastic_activation_pruning
     from ..topk_conv import TopKConv2d
     from ..topk_linear import TopKLinear
@@ -30,7 +30,10 @@ def compile_kernels() -> float:
             conv(x).sum().backward()
         features = torch.randn(2, 16, dtype=dtype, generator=generator, requires_grad=True)
         for positive_only in (False, True):
-            TopKLinear(16, 4, k=3, positive_only=positive_only, impl="numba", dtype=dtype)(features).sum().backward()
+            layer = TopKLinear(16, 4, k=3, positive_only=positive_only, impl="numba", dtype=dtype)
+            layer(features).sum().backward()
+            with torch.inference_mode():  # the forward-only value (simd.top_k_sums_block)
+                layer(features)
     stochastic_activation_pruning(torch.rand(2, 16, generator=generator), 0.8, generator)
     return time.perf_counter() - started
 
