@@ -55,14 +55,15 @@ def _conv_cut(padded, geometry, weight_t, k, keys_dtype, out, indices, last_stag
     maps, cols = np.empty((in_ch, positions, out_ch), dtype), np.empty((in_ch, taps, positions), dtype)
     scores, keys = np.empty((in_ch, out_ch), dtype), np.empty((in_ch, out_ch), keys_dtype)
     column_scratch, counts = np.empty((3, out_ch), keys_dtype), np.empty(out_ch, np.int32)
-    rows_taken, mask = np.empty((out_ch, in_ch), np.int32), np.empty((in_ch, out_ch), dtype)
+    row_bits = np.empty((selection.row_bits_words(in_ch), out_ch), np.uint64)
+    mask = np.empty((in_ch, out_ch), dtype)
     acc, zero = np.empty((positions, out_ch), dtype), dtype.type(0)
     for b in range(padded.shape[0]):
         loops._sample_keys(padded[b], geometry, weight_t, True, True, maps, scores, keys, cols)
         if last_stage == KEYS:
             continue
         selection.first_k_largest_down(keys, k, indices[b], mask, column_scratch[0], column_scratch[1],
-                                       column_scratch[2], counts, rows_taken)
+                                       column_scratch[2], counts, row_bits)
         if last_stage == SELECT:
             continue
         acc[:] = 0

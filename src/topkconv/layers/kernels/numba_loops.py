@@ -24,7 +24,7 @@ import torch
 from .bridge import as_array, split, split_gradients
 from .jit import inline, jit
 from .selection import (bounded_wins, first_k_largest_above, first_k_largest_down, guided_wins, key_dtype,
-                        n_groups_for, ordered_keys, select_row, selection_workspace)
+                        n_groups_for, ordered_keys, row_bits_words, select_row, selection_workspace)
 from .simd import (LANES, MAX_NETWORK_K, borrowed, positions_at_least, routed_block_3x3, taps_block_3x3,
                    top_k_sums_block, weight_taps_block_3x3)
 
@@ -424,7 +424,8 @@ def _conv_forward_whole(padded, geometry, weight_t, weight_rows, k, max_criterio
     dtype = padded.dtype
     scratch = (np.empty((in_ch, positions, out_ch), dtype), np.empty((in_ch, taps, positions), dtype),
                np.empty((in_ch, out_ch), dtype), np.empty((in_ch, out_ch), keys_dtype),
-               np.empty((3, out_ch), keys_dtype), np.empty(out_ch, np.int32), np.empty((out_ch, in_ch), np.int32),
+               np.empty((3, out_ch), keys_dtype), np.empty(out_ch, np.int32),
+               np.empty((row_bits_words(in_ch), out_ch), np.uint64),
                np.empty((in_ch, out_ch), dtype), np.empty((positions, out_ch), dtype))
     _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, routed, out, indices,
                           scratch, b0, b1)
@@ -437,7 +438,7 @@ def _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criter
     the caller holds them): numba would reference-count the views taken per sample and channel (atomic
     operations)."""
     maps, cols, scores, keys = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2]), borrowed(scratch[3])
-    column_scratch, counts, rows_taken = borrowed(scratch[4]), borrowed(scratch[5]), borrowed(scratch[6])
+    column_scratch, counts, row_bits = borrowed(scratch[4]), borrowed(scratch[5]), borrowed(scratch[6])
     mask, acc = borrowed(scratch[7]), borrowed(scratch[8])
     padded, weight_t, out, indices = borrowed(padded), borrowed(weight_t), borrowed(out), borrowed(indices)
     weight_rows = borrowed(weight_rows)
@@ -446,7 +447,7 @@ def _conv_forward_samples(padded, geometry, weight_t, weight_rows, k, max_criter
     for b in range(b0, b1):
         _sample_keys(padded[b], geometry, weight_t, max_criterion, maps_finite, maps, scores, keys, cols)
         first_k_largest_down(keys, k, indices[b], mask, column_scratch[0], column_scratch[1], column_scratch[2],
-                             counts, rows_taken)
+                             counts, row_bits)
         if routed:  # the selected maps alone, from the columns the scores came from
             for c in range(out_ch):
                 for start in range(0, positions, LANES):
@@ -661,10 +662,10 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
 
 
 def linear_values(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool) -> torch.Tensor:
-    """The output of :func:`linear_forward` without its indices, for forward passes that save nothing. For k <=
-    :data:`.simd.MAX_NETWORK_K`, the sorted registers of :func:`.simd.top_k_sums_block` (the k largest summed
-    largest first, so it may differ from :func:`linear_forward`'s position-order sum in the last bits); a sample
-    with a NaN or infinite product is redone by :func:`linear_forward`, whose ranking orders them as torch does."""
+    """The output of :func:`linear_forward` (the same bits) without its indices, for forward passes that save
+    nothing. For k <= :data:`.simd.MAX_NETWORK_K`, the sorted registers of :func:`.simd.top_k_sums_block`; a
+    sample with a NaN or infinite product is redone by :func:`linear_forward`, whose ranking orders them as torch
+    does."""
     if k > MAX_NETWORK_K:
         return linear_forward(x, weight, k, positive_only)[0]
     out_t = x.new_empty(weight.shape[0], x.shape[0])

@@ -21,9 +21,11 @@ channels alone) are built the same way.
 
 :func:`top_k_sums_block` is Dynamic-k's forward value for 16 samples of one output row at once, one sample a lane:
 the k largest products so far held sorted in k vector registers, each new product sinking through them (a max
-and a min per register), so no row is ever searched. For k <= 16 (:data:`MAX_NETWORK_K`; more registers spill)
-it is 2.5x faster than the guided search at the quick model's 256 -> 128, k = 13, and does not give indices: it
-serves the forward passes that save nothing.
+and a min per register), so no row is ever searched; a second pass adds the chosen products in input order, so
+the value is the indexed loops' to the bit. For k <= 16 (:data:`MAX_NETWORK_K`; more registers spill) it is
+1.6x faster than the guided search at the quick model's 256 -> 128, k = 13 (2.5x without the second pass, whose
+sums in another order differed in the last bits), and gives no indices: it serves the forward passes that save
+nothing.
 """
 
 from __future__ import annotations
@@ -78,6 +80,16 @@ if AVAILABLE:
     def _masked_store(builder, value, pointer, inside):
         arguments = [value, builder.bitcast(pointer, value.type.as_pointer()), ir.Constant(ir.IntType(32), 1), inside]
         _intrinsic(builder, f"llvm.masked.store.v16{_suffix(value.type.element)}.p0", ir.VoidType(), arguments)
+
+    def _masked_int_load(builder, pointer, inside, filler):
+        lanes = filler.type
+        name = f"llvm.masked.load.v16i{lanes.element.width}.p0"
+        return _intrinsic(builder, name, lanes, [builder.bitcast(pointer, lanes.as_pointer()),
+                                                 ir.Constant(ir.IntType(32), 1), inside, filler])
+
+    def _masked_int_store(builder, value, pointer, inside):
+        arguments = [value, builder.bitcast(pointer, value.type.as_pointer()), ir.Constant(ir.IntType(32), 1), inside]
+        _intrinsic(builder, f"llvm.masked.store.v16i{value.type.element.width}.p0", ir.VoidType(), arguments)
 
     def _check_c_arrays(name, *arrays):  # (array type, ndim) pairs
         for array, ndim in arrays:
@@ -264,13 +276,81 @@ if AVAILABLE:
             builder.store(builder.select(keeps, held, product), slot)
             product = builder.select(keeps, product, held)
 
+    def _products_loop(builder, inputs, weights, first, inside, clamp, body):
+        """body(i, products) for every input i: the 16 lanes' products w[i] * xt[i, first + q] (0 past the
+        batch), negative ones 0 if ``clamp`` (a Python bool: the code has no test when it is False); the same
+        bits in every pass."""
+        fan_in, batch = builder.extract_value(inputs.shape, 0), builder.extract_value(inputs.shape, 1)
+        zero = ir.Constant(ir.VectorType(inputs.data.type.pointee, LANES), None)
+        with cgutils.for_range(builder, fan_in) as loop:
+            row = builder.gep(inputs.data, [builder.add(builder.mul(loop.index, batch), first)])
+            w = _splat(builder, zero.type, builder.load(builder.gep(weights.data, [loop.index])))
+            product = builder.fmul(w, _masked_load(builder, row, inside, zero))
+            if clamp:
+                product = builder.select(builder.fcmp_ordered("<", product, zero), zero, product)
+            body(loop.index, product)
+
+    def _sum_in_input_order(builder, inputs, weights, first, inside, clamp, slots, kth_ties):
+        """The sum of the k largest products in input order, ties at the k-th value (the last of the k sorted
+        ``slots``) to the first inputs: what the indexed loops' position-order sum gives, to the bit. Unless
+        ``kth_ties``, the k-th value is larger than the next product, so the k largest are those at or above
+        it, and the places left to tied products need no counting."""
+        lanes = builder.load(slots[0]).type
+        zero, one = ir.Constant(lanes, None), ir.Constant(lanes, [1.0] * LANES)
+        kth = builder.load(slots[-1])
+        ties = ir.Constant(lanes, [float(len(slots))] * LANES)  # the k-th value's places: k less those above it
+        for slot in slots:
+            ties = builder.fsub(ties, builder.select(builder.fcmp_ordered(">", builder.load(slot), kth), one, zero))
+        ties_left, chosen = cgutils.alloca_once_value(builder, ties), cgutils.alloca_once_value(builder, zero)
+
+        def add_chosen(i, product, counted):
+            take = builder.fcmp_ordered(">=", product, kth)
+            if counted:
+                left = builder.load(ties_left)
+                tie = builder.and_(builder.fcmp_ordered("==", product, kth), builder.fcmp_ordered(">", left, zero))
+                take = builder.or_(builder.fcmp_ordered(">", product, kth), tie)
+                builder.store(builder.fsub(left, builder.select(tie, one, zero)), ties_left)
+            total = builder.load(chosen)
+            builder.store(builder.select(take, builder.fadd(total, product), total), chosen)
+
+        with builder.if_else(kth_ties) as (counting, plain):
+            for branch, counted in ((counting, True), (plain, False)):
+                with branch:
+                    _products_loop(builder, inputs, weights, first, inside, clamp,
+                                   lambda i, product, counted=counted: add_chosen(i, product, counted))
+        return builder.load(chosen)
+
+    def _network_block(builder, inputs, weights, first, inside, clamp, slots, total, sums, totals):
+        """One block of :func:`top_k_sums_block` for k = len(slots) - 1 (the last slot holds the next largest
+        product, to tell ties at the k-th value): both passes and the stores."""
+        lanes = builder.load(slots[0]).type
+        for slot in slots:
+            builder.store(_splat(builder, lanes, ir.Constant(lanes.element, float("-inf"))), slot)
+        builder.store(ir.Constant(lanes, None), total)
+
+        def sink(i, product):
+            builder.store(builder.fadd(builder.load(total), product), total)
+            _sinks_through(builder, slots, product)
+
+        _products_loop(builder, inputs, weights, first, inside, clamp, sink)
+        tied = builder.and_(inside, builder.fcmp_ordered("==", builder.load(slots[-1]), builder.load(slots[-2])))
+        no_lane = ir.Constant(ir.IntType(LANES), 0)
+        kth_ties = builder.icmp_unsigned("!=", builder.bitcast(tied, ir.IntType(LANES)), no_lane)
+        chosen = _sum_in_input_order(builder, inputs, weights, first, inside, clamp, slots[:-1], kth_ties)
+        _masked_store(builder, chosen, builder.gep(sums.data, [first]), inside)
+        _masked_store(builder, builder.load(total), builder.gep(totals.data, [first]), inside)
+
     @intrinsic
     def top_k_sums_block(typingctx, xt, w_row, start, k, positive_only, sums_row, totals_row):
-        """sums_row[b] = the sum of the k largest products w_row[i] * xt[i, b] (largest first) and totals_row[b]
-        = the sum of all of them, for the 16 samples b = start + q < xt.shape[1]; under ``positive_only``
-        negative products count as 0. xt (in, batch): the inputs transposed; 1 <= k <= :data:`MAX_NETWORK_K` and
-        k <= in (another k writes nothing). Where a product is NaN or infinite, the total is not finite and the
-        sum meaningless: the caller redoes those samples."""
+        """sums_row[b] = the sum of the k largest products w_row[i] * xt[i, b], in input order with ties at the
+        k-th value to the first inputs (what :func:`.selection.first_k_largest_above` sums, to the bit), and
+        totals_row[b] = the sum of all of them, for the 16 samples b = start + q < xt.shape[1]; under
+        ``positive_only`` negative products count as 0. xt (in, batch): the inputs transposed; 1 <= k <=
+        :data:`MAX_NETWORK_K` and k <= in (another k writes nothing). Where a product is NaN or infinite, the
+        total is not finite and the sum meaningless: the caller redoes those samples.
+
+        Two passes over the products: the first sinks each through k sorted registers (the k-th value), the
+        second adds the chosen ones in order."""
         _check_c_arrays("top_k_sums_block", (xt, 2), (w_row, 1), (sums_row, 1), (totals_row, 1))
         if not (isinstance(xt.dtype, types.Float) and len({xt.dtype, w_row.dtype, sums_row.dtype,
                                                             totals_row.dtype}) == 1):
@@ -281,11 +361,9 @@ if AVAILABLE:
             inputs, weights, first, count, clamp, sums, totals = _arrays(context, builder, sig, args)
             element = context.get_value_type(sig.args[0].dtype)
             lanes = ir.VectorType(element, LANES)
-            fan_in, batch = builder.extract_value(inputs.shape, 0), builder.extract_value(inputs.shape, 1)
-            inside = _lanes_inside(builder, first, batch)
+            inside = _lanes_inside(builder, first, builder.extract_value(inputs.shape, 1))
             zero, lowest = ir.Constant(lanes, None), _splat(builder, lanes, ir.Constant(element, float("-inf")))
-            clamps = _splat(builder, ir.VectorType(ir.IntType(1), LANES), clamp)
-            slots = [cgutils.alloca_once_value(builder, lowest) for _ in range(MAX_NETWORK_K)]
+            slots = [cgutils.alloca_once_value(builder, lowest) for _ in range(MAX_NETWORK_K + 1)]
             total = cgutils.alloca_once_value(builder, zero)
             done = builder.append_basic_block("top_k_done")
             switch = builder.switch(count, done)
@@ -293,27 +371,56 @@ if AVAILABLE:
                 network = builder.append_basic_block(f"network_{size}")
                 switch.add_case(ir.Constant(count.type, size), network)
                 builder.position_at_end(network)
-                for slot in slots[:size]:
-                    builder.store(lowest, slot)
-                builder.store(zero, total)
-                with cgutils.for_range(builder, fan_in) as loop:
-                    row = builder.gep(inputs.data, [builder.add(builder.mul(loop.index, batch), first)])
-                    w = _splat(builder, lanes, builder.load(builder.gep(weights.data, [loop.index])))
-                    product = builder.fmul(w, _masked_load(builder, row, inside, zero))
-                    negative = builder.and_(clamps, builder.fcmp_ordered("<", product, zero))
-                    product = builder.select(negative, zero, product)
-                    builder.store(builder.fadd(builder.load(total), product), total)
-                    _sinks_through(builder, slots[:size], product)
-                chosen = zero
-                for slot in slots[:size]:  # largest first
-                    chosen = builder.fadd(chosen, builder.load(slot))
-                _masked_store(builder, chosen, builder.gep(sums.data, [first]), inside)
-                _masked_store(builder, builder.load(total), builder.gep(totals.data, [first]), inside)
+                with builder.if_else(clamp) as (positive_only, any_sign):  # each its own loops
+                    for branch, clamped in ((positive_only, True), (any_sign, False)):
+                        with branch:
+                            _network_block(builder, inputs, weights, first, inside, clamped, slots[:size + 1],
+                                           total, sums, totals)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()
 
         return signature, codegen
+
+    @intrinsic
+    def count_down_block(typingctx, keys, mids, start, counts):
+        """counts[start + q] = how many rows i of keys (rows, columns) have keys[i, start + q] >= mids[start + q],
+        for the 16 columns start + q < columns (the others neither read nor written): the counts held in one
+        vector register down the rows, where numba's loop stored and reloaded them at every row. keys, mids:
+        one integer type; counts: int32; all C-contiguous."""
+        _check_c_arrays("count_down_block", (keys, 2), (mids, 1), (counts, 1))
+        if not (isinstance(keys.dtype, types.Integer) and keys.dtype == mids.dtype and counts.dtype == types.int32):
+            raise TypingError("count_down_block: expected integer keys and mids of one type, int32 counts")
+        signature = types.none(keys, mids, types.intp, counts)
+
+        def codegen(context, builder, sig, args):
+            rows_of, middles, first, totals = _arrays(context, builder, sig, args)
+            lanes = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
+            int32s = ir.VectorType(ir.IntType(32), LANES)
+            rows, columns = builder.extract_value(rows_of.shape, 0), builder.extract_value(rows_of.shape, 1)
+            inside = _lanes_inside(builder, first, columns)
+            middle = _masked_int_load(builder, builder.gep(middles.data, [first]), inside, ir.Constant(lanes, None))
+            total = cgutils.alloca_once_value(builder, ir.Constant(int32s, None))
+            with cgutils.for_range(builder, rows) as loop:
+                row = builder.gep(rows_of.data, [builder.add(builder.mul(loop.index, columns), first)])
+                block = _masked_int_load(builder, row, inside, ir.Constant(lanes, None))
+                reached = builder.zext(builder.icmp_signed(">=", block, middle), int32s)
+                builder.store(builder.add(builder.load(total), reached), total)
+            _masked_int_store(builder, builder.load(total), builder.gep(totals.data, [first]), inside)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    @intrinsic
+    def trailing_zeros(typingctx, word):
+        """The position of the lowest set bit of a nonzero uint64 (one ``tzcnt``)."""
+        if word != types.uint64:
+            raise TypingError("trailing_zeros: expected a uint64")
+
+        def codegen(context, builder, sig, args):
+            return _intrinsic(builder, "llvm.cttz.i64", ir.IntType(64), [args[0], ir.Constant(ir.IntType(1), 1)])
+
+        return types.uint64(types.uint64), codegen
 
     @intrinsic
     def borrowed(typingctx, array):
@@ -336,6 +443,15 @@ else:  # plain Python, for the loops' uncompiled fallbacks: the same results
 
     def borrowed(array):
         return array
+
+    def count_down_block(keys, mids, start, counts):
+        stop = min(start + LANES, keys.shape[1])
+        counts[start:stop] = (keys[:, start:stop] >= mids[start:stop]).sum(0)
+
+    def trailing_zeros(word):
+        word = int(word)
+        return (word & -word).bit_length() - 1
+
 
     def taps_block_3x3(w_i, g_b, chosen, n, start, grad_cols_i):
         stop = min(start + LANES, g_b.shape[1])
@@ -362,10 +478,10 @@ else:  # plain Python, for the loops' uncompiled fallbacks: the same results
         if positive_only:
             products[products < 0] = 0
         totals_row[start:stop] = products.sum(0)
-        largest = -np.sort(-products, axis=0)
+        taken = np.sort(np.argsort(-products, axis=0, kind="stable")[:k], axis=0)  # ties to the first inputs
         chosen = np.zeros(stop - start, products.dtype)
-        for j in range(k):  # largest first, as the intrinsic adds them
-            chosen += largest[j]
+        for j in range(k):  # in input order, as the intrinsic adds them
+            chosen += products[taken[j], np.arange(stop - start)]
         sums_row[start:stop] = chosen
 
     def pack_at_least(row, start, bound, positions, m):
