@@ -13,10 +13,11 @@ on the other core disturbs them less), in ms for the whole batch:
   replaces; the compiled loop cut after its stages (the channel maps, their spatial maxima and ordered keys; then
   the column selection, ``selection.first_k_largest_down``; then the masked sum of the selected maps);
 * TopKLinear, the first classifier layer of Dynamic-k (256 -> 128, k = 13): the module (forward only: the sorted
-  registers of ``simd.top_k_sums_block``); ``F.linear``; ``linear_values`` (those registers alone); and the
-  indexed loop that training's forward runs (it saves the indices): cut after its products pass, the bounds and
-  the packing of the candidates (the bounds from the true k-th values, as the whole loop finds them); the same
-  loop given the k-th value as its threshold (no search); and whole.
+  registers of ``simd.top_k_sums_block``); ``F.linear``; ``linear_values`` (those registers alone);
+  ``linear_forward`` (training's forward: the registers and the indices they give); and the search loops that
+  serve k > 16 and the samples with a NaN or infinite product: cut after their products pass, the bounds and the
+  packing of the candidates (the bounds from the true k-th values, as the whole loop finds them); the same loop
+  given the k-th value as its threshold (no search); and whole.
 
 A stage's time is the difference of two cuts; each cut is its own compiled loop built from the library's
 inlined helpers, so the cuts stay in step with the kernels.
@@ -166,19 +167,21 @@ def linear_rows(batch: int, repeats: int) -> list:
     with torch.inference_mode():
         t = timed_together({"module": lambda: layer(x), "dense": lambda: F.linear(x, w),
                             "values": lambda: loops.linear_values(x, w, layer.k, False),
-                            "loop": lambda: loops.linear_forward(x, w, layer.k, False),
+                            "forward": lambda: loops.linear_forward(x, w, layer.k, False),
+                            "loop": lambda: loops._linear_forward_searched(x, w, layer.k, False),
                             "packing": lambda: cut(False), "given": lambda: cut(True)}, repeats)
         cut(False)
-    module, dense, values, loop, packing, given = (t[key] for key in ("module", "dense", "values", "loop", "packing",
-                                                                      "given"))
+    module, dense, values, forward, loop, packing, given = (
+        t[key] for key in ("module", "dense", "values", "forward", "loop", "packing", "given"))
     return [(name, "module (forward only)", module), (name, "F.linear", dense),
             (name, "its sorted registers, both passes (simd.top_k_sums_block)", values),
             (name, "glue (module - sorted registers)", module - values),
-            (name, "the indexed loop (training's forward), whole", loop),
-            (name, "indexed: products, bounds, packing", packing),
-            (name, f"indexed: gather, sum, indices at the k-th value (candidates: median {found.median().item():.0f})",
+            (name, "training's forward: the sorted registers and the indices (linear_forward)", forward),
+            (name, "the search loops (k > 16, non-finite samples), whole", loop),
+            (name, "search: products, bounds, packing", packing),
+            (name, f"search: gather, sum, indices at the k-th value (candidates: median {found.median().item():.0f})",
              given - packing),
-            (name, "indexed: the threshold's search (bisection of the candidates' values)", loop - given)]
+            (name, "search: the threshold's search (bisection of the candidates' values)", loop - given)]
 
 
 def main(argv=None) -> int:

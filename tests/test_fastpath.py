@@ -593,15 +593,21 @@ _VALUES_CASES = [(1, 16, 1), (5, 37, 13), (16, 256, 13), (40, 300, 16), (33, 16,
 @pytest.mark.parametrize("positive_only", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch, fan_in, k", _VALUES_CASES, ids=[f"{b}x{i}-k{k}" for b, i, k in _VALUES_CASES])
-def test_forward_values_match_the_reference_and_the_indexed_loops(batch, fan_in, k, positive_only, dtype):
+def test_sorted_registers_match_the_reference_and_the_search_loops(batch, fan_in, k, positive_only, dtype):
+    # Dynamic-k's forward for k <= 16 (sorted registers), with and without indices, against the reference formula,
+    # and to the bit against the search loops it replaces (the same sums in the same order, the same indices)
     from topkconv.layers.kernels import numba_loops
 
     g = torch.Generator().manual_seed(batch * 100 + k)
     x, w = torch.randn(batch, fan_in, generator=g, dtype=dtype), torch.randn(9, fan_in, generator=g, dtype=dtype)
-    got = numba_loops.linear_values(x, w, k, positive_only)
-    assert got.shape == (batch, 9) and got.is_contiguous()
-    torch.testing.assert_close(got, _dynamic_k_reference(x, w, k, positive_only))
-    assert torch.equal(got, numba_loops.linear_forward(x, w, k, positive_only)[0])  # to the bit: the same sums
+    x[:, ::5] = 0.0  # products tied at 0 (and -0.0): ties at the k-th value in some rows
+    values = numba_loops.linear_values(x, w, k, positive_only)
+    out, indices = numba_loops.linear_forward(x, w, k, positive_only)
+    assert values.shape == (batch, 9) and values.is_contiguous() and indices.shape == (batch, 9, k)
+    torch.testing.assert_close(values, _dynamic_k_reference(x, w, k, positive_only))
+    searched_out, searched_indices = numba_loops._linear_forward_searched(x, w, k, positive_only)
+    assert torch.equal(values, searched_out) and torch.equal(out, searched_out)
+    assert torch.equal(indices, searched_indices)
 
 
 def test_forward_values_sum_tied_products_exactly():
@@ -625,9 +631,11 @@ def test_forward_values_redo_samples_with_nan_or_infinite_products():
     g = torch.Generator().manual_seed(6)
     x, w = torch.randn(20, 48, generator=g), torch.randn(7, 48, generator=g)
     x[3, 5], x[11, 2], x[12, 0] = float("nan"), float("inf"), -float("inf")
-    got, want = numba_loops.linear_values(x, w, 4, False), numba_loops.linear_forward(x, w, 4, False)[0]
-    assert torch.equal(got.isnan(), want.isnan()) and got[3].isnan().all()
-    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num())
+    got, want = numba_loops.linear_values(x, w, 4, False), numba_loops._linear_forward_searched(x, w, 4, False)
+    assert torch.equal(got.isnan(), want[0].isnan()) and got[3].isnan().all()
+    torch.testing.assert_close(got.nan_to_num(), want[0].nan_to_num())
+    out, indices = numba_loops.linear_forward(x, w, 4, False)
+    assert torch.equal(out.nan_to_num(), want[0].nan_to_num()) and torch.equal(indices, want[1])
     clean = [b for b in range(20) if b not in (3, 11, 12)]
     torch.testing.assert_close(got[clean], _dynamic_k_reference(x[clean], w, 4, False))
 
@@ -649,17 +657,24 @@ def test_forward_values_on_two_threads_give_the_same_numbers():
     assert torch.equal(one, two)
 
 
-def test_topk_linear_forward_only_runs_the_sorted_registers(monkeypatch):
-    # Under inference_mode TopKLinear's value comes from the network (k <= 16), not from the indexed search.
+def test_topk_linear_runs_the_sorted_registers_for_small_k(monkeypatch):
+    # For k <= 16 TopKLinear's value (and in grad mode its indices) come from the sorted registers, not the search.
     from topkconv.layers.kernels import numba_loops
 
     layer = TopKLinear(40, 6, 5, impl="numba")
     x = torch.randn(9, 40, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         want = _dynamic_k_reference(x, layer.weight, 5, False) + layer.bias
-    monkeypatch.setattr(numba_loops, "linear_forward", lambda *a: pytest.fail("the indexed search ran"))
+        selection = numba_loops._linear_forward_searched(x, layer.weight, 5, False)[1]
+    monkeypatch.setattr(numba_loops, "_linear_forward_searched", lambda *a: pytest.fail("the search loops ran"))
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), want)
+    out = layer(x.requires_grad_())
+    torch.testing.assert_close(out.detach(), want)
+    out.sum().backward()  # the gradient from the saved indices: the search loops' selection
+    chosen = selection.long()
+    weights = layer.weight.detach()[None].expand(9, 6, 40).gather(2, chosen)
+    torch.testing.assert_close(x.grad, torch.zeros(9, 40).scatter_add_(1, chosen.flatten(1), weights.flatten(1)))
 
 
 def test_top_k_sums_python_fallback_gives_what_the_intrinsic_gives(monkeypatch):
@@ -672,25 +687,27 @@ def test_top_k_sums_python_fallback_gives_what_the_intrinsic_gives(monkeypatch):
     g = torch.Generator().manual_seed(9)
     xt, w_row = torch.randn(30, 21, generator=g).double().numpy(), torch.randn(30, generator=g).double().numpy()
     compiled = jit.jit(lambda *args: simd.top_k_sums_block(*args))
-    want = {}
+    want = {}  # start -> (sums, totals, k-th values)
     xt[7], w_row[7] = xt[4], w_row[4]  # inputs 4 and 7 give equal products in every lane
     for start, k, positive_only in ((0, 3, False), (16, 16, True)):  # a whole and a partial block (5 samples)
-        sums, totals = np.full(21, -1.0), np.full(21, -1.0)
-        compiled(xt, w_row, start, k, positive_only, sums, totals)
-        want[start] = sums, totals
+        sums, totals, kths = np.full(21, -1.0), np.full(21, -1.0), np.full(21, -1.0)
+        compiled(xt, w_row, start, k, positive_only, sums, totals, kths)
+        want[start] = sums, totals, kths
     monkeypatch.setattr(jit, "AVAILABLE", False)
     monkeypatch.setattr(jit, "numba", None)
     fallback = importlib.reload(simd)
     try:
         for start, k, positive_only in ((0, 3, False), (16, 16, True)):
-            sums, totals = np.full(21, -1.0), np.full(21, -1.0)
-            fallback.top_k_sums_block(xt, w_row, start, k, positive_only, sums, totals)
+            sums, totals, kths = np.full(21, -1.0), np.full(21, -1.0), np.full(21, -1.0)
+            fallback.top_k_sums_block(xt, w_row, start, k, positive_only, sums, totals, kths)
             np.testing.assert_allclose(sums, want[start][0], rtol=1e-12)
             np.testing.assert_allclose(totals, want[start][1], rtol=1e-12)
+            np.testing.assert_array_equal(kths, want[start][2])
             stop = min(start + 16, 21)
             products = xt[:, start:stop] * w_row[:, None]
             products = np.maximum(products, 0) if positive_only else products
             np.testing.assert_allclose(sums[start:stop], -np.sort(-products, 0)[:k].sum(0), rtol=1e-12)
+            np.testing.assert_array_equal(kths[start:stop], -np.sort(-products, 0)[k - 1])
             assert np.all(sums[:start] == -1) and np.all(sums[stop:] == -1)  # other samples: untouched
     finally:
         monkeypatch.undo()

@@ -145,14 +145,46 @@ def _linear_forward_guided(x, weight, k, positive_only, scratch, out, indices, c
             recent[b % _RECENT_ROWS] = high
 
 
+@inline
+def _indices_at_kth(w_row, x_row, positive_only, kth, k, products, positions, scratch_values, scratch_keys, chosen):
+    """chosen = the positions of the k largest products w_row * x_row given the k-th of them, in input order: the
+    products at or above it, or, when more tie at it, :func:`.selection.first_k_largest_above`'s choice among them
+    (ties to the first inputs, -0.0 below 0.0), what the search loops pick. products, positions, scratch_values,
+    scratch_keys: scratch as long as the row."""
+    zero = products.dtype.type(0)
+    for i in range(products.shape[0]):  # the same products, to the bit, as the sorted registers formed
+        p = w_row[i] * x_row[i]
+        if positive_only and p < zero:
+            p = zero
+        products[i] = p
+    m = positions_at_least(products, kth, positions)
+    if m == k:
+        for t in range(k):
+            chosen[t] = positions[t]
+    else:
+        first_k_largest_above(products, positions, m, k, kth, scratch_values, scratch_keys, chosen)
+
+
 @jit
-def _linear_values_lanes(xt, weight, k, positive_only, out_t, totals_t, c0, c1):
-    """Output rows c0 <= c < c1 of the Dynamic-k forward value, transposed (out_t[c, b]), 16 samples at a time
-    (:func:`.simd.top_k_sums_block`), with the sum of every product of each row in totals_t."""
-    xt, weight, out_t, totals_t = borrowed(xt), borrowed(weight), borrowed(out_t), borrowed(totals_t)
+def _linear_forward_lanes(x, xt, weight, k, positive_only, with_indices, keys_dtype, out_t, totals_t, kth_t, indices,
+                          c0, c1):
+    """Output rows c0 <= c < c1 of the Dynamic-k forward for k <= :data:`.simd.MAX_NETWORK_K`, transposed (out_t[c,
+    b]), 16 samples at a time (:func:`.simd.top_k_sums_block`), with the sum of every product of each row in
+    totals_t and its k-th largest in kth_t; ``with_indices``: the k chosen inputs of each (sample, row) whose sum
+    is finite, from its k-th value (:func:`_indices_at_kth`). x (batch, in) and xt, its transpose, both C."""
+    x, xt, weight, indices = borrowed(x), borrowed(xt), borrowed(weight), borrowed(indices)
+    out_t, totals_t, kth_t = borrowed(out_t), borrowed(totals_t), borrowed(kth_t)
+    products, positions = np.empty(x.shape[1], x.dtype), np.empty(x.shape[1], np.int32)
+    scratch_values, scratch_keys = np.empty(x.shape[1], x.dtype), np.empty(x.shape[1], keys_dtype)
     for c in range(c0, c1):
+        w_row = weight[c]
         for start in range(0, xt.shape[1], LANES):
-            top_k_sums_block(xt, weight[c], start, k, positive_only, out_t[c], totals_t[c])
+            top_k_sums_block(xt, w_row, start, k, positive_only, out_t[c], totals_t[c], kth_t[c])
+        if with_indices:
+            for b in range(x.shape[0]):
+                if np.isfinite(totals_t[c, b]):
+                    _indices_at_kth(w_row, x[b], positive_only, kth_t[c, b], k, products, positions, scratch_values,
+                                    scratch_keys, indices[b, c])
 
 
 # Weight rows that take each sample in turn in :func:`_linear_forward_bounded`: their rows and one sample's
@@ -641,9 +673,9 @@ def _conv_weight_gradient_by_taps(padded, geometry, indices, grad_out, grad_wt, 
 
 # ---------------------------------------------------------------- torch-facing entry points (CPU tensors)
 
-def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool):
-    """Dynamic-k forward: (out, indices) with out[b, c] the sum of the k largest weight[c, i] * x[b, i]
-    and indices[b, c] (int32) their i."""
+def _linear_forward_searched(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool):
+    """:func:`linear_forward` by the loops that search each row's k largest: any k, NaN and infinities ranked as
+    torch.topk ranks them."""
     out = x.new_empty(x.shape[0], weight.shape[0])
     indices = torch.empty(x.shape[0], weight.shape[0], k, dtype=torch.int32)
     x_a, w_a, out_a, idx_a = as_array(x), as_array(weight), as_array(out), as_array(indices)
@@ -661,22 +693,42 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only:
     return out, indices
 
 
-def linear_values(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool) -> torch.Tensor:
-    """The output of :func:`linear_forward` (the same bits) without its indices, for forward passes that save
-    nothing. For k <= :data:`.simd.MAX_NETWORK_K`, the sorted registers of :func:`.simd.top_k_sums_block`; a
-    sample with a NaN or infinite product is redone by :func:`linear_forward`, whose ranking orders them as torch
-    does."""
-    if k > MAX_NETWORK_K:
-        return linear_forward(x, weight, k, positive_only)[0]
-    out_t = x.new_empty(weight.shape[0], x.shape[0])
-    totals_t = torch.empty_like(out_t)
-    arrays = as_array(x.t().contiguous()), as_array(weight), k, positive_only, as_array(out_t), as_array(totals_t)
-    split(weight.shape[0], lambda c0, c1: _linear_values_lanes(*arrays, c0, c1), x.numel() * weight.shape[0])
+def _linear_forward_sorted(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool, with_indices: bool):
+    """:func:`linear_forward` for k <= :data:`.simd.MAX_NETWORK_K` by the sorted registers
+    (:func:`_linear_forward_lanes`), the indices only ``with_indices`` (else None); a sample with a NaN or
+    infinite product is redone by :func:`_linear_forward_searched`."""
+    batch, fan_out = x.shape[0], weight.shape[0]
+    out_t = x.new_empty(fan_out, batch)
+    totals_t, kth_t = torch.empty_like(out_t), torch.empty_like(out_t)
+    indices = torch.empty(batch if with_indices else 0, fan_out, k, dtype=torch.int32)
+    arrays = (as_array(x), as_array(x.t().contiguous()), as_array(weight), k, positive_only, with_indices,
+              key_dtype(x), as_array(out_t), as_array(totals_t), as_array(kth_t), as_array(indices))
+    split(fan_out, lambda c0, c1: _linear_forward_lanes(*arrays, c0, c1), x.numel() * fan_out)
     out = out_t.t().contiguous()
     redo = ~torch.isfinite(totals_t).all(0)
     if redo.any():
-        out[redo] = linear_forward(x[redo].contiguous(), weight, k, positive_only)[0]
-    return out
+        searched = _linear_forward_searched(x[redo].contiguous(), weight, k, positive_only)
+        out[redo] = searched[0]
+        if with_indices:
+            indices[redo] = searched[1]
+    return out, (indices if with_indices else None)
+
+
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool):
+    """Dynamic-k forward: (out, indices) with out[b, c] the sum of the k largest weight[c, i] * x[b, i] (in input
+    order) and indices[b, c] (int32) their i, in input order, ties at the k-th value to the first. For k <=
+    :data:`.simd.MAX_NETWORK_K` by the sorted registers, else by the search loops: the same bits either way."""
+    if k > MAX_NETWORK_K:
+        return _linear_forward_searched(x, weight, k, positive_only)
+    return _linear_forward_sorted(x, weight, k, positive_only, with_indices=True)
+
+
+def linear_values(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool) -> torch.Tensor:
+    """The output of :func:`linear_forward` (the same bits) without its indices, for forward passes that save
+    nothing."""
+    if k > MAX_NETWORK_K:
+        return _linear_forward_searched(x, weight, k, positive_only)[0]
+    return _linear_forward_sorted(x, weight, k, positive_only, with_indices=False)[0]
 
 
 def linear_backward(x, weight, indices, grad_out, positive_only: bool, need_x: bool, need_w: bool):

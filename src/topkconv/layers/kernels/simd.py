@@ -320,7 +320,7 @@ if AVAILABLE:
                                    lambda i, product, counted=counted: add_chosen(i, product, counted))
         return builder.load(chosen)
 
-    def _network_block(builder, inputs, weights, first, inside, clamp, slots, total, sums, totals):
+    def _network_block(builder, inputs, weights, first, inside, clamp, slots, total, sums, totals, kths):
         """One block of :func:`top_k_sums_block` for k = len(slots) - 1 (the last slot holds the next largest
         product, to tell ties at the k-th value): both passes and the stores."""
         lanes = builder.load(slots[0]).type
@@ -339,26 +339,28 @@ if AVAILABLE:
         chosen = _sum_in_input_order(builder, inputs, weights, first, inside, clamp, slots[:-1], kth_ties)
         _masked_store(builder, chosen, builder.gep(sums.data, [first]), inside)
         _masked_store(builder, builder.load(total), builder.gep(totals.data, [first]), inside)
+        _masked_store(builder, builder.load(slots[-2]), builder.gep(kths.data, [first]), inside)
 
     @intrinsic
-    def top_k_sums_block(typingctx, xt, w_row, start, k, positive_only, sums_row, totals_row):
+    def top_k_sums_block(typingctx, xt, w_row, start, k, positive_only, sums_row, totals_row, kth_row):
         """sums_row[b] = the sum of the k largest products w_row[i] * xt[i, b], in input order with ties at the
         k-th value to the first inputs (what :func:`.selection.first_k_largest_above` sums, to the bit), and
-        totals_row[b] = the sum of all of them, for the 16 samples b = start + q < xt.shape[1]; under
+        totals_row[b] = the sum of all of them and kth_row[b] the k-th largest, for the 16 samples b = start + q <
+        xt.shape[1]; under
         ``positive_only`` negative products count as 0. xt (in, batch): the inputs transposed; 1 <= k <=
         :data:`MAX_NETWORK_K` and k <= in (another k writes nothing). Where a product is NaN or infinite, the
         total is not finite and the sum meaningless: the caller redoes those samples.
 
         Two passes over the products: the first sinks each through k sorted registers (the k-th value), the
         second adds the chosen ones in order."""
-        _check_c_arrays("top_k_sums_block", (xt, 2), (w_row, 1), (sums_row, 1), (totals_row, 1))
-        if not (isinstance(xt.dtype, types.Float) and len({xt.dtype, w_row.dtype, sums_row.dtype,
-                                                            totals_row.dtype}) == 1):
+        _check_c_arrays("top_k_sums_block", (xt, 2), (w_row, 1), (sums_row, 1), (totals_row, 1), (kth_row, 1))
+        if not (isinstance(xt.dtype, types.Float) and len({xt.dtype, w_row.dtype, sums_row.dtype, totals_row.dtype,
+                                                            kth_row.dtype}) == 1):
             raise TypingError("top_k_sums_block: expected float arrays of one type")
-        signature = types.none(xt, w_row, types.intp, types.intp, types.boolean, sums_row, totals_row)
+        signature = types.none(xt, w_row, types.intp, types.intp, types.boolean, sums_row, totals_row, kth_row)
 
         def codegen(context, builder, sig, args):
-            inputs, weights, first, count, clamp, sums, totals = _arrays(context, builder, sig, args)
+            inputs, weights, first, count, clamp, sums, totals, kths = _arrays(context, builder, sig, args)
             element = context.get_value_type(sig.args[0].dtype)
             lanes = ir.VectorType(element, LANES)
             inside = _lanes_inside(builder, first, builder.extract_value(inputs.shape, 1))
@@ -375,7 +377,7 @@ if AVAILABLE:
                     for branch, clamped in ((positive_only, True), (any_sign, False)):
                         with branch:
                             _network_block(builder, inputs, weights, first, inside, clamped, slots[:size + 1],
-                                           total, sums, totals)
+                                           total, sums, totals, kths)
                 builder.branch(done)
             builder.position_at_end(done)
             return context.get_dummy_value()
@@ -472,7 +474,7 @@ else:  # plain Python, for the loops' uncompiled fallbacks: the same results
             c = chosen[t]
             sums[c, :, :stop - start] += cols_b[:, start:stop] * g_b[c, start:stop]
 
-    def top_k_sums_block(xt, w_row, start, k, positive_only, sums_row, totals_row):
+    def top_k_sums_block(xt, w_row, start, k, positive_only, sums_row, totals_row, kth_row):
         stop = min(start + LANES, xt.shape[1])
         products = xt[:, start:stop] * w_row[:, None]
         if positive_only:
@@ -483,6 +485,7 @@ else:  # plain Python, for the loops' uncompiled fallbacks: the same results
         for j in range(k):  # in input order, as the intrinsic adds them
             chosen += products[taken[j], np.arange(stop - start)]
         sums_row[start:stop] = chosen
+        kth_row[start:stop] = -np.sort(-products, axis=0)[k - 1]
 
     def pack_at_least(row, start, bound, positions, m):
         for i in range(start, start + LANES):
