@@ -677,7 +677,7 @@ def test_topk_linear_runs_the_sorted_registers_for_small_k(monkeypatch):
     torch.testing.assert_close(x.grad, torch.zeros(9, 40).scatter_add_(1, chosen.flatten(1), weights.flatten(1)))
 
 
-def test_top_k_sums_python_fallback_gives_what_the_intrinsic_gives(monkeypatch):
+def test_sorted_registers_python_fallbacks_give_what_the_intrinsics_give(monkeypatch):
     import importlib
 
     import numpy as np
@@ -693,10 +693,21 @@ def test_top_k_sums_python_fallback_gives_what_the_intrinsic_gives(monkeypatch):
         sums, totals, kths = np.full(21, -1.0), np.full(21, -1.0), np.full(21, -1.0)
         compiled(xt, w_row, start, k, positive_only, sums, totals, kths)
         want[start] = sums, totals, kths
+    keys = torch.randint(-5, 6, (7, 21), generator=g).int().numpy()
+    mids, want_counts = keys[3].copy(), np.full(21, -1, np.int32)
+    counting = jit.jit(lambda keys, mids, counts: [simd.count_down_block(keys, mids, s, counts) for s in (0, 16)])
+    counting(keys, mids, want_counts)
+    words = np.array([1, 8, 2**63], np.uint64)
+    want_zeros = jit.jit(lambda words: [simd.trailing_zeros(w) for w in words])(words)
     monkeypatch.setattr(jit, "AVAILABLE", False)
     monkeypatch.setattr(jit, "numba", None)
     fallback = importlib.reload(simd)
     try:
+        counts = np.full(21, -1, np.int32)
+        for start in (0, 16):  # a whole and a partial block of columns
+            fallback.count_down_block(keys, mids, start, counts)
+        assert counts.tolist() == want_counts.tolist() == (keys >= mids).sum(0).tolist()
+        assert [fallback.trailing_zeros(w) for w in words] == list(want_zeros) == [0, 3, 63]
         for start, k, positive_only in ((0, 3, False), (16, 16, True)):
             sums, totals, kths = np.full(21, -1.0), np.full(21, -1.0), np.full(21, -1.0)
             fallback.top_k_sums_block(xt, w_row, start, k, positive_only, sums, totals, kths)

@@ -22,10 +22,11 @@ channels alone) are built the same way.
 :func:`top_k_sums_block` is Dynamic-k's forward value for 16 samples of one output row at once, one sample a lane:
 the k largest products so far held sorted in k vector registers, each new product sinking through them (a max
 and a min per register), so no row is ever searched; a second pass adds the chosen products in input order, so
-the value is the indexed loops' to the bit. For k <= 16 (:data:`MAX_NETWORK_K`; more registers spill) it is
-1.6x faster than the guided search at the quick model's 256 -> 128, k = 13 (2.5x without the second pass, whose
-sums in another order differed in the last bits), and gives no indices: it serves the forward passes that save
-nothing.
+the value is the search loops' to the bit. It also gives each row's k-th value, from which training's forward
+takes the indices. For k <= 16 (:data:`MAX_NETWORK_K`; more registers spill) the value alone takes 0.97 ms
+against the search loops' 2.0 at the quick model's 256 -> 128, k = 13, batch 64 (0.61 ms without the second
+pass, whose largest-first sum differed from theirs in the last bits). :func:`count_down_block` counts a
+bisection's keys down 16 columns at once in one register, and :func:`trailing_zeros` is ``tzcnt``.
 """
 
 from __future__ import annotations
@@ -346,9 +347,8 @@ if AVAILABLE:
         """sums_row[b] = the sum of the k largest products w_row[i] * xt[i, b], in input order with ties at the
         k-th value to the first inputs (what :func:`.selection.first_k_largest_above` sums, to the bit), and
         totals_row[b] = the sum of all of them and kth_row[b] the k-th largest, for the 16 samples b = start + q <
-        xt.shape[1]; under
-        ``positive_only`` negative products count as 0. xt (in, batch): the inputs transposed; 1 <= k <=
-        :data:`MAX_NETWORK_K` and k <= in (another k writes nothing). Where a product is NaN or infinite, the
+        xt.shape[1]; under ``positive_only`` negative products count as 0. xt (in, batch): the inputs transposed;
+        1 <= k <= :data:`MAX_NETWORK_K` and k <= in (another k writes nothing). Where a product is NaN or infinite, the
         total is not finite and the sum meaningless: the caller redoes those samples.
 
         Two passes over the products: the first sinks each through k sorted registers (the k-th value), the
@@ -453,7 +453,6 @@ else:  # plain Python, for the loops' uncompiled fallbacks: the same results
     def trailing_zeros(word):
         word = int(word)
         return (word & -word).bit_length() - 1
-
 
     def taps_block_3x3(w_i, g_b, chosen, n, start, grad_cols_i):
         stop = min(start + LANES, g_b.shape[1])
