@@ -65,6 +65,9 @@ BINARIZATION = [("sap", "eot 4 x 16", "eot", 4, 16, 1), ("sap", "eot 10 x 100", 
                 ("sap", "corner search 100 x 5 draws", "corners", 100, 5, 10),
                 # the budget along each axis, judged over 10 draws: more steps, and more draws per step
                 ("sap", "eot 10 x 1000", "eot", 10, 1000, 10), ("sap", "eot 100 x 100", "eot", 100, 100, 10),
+                # an attack of another kind: AutoAttack's version for random models (APGD-CE, its step-size
+                # schedule and momentum, 20 draws a gradient; APGD-DLR needs three classes, the test has two)
+                ("sap", "apgd-ce rand 20 x 100", "apgd-rand", 20, 100, 10),
                 ("standard", "pgd 16", "pgd", 1, 16, 1),
                 ("standard", "corner search 100 x 5 draws", "corners", 100, 5, 1)]
 
@@ -132,6 +135,7 @@ def corner_search(corners: int, draws: int):
 
 def binarization_attack(kind: str, samples: int, steps: int, eps: float):
     """The attack of a :data:`BINARIZATION` entry at ``eps`` (0-255 units; PGD's step / eps ratio 0.75 / 8)."""
+    from topkconv.attacks.autoattack import autoattack
     from topkconv.attacks.eot import eot_pgd
     from topkconv.attacks.pgd import pgd
 
@@ -140,6 +144,9 @@ def binarization_attack(kind: str, samples: int, steps: int, eps: float):
         return corner_search(samples, steps)
     if kind == "pgd":
         return lambda binarized, xs, ys, radius: pgd(binarized, xs, ys, radius, step, steps, start="random")
+    if kind == "apgd-rand":
+        return lambda binarized, xs, ys, radius: autoattack(binarized, xs, ys, radius, version="rand",
+                                                            attacks=["apgd-ce"], n_iter=steps, eot_iter=samples)
     return lambda binarized, xs, ys, radius: eot_pgd(binarized, xs, ys, radius, step, steps, samples)
 
 
