@@ -28,12 +28,13 @@ def compile_kernels() -> float:
         for criterion in ("max", "sum"):
             conv = TopKConv2d(8, 8, 3, k=3, criterion=criterion, padding=1, impl="numba", dtype=dtype)
             conv(x).sum().backward()
-        features = torch.randn(2, 16, dtype=dtype, generator=generator, requires_grad=True)
+        features = torch.randn(2, 20, dtype=dtype, generator=generator, requires_grad=True)
         for positive_only in (False, True):
-            layer = TopKLinear(16, 4, k=3, positive_only=positive_only, impl="numba", dtype=dtype)
-            layer(features).sum().backward()
-            with torch.inference_mode():  # the forward-only value (simd.top_k_sums_block)
-                layer(features)
+            for k in (3, 17):  # the sorted registers (k <= 16) and the search loops (larger k, non-finite samples)
+                layer = TopKLinear(20, 4, k=k, positive_only=positive_only, impl="numba", dtype=dtype)
+                layer(features).sum().backward()
+                with torch.inference_mode():  # the forward-only value
+                    layer(features)
     stochastic_activation_pruning(torch.rand(2, 16, generator=generator), 0.8, generator)
     return time.perf_counter() - started
 
