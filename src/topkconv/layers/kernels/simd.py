@@ -70,6 +70,9 @@ if AVAILABLE:
         return ir.Constant(ir.IntType(64), value)
 
     def _suffix(element):
+        """LLVM's name for a lane type in an intrinsic's name: f32, f64, or i<width> for integers."""
+        if isinstance(element, ir.IntType):
+            return f"i{element.width}"
         return "f32" if element == ir.FloatType() else "f64"
 
     def _masked_load(builder, pointer, inside, filler):
@@ -81,16 +84,6 @@ if AVAILABLE:
     def _masked_store(builder, value, pointer, inside):
         arguments = [value, builder.bitcast(pointer, value.type.as_pointer()), ir.Constant(ir.IntType(32), 1), inside]
         _intrinsic(builder, f"llvm.masked.store.v16{_suffix(value.type.element)}.p0", ir.VoidType(), arguments)
-
-    def _masked_int_load(builder, pointer, inside, filler):
-        lanes = filler.type
-        name = f"llvm.masked.load.v16i{lanes.element.width}.p0"
-        return _intrinsic(builder, name, lanes, [builder.bitcast(pointer, lanes.as_pointer()),
-                                                 ir.Constant(ir.IntType(32), 1), inside, filler])
-
-    def _masked_int_store(builder, value, pointer, inside):
-        arguments = [value, builder.bitcast(pointer, value.type.as_pointer()), ir.Constant(ir.IntType(32), 1), inside]
-        _intrinsic(builder, f"llvm.masked.store.v16i{value.type.element.width}.p0", ir.VoidType(), arguments)
 
     def _check_c_arrays(name, *arrays):  # (array type, ndim) pairs
         for array, ndim in arrays:
@@ -401,14 +394,14 @@ if AVAILABLE:
             int32s = ir.VectorType(ir.IntType(32), LANES)
             rows, columns = builder.extract_value(rows_of.shape, 0), builder.extract_value(rows_of.shape, 1)
             inside = _lanes_inside(builder, first, columns)
-            middle = _masked_int_load(builder, builder.gep(middles.data, [first]), inside, ir.Constant(lanes, None))
+            middle = _masked_load(builder, builder.gep(middles.data, [first]), inside, ir.Constant(lanes, None))
             total = cgutils.alloca_once_value(builder, ir.Constant(int32s, None))
             with cgutils.for_range(builder, rows) as loop:
                 row = builder.gep(rows_of.data, [builder.add(builder.mul(loop.index, columns), first)])
-                block = _masked_int_load(builder, row, inside, ir.Constant(lanes, None))
+                block = _masked_load(builder, row, inside, ir.Constant(lanes, None))
                 reached = builder.zext(builder.icmp_signed(">=", block, middle), int32s)
                 builder.store(builder.add(builder.load(total), reached), total)
-            _masked_int_store(builder, builder.load(total), builder.gep(totals.data, [first]), inside)
+            _masked_store(builder, builder.load(total), builder.gep(totals.data, [first]), inside)
             return context.get_dummy_value()
 
         return signature, codegen
