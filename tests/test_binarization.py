@@ -36,6 +36,7 @@ def test_passes_on_a_plain_cnn_attacked_with_pgd(cnn, digits_test):
     print("plain CNN, PGD-20:", summary(result))
     assert result.count("invalid") == 0
     assert result.pass_rate >= 0.9 and result.interval[0] > 0.75  # measured: 30 of 30
+    assert result.known_rate == 1.0  # a deterministic model: the known example holds at every judgement
 
 
 def test_passes_on_the_adversarially_trained_cnn(digits_test):
@@ -115,20 +116,25 @@ SAP_N = 20
 def test_a_random_model_is_judged_on_features_averaged_over_draws(sap_mlp, digits_test, draws, attack):
     """SAP's features change with every pass: with repeated inference (20 draws for the fit and the judgement)
     a strong EOT attack passes and a weak one still fails; with one draw fresh draws undo the adversarial
-    example that provably exists, and even the strong attack fails on many examples."""
+    example the readout was fitted on, so validity, judged anew, leaves many examples out, and of the rest even
+    the strong attack fails many."""
     cfg = BinarizationConfig(draws=draws)
     result = binarization_test(sap_mlp, digits_test[0][:SAP_N], strong_eot if attack == "strong" else weak_attack,
                                EPS, cfg)
     print(f"SAP MLP, {attack} attack, {draws} draws:", summary(result))
-    assert result.count("invalid") == 0
     if (draws, attack) == (20, "strong"):
-        # not flagged (the 95% upper bound reaches 0.9); measured 20 of 20, and 19 of 20 when SAP's draws
-        # follow another test order
+        # not flagged (the 95% upper bound reaches 0.9); measured 20 of 20, none invalid, and the known corners
+        # held on 10 of their re-judgements: the attack goes deeper into label 1 than they lie
+        assert result.count("invalid") <= 2
         assert result.pass_rate >= 0.9 and result.interval[1] >= 0.9
+        assert result.known_rate < 1.0
     elif attack == "weak":
-        assert result.pass_rate <= 0.2 and result.interval[1] < 0.5    # measured: 0 of 20
+        assert result.count("invalid") <= 2                           # measured: 1
+        assert result.pass_rate <= 0.2 and result.interval[1] < 0.5    # measured: 1 of 19
     else:
-        assert result.interval[1] < 0.9                                # measured: 8 of 20
+        # measured: 7 of 20 invalid (the fit's labels undone by fresh draws), 4 of 13 passed
+        assert result.count("invalid") >= 3
+        assert result.interval[1] < 0.9
 
 
 @pytest.mark.parametrize("options,key", [({"n_inner": 0}, "n_inner"), ({"eta": 1.0}, "eta"),
