@@ -52,36 +52,44 @@ def expected_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample
 
 def eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
             samples: int, start: str = "random", loss: str = "margin", max_batch: int = 1024,
-            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+            generator: Optional[torch.Generator] = None, restarts: int = 1) -> torch.Tensor:
     """L-inf PGD on the loss averaged over ``samples`` draws of a random model; ``eps`` and ``step_size`` are
     fractions of 1. From a uniform random start in the eps-ball (``start="random"``) or from ``x``, it takes
-    ``steps`` sign steps on the averaged gradient, each projected onto the eps-ball and [0, 1], and returns per
-    example the iterate (the last one judged on fresh draws too) whose draws were most often fooled; ties go to
-    the later iterate. ``generator`` draws the start; the model's own generators draw its randomness."""
+    ``steps`` sign steps on the averaged gradient, each projected onto the eps-ball and [0, 1], ``restarts`` times,
+    and returns per example the iterate (the last one judged on fresh draws too) whose draws were most often
+    fooled over all restarts; ties go to the later iterate. ``generator`` draws the starts; the model's own
+    generators draw its randomness."""
     check_inputs(x, y, eps)
     check_loss(loss)
     if start not in ("random", "zero") or int(steps) != steps or steps < 0 or step_size < 0 or samples < 1 \
-            or max_batch < 1:
-        raise ValueError(f"start, steps, step_size, samples, max_batch: expected 'random' or 'zero', integers steps "
-                         f">= 0, samples >= 1, max_batch >= 1 and step_size >= 0, got {start!r}, {steps}, "
-                         f"{step_size}, {samples}, {max_batch}")
+            or max_batch < 1 or int(restarts) != restarts or restarts < 1:
+        raise ValueError(f"start, steps, step_size, samples, max_batch, restarts: expected 'random' or 'zero', "
+                         f"integers steps >= 0, samples >= 1, max_batch >= 1, restarts >= 1 and step_size >= 0, got "
+                         f"{start!r}, {steps}, {step_size}, {samples}, {max_batch}, {restarts}")
     with attack_mode(model, fast_queries=True) as device:
         x, y = x.detach().to(device), y.to(device)
         low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
-        x_adv = x.clone()
-        if start == "random" and eps > 0:
-            noise = torch.rand(x.shape, generator=generator, device=generator.device if generator is not None
-                               else device, dtype=x.dtype).to(device)
-            x_adv = torch.max(torch.min(x + (2 * noise - 1) * eps, high), low)
-        best, best_share = x_adv.clone(), torch.full((x.shape[0],), -1.0, device=device)
-        for step in range(steps + 1):
-            grad, fooled = expected_gradient(model, x_adv, y, samples, loss, max_batch)
-            share = fooled.float().mean(0)
-            better = share >= best_share
-            best[better], best_share[better] = x_adv[better], share[better]
-            if step < steps:
-                x_adv = torch.max(torch.min(x_adv + step_size * grad.sign(), high), low)
+        best, best_share = x.clone(), torch.full((x.shape[0],), -1.0, device=device)
+        for _ in range(restarts):
+            x_adv = _start(x, eps, start, low, high, generator)
+            for step in range(steps + 1):
+                grad, fooled = expected_gradient(model, x_adv, y, samples, loss, max_batch)
+                share = fooled.float().mean(0)
+                better = share >= best_share
+                best[better], best_share[better] = x_adv[better], share[better]
+                if step < steps:
+                    x_adv = torch.max(torch.min(x_adv + step_size * grad.sign(), high), low)
         return best.detach()
+
+
+def _start(x: torch.Tensor, eps: float, start: str, low: torch.Tensor, high: torch.Tensor,
+           generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The first iterate: ``x`` itself, or a uniform draw in the eps-ball and [0, 1] (``start="random"``)."""
+    if start != "random" or eps == 0:
+        return x.clone()
+    noise = torch.rand(x.shape, generator=generator, device=generator.device if generator is not None else x.device,
+                       dtype=x.dtype).to(x.device)
+    return torch.max(torch.min(x + (2 * noise - 1) * eps, high), low)
 
 
 @dataclass
@@ -97,6 +105,8 @@ class EotBudget:
     # 0.58 expected accuracy where cross-entropy left 0.67 (the softmax of a confident draw saturates).
     loss: str = budget_field(default="margin", flag="--eot-loss", choices=("ce", "margin"),
                              help="EOT-PGD's loss, averaged over the draws: the logit margin or cross-entropy")
+    restarts: int = budget_field(default=1, flag="--eot-restarts", minimum=1,
+                                 help="EOT-PGD random starts; each example keeps the iterate most often fooled")
     max_batch: int = budget_field(default=1024, flag="--eot-max-batch", minimum=1,
                                   help="inputs per forward call of EOT-PGD (the draws of all examples, stacked)")
     # On a random model every attack's adversarial examples (and the clean ones) are judged over this many draws
@@ -112,6 +122,8 @@ class EotBudget:
         check_loss(self.loss)
         if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
             raise ValueError(f"attack.eot_pgd.steps: expected an integer >= 1, or unset, got {self.steps!r}")
+        if isinstance(self.restarts, bool) or not isinstance(self.restarts, int) or self.restarts < 1:
+            raise ValueError(f"attack.eot_pgd.restarts: expected an integer >= 1, got {self.restarts!r}")
         if self.step_size is not None and not self.step_size > 0:
             raise ValueError(f"attack.eot_pgd.step_size: expected a step > 0 (0-255 units), or unset, "
                              f"got {self.step_size!r}")
@@ -121,9 +133,9 @@ class EotBudget:
         ``steps`` unset the steps are [attack.pgd]'s, which this table cannot see: then only the draws per step
         are compared (PGD's steps are judged in its own row)."""
         if self.steps is None:
-            return reference_share(self.samples, REFERENCE_SAMPLES, "AutoAttack's rand version: 20 EOT draws per "
-                                   "step (steps: [attack.pgd]'s)")
-        return reference_share(self.samples * self.steps, REFERENCE_SAMPLES * REFERENCE_STEPS,
+            return reference_share(self.samples * self.restarts, REFERENCE_SAMPLES, "AutoAttack's rand version: 20 "
+                                   "EOT draws per step (steps: [attack.pgd]'s)")
+        return reference_share(self.samples * self.steps * self.restarts, REFERENCE_SAMPLES * REFERENCE_STEPS,
                                "AutoAttack's rand version: 100 iterations x 20 EOT draws")
 
 
@@ -133,11 +145,11 @@ def _plan(ctx: PlanContext, eps: float) -> Planned:
     main_step = budget.step_size if budget.step_size is not None else pgd_budget.step_size
     main_eps = ctx.cfg.eps   # at another radius the step keeps the main step / eps ratio, as PGD's does
     step = main_step if eps == main_eps else (main_step / main_eps if main_eps > 0 else 0.0) * eps
-    params = {"eps": eps, "step_size": step, "steps": steps, "restarts": 1, "start": "random",
+    params = {"eps": eps, "step_size": step, "steps": steps, "restarts": budget.restarts, "start": "random",
               "eot_samples": budget.samples, "loss": budget.loss, "returns": "the iterate most often fooled"}
     return Planned(params, lambda x, y, generator, seed: eot_pgd(
         ctx.model, x, y, eps / 255, step / 255, steps, budget.samples, loss=budget.loss, max_batch=budget.max_batch,
-        generator=generator))
+        generator=generator, restarts=budget.restarts))
 
 
 register(Attack("eot_pgd", _plan, Role.EOT, config=EotBudget, suite="paper", curve=True,
