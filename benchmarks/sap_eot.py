@@ -53,7 +53,8 @@ LONGEST = [("sap-eot10x1000", "sap", BOTH_EPS + ["--eot-samples", "10", "--eot-s
 LONGER = [("sap-eot10x2000", "sap", ONLY_24 + ["--eot-samples", "10", "--eot-steps", "2000"])]
 SMOKE_GRID = [("standard-pgd16", "standard", BOTH_EPS + ["--steps", "2"]),
               ("sap-eot2x3", "sap", BOTH_EPS + ["--eot-samples", "2", "--eot-steps", "3", "--steps", "2"])]
-# (model, label, kind, samples, steps, draws): the quick and the large EOT budget on SAP, PGD-16 on the standard
+# (model, label, kind, samples, steps, draws[, EOT-PGD's other keyword arguments]): the quick and the large EOT
+# budget on SAP, PGD-16 on the standard
 # model (the control that must pass), and on both a corner search (samples corners x steps draws each): it tries the
 # kind of point the readout was fitted to label 1, so it shows whether a redraw of SAP keeps such points adversarial.
 # draws: forward passes whose mean features the readout is fitted on and a point is judged by
@@ -68,6 +69,9 @@ BINARIZATION = [("sap", "eot 4 x 16", "eot", 4, 16, 1), ("sap", "eot 10 x 100", 
                 # an attack of another kind: AutoAttack's version for random models (APGD-CE, its step-size
                 # schedule and momentum, 20 draws a gradient; APGD-DLR needs three classes, the test has two)
                 ("sap", "apgd-ce rand 20 x 100", "apgd-rand", 20, 100, 10),
+                # EOT-PGD with other knobs than its budget: four random starts, and cross-entropy instead of the margin
+                ("sap", "eot 10 x 100, 4 restarts", "eot", 10, 100, 10, {"restarts": 4}),
+                ("sap", "eot 10 x 100, cross-entropy", "eot", 10, 100, 10, {"loss": "ce"}),
                 ("standard", "pgd 16", "pgd", 1, 16, 1),
                 ("standard", "corner search 100 x 5 draws", "corners", 100, 5, 1)]
 
@@ -133,8 +137,9 @@ def corner_search(corners: int, draws: int):
     return attack
 
 
-def binarization_attack(kind: str, samples: int, steps: int, eps: float):
-    """The attack of a :data:`BINARIZATION` entry at ``eps`` (0-255 units; PGD's step / eps ratio 0.75 / 8)."""
+def binarization_attack(kind: str, samples: int, steps: int, eps: float, options: dict):
+    """The attack of a :data:`BINARIZATION` entry at ``eps`` (0-255 units; PGD's step / eps ratio 0.75 / 8);
+    ``options``: more keyword arguments of EOT-PGD."""
     from topkconv.attacks.autoattack import autoattack
     from topkconv.attacks.eot import eot_pgd
     from topkconv.attacks.pgd import pgd
@@ -147,7 +152,7 @@ def binarization_attack(kind: str, samples: int, steps: int, eps: float):
     if kind == "apgd-rand":
         return lambda binarized, xs, ys, radius: autoattack(binarized, xs, ys, radius, version="rand",
                                                             attacks=["apgd-ce"], n_iter=steps, eot_iter=samples)
-    return lambda binarized, xs, ys, radius: eot_pgd(binarized, xs, ys, radius, step, steps, samples)
+    return lambda binarized, xs, ys, radius: eot_pgd(binarized, xs, ys, radius, step, steps, samples, **options)
 
 
 def binarization(runs: Path, examples: int, steps_scale: float, log: list, done: list) -> list:
@@ -160,14 +165,14 @@ def binarization(runs: Path, examples: int, steps_scale: float, log: list, done:
 
     found = []
     kept = {(b["model"], b["attack"], b["eps"], b.get("draws", 1)): b for b in done if b.get("examples") == examples}
-    for model_name, label, kind, samples, steps, draws in BINARIZATION:
+    for model_name, label, kind, samples, steps, draws, *options in BINARIZATION:
         model, spec = load_checkpoint(runs / model_name)
         x, _ = load_data(spec.data).test_tensors(limit=examples)
         for eps in (8, 24):
             if (model_name, label, eps, draws) in kept:
                 found.append({"draws": 1, **kept[model_name, label, eps, draws]})
                 continue
-            attack = binarization_attack(kind, samples, max(1, round(steps * steps_scale)), eps)
+            attack = binarization_attack(kind, samples, max(1, round(steps * steps_scale)), eps, *(options or [{}]))
             tic = time.perf_counter()
             with seeded(model, 0):
                 result = binarization_test(model, x, attack, eps / 255, BinarizationConfig(seed=0, draws=draws))

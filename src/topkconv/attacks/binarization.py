@@ -235,20 +235,31 @@ def binarization_test(model: nn.Module, x: torch.Tensor, attack: Attack, eps: fl
     result = BinarizationResult(eps=eps, confidence=cfg.confidence)
     layer = feature_layer(model)
     with attack_mode(model) as device:
-        for image in x.detach().cpu():
-            points, labels = binary_task(image, eps, cfg, generator)
-            features = _mean_features(model, layer, points.to(device), cfg.draws)
-            readout = fit_readout(features, labels, cfg)
-            if readout is None:
-                result.outcomes.append("invalid")
-                continue
-            binarized = Binarized(model, readout)
-            clean = image[None].to(device)
-            known = _known_adversarial(binarized, clean, points[labels == 1].to(device), cfg.draws)
-            if known is None:
-                result.outcomes.append("invalid")
-                continue
-            result.known_holds.append(_found(binarized, clean, known, eps, cfg.draws))
-            x_adv = attack(binarized, clean, torch.zeros(1, dtype=torch.long, device=device), eps)
-            result.outcomes.append("pass" if _found(binarized, clean, x_adv, eps, cfg.draws) else "fail")
+        # every task is fitted and judged valid before any attack runs: the attack's own use of a random model's
+        # draws cannot change which examples are valid, so every attack at the same seed meets the same tasks
+        tasks = [_valid_task(model, layer, image, eps, cfg, generator, device) for image in x.detach().cpu()]
+        result.known_holds = [_found(binarized, clean, known, eps, cfg.draws) for binarized, clean, known in
+                              filter(None, tasks)]
+        result.outcomes = ["invalid" if task is None else _attacked(task, attack, eps, cfg.draws) for task in tasks]
     return result
+
+
+def _attacked(task: tuple, attack: Attack, eps: float, draws: int) -> str:
+    """"pass" when ``attack`` finds an adversarial example of the task's binarized model, else "fail"."""
+    binarized, clean, _ = task
+    x_adv = attack(binarized, clean, torch.zeros(1, dtype=torch.long, device=clean.device), eps)
+    return "pass" if _found(binarized, clean, x_adv, eps, draws) else "fail"
+
+
+def _valid_task(model: nn.Module, layer: nn.Linear, image: torch.Tensor, eps: float, cfg: BinarizationConfig,
+                generator: torch.Generator, device) -> Optional[tuple]:
+    """(binarized model, clean image, its known adversarial example) of one image's binary task, or None when the
+    task is invalid (no separating readout, or the fit's labels do not hold when judged anew)."""
+    points, labels = binary_task(image, eps, cfg, generator)
+    readout = fit_readout(_mean_features(model, layer, points.to(device), cfg.draws), labels, cfg)
+    if readout is None:
+        return None
+    binarized = Binarized(model, readout)
+    clean = image[None].to(device)
+    known = _known_adversarial(binarized, clean, points[labels == 1].to(device), cfg.draws)
+    return None if known is None else (binarized, clean, known)
