@@ -72,6 +72,9 @@ BINARIZATION = [("sap", "eot 4 x 16", "eot", 4, 16, 1), ("sap", "eot 10 x 100", 
                 # EOT-PGD with other knobs than its budget: four random starts, and cross-entropy instead of the margin
                 ("sap", "eot 10 x 100, 4 restarts", "eot", 10, 100, 10, {"restarts": 4}),
                 ("sap", "eot 10 x 100, cross-entropy", "eot", 10, 100, 10, {"loss": "ce"}),
+                # the judgement's own noise: features averaged over 100 draws for the fit and the judgement
+                ("sap", "eot 10 x 100", "eot", 10, 100, 100),
+                ("sap", "corner search 100 x 5 draws", "corners", 100, 5, 100),
                 ("standard", "pgd 16", "pgd", 1, 16, 1),
                 ("standard", "corner search 100 x 5 draws", "corners", 100, 5, 1)]
 

@@ -114,6 +114,15 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, eps: Optional[float] = None) 
 
 
 @torch.no_grad()
+def uniform_start(x: torch.Tensor, eps: float, low: torch.Tensor, high: torch.Tensor,
+                  generator: Optional[torch.Generator]) -> torch.Tensor:
+    """A random start: ``x`` plus uniform noise in [-eps, eps], clamped to [low, high] (the eps-ball within
+    [0, 1]); the noise drawn by ``generator`` on its own device (the global generator when None)."""
+    device = generator.device if generator is not None else x.device
+    noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    return torch.clamp(x + (2 * noise - 1) * eps, low, high)
+
+
 def predict(model: nn.Module, x: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
     """Predicted labels, on the model's device, in eval mode, in batches of ``batch_size``."""
     with attack_mode(model) as device:

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import attack_mode, check_inputs
+from .common import attack_mode, check_inputs, uniform_start
 from .gradient import attack_loss, check_loss
 from .registry import Attack, PlanContext, Planned, Role, budget_field, reference_share, register
 
@@ -55,10 +55,10 @@ def eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step
             generator: Optional[torch.Generator] = None, restarts: int = 1) -> torch.Tensor:
     """L-inf PGD on the loss averaged over ``samples`` draws of a random model; ``eps`` and ``step_size`` are
     fractions of 1. From a uniform random start in the eps-ball (``start="random"``) or from ``x``, it takes
-    ``steps`` sign steps on the averaged gradient, each projected onto the eps-ball and [0, 1], ``restarts`` times,
-    and returns per example the iterate (the last one judged on fresh draws too) whose draws were most often
-    fooled over all restarts; ties go to the later iterate. ``generator`` draws the starts; the model's own
-    generators draw its randomness."""
+    ``steps`` sign steps on the averaged gradient, each projected onto the eps-ball and [0, 1], ``restarts`` times
+    (every start after the first at random, as in PGD), and returns per example the iterate (the last one judged
+    on fresh draws too) whose draws were most often fooled over all restarts; ties go to the later iterate.
+    ``generator`` draws the starts; the model's own generators draw its randomness."""
     check_inputs(x, y, eps)
     check_loss(loss)
     if start not in ("random", "zero") or int(steps) != steps or steps < 0 or step_size < 0 or samples < 1 \
@@ -70,8 +70,9 @@ def eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step
         x, y = x.detach().to(device), y.to(device)
         low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
         best, best_share = x.clone(), torch.full((x.shape[0],), -1.0, device=device)
-        for _ in range(restarts):
-            x_adv = _start(x, eps, start, low, high, generator)
+        for restart in range(restarts):
+            random_start = (start == "random" or restart > 0) and eps > 0
+            x_adv = uniform_start(x, eps, low, high, generator) if random_start else x.clone()
             for step in range(steps + 1):
                 grad, fooled = expected_gradient(model, x_adv, y, samples, loss, max_batch)
                 share = fooled.float().mean(0)
@@ -80,16 +81,6 @@ def eot_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step
                 if step < steps:
                     x_adv = torch.max(torch.min(x_adv + step_size * grad.sign(), high), low)
         return best.detach()
-
-
-def _start(x: torch.Tensor, eps: float, start: str, low: torch.Tensor, high: torch.Tensor,
-           generator: Optional[torch.Generator]) -> torch.Tensor:
-    """The first iterate: ``x`` itself, or a uniform draw in the eps-ball and [0, 1] (``start="random"``)."""
-    if start != "random" or eps == 0:
-        return x.clone()
-    noise = torch.rand(x.shape, generator=generator, device=generator.device if generator is not None else x.device,
-                       dtype=x.dtype).to(x.device)
-    return torch.max(torch.min(x + (2 * noise - 1) * eps, high), low)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..layers import dense_gradients
-from .common import attack_mode, check_inputs, trace_for
+from .common import attack_mode, check_inputs, trace_for, uniform_start
 from .gradient import attack_loss, check_loss, fooled_by, input_gradient, per_example
 from .registry import Attack, PlanContext, Planned, Role, budget_field, reference_share, register
 
@@ -61,11 +61,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
         x_adv = x
         for restart in range(restarts):
-            x_adv = x.clone()
-            if (start == "random" or restart > 0) and eps > 0:
-                gen_device = generator.device if generator is not None else device
-                noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
-                x_adv = torch.clamp(x + (2 * noise.to(device) - 1) * eps, low, high)
+            random_start = (start == "random" or restart > 0) and eps > 0
+            x_adv = uniform_start(x, eps, low, high, generator) if random_start else x.clone()
             for step in range(steps + 1):
                 if step < steps:
                     grad, logits = input_gradient(model, x_adv, y, loss, targeted, eot_samples)
