@@ -113,31 +113,39 @@ def strong_eot(model, x, y, eps):
 SAP_N = 20
 
 
-@pytest.mark.parametrize("draws, attack", [(20, "strong"), (20, "weak"), (1, "strong")])
+@pytest.mark.parametrize("draws, attack", [(100, "strong"), (100, "weak"), (1, "strong")])
 def test_a_random_model_is_judged_on_features_averaged_over_draws(sap_mlp, digits_test, draws, attack):
-    """SAP's features change with every pass: with repeated inference (20 draws for the fit and the judgement)
-    a strong EOT attack passes and a weak one still fails; with one draw fresh draws undo the adversarial
-    example the readout was fitted on, so validity, judged anew, leaves many examples out, and of the rest even
-    the strong attack fails many."""
+    """SAP's features change with every pass: with repeated inference (100 draws for the fit and every
+    judgement) a strong EOT attack passes and a weak one still fails; with one draw fresh draws undo the
+    adversarial example the readout was fitted on, so validity, judged anew and confirmed, leaves almost every
+    example out."""
     cfg = BinarizationConfig(draws=draws)
     with seeded(sap_mlp, 0):   # SAP's draws as in a run of this test alone, whatever ran before it
         result = binarization_test(sap_mlp, digits_test[0][:SAP_N], strong_eot if attack == "strong" else weak_attack,
                                    EPS, cfg)
     print(f"SAP MLP, {attack} attack, {draws} draws:", summary(result))
-    # measured under SAP seeds 0-3 (seed 0 in brackets)
-    if (draws, attack) == (20, "strong"):
-        # not flagged (the 95% upper bound reaches 0.9): 19-20 passes of 19-20 valid [20 of 20]; the known corners
-        # held on 9-11 of their re-judgements [9]: the attack goes deeper into label 1 than they lie
-        assert result.count("invalid") <= 2
+    # measured under SAP seeds 0-2 (seed 0 in brackets)
+    if (draws, attack) == (100, "strong"):
+        # not flagged (the 95% upper bound reaches 0.9): every one of 13-18 valid examples passed [18 of 18]
+        assert result.count("invalid") <= 7
         assert result.pass_rate >= 0.9 and result.interval[1] >= 0.9
-        assert result.known_rate < 1.0
     elif attack == "weak":
-        assert result.count("invalid") <= 2                           # 0-1 [0]
-        assert result.pass_rate <= 0.2 and result.interval[1] < 0.5    # 0-2 passes [2 of 20]
+        assert result.count("invalid") <= 7                           # 2-7 [2]
+        assert result.pass_rate <= 0.2 and result.interval[1] < 0.5    # 0 passes [0 of 18]
     else:
-        # the fit's labels undone by fresh draws: 3-7 of 20 invalid [7]; 4-8 passes of 13-17 valid [8 of 13]
-        assert result.count("invalid") >= 3
-        assert result.interval[1] < 0.9
+        assert result.count("invalid") >= 15                           # 18-19 [18]
+
+
+def test_a_random_models_known_example_holds_more_often_over_more_draws(sap_mlp, digits_test):
+    """The judgement's noise, as known_rate shows it: the confirmed corners of the SAP MLP's tasks hold on a third
+    judgement about half the time at 20 draws, and mostly at 400. Measured under SAP seeds 0-2: 0.33-0.6 of 6-9
+    valid examples at 20 draws, 0.84-0.95 of 19 at 400."""
+    rates = {}
+    for draws in (20, 400):
+        with seeded(sap_mlp, 0):
+            rates[draws] = binarization_test(sap_mlp, digits_test[0][:SAP_N], weak_attack, EPS,
+                                             BinarizationConfig(draws=draws)).known_rate
+    assert rates[20] <= 0.7 and rates[400] >= 0.8, rates
 
 
 def test_a_random_models_valid_examples_do_not_depend_on_the_attack(sap_mlp, digits_test):
@@ -146,7 +154,7 @@ def test_a_random_models_valid_examples_do_not_depend_on_the_attack(sap_mlp, dig
     found = {}
     for name, attack in (("strong", strong_eot), ("weak", weak_attack)):
         with seeded(sap_mlp, 7):
-            found[name] = binarization_test(sap_mlp, digits_test[0][:SAP_N], attack, EPS, BinarizationConfig(draws=1))
+            found[name] = binarization_test(sap_mlp, digits_test[0][:SAP_N], attack, EPS, BinarizationConfig(draws=20))
     invalid = {name: [o == "invalid" for o in result.outcomes] for name, result in found.items()}
     assert invalid["strong"] == invalid["weak"] and any(invalid["weak"]) and not all(invalid["weak"])
     assert found["strong"].known_holds == found["weak"].known_holds

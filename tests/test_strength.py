@@ -167,18 +167,24 @@ def test_a_random_model_is_judged_over_draws_and_its_worst_case_is_taken_within_
     assert max(worst["by_draw"]) > min(worst["by_draw"])
 
 
-@pytest.mark.parametrize("draws, expected", [(20, "pass"), (1, "flag")])
-def test_the_binarization_test_of_a_random_model_averages_its_features_over_draws(sap_mlp, digits_test, draws,
-                                                                                   expected):
-    """EOT-PGD 16 x 16 on SAP: judged on features averaged over 20 passes it passes (measured: 11 of 12); on
-    one draw fresh draws undo the adversarial example that exists, and the test wrongly says "too weak" (5 of
-    12)."""
+@pytest.mark.parametrize("draws", [100, 1])
+def test_the_binarization_test_of_a_random_model_averages_its_features_over_draws(sap_mlp, digits_test, draws):
+    """EOT-PGD 16 x 16 on SAP: judged on features averaged over 100 passes it passes (measured: 11 of 11 valid);
+    on one draw fresh draws undo the corners the readout was fitted on, so almost no task is valid (11 of 12
+    invalid), and the few left cannot say "too weak" (before validity was judged anew, one draw made the test
+    wrongly flag the attack: 5 of 12 passed). The evaluation seeds the model for the test, so these hold
+    whatever ran before."""
     cfg = dataclasses.replace(CHEAP_FULL, indicators=dataclasses.replace(CHEAP_FULL.indicators,
                                                                          binarization_draws=draws))
     result = evaluate(sap_mlp, *digits_test, cfg.with_budget("eot_pgd", samples=16), progress=False)
     found = result["indicators"]["binarization"]
-    assert (found["attack"], found["draws"], found["verdict"]) == ("eot_pgd", draws, expected), found
-    assert (result["verdict"]["verdict"] == "attack too weak") == (expected == "flag")
+    print(draws, {k: found.get(k) for k in ("passes", "fails", "invalid", "known_rate", "verdict")})
+    assert (found["attack"], found["draws"]) == ("eot_pgd", draws), found
+    if draws == 100:
+        assert found["verdict"] == "pass" and found["invalid"] <= 4 and found["pass_rate"] >= 0.9, found
+    else:
+        assert found["invalid"] >= 9 and found["verdict"] != "flag", found
+    assert result["verdict"]["verdict"] != "attack too weak"
 
 
 def test_binarization_draws_below_one_are_refused():

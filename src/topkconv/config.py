@@ -162,11 +162,12 @@ class IndicatorConfig:
     # on about all examples, its broken ones on few), and judging the upper bound means a small sample flags only
     # when the data rule out a 90% pass rate (0 of 5 passes: bound 0.52; 2 of 5: 0.85; 3 of 5: 0.95, not flagged).
     binarization_threshold: float = 0.9
-    # On a random model (SAP) the readout is fitted on, and the attack's point judged by, features averaged over
-    # this many forward passes (the reference's repeated inference); one draw lets fresh draws undo the example
-    # that provably exists (measured on the digits SAP MLP at 32/255: EOT-PGD 40 x 16 passes 8 of 20 with one
-    # draw, 20 of 20 with 20).
-    binarization_draws: int = 20
+    # On a random model (SAP) the readout is fitted on, and every point judged by, features averaged over this
+    # many forward passes (the reference's repeated inference). Too few and the draws' noise decides the labels:
+    # on the digits SAP MLP at 32/255 (20 examples), a valid task's known corner held on a third judgement on
+    # 0.33-0.6 of them at 20 draws and 0.84-0.95 at 400, and with one draw 18-19 of 20 tasks were invalid;
+    # at 100 draws EOT-PGD 40 x 16 passed every one of 13-18 valid examples, one step of eps / 10 none.
+    binarization_draws: int = 100
 
     def __post_init__(self):
         if not isinstance(self.binarization_draws, int) or self.binarization_draws < 1:

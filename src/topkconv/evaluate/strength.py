@@ -62,8 +62,9 @@ def binarization_indicator(model: nn.Module, x: torch.Tensor, plan: Plan, summar
     for attack in whitebox_candidates(plan, summary):
         seed = attack_seed(cfg.seed, -2, f"binarization/{attack.name}")
         try:
-            result = binarization_test(model, x[:m], _on_binarized(attack, cfg, traits, seed), cfg.eps / 255,
-                                       binarization)
+            with seeded(model, seed):   # a random model's fits and judgements too: the same draws whatever ran before
+                result = binarization_test(model, x[:m], _on_binarized(attack, cfg, traits, seed), cfg.eps / 255,
+                                           binarization)
         except (ValueError, RuntimeError, IndexError, AssertionError) as error:
             skipped[attack.name] = f"{type(error).__name__}: {error}"[:200]
             continue
