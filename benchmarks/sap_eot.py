@@ -72,9 +72,12 @@ BINARIZATION = [("sap", "eot 4 x 16", "eot", 4, 16, 1), ("sap", "eot 10 x 100", 
                 # EOT-PGD with other knobs than its budget: four random starts, and cross-entropy instead of the margin
                 ("sap", "eot 10 x 100, 4 restarts", "eot", 10, 100, 10, {"restarts": 4}),
                 ("sap", "eot 10 x 100, cross-entropy", "eot", 10, 100, 10, {"loss": "ce"}),
-                # the judgement's own noise: features averaged over 100 draws for the fit and the judgement
+                # the judgement's own noise: features averaged over 100 (400) draws for the fit and every judgement
                 ("sap", "eot 10 x 100", "eot", 10, 100, 100),
                 ("sap", "corner search 100 x 5 draws", "corners", 100, 5, 100),
+                ("sap", "eot 10 x 1000", "eot", 10, 1000, 100), ("sap", "eot 100 x 100", "eot", 100, 100, 100),
+                ("sap", "apgd-ce rand 20 x 100", "apgd-rand", 20, 100, 100),
+                ("sap", "eot 10 x 100", "eot", 10, 100, 400),
                 ("standard", "pgd 16", "pgd", 1, 16, 1),
                 ("standard", "corner search 100 x 5 draws", "corners", 100, 5, 1)]
 
