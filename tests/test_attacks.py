@@ -314,3 +314,14 @@ def test_zeroth_order_reference_schedule_runs_the_notebooks_forward_passes(sched
     assert total_pairs("reference", PAPER_STEPS) == 20 * 50 + 20 * 500 + 60 * 10000
     assert total_pairs(schedule, PAPER_STEPS) == total_pairs("reference", PAPER_STEPS) * per_example[0] // 100
     assert SCHEDULES["reference"] == [[0, 50], [20, 500], [40, 10000]]
+
+
+def test_predictions_and_accuracies_build_no_autograd_graph(mlp, digits_test):
+    """Judging examples is forward-only: the model runs with gradients off (no graph to build or keep)."""
+    modes = []
+    handle = mlp.register_forward_hook(lambda module, inputs, output: modes.append(torch.is_grad_enabled()))
+    try:
+        accuracy(mlp, *digits_test)
+    finally:
+        handle.remove()
+    assert modes and not any(modes)

@@ -113,7 +113,6 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, eps: Optional[float] = None) 
                          f"(the API takes 8/255, not 8), got {eps}")
 
 
-@torch.no_grad()
 def uniform_start(x: torch.Tensor, eps: float, low: torch.Tensor, high: torch.Tensor,
                   generator: Optional[torch.Generator]) -> torch.Tensor:
     """A random start: ``x`` plus uniform noise in [-eps, eps], clamped to [low, high] (the eps-ball within
@@ -123,6 +122,7 @@ def uniform_start(x: torch.Tensor, eps: float, low: torch.Tensor, high: torch.Te
     return torch.clamp(x + (2 * noise - 1) * eps, low, high)
 
 
+@torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
     """Predicted labels, on the model's device, in eval mode, in batches of ``batch_size``."""
     with attack_mode(model) as device:
