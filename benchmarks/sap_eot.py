@@ -54,9 +54,9 @@ LONGER = [("sap-eot10x2000", "sap", ONLY_24 + ["--eot-samples", "10", "--eot-ste
 SMOKE_GRID = [("standard-pgd16", "standard", BOTH_EPS + ["--steps", "2"]),
               ("sap-eot2x3", "sap", BOTH_EPS + ["--eot-samples", "2", "--eot-steps", "3", "--steps", "2"])]
 # (model, label, kind, samples, steps, draws[, EOT-PGD's other keyword arguments]): the quick and the large EOT
-# budget on SAP, PGD-16 on the standard
-# model (the control that must pass), and on both a corner search (samples corners x steps draws each): it tries the
-# kind of point the readout was fitted to label 1, so it shows whether a redraw of SAP keeps such points adversarial.
+# budget on SAP, PGD-16 on the standard model (the control that must pass), and on both a corner search (samples
+# corners x steps draws each): it tries the kind of point the readout was fitted to label 1, so it shows whether a
+# redraw of SAP keeps such points adversarial.
 # draws: forward passes whose mean features the readout is fitted on and a point is judged by
 # (BinarizationConfig.draws, what `evaluate --suite full` uses on a random model). On one draw, SAP's fresh draws
 # undid the adversarial examples the readout made (the corner control passed 5 of 20): the test could not decide.
