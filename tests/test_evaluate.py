@@ -299,6 +299,18 @@ def test_paper_suite_is_fgsm_and_pgd_at_each_eps(mlp, digits_test):
     assert result["eps_curve"] == []
 
 
+def test_a_log_gets_a_line_per_attack_and_a_switched_off_progress_prints_nothing(mlp, digits_test, capsys):
+    x, y = digits_test
+    cfg = AttackConfig(suite="paper", eps=8, n_examples=20, eps_curve=[])
+    evaluate(mlp, x, y, cfg, progress=True)  # stderr is captured: not a terminal, so lines, not a bar
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "evaluate: clean", "evaluate: fgsm", "evaluate: pgd_zero", "evaluate: pgd_random"]
+    assert lines[-1].startswith("evaluate: pgd_random (4/4), ") and lines[-1].endswith(" s")
+    evaluate(mlp, x, y, cfg, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_evaluate_leaves_the_model_in_its_mode(mlp, digits_test):
     model = mlp.train()
     x, y = digits_test

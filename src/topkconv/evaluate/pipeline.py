@@ -11,6 +11,7 @@ from torch import nn
 
 from ..attacks.common import attack_mode, model_device
 from ..config import AttackConfig
+from ..progress import Progress
 from .judge import judge
 from .measure import measure_indicators
 from .plan import check_config, model_traits, plan_attacks
@@ -43,7 +44,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
         num_classes = model(x[:1].to(device)).shape[1]
     traits = model_traits(model, x, cfg.indicators)
     plan = plan_attacks(model, cfg, traits, surrogate)
+    # a line before each stage of the full suite after the attacks (on a terminal too: they have no bar)
+    stage = Progress(0, "evaluate", enabled=progress and cfg.suite == "full" and world()[0] == 0).say
     outcomes = run_plan(model, x, y, plan, cfg, progress)
+    stage(f"attacks done; the indicators on {min(x.shape[0], cfg.indicators.examples)} examples")
     # The indicators that need the model run on the first examples, on rank 0; the others get its result.
     measured = measure_indicators(model, x, y, cfg, surrogate) if cfg.suite == "full" and world()[0] == 0 else {}
     outcomes, measured = gather(outcomes, measured)
@@ -51,6 +55,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConf
     summary = summarise(plan, outcomes, n, len(range(0, n, cfg.batch_size)))
     if cfg.suite == "full":
         tic = time.perf_counter()
+        stage("indicators done; the binarization test")
         measured["binarization"] = binarization_indicator(model, x, plan, summary, cfg, traits)
         measured["binarization"]["seconds"] = time.perf_counter() - tic
     indicators, found_checks, line = judge(plan, summary, traits, cfg, num_classes, measured)

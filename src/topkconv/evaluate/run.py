@@ -8,7 +8,6 @@ number of processes or on the order the chunks run in.
 
 from __future__ import annotations
 
-import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import nn
 from ..attacks.common import correct, model_device, recording_traces, seeded
 from ..attacks.registry import Role
 from ..config import AttackConfig
+from ..progress import Progress
 from .plan import Plan, PlannedAttack
 
 
@@ -180,16 +180,16 @@ def _traced(attack: PlannedAttack, plan: Plan, cfg: AttackConfig, offset: int) -
             and offset < cfg.indicators.examples)
 
 
-def _attack_chunk(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys, outcomes: Outcomes, bar) -> dict:
+def _attack_chunk(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys, outcomes: Outcomes,
+                  bar: Progress) -> dict:
     device = model_device(model)
     offset = index * cfg.batch_size
     clean = _timed(outcomes, "clean", device, lambda: _clean(model, plan, cfg, index, xs, ys))
     result, base = {"clean": clean.once.cpu()}, set(plan.cascade_base())
     survivors = Judged(clean.once.clone(), clean.draws, None if clean.per_draw is None else clean.per_draw.clone())
     drawn = outcomes.draws.setdefault(index, {"clean": clean.per_draw.cpu()}) if plan.draws else None
-    bar.update()
+    bar.step("clean")
     for attack in plan.attacks:
-        bar.set_postfix_str(attack.name)
         seed = attack_seed(cfg.seed, index, attack.name)
         record = outcomes.traces.setdefault(attack.name, []) if _traced(attack, plan, cfg, offset) else None
         with seeded(model, seed) as generator:
@@ -207,23 +207,21 @@ def _attack_chunk(model, plan: Plan, cfg: AttackConfig, index: int, xs, ys, outc
         result[attack.name] = robust.cpu()
         if drawn is not None:
             drawn[attack.name] = per_draw.cpu()
-        bar.update()
+        bar.step(attack.name)
     return result
 
 
 def run_plan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Plan, cfg: AttackConfig,
              progress: bool = True) -> Outcomes:
-    """Every attack of ``plan`` on this rank's chunks of ``(x, y)``; the masks of every rank, gathered."""
-    from tqdm import tqdm
-
+    """Every attack of ``plan`` on this rank's chunks of ``(x, y)``; the masks of every rank, gathered.
+    ``progress``: a bar on a terminal, a line per attack in a log (rank 0 only)."""
     device = model_device(model)
     chunks = list(range(0, x.shape[0], cfg.batch_size))
     rank, world_size = world()
     mine = chunk_order(len(chunks), rank, world_size)
     outcomes = Outcomes(seconds=dict.fromkeys(["clean"] + [a.name for a in plan.attacks], 0.0),
                         attacked={a.name: 0 for a in plan.attacks if a.cascade})
-    bar = tqdm(total=len(mine) * (len(plan.attacks) + 1), desc="evaluate", unit="attack",
-               disable=not progress or rank != 0 or not sys.stderr.isatty())
+    bar = Progress(len(mine) * (len(plan.attacks) + 1), "evaluate", unit="attack", enabled=progress and rank == 0)
     for index in mine:
         xs = x[chunks[index]:chunks[index] + cfg.batch_size].to(device)
         ys = y[chunks[index]:chunks[index] + cfg.batch_size].to(device)
