@@ -188,6 +188,16 @@ def test_cli_trains_digits_and_the_checkpoint_loads(tmp_path, capsys):
     assert model(torch.rand(2, 1, 16, 16)).shape == (2, 10)
 
 
+def test_a_log_gets_a_line_per_epoch_and_no_bar(tmp_path, capsys):
+    argv = ["train", "--dataset", "digits", "--width", "0.25", "--image-size", "16", "--limit-train", "64",
+            "--limit-test", "32", "--batch-size", "16", "--epochs", "2"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0  # stderr is captured: not a terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err and [line.split(":")[0] for line in err.splitlines()] == ["epoch 1/2", "epoch 2/2"]
+    assert main(argv + ["--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_spec_file_errors_name_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nepochz = 3\n")

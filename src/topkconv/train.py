@@ -172,7 +172,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer, scheduler=No
     model.train()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     steps = 0
-    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr)
+    # a bar on a terminal only: in a log a bar is a stream of carriage returns; the epoch lines are the log's
+    bar = tqdm(batches, total=total, desc=desc, disable=not (progress and sys.stderr.isatty()), leave=False,
+               file=sys.stderr)
     for step, (x, y) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
