@@ -192,6 +192,27 @@ def test_binarization_draws_below_one_are_refused():
         AttackConfig(indicators={"binarization_draws": 0})
 
 
+@pytest.mark.parametrize("value, expected", [("400", 400), ("0", "argument --binarization-draws: expected an "
+                                                                 "integer >= 1, got 0")], ids=["set", "zero"])
+def test_cli_binarization_draws_override_the_runs_and_zero_is_refused_by_name(value, expected, tmp_path, capsys):
+    """A run's spec pins the draws it was made with (earlier runs: 20); the flag is how an evaluation raises them."""
+    import json
+
+    from test_evaluate import _tiny_checkpoint
+    from topkconv.cli import main
+
+    run = _tiny_checkpoint(tmp_path / "run", defense="standard")
+    try:
+        status = main(["evaluate", str(run), "--n", "4", "--no-progress", "--binarization-draws", value])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    if isinstance(expected, int):
+        assert status == 0
+        assert json.loads((run / "eval.json").read_text())["config"]["indicators"]["binarization_draws"] == expected
+    else:
+        assert status == 2 and expected in capsys.readouterr().err and not (run / "eval.json").exists()
+
+
 def test_a_deterministic_model_has_no_draws(evaluated):
     assert evaluated("plain")["over_draws"] is None and "over_draws" not in evaluated("plain")["worst_case"]
 

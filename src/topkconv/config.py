@@ -167,7 +167,9 @@ class IndicatorConfig:
     # on the digits SAP MLP at 32/255 (20 examples), a valid task's known corner held on a third judgement on
     # 0.33-0.6 of them at 20 draws and 0.84-0.95 at 400, and with one draw 18-19 of 20 tasks were invalid;
     # at 100 draws EOT-PGD 40 x 16 passed every one of 13-18 valid examples, one step of eps / 10 none.
-    binarization_draws: int = 100
+    binarization_draws: int = field(default=100, metadata={
+        "flag": "--binarization-draws", "minimum": 1,
+        "help": "forward passes a random model's features are averaged over in the binarization test"})
 
     def __post_init__(self):
         if not isinstance(self.binarization_draws, int) or self.binarization_draws < 1:
