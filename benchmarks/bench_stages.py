@@ -3,8 +3,10 @@ the quick preset's routing layers split into their stages, on the activations th
 
     python benchmarks/bench_stages.py                 # batch 20 (Square's survivors) and 64 (the benchmarks')
     python benchmarks/bench_stages.py --batch 64 --repeats 300
+    python benchmarks/bench_stages.py --batch 64 --setting wide   # the same layers at width 1.0 (256 channels)
 
-The layers are those of ``bench_models.py``'s ``small`` setting (vgg-small width 0.25, 32 px), built from the
+The layers are those of ``bench_models.py``'s ``small`` setting (vgg-small width 0.25, 32 px; ``--setting
+wide``: width 1.0), built from the
 quick preset's defence configs with seed 0, fed the activations of a random batch, one torch thread, eval mode,
 ``torch.inference_mode()``. Times are medians of ``time.thread_time`` (this thread's CPU time, so another job
 on the other core disturbs them less), in ms for the whole batch:
@@ -128,10 +130,10 @@ def _inputs_of(model, x, layer_index: int):
     return x
 
 
-def conv_rows(batch: int, repeats: int) -> list:
-    model = build(SETTINGS["small"], quick_defences()["TKC-max"]).eval()
+def conv_rows(batch: int, repeats: int, setting: str = "small") -> list:
+    model = build(SETTINGS[setting], quick_defences()["TKC-max"]).eval()
     layer = model.features[24]
-    x = _inputs_of(model, batch_for(SETTINGS["small"])[0][:batch], 24)
+    x = _inputs_of(model, batch_for(SETTINGS[setting])[0][:batch], 24)
     w = layer.weight.detach()
     padded, weight_t = conv._padded(x, layer.padding), conv._channels_last(w)
     geometry = conv._loop_geometry(x, w, layer.stride, layer.padding, layer.dilation)
@@ -149,11 +151,11 @@ def conv_rows(batch: int, repeats: int) -> list:
             (name, "glue (module - loop)", t["module"] - t[SUM])]
 
 
-def linear_rows(batch: int, repeats: int) -> list:
-    model = build(SETTINGS["small"], quick_defences()["Dynamic-k"]).eval()
+def linear_rows(batch: int, repeats: int, setting: str = "small") -> list:
+    model = build(SETTINGS[setting], quick_defences()["Dynamic-k"]).eval()
     layer = model.classifier[0]
     with torch.inference_mode():
-        x = model.features(batch_for(SETTINGS["small"])[0][:batch]).flatten(1).contiguous()
+        x = model.features(batch_for(SETTINGS[setting])[0][:batch]).flatten(1).contiguous()
     w = layer.weight.detach().contiguous()
     kth = (x[:, None, :] * w[None]).topk(layer.k, -1).values[..., -1].contiguous()
     name = f"TopKLinear {w.shape[1]} -> {w.shape[0]}, k = {layer.k}"
@@ -188,11 +190,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (default 20 and 64)")
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--setting", choices=("small", "wide"), default="small",
+                        help="bench_models.py's setting the layers come from (wide: vgg-small at width 1.0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("| layer | batch | stage | ms (thread_time median) |\n| --- | --- | --- | --- |")
     for batch in args.batch or [20, 64]:
-        for name, stage, ms in conv_rows(batch, args.repeats) + linear_rows(batch, args.repeats):
+        for name, stage, ms in conv_rows(batch, args.repeats, args.setting) + linear_rows(batch, args.repeats,
+                                                                                          args.setting):
             print(f"| {name} | {batch} | {stage} | {ms:.3f} |", flush=True)
     return 0
 

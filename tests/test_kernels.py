@@ -169,6 +169,35 @@ def test_compiled_selection_orders_nan_first_like_torch():
     assert 5 in idx[0].tolist() and {1, 2} <= set(idx[2].tolist())
 
 
+@pytest.mark.parametrize("width", [4, 8, 12], ids=["4", "8", "12"])
+def test_the_four_positions_maps_loop_equals_the_one_position_loop_to_the_bit(width):
+    """The max criterion's maps at stride 1 take four positions at once (``_plane_maps_3x3_fours``); its values
+    and maxima must be the one-position loop's bit for bit, or a selection could change between the paths."""
+    import numpy as np
+
+    from topkconv.layers.kernels import numba_loops as compiled
+    from topkconv.layers.kernels.jit import jit
+
+    @jit
+    def both(plane, geometry, w_i, fours, ones, best_fours, best_ones):
+        best_fours[:] = -np.inf
+        best_ones[:] = -np.inf
+        compiled._plane_maps_3x3_fours(plane, geometry[6], geometry[7], w_i, fours, best_fours)
+        compiled._plane_maps_3x3_ones(plane, geometry, w_i, ones, best_ones)
+
+    rng = np.random.default_rng(width)
+    plane = rng.standard_normal((width + 2, width + 2)).astype(np.float32)
+    w_i = rng.standard_normal((9, 37)).astype(np.float32)  # 37 output channels: a vector tail too
+    fours, ones = np.empty((width * width, 37), np.float32), np.empty((width * width, 37), np.float32)
+    best_fours, best_ones = np.empty(37, np.float32), np.empty(37, np.float32)
+    both(plane, (3, 3, 1, 1, 1, 1, width, width), w_i, fours, ones, best_fours, best_ones)
+    assert np.array_equal(fours, ones) and np.array_equal(best_fours, best_ones)
+    expected = sum(w_i[3 * dy + dx][None, :] * plane[dy:dy + width, dx:dx + width].reshape(-1, 1)
+                   for dy in range(3) for dx in range(3))  # the naive formula, to rounding
+    np.testing.assert_allclose(fours, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(best_fours, fours.max(0))
+
+
 def test_auto_picks_the_compiled_loops_on_cpu_float(monkeypatch):
     from topkconv.layers.kernels import numba_loops as compiled
 
