@@ -213,6 +213,23 @@ def test_cli_binarization_draws_override_the_runs_and_zero_is_refused_by_name(va
         assert status == 2 and expected in capsys.readouterr().err and not (run / "eval.json").exists()
 
 
+@pytest.mark.parametrize("stochastic, first", [(True, "eot_pgd"), (False, "pgd_random")], ids=["random", "plain"])
+def test_a_random_models_binarization_attack_is_its_eot_attack_whatever_one_draw_ranked(stochastic, first, sap_mlp,
+                                                                                       digits_test):
+    """One draw per attack can rank plain PGD above EOT-PGD on a random model; plain PGD against the binarized
+    random model is no test of the suite (on Fashion-MNIST's SAP it found none of 18 valid examples)."""
+    from types import SimpleNamespace
+
+    from topkconv.evaluate.plan import model_traits, plan_attacks
+    from topkconv.evaluate.strength import whitebox_candidates
+
+    cfg = AttackConfig(suite="full", eps=8, eps_curve=[])
+    plan = plan_attacks(sap_mlp, cfg, model_traits(sap_mlp, digits_test[0][:8]))
+    ranked = {a.name: 0.9 for a in plan.at_main_eps()} | {"pgd_random": 0.40, "eot_pgd": 0.55}
+    names = [a.name for a in whitebox_candidates(plan, SimpleNamespace(acc=ranked), stochastic)]
+    assert names[0] == first and {"pgd_random", "eot_pgd"} <= set(names)
+
+
 def test_a_deterministic_model_has_no_draws(evaluated):
     assert evaluated("plain")["over_draws"] is None and "over_draws" not in evaluated("plain")["worst_case"]
 
