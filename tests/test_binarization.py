@@ -12,7 +12,7 @@ from topkconv.attacks import pgd
 from topkconv.attacks.common import seeded
 from topkconv.attacks.eot import eot_pgd
 from topkconv.attacks.binarization import (Binarized, BinarizationConfig, BinarizationResult, binarization_test,
-                                           binary_task, feature_layer, fit_readout)
+                                           binarization_tests, binary_task, feature_layer, fit_readout)
 
 EPS = 32 / 255  # the digits' radius of the other audit tests: a plain CNN falls far under PGD here
 N = 30          # test digits per run (a 95% Clopper-Pearson interval of 30 of 30 is [0.88, 1])
@@ -159,6 +159,21 @@ def test_a_random_models_valid_examples_do_not_depend_on_the_attack(sap_mlp, dig
     assert invalid["strong"] == invalid["weak"] and any(invalid["weak"]) and not all(invalid["weak"])
     assert found["strong"].known_holds == found["weak"].known_holds
     assert found["strong"].count("pass") > found["weak"].count("pass")
+
+
+def test_several_attacks_share_one_set_of_tasks(sap_mlp, digits_test):
+    """binarization_tests fits each task once for every attack: the first attack's outcomes are those of its own
+    binarization_test under the same seed (the same draws in the same order), the second meets the same valid
+    tasks and re-judged known examples, and the weak attack still fails where the strong one passes."""
+    x, cfg = digits_test[0][:SAP_N], BinarizationConfig(draws=20)
+    with seeded(sap_mlp, 7):
+        alone = binarization_test(sap_mlp, x, strong_eot, EPS, cfg)
+    with seeded(sap_mlp, 7):
+        both = binarization_tests(sap_mlp, x, {"strong": strong_eot, "weak": weak_attack}, EPS, cfg)
+    assert both["strong"].outcomes == alone.outcomes and both["strong"].known_holds == alone.known_holds
+    invalid = {name: [o == "invalid" for o in result.outcomes] for name, result in both.items()}
+    assert invalid["strong"] == invalid["weak"] and both["weak"].known_holds == alone.known_holds
+    assert both["strong"].count("pass") > both["weak"].count("pass")
 
 
 @pytest.mark.parametrize("options,key", [({"n_inner": 0}, "n_inner"), ({"eta": 1.0}, "eta"),
