@@ -107,6 +107,40 @@ def test_dense_loops_give_the_same_numbers_on_two_threads():
     assert torch.equal(one[0], two[0]) and all(torch.equal(p, q) for p, q in zip(one[1], two[1]))
 
 
+@pytest.mark.parametrize("threads, total", [(2, 10), (3, 10), (3, 2), (4, 7)])
+def test_split_covers_every_index_once_with_the_first_piece_on_the_calling_thread(threads, total):
+    import threading
+
+    seen, caller = [], threading.get_ident()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        bridge.split(total, lambda a, b: seen.append((a, b, threading.get_ident())))
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(i for a, b, _ in seen for i in range(a, b)) == list(range(total))
+    assert [a for a, _, ident in seen if ident == caller] == [0]  # the pool's threads run the others
+    assert len(seen) == min(threads, total)
+
+
+def test_split_raises_a_pieces_error_after_every_piece_has_ended():
+    ended = []
+
+    def run(a, b):
+        if a > 0:
+            raise RuntimeError(f"piece {a}")
+        ended.append(a)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="piece"):
+            bridge.split(10, run)
+    finally:
+        torch.set_num_threads(before)
+    assert ended == [0]
+
+
 @pytest.mark.parametrize("positive_only", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("fan_in, k", [(96, 7), (96, 40), (2100, 2100)], ids=["guided", "guided k=40", "general"])

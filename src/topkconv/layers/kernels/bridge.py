@@ -42,12 +42,17 @@ def split(total: int, run, work: int | None = None) -> None:
         run(0, total)
         return
     executor, size, pid = _pool
-    if executor is None or size != count or pid != os.getpid():
-        executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="topkconv")
-        _pool = (executor, count, os.getpid())
+    if executor is None or size != count - 1 or pid != os.getpid():
+        executor = ThreadPoolExecutor(max_workers=count - 1, thread_name_prefix="topkconv")
+        _pool = (executor, count - 1, os.getpid())
     step = -(-total // count)
-    for future in [executor.submit(run, s, min(total, s + step)) for s in range(0, total, step)]:
-        future.result()
+    # the first piece runs on the calling thread, which would otherwise only wait: one hand-off fewer a call
+    futures = [executor.submit(run, s, min(total, s + step)) for s in range(step, total, step)]
+    try:
+        run(0, min(total, step))
+    finally:
+        for future in futures:
+            future.result()
 
 
 def split_gradients(batch: int, rows: int, need_x: bool, need_w: bool, run, work: int | None = None) -> None:
