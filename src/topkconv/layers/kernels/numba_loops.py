@@ -633,15 +633,15 @@ def _conv_input_gradient_samples(weight_t, indices, grad_out, geometry, grad_pad
     positions = grad_out.shape[2]
     by_taps = geometry[0] == 3 and geometry[1] == 3
     for b in range(grad_out.shape[0]):
-        if by_taps:
-            _chosen_by(indices[b], 0, in_ch, counts, chosen)
+        if by_taps:  # only this thread's channels: on several threads each would otherwise index them all
+            _chosen_by(indices[b], i0, i1, counts, chosen)
         else:
             _sample_mask(indices[b], mask)
             g_t[:] = grad_out[b].T
         for i in range(i0, i1):
             if by_taps:
                 for start in range(0, positions, LANES):
-                    taps_block_3x3(weight_t[i], grad_out[b], chosen[i], counts[i], start, grad_cols_i)
+                    taps_block_3x3(weight_t[i], grad_out[b], chosen[i - i0], counts[i - i0], start, grad_cols_i)
             else:
                 keep = mask[i]
                 for j in range(taps):
