@@ -123,6 +123,28 @@ def test_split_covers_every_index_once_with_the_first_piece_on_the_calling_threa
     assert len(seen) == min(threads, total)
 
 
+def test_routed_conv_pieces_run_on_numba_threads_or_the_pool_with_the_same_numbers(monkeypatch):
+    """At 2 threads the dense-order conv loops run on numba's threads (bridge.run_pieces); under a threading layer
+    that is not thread-safe they go back to the pool (split). Either way, the same pieces and the same bits."""
+    x, w, b = _conv_inputs(torch.float32, batch=8, cin=32, cout=32, size=8)
+    fn = lambda x, w, b: TF.topk_conv2d(x, w, b, 8, "max", 1, 1, impl="numba")  # noqa: E731
+    pooled = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        on_numba = _grads(fn, x, w, b)
+        assert bridge._layer_safe in (True, False)   # a launch happened and its layer was judged
+        original = bridge.split
+        monkeypatch.setattr(bridge, "_layer_safe", False)
+        monkeypatch.setattr(bridge, "split", lambda total, run, work=None: (pooled.append(total),
+                                                                              original(total, run, work)))
+        on_pool = _grads(fn, x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    assert len(pooled) == 3   # the forward and both gradients
+    assert torch.equal(on_numba[0], on_pool[0]) and all(torch.equal(p, q) for p, q in zip(on_numba[1], on_pool[1]))
+
+
 def test_split_raises_a_pieces_error_after_every_piece_has_ended():
     ended = []
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from topkconv._openmp import SPIN_COUNT, shorten_openmp_spin
+from topkconv._openmp import NUMBA_SPIN_COUNT, SPIN_COUNT, numba_workers_spin_briefly, shorten_openmp_spin
 
 
 @pytest.mark.parametrize("environ,modules,expected", [
@@ -36,3 +36,28 @@ def test_importing_topkconv_first_sets_it_for_the_process():
     assert _spin_seen_by(code) == SPIN_COUNT
     assert _spin_seen_by(code, GOMP_SPINCOUNT="123") == "123"
     assert _spin_seen_by("import torch, topkconv, os; print(os.environ.get('GOMP_SPINCOUNT'))") == "None"
+
+
+@pytest.mark.parametrize("environ,inside", [
+    ({"GOMP_SPINCOUNT": SPIN_COUNT}, NUMBA_SPIN_COUNT),
+    ({"GOMP_SPINCOUNT": "7"}, "7"),
+    ({"GOMP_SPINCOUNT": SPIN_COUNT, "OMP_WAIT_POLICY": "ACTIVE"}, SPIN_COUNT),
+    ({}, None),
+], ids=["ours-shortened", "user-spin-count-kept", "user-wait-policy-kept", "unset-kept"])
+def test_numba_workers_spin_briefly_only_over_our_own_setting_and_restore_it(environ, inside):
+    before = dict(environ)
+    with numba_workers_spin_briefly(environ):
+        assert environ.get("GOMP_SPINCOUNT") == inside
+    assert environ == before
+
+
+def test_numba_threading_layer_reads_the_brief_spin_and_torch_keeps_its_own():
+    """In a process that imported topkconv first: after a routed convolution on numba's threads, the environment
+    holds torch's spin count again, and the layer is one whose launches may come from several threads."""
+    code = ("import topkconv, torch, os, numba\n"
+            "from topkconv.layers import TopKConv2d\n"
+            "from topkconv.layers.kernels import bridge\n"
+            "torch.set_num_threads(2)\n"
+            "TopKConv2d(64, 64, 3, k=32, padding=1, impl='numba')(torch.rand(64, 64, 4, 4))\n"
+            "print(os.environ.get('GOMP_SPINCOUNT'), bridge._layer_safe is not None)")
+    assert _spin_seen_by(code) == f"{SPIN_COUNT} True"

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 SPIN_COUNT = "30000"
+NUMBA_SPIN_COUNT = "1000"  # numba's own OpenMP workers: see numba_workers_spin_briefly
 USER_SETTINGS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 
@@ -30,3 +32,21 @@ def shorten_openmp_spin(environ=os.environ, modules=sys.modules) -> bool:
         return False
     environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     return True
+
+
+@contextmanager
+def numba_workers_spin_briefly(environ=os.environ):
+    """Around numba's first parallel launch: its OpenMP threading layer loads a libgomp of its own then, which
+    reads ``GOMP_SPINCOUNT`` once. With :data:`SPIN_COUNT` its workers spun about a millisecond after each of the
+    routing loops' regions, on the cores torch's next op wanted: measured with ``bench_models.py --threads 2``,
+    the Dynamic-k and TKC-neuron steps that followed a TKC model's in the same process slowed by about 2 ms.
+    :data:`NUMBA_SPIN_COUNT` lets them sleep soon; torch's workers keep :data:`SPIN_COUNT`. Only when the value
+    in the environment is the one this module set (a user's setting is theirs)."""
+    ours = environ.get("GOMP_SPINCOUNT") == SPIN_COUNT and "OMP_WAIT_POLICY" not in environ
+    if ours:
+        environ["GOMP_SPINCOUNT"] = NUMBA_SPIN_COUNT
+    try:
+        yield
+    finally:
+        if ours:
+            environ["GOMP_SPINCOUNT"] = SPIN_COUNT

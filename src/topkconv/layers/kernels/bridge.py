@@ -67,3 +67,37 @@ def split_gradients(batch: int, rows: int, need_x: bool, need_w: bool, run, work
         split(batch, lambda b0, b1: run(True, False, b0, b1, 0, rows))
     if need_w:
         split(rows, lambda c0, c1: run(False, True, 0, batch, c0, c1))
+
+
+# The threading layers whose launches may come from several Python threads at once (numba's "workqueue" aborts
+# the process then), and whose workers are ready when a torch op has just ended: see run_pieces.
+_SAFE_LAYERS = ("omp", "tbb")
+_layer_safe = None  # unknown until the first launch
+
+
+def run_pieces(serial, parallel, args: tuple, total: int, work: int | None = None) -> None:
+    """``serial(*args, start, stop)`` over [0, total) in torch.get_num_threads() pieces, as :func:`split` cuts
+    them, run on numba's threads by ``parallel(*args, pieces)`` (its ``prange`` over the pieces).
+
+    Why not :func:`split`'s Python threads: after a parallel torch op, torch's OpenMP workers spin for about a
+    millisecond (``GOMP_SPINCOUNT``, :mod:`topkconv._openmp`) on the other cores, and a pool thread woken there
+    shares its core with one. Measured on the 2-core VM at 2 threads, TopKConv's forward loops (64 -> 64 at 4 x 4,
+    batch 64) right after a torch op: 1.96-2.01 ms through the pool, 1.35-1.41 ms through ``prange`` on numba's
+    OpenMP layer (1.23-1.24 ms with no torch op before). Only when numba's layer is OpenMP or TBB (thread-safe);
+    under its "workqueue" layer the pool serves."""
+    global _layer_safe
+    count = 1 if work is not None and work < MIN_THREADED_WORK else min(threads(), total)
+    if count <= 1 or _layer_safe is False:
+        split(total, lambda start, stop: serial(*args, start, stop), work)
+        return
+    import numba
+
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    if _layer_safe is None:  # the first launch loads numba's threading layer
+        from ..._openmp import numba_workers_spin_briefly
+
+        with numba_workers_spin_briefly():
+            parallel(*args, count)
+        _layer_safe = numba.threading_layer() in _SAFE_LAYERS
+    else:
+        parallel(*args, count)

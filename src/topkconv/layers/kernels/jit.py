@@ -48,6 +48,17 @@ def jit(fn):
     return numba.njit(nogil=True, cache=_CACHE, fastmath=_FASTMATH)(fn)
 
 
+def jit_pieces(fn):
+    """Compile ``fn(*args, pieces)``, whose loop ``for p in prange(pieces)`` runs on numba's own threads (the
+    function itself, its loop serial, without numba). See :func:`.bridge.run_pieces` for why."""
+    if numba is None:
+        return fn
+    return numba.njit(parallel=True, nogil=True, cache=_CACHE, fastmath=_FASTMATH)(fn)
+
+
+prange = range if numba is None else numba.prange
+
+
 def inline(fn):
     """Compile a helper to be inlined into its jitted callers (numba IR inlining): a call to a jitted
     function that takes arrays costs reference counting, which a per-row helper would pay per row."""

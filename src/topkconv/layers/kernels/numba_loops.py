@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .bridge import as_array, split, split_gradients
-from .jit import inline, jit
+from .bridge import as_array, run_pieces, split, split_gradients
+from .jit import inline, jit, jit_pieces, prange
 from .selection import (bounded_wins, first_k_largest_above, first_k_largest_down, guided_wins, key_dtype,
                         n_groups_for, ordered_keys, row_bits_words, select_row, selection_workspace)
 from .simd import (LANES, MAX_NETWORK_K, borrowed, positions_at_least, routed_block_3x3, taps_block_3x3,
@@ -719,6 +719,36 @@ def _conv_weight_gradient_by_taps(padded, geometry, indices, grad_out, grad_wt, 
                     grad_wt_i[j, c] += np.sum(sums[c, j])
 
 
+@jit_pieces
+def _conv_forward_pieces(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, routed, keys_dtype,
+                         out, indices, pieces):
+    """:func:`_conv_forward_whole` over the samples in ``pieces`` parts on numba's threads (:func:`.bridge.run_pieces`)."""
+    total = padded.shape[0]
+    step = -(-total // pieces)
+    for p in prange(pieces):
+        _conv_forward_whole(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, routed,
+                            keys_dtype, out, indices, p * step, min(total, (p + 1) * step))
+
+
+@jit_pieces
+def _conv_input_gradient_pieces(weight_t, indices, grad_out, geometry, grad_padded, pieces):
+    """:func:`_conv_input_gradient_whole` over the input channels in ``pieces`` parts on numba's threads."""
+    total = weight_t.shape[0]
+    step = -(-total // pieces)
+    for p in prange(pieces):
+        _conv_input_gradient_whole(weight_t, indices, grad_out, geometry, grad_padded, p * step,
+                                   min(total, (p + 1) * step))
+
+
+@jit_pieces
+def _conv_weight_gradient_pieces(padded, geometry, indices, grad_out, grad_wt, pieces):
+    """:func:`_conv_weight_gradient_whole` over the input channels in ``pieces`` parts on numba's threads."""
+    total = grad_wt.shape[0]
+    step = -(-total // pieces)
+    for p in prange(pieces):
+        _conv_weight_gradient_whole(padded, geometry, indices, grad_out, grad_wt, p * step, min(total, (p + 1) * step))
+
+
 # ---------------------------------------------------------------- torch-facing entry points (CPU tensors)
 
 def _linear_forward_searched(x: torch.Tensor, weight: torch.Tensor, k: int, positive_only: bool):
@@ -833,7 +863,7 @@ def conv_forward_whole(padded: torch.Tensor, geometry: tuple, weight_t: torch.Te
     args = (as_array(padded), geometry, as_array(weight_t), as_array(weight_rows), k, max_criterion, maps_finite,
             routed, key_dtype(padded), as_array(out), as_array(indices))
     work = padded.shape[0] * weight_t.numel() * geometry[6] * geometry[7]
-    split(padded.shape[0], lambda b0, b1: _conv_forward_whole(*args, b0, b1), work)
+    run_pieces(_conv_forward_whole, _conv_forward_pieces, args, padded.shape[0], work)
 
 
 def conv_backward_whole(padded, geometry, weight_t, indices, grad_out, grad_padded, grad_wt) -> None:
@@ -842,10 +872,8 @@ def conv_backward_whole(padded, geometry, weight_t, indices, grad_out, grad_padd
     weight_a, indices_a, grad_a = as_array(weight_t), as_array(indices), as_array(grad_out.contiguous())
     work = grad_out.numel() * weight_t.shape[0] * weight_t.shape[1]
     if grad_padded is not None:
-        grad_padded_a = as_array(grad_padded)
-        split(weight_t.shape[0], lambda i0, i1: _conv_input_gradient_whole(weight_a, indices_a, grad_a, geometry,
-                                                                           grad_padded_a, i0, i1), work)
+        run_pieces(_conv_input_gradient_whole, _conv_input_gradient_pieces,
+                   (weight_a, indices_a, grad_a, geometry, as_array(grad_padded)), weight_t.shape[0], work)
     if grad_wt is not None:
-        padded_a, grad_wt_a = as_array(padded), as_array(grad_wt)
-        split(weight_t.shape[0], lambda i0, i1: _conv_weight_gradient_whole(padded_a, geometry, indices_a, grad_a,
-                                                                            grad_wt_a, i0, i1), work)
+        run_pieces(_conv_weight_gradient_whole, _conv_weight_gradient_pieces,
+                   (as_array(padded), geometry, indices_a, grad_a, as_array(grad_wt)), weight_t.shape[0], work)

@@ -23,11 +23,20 @@ def compile_kernels() -> float:
 
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(2, 8, 6, 6, dtype=dtype, generator=generator, requires_grad=True)
+        # large enough to be cut into pieces on numba's threads (bridge.run_pieces), at 2 torch threads
+        wide = torch.randn(2, 64, 12, 12, dtype=dtype, generator=generator, requires_grad=True)
         for criterion in ("max", "sum"):
             conv = TopKConv2d(8, 8, 3, k=3, criterion=criterion, padding=1, impl="numba", dtype=dtype)
             conv(x).sum().backward()
+            try:
+                torch.set_num_threads(2)
+                TopKConv2d(64, 64, 3, k=32, criterion=criterion, padding=1, impl="numba",
+                           dtype=dtype)(wide).sum().backward()
+            finally:
+                torch.set_num_threads(threads)
         features = torch.randn(2, 20, dtype=dtype, generator=generator, requires_grad=True)
         for positive_only in (False, True):
             for k in (3, 17):  # the sorted registers (k <= 16) and the search loops (larger k, non-finite samples)
