@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 BUDGETS = [(4, 16), (10, 100)]   # the preset's EOT-PGD (draws x steps), and the budget that passed every valid
-                                 # binarization task on seed 4 (results/fashion-mnist/table1-sap-binarization/)
+                                 # binarization task on seed 4 (results/fashion-mnist/table1-sap-binarization/);
+                                 # --budget D:T (repeated) sets others, each compared with the first
 
 
 def sap_runs(runs: Path) -> dict:
@@ -66,11 +67,11 @@ def per_seed(result: dict) -> dict:
             "mask": [int(c) for c in result["per_example"]["worst_case"]]}
 
 
-def summarise(found: dict) -> dict:
+def summarise(found: dict, budgets: list) -> dict:
     from topkconv.reproduce.stats import cell_estimate, difference_estimate
 
     rows, seeds = [], sorted(found)
-    for draws, steps in BUDGETS:
+    for draws, steps in budgets:
         cells = [found[s][draws, steps] for s in seeds]
         row = {"eot": f"{draws} x {steps}", "seeds": len(cells)}
         for key in ("clean", "eot_pgd", "worst_case"):
@@ -81,15 +82,17 @@ def summarise(found: dict) -> dict:
                                       "method": one_draw.method}
         row["eot_seconds_median"] = sorted(c["eot_seconds"] for c in cells)[len(cells) // 2]
         rows.append(row)
-    (a, b), (c, d) = BUDGETS
-    strong, weak = [found[s][c, d] for s in seeds], [found[s][a, b] for s in seeds]
+    weak = [found[s][budgets[0]] for s in seeds]
     differences = {}
-    for key in ("eot_pgd", "worst_case"):
-        values = [x[key] - y[key] for x, y in zip(strong, weak)]
-        differences[key] = {"mean": sum(values) / len(values), "interval": t_interval(values), "per_seed": values}
-    one_draw = difference_estimate([x["mask"] for x in strong], [y["mask"] for y in weak])
-    differences["worst_case_one_draw"] = {"mean": one_draw.mean, "interval": [one_draw.low, one_draw.high],
-                                          "method": one_draw.method}
+    for budget in budgets[1:]:
+        strong, entry = [found[s][budget] for s in seeds], {}
+        for key in ("eot_pgd", "worst_case"):
+            values = [x[key] - y[key] for x, y in zip(strong, weak)]
+            entry[key] = {"mean": sum(values) / len(values), "interval": t_interval(values), "per_seed": values}
+        one_draw = difference_estimate([x["mask"] for x in strong], [y["mask"] for y in weak])
+        entry["worst_case_one_draw"] = {"mean": one_draw.mean, "interval": [one_draw.low, one_draw.high],
+                                        "method": one_draw.method}
+        differences[f"{budget[0]} x {budget[1]}"] = entry
     return {"seeds": seeds, "rows": rows, "difference": differences}
 
 
@@ -97,15 +100,16 @@ def _cell(entry: dict) -> str:
     return f"{entry['mean']:.3f} [{entry['interval'][0]:.3f}, {entry['interval'][1]:.3f}]"
 
 
-def write(out: Path, summary: dict, meta: dict) -> None:
+def write(out: Path, summary: dict, meta: dict, budgets: list) -> None:
     from topkconv.io import atomic_write_csv, atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "summary.json", {**meta, **summary})
     atomic_write_csv(out / "summary.csv", [{"eot": r["eot"], "seed": s, **{k: r[k]["per_seed"][i] for k in
                                                                           ("clean", "eot_pgd", "worst_case")}}
                                            for r in summary["rows"] for i, s in enumerate(summary["seeds"])])
-    lines = [f"# Fashion-MNIST SAP under EOT-PGD {BUDGETS[0][0]} x {BUDGETS[0][1]} and {BUDGETS[1][0]} x "
-             f"{BUDGETS[1][1]} ({len(summary['seeds'])} seeds, first {meta['n']} test images, 8/255)", "",
+    named = ", ".join(f"{d} x {t}" for d, t in budgets)
+    lines = [f"# Fashion-MNIST SAP under EOT-PGD {named} ({len(summary['seeds'])} seeds, first {meta['n']} test "
+             "images, 8/255)", "",
              f"commit {meta['commit']}; `{meta['command']}`", "",
              "Means over seeds, 95% t-intervals over seeds (expected accuracy over 10 draws of SAP); the one-draw "
              "worst case with the reproduce tables' crossed interval.", "",
@@ -114,10 +118,12 @@ def write(out: Path, summary: dict, meta: dict) -> None:
     for r in summary["rows"]:
         lines.append(f"| {r['eot']} | {_cell(r['clean'])} | {_cell(r['eot_pgd'])} | {_cell(r['worst_case'])} | "
                      f"{_cell(r['worst_case_one_draw'])} | {r['eot_seconds_median']:.0f} |")
-    d = summary["difference"]
-    lines += ["", f"Paired difference ({BUDGETS[1][0]} x {BUDGETS[1][1]} minus {BUDGETS[0][0]} x {BUDGETS[0][1]}, "
-              f"same seeds and images): EOT-PGD {_cell(d['eot_pgd'])}; worst case {_cell(d['worst_case'])}; one "
-              f"draw {_cell(d['worst_case_one_draw'])}.", "", "Per seed (expected over draws):", "",
+    lines.append("")
+    for name, d in summary["difference"].items():
+        lines.append(f"Paired difference ({name} minus {budgets[0][0]} x {budgets[0][1]}, same seeds and images): "
+                     f"EOT-PGD {_cell(d['eot_pgd'])}; worst case {_cell(d['worst_case'])}; one draw "
+                     f"{_cell(d['worst_case_one_draw'])}.")
+    lines += ["", "Per seed (expected over draws):", "",
               "| seed | " + " | ".join(f"EOT-PGD {r['eot']} | worst case {r['eot']}" for r in summary["rows"]) + " |",
               "|" + " --- |" * (1 + 2 * len(summary["rows"]))]
     for i, seed in enumerate(summary["seeds"]):
@@ -133,11 +139,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n", type=int, default=100, help="first test images (the preset's strong suite: 300)")
     parser.add_argument("--summarise-only", action="store_true", help="no evaluation: summarise the files found")
+    parser.add_argument("--budget", action="append", metavar="D:T",
+                        help="EOT-PGD draws:steps (repeat; default 4:16 and 10:100; the first is the reference)")
     args = parser.parse_args(argv)
+    budgets = [tuple(int(v) for v in b.split(":")) for b in args.budget] if args.budget else BUDGETS
+    if len(budgets) < 2 or any(len(b) != 2 or min(b) < 1 for b in budgets):
+        raise SystemExit(f"fashion_sap_eot: --budget expects at least two D:T pairs of positive integers, got "
+                         f"{args.budget}")
     args.out.mkdir(parents=True, exist_ok=True)
     found = {}
     for seed, run in sap_runs(args.runs).items():
-        for draws, steps in BUDGETS:
+        for draws, steps in budgets:
             path = args.out / f"seed{seed}-eot{draws}x{steps}.json"
             if not path.exists() and not args.summarise_only:
                 print(f"seed {seed} ({run.name}), EOT-PGD {draws} x {steps}", flush=True)
@@ -147,12 +159,12 @@ def main(argv=None) -> int:
                 if result["n_examples"] != args.n:
                     raise SystemExit(f"fashion_sap_eot: {path} holds {result['n_examples']} images, not --n {args.n}")
                 found.setdefault(seed, {})[draws, steps] = per_seed(result)
-    found = {seed: cells for seed, cells in found.items() if len(cells) == len(BUDGETS)}
+    found = {seed: cells for seed, cells in found.items() if len(cells) == len(budgets)}
     if not found:
-        raise SystemExit("fashion_sap_eot: no seed has both budgets evaluated yet")
+        raise SystemExit("fashion_sap_eot: no seed has every budget evaluated yet")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     command = "python benchmarks/fashion_sap_eot.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write(args.out, summarise(found), {"commit": commit, "command": command, "n": args.n})
+    write(args.out, summarise(found, budgets), {"commit": commit, "command": command, "n": args.n}, budgets)
     print((args.out / "summary.md").read_text())
     return 0
 
