@@ -30,14 +30,16 @@ from sap_eot import binarization_attack  # noqa: E402
 # images, and the gradient-free control (the best of 100 random corners, 5 draws each)
 ATTACKS = [("eot 10 x 100", "eot", 10, 100), ("eot 4 x 16", "eot", 4, 16),
            ("corner search 100 x 5 draws", "corners", 100, 5)]
+# more, chosen with --attack LABEL: a middle EOT budget (on Fashion-MNIST it recovered most of 10 x 100's drop)
+MORE_ATTACKS = [("eot 4 x 100", "eot", 4, 100)]
 
 
-def run_chunk(model, x, eps: int, start: int, draws: int, steps_scale: float) -> dict:
+def run_chunk(model, x, eps: int, start: int, draws: int, steps_scale: float, attacks: list) -> dict:
     from topkconv.attacks.binarization import BinarizationConfig, binarization_tests
     from topkconv.attacks.common import seeded
 
     attacks = {label: binarization_attack(kind, samples, max(1, round(steps * steps_scale)), eps, {})
-               for label, kind, samples, steps in ATTACKS}
+               for label, kind, samples, steps in attacks}
     tic = time.perf_counter()
     with seeded(model, start):
         found = binarization_tests(model, x, attacks, eps / 255, BinarizationConfig(seed=start, draws=draws))
@@ -45,11 +47,11 @@ def run_chunk(model, x, eps: int, start: int, draws: int, steps_scale: float) ->
             "results": {label: result.to_dict() for label, result in found.items()}}
 
 
-def pooled(chunks: list, eps: int) -> list:
+def pooled(chunks: list, eps: int, attacks: list) -> list:
     from topkconv.attacks.binarization import BinarizationResult
 
     rows = []
-    for label, *_ in ATTACKS:
+    for label, *_ in attacks:
         parts = [c["results"][label] for c in chunks if c["eps"] == eps]
         result = BinarizationResult(eps=eps / 255, outcomes=[o for p in parts for o in p["outcomes"]],
                                     known_holds=[True] * sum(p["known_passes"] for p in parts)
@@ -90,7 +92,11 @@ def main(argv=None) -> int:
     parser.add_argument("--eps", type=int, action="append", help="radii in 0-255 units (default 8)")
     parser.add_argument("--draws", type=int, default=400, help="forward passes averaged for each fit and judgement")
     parser.add_argument("--smoke", action="store_true", help="4 images, 2 a chunk, 5 draws, a tenth of the steps")
+    known = {a[0]: a for a in ATTACKS + MORE_ATTACKS}
+    parser.add_argument("--attack", action="append", choices=sorted(known),
+                        help="attacks to run (repeat; default: the first three, EOT-PGD 10 x 100 first)")
     args = parser.parse_args(argv)
+    attacks = [known[label] for label in args.attack] if args.attack else ATTACKS
     if args.smoke:
         args.examples, args.chunk, args.draws = 4, 2, 5
     from topkconv.checkpoint import load_checkpoint
@@ -107,14 +113,14 @@ def main(argv=None) -> int:
             path = args.out / "chunks" / f"eps{eps}-draws{args.draws}-from{start}-n{args.chunk}.json"
             if not path.exists():
                 found = run_chunk(model, x[start:start + args.chunk], eps, start, args.draws,
-                                  0.1 if args.smoke else 1.0)
+                                  0.1 if args.smoke else 1.0, attacks)
                 atomic_write_json(path, found)
                 passes = ", ".join(f"{label} {r['passes']}/{r['passes'] + r['fails']}"
                                    for label, r in found["results"].items())
                 print(f"eps {eps}/255, images {start}-{start + len(x[start:start + args.chunk]) - 1}: {passes} "
                       f"({found['seconds']:.0f} s)", flush=True)
             chunks.append(json.loads(path.read_text()))
-    write(args.out, [row for eps in args.eps or [8] for row in pooled(chunks, eps)], chunks, args, command)
+    write(args.out, [row for eps in args.eps or [8] for row in pooled(chunks, eps, attacks)], chunks, args, command)
     return 0
 
 
