@@ -88,6 +88,24 @@ def test_malformed_spec_names_the_key(tmp_path, text, key):
     assert key in str(err.value) and "bad.toml" in str(err.value)
 
 
+def test_strong_attack_changes_the_strong_suite_only(tmp_path):
+    """A table's [strong_attack] reaches the strong evaluations and not the paper's FGSM and PGD: a larger EOT
+    budget the paper suite's many images could not afford. Without it, the strong config is the column's own."""
+    text = GOOD.replace('preset = "quick"', 'preset = "quick"\nstrong_eps = [8.0]') + \
+        '[base.attack]\nsuite = "full"\n[base.attack.eot_pgd]\nsamples = 4\n'
+    plain = R.load_table_spec(_write(tmp_path / "plain.toml", text))
+    raised = R.load_table_spec(_write(tmp_path / "raised.toml", text + "[strong_attack.eot_pgd]\nsteps = 100\n"))
+    raised, plain = R.Study(raised), R.Study(plain)
+    configs = raised.attack_configs(raised.run_spec("Baseline"))
+    before = plain.attack_configs(plain.run_spec("Baseline"))
+    assert configs["strong@8"].budget("eot_pgd").steps == 100 and configs["strong@8"].budget("eot_pgd").samples == 4
+    assert configs["paper"].budget("eot_pgd").steps is None and configs["paper"] == before["paper"]
+    assert before["strong@8"].budget("eot_pgd").steps is None
+    with pytest.raises(ValueError) as err:
+        R.load_table_spec(_write(tmp_path / "bad.toml", text + "[strong_attack.eot_pgd]\nstepz = 100\n"))
+    assert "strong_attack" in str(err.value) and "stepz" in str(err.value) and "bad.toml" in str(err.value)
+
+
 def test_malformed_spec_on_the_command_line(tmp_path, capsys):
     path = _write(tmp_path / "bad.toml", GOOD.replace('arch = "vgg-small"', 'arch = "vgg-small"\nwidht = 0.5'))
     assert main(["reproduce", "--spec", str(path), "--out", str(tmp_path)]) == 2

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config import AttackConfig, RunSpec, from_dict, spec_from_dict
+from ..config import AttackConfig, RunSpec, attack_config_with, from_dict, spec_from_dict
 from ..io import read_toml
 
 PAPER_TABLES = ("table1", "table2", "table3")  # the paper's tables: what `reproduce all` makes
@@ -59,6 +59,8 @@ class TableSpec:
     seeds: int = 3                        # training seeds per column (each its own cached run)
     eval_examples: Optional[int] = None   # test images for the paper's FGSM and PGD (None: the whole test set)
     strong_eps: Optional[list] = None     # radii (0-255) of the strong suite on attack.n_examples; None: attack.eps
+    strong_attack: dict = field(default_factory=dict)  # an [attack] table for the strong suite only, e.g. a larger
+                                          # EOT budget that the paper suite's many images could not afford
     threads: Optional[int] = None         # torch intra-op threads of an in-process run; None: torch's default
     surrogate: Optional[str] = None       # column whose model (same seed) is the strong suite's transfer source
     sweep_columns: Optional[list] = None  # columns `topkconv sweep` varies by default; None: every reproduced one
@@ -164,6 +166,14 @@ def load_table_spec(path) -> TableSpec:
         if column.not_reproduced is None:
             spec.run_spec(column.label)  # validates the merged RunSpec now, not mid-run
     _check_roles(spec, path)
+    if not isinstance(spec.strong_attack, dict):
+        raise ValueError(f"{path}: key 'strong_attack' must be a table (an [attack] table), got {spec.strong_attack!r}")
+    for column in columns:
+        if column.not_reproduced is None:
+            try:  # the strong suite's overrides on every column's attack, checked now, not mid-run
+                attack_config_with(spec.run_spec(column.label).attack, spec.strong_attack, "strong_attack")
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
     if spec.threads is not None and (not isinstance(spec.threads, int) or spec.threads < 1):
         raise ValueError(f"{path}: key 'threads' must be a positive int, got {spec.threads!r}")
     if spec.figures is not None:
@@ -249,7 +259,9 @@ class Study:
                 # One eps curve per model is enough (accuracy must fall to chance as eps grows): it runs with
                 # the largest strong radius only, not again at each.
                 curve = spec.attack.eps_curve if eps == max(radii) else []
-                configs[f"strong@{eps:g}"] = dataclasses.replace(strong_config(spec.attack, eps), eps_curve=curve)
+                strong = (attack_config_with(spec.attack, self.table.strong_attack, "strong_attack")
+                          if self.table.strong_attack else spec.attack)   # unchanged configs keep their cache keys
+                configs[f"strong@{eps:g}"] = dataclasses.replace(strong_config(strong, eps), eps_curve=curve)
         return configs
 
     def test_limit(self) -> Optional[int]:

@@ -722,7 +722,8 @@ def _conv_weight_gradient_by_taps(padded, geometry, indices, grad_out, grad_wt, 
 @jit_pieces
 def _conv_forward_pieces(padded, geometry, weight_t, weight_rows, k, max_criterion, maps_finite, routed, keys_dtype,
                          out, indices, pieces):
-    """:func:`_conv_forward_whole` over the samples in ``pieces`` parts on numba's threads (:func:`.bridge.run_pieces`)."""
+    """:func:`_conv_forward_whole` over the samples in ``pieces`` parts on numba's threads
+    (:func:`.bridge.run_pieces`)."""
     total = padded.shape[0]
     step = -(-total // pieces)
     for p in prange(pieces):
