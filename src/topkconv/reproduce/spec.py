@@ -159,21 +159,19 @@ def load_table_spec(path) -> TableSpec:
     if len(set(labels)) != len(labels):
         raise ValueError(f"{path}: key 'columns': labels repeat: {labels}")
     spec.columns = columns
+    if not isinstance(spec.strong_attack, dict):
+        raise ValueError(f"{path}: key 'strong_attack' must be a table (an [attack] table), got {spec.strong_attack!r}")
     for column in columns:
         if column.prune_from is not None and column.prune_from not in labels:
             raise ValueError(f"{path}: key 'columns.prune_from' of {column.label!r} names "
                              f"{column.prune_from!r}, which is not a column ({labels})")
         if column.not_reproduced is None:
-            spec.run_spec(column.label)  # validates the merged RunSpec now, not mid-run
-    _check_roles(spec, path)
-    if not isinstance(spec.strong_attack, dict):
-        raise ValueError(f"{path}: key 'strong_attack' must be a table (an [attack] table), got {spec.strong_attack!r}")
-    for column in columns:
-        if column.not_reproduced is None:
-            try:  # the strong suite's overrides on every column's attack, checked now, not mid-run
-                attack_config_with(spec.run_spec(column.label).attack, spec.strong_attack, "strong_attack")
+            run = spec.run_spec(column.label)  # validates the merged RunSpec now, not mid-run
+            try:  # and the strong suite's overrides on its attack
+                attack_config_with(run.attack, spec.strong_attack, "strong_attack")
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from None
+    _check_roles(spec, path)
     if spec.threads is not None and (not isinstance(spec.threads, int) or spec.threads < 1):
         raise ValueError(f"{path}: key 'threads' must be a positive int, got {spec.threads!r}")
     if spec.figures is not None:
@@ -255,12 +253,12 @@ class Study:
         configs = {"paper": dataclasses.replace(spec.attack, suite="paper", n_examples=self.table.eval_examples)}
         if spec.attack.suite == "full":
             radii = self.strong_radii()
+            strong = (attack_config_with(spec.attack, self.table.strong_attack, "strong_attack")
+                      if self.table.strong_attack else spec.attack)   # unchanged configs keep their cache keys
             for eps in radii:
                 # One eps curve per model is enough (accuracy must fall to chance as eps grows): it runs with
                 # the largest strong radius only, not again at each.
                 curve = spec.attack.eps_curve if eps == max(radii) else []
-                strong = (attack_config_with(spec.attack, self.table.strong_attack, "strong_attack")
-                          if self.table.strong_attack else spec.attack)   # unchanged configs keep their cache keys
                 configs[f"strong@{eps:g}"] = dataclasses.replace(strong_config(strong, eps), eps_curve=curve)
         return configs
 
