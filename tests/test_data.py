@@ -444,7 +444,8 @@ def test_fashion_specs_load_plan_and_build_on_idx_files(tmp_path, name):
     jobs, cached = Workspace(tmp_path / "out").plan([study])
     runs = [j for j in jobs if j.step in ("train", "prune", "derive")]  # one made run per column and seed
     assert not cached and len(runs) == table.seeds * len(table.reproduced_labels)
-    assert len(jobs) - len(runs) == table.seeds * len(table.reproduced_labels) * len(study.attack_configs(base))
+    evaluations = len(study.attack_configs(base, table.reproduced_labels[0]))
+    assert len(jobs) - len(runs) == table.seeds * len(table.reproduced_labels) * evaluations
     _build_every_column(table, tmp_path / "fm")
 
 

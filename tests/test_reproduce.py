@@ -96,13 +96,34 @@ def test_strong_attack_changes_the_strong_suite_only(tmp_path):
     plain = R.load_table_spec(_write(tmp_path / "plain.toml", text))
     raised = R.load_table_spec(_write(tmp_path / "raised.toml", text + "[strong_attack.eot_pgd]\nsteps = 100\n"))
     raised, plain = R.Study(raised), R.Study(plain)
-    configs = raised.attack_configs(raised.run_spec("Baseline"))
-    before = plain.attack_configs(plain.run_spec("Baseline"))
+    configs = raised.attack_configs(raised.run_spec("Baseline"), "Baseline")
+    before = plain.attack_configs(plain.run_spec("Baseline"), "Baseline")
     assert configs["strong@8"].budget("eot_pgd").steps == 100 and configs["strong@8"].budget("eot_pgd").samples == 4
     assert configs["paper"].budget("eot_pgd").steps is None and configs["paper"] == before["paper"]
     assert before["strong@8"].budget("eot_pgd").steps is None
     with pytest.raises(ValueError) as err:
         R.load_table_spec(_write(tmp_path / "bad.toml", text + "[strong_attack.eot_pgd]\nstepz = 100\n"))
+    assert "strong_attack" in str(err.value) and "stepz" in str(err.value) and "bad.toml" in str(err.value)
+
+
+def test_a_columns_strong_attack_changes_that_column_only(tmp_path):
+    """A column's [columns.strong_attack] reaches that column's strong suite, over the table's, and leaves the
+    other columns' configs (so their cache keys) as they were: the stochastic column alone gets a larger EOT."""
+    text = GOOD.replace('preset = "quick"', 'preset = "quick"\nstrong_eps = [8.0]') + \
+        '[[columns]]\nlabel = "SAP"\n[columns.strong_attack.eot_pgd]\nsteps = 100\n' + \
+        '[base.attack]\nsuite = "full"\n[base.attack.eot_pgd]\nsamples = 4\n'
+    plain = R.Study(R.load_table_spec(_write(tmp_path / "plain.toml", text.replace("steps = 100", ""))))
+    study = R.Study(R.load_table_spec(_write(tmp_path / "column.toml", text)))
+    raised = study.attack_configs(study.run_spec("SAP"), "SAP")
+    assert raised["strong@8"].budget("eot_pgd").steps == 100 and raised["strong@8"].budget("eot_pgd").samples == 4
+    assert raised["paper"] == plain.attack_configs(plain.run_spec("SAP"), "SAP")["paper"]
+    baseline = study.attack_configs(study.run_spec("Baseline"), "Baseline")
+    assert baseline == plain.attack_configs(plain.run_spec("Baseline"), "Baseline")
+    both = R.Study(R.load_table_spec(_write(tmp_path / "both.toml", text + "[strong_attack.eot_pgd]\nsteps = 7\n")))
+    for label, steps in [("SAP", 100), ("Baseline", 7)]:   # the column's over the table's
+        assert both.attack_configs(both.run_spec(label), label)["strong@8"].budget("eot_pgd").steps == steps
+    with pytest.raises(ValueError) as err:
+        R.load_table_spec(_write(tmp_path / "bad.toml", text.replace("steps = 100", "stepz = 100")))
     assert "strong_attack" in str(err.value) and "stepz" in str(err.value) and "bad.toml" in str(err.value)
 
 

@@ -36,6 +36,9 @@ class ColumnSpec:
     spec: dict = field(default_factory=dict)  # overrides merged into the table's base RunSpec
     not_reproduced: Optional[str] = None  # the reason, when the paper gives too little to rebuild it
     prune_from: Optional[str] = None      # label of the column whose trained model is pruned
+    strong_attack: dict = field(default_factory=dict)  # this column's strong suite only, over the table's
+                                          # [strong_attack]: e.g. a larger EOT budget for the stochastic column
+                                          # alone, so the other columns keep their cache keys
 
 
 @dataclass
@@ -83,6 +86,10 @@ class TableSpec:
     @property
     def reproduced_labels(self) -> list:
         return [c.label for c in self.columns if c.not_reproduced is None]
+
+    def strong_overrides(self, label: str) -> dict:
+        """The [attack] keys that column ``label``'s strong suite changes: the table's, then the column's."""
+        return merge(self.strong_attack, self.column(label).strong_attack)
 
     def figures_spec(self) -> FiguresSpec:
         return from_dict(FiguresSpec, self.figures or {}, "figures")
@@ -159,8 +166,10 @@ def load_table_spec(path) -> TableSpec:
     if len(set(labels)) != len(labels):
         raise ValueError(f"{path}: key 'columns': labels repeat: {labels}")
     spec.columns = columns
-    if not isinstance(spec.strong_attack, dict):
-        raise ValueError(f"{path}: key 'strong_attack' must be a table (an [attack] table), got {spec.strong_attack!r}")
+    for where, table in [("strong_attack", spec.strong_attack),
+                         *[(f"columns[{i}].strong_attack", c.strong_attack) for i, c in enumerate(columns)]]:
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: key {where!r} must be a table (an [attack] table), got {table!r}")
     for column in columns:
         if column.prune_from is not None and column.prune_from not in labels:
             raise ValueError(f"{path}: key 'columns.prune_from' of {column.label!r} names "
@@ -168,7 +177,7 @@ def load_table_spec(path) -> TableSpec:
         if column.not_reproduced is None:
             run = spec.run_spec(column.label)  # validates the merged RunSpec now, not mid-run
             try:  # and the strong suite's overrides on its attack
-                attack_config_with(run.attack, spec.strong_attack, "strong_attack")
+                attack_config_with(run.attack, spec.strong_overrides(column.label), "strong_attack")
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from None
     _check_roles(spec, path)
@@ -246,15 +255,16 @@ class Study:
             return []
         return [float(e) for e in (self.table.strong_eps if self.table.strong_eps is not None else [attack.eps])]
 
-    def attack_configs(self, spec: RunSpec) -> dict:
-        """The evaluations of one run: the paper's FGSM and PGD (at every eps) on ``eval_examples`` test
-        images (``"paper"``), and the strong suite at each strong radius on the first ``attack.n_examples``
-        (``"strong@<eps>"``)."""
+    def attack_configs(self, spec: RunSpec, label: str) -> dict:
+        """The evaluations of one run of column ``label``: the paper's FGSM and PGD (at every eps) on
+        ``eval_examples`` test images (``"paper"``), and the strong suite at each strong radius on the first
+        ``attack.n_examples`` (``"strong@<eps>"``), with the table's and the column's [strong_attack]."""
         configs = {"paper": dataclasses.replace(spec.attack, suite="paper", n_examples=self.table.eval_examples)}
         if spec.attack.suite == "full":
             radii = self.strong_radii()
-            strong = (attack_config_with(spec.attack, self.table.strong_attack, "strong_attack")
-                      if self.table.strong_attack else spec.attack)   # unchanged configs keep their cache keys
+            overrides = self.table.strong_overrides(label)
+            strong = (attack_config_with(spec.attack, overrides, "strong_attack")
+                      if overrides else spec.attack)   # unchanged configs keep their cache keys
             for eps in radii:
                 # One eps curve per model is enough (accuracy must fall to chance as eps grows): it runs with
                 # the largest strong radius only, not again at each.

@@ -77,7 +77,7 @@ def check_point(study: Study, label: str, where: str) -> tuple:
         build_model(resolve_spec(spec, splits).model)
     except (ValueError, TypeError) as err:
         raise UserError(f"{where}: column {label!r}: {one_line(err)}") from None
-    attacks = {name: dataclasses.asdict(cfg) for name, cfg in study.attack_configs(spec).items()}
+    attacks = {name: dataclasses.asdict(cfg) for name, cfg in study.attack_configs(spec, label).items()}
     return spec.hash(), json.dumps(attacks, sort_keys=True)
 
 

@@ -158,7 +158,7 @@ class Workspace:
     def _plan_evaluations(self, study: Study, label: str, seed: int, jobs: dict, cached: list) -> None:
         spec = study.run_spec(label, seed)
         run_dir = self.run_dir(spec)
-        for name, cfg in study.attack_configs(spec).items():
+        for name, cfg in study.attack_configs(spec, label).items():
             path, surrogate_dir = self.evaluation_file(study, label, seed, name)
             key = f"{run_dir.name}/{path.name}"
             if key in jobs:
@@ -209,7 +209,7 @@ class Workspace:
                 spec = study.run_spec(label, seed)
                 run_dir = self.run_dir(spec)
                 entry: dict = {"run": run_dir.name, "paper": None, "strong": {}}
-                for name, cfg in study.attack_configs(spec).items():
+                for name, cfg in study.attack_configs(spec, label).items():
                     path, surrogate = self.evaluation_file(study, label, seed, name)
                     result = self.cached_evaluation(path, cfg, spec, surrogate, quiet=True)
                     if result is None:
