@@ -101,13 +101,18 @@ CONV_CASES = [  # batch, in, out, H, W, kernel, stride, padding, k, criterion
 ]
 
 
-def _conv_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
+def _conv_tensors(batch, cin, cout, h, w, kernel):
+    """A maker of float64 (input, weight, bias) of a convolution, for :func:`seeded_without_ties`."""
     def make(g):
         return (torch.randn(batch, cin, h, w, generator=g, dtype=torch.float64),
                 torch.randn(cout, cin, kernel, kernel, generator=g, dtype=torch.float64),
                 torch.randn(cout, generator=g, dtype=torch.float64))
-    return seeded_without_ties(
-        make, lambda x, w, b: TF.channel_scores(TF.channel_maps(x, w, stride, padding), criterion), k)
+    return make
+
+
+def _conv_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
+    return seeded_without_ties(_conv_tensors(batch, cin, cout, h, w, kernel),
+                               lambda x, w, b: TF.channel_scores(TF.channel_maps(x, w, stride, padding), criterion), k)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -115,15 +120,20 @@ def _conv_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
 def test_topk_conv2d_matches_naive(impl, batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
     x, weight, bias = _conv_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion)
     layer = TopKConv2d(cin, cout, kernel, k, criterion, stride=stride, padding=padding, impl=impl).double()
+    _assert_conv_layer_matches(layer, lambda *t: naive_topk_conv2d(*t, k, criterion, stride, padding), x, weight, bias)
+
+
+def _assert_conv_layer_matches(layer, naive, x, weight, bias):
+    """The layer, loaded with ``weight`` and ``bias``, against ``naive(x, weight, bias)``: output and the
+    gradients of input, weight and bias for one random output gradient."""
     layer.load_state_dict({"weight": weight, "bias": bias})
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     w2, b2 = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    ours = layer(xa)
-    naive = naive_topk_conv2d(xb, w2, b2, k, criterion, stride, padding)
-    torch.testing.assert_close(ours, naive)
+    ours, expected = layer(xa), naive(xb, w2, b2)
+    torch.testing.assert_close(ours, expected)
     grad_out = torch.randn_like(ours)
     ours.backward(grad_out)
-    naive.backward(grad_out)
+    expected.backward(grad_out)
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(layer.weight.grad, w2.grad)
     torch.testing.assert_close(layer.bias.grad, b2.grad)
@@ -175,12 +185,8 @@ NEURON_CASES = [  # batch, in, out, H, W, kernel, stride, padding, k, criterion
 
 
 def _neuron_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
-    def make(g):
-        return (torch.randn(batch, cin, h, w, generator=g, dtype=torch.float64),
-                torch.randn(cout, cin, kernel, kernel, generator=g, dtype=torch.float64),
-                torch.randn(cout, generator=g, dtype=torch.float64))
-    return seeded_without_ties(
-        make, lambda x, w, b: TF.channel_scores(F.conv2d(x, w, b, stride, padding), criterion), k)
+    return seeded_without_ties(_conv_tensors(batch, cin, cout, h, w, kernel),
+                               lambda x, w, b: TF.channel_scores(F.conv2d(x, w, b, stride, padding), criterion), k)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -188,18 +194,7 @@ def _neuron_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion
 def test_tkc_neuron_matches_naive(impl, batch, cin, cout, h, w, kernel, stride, padding, k, criterion):
     x, weight, bias = _neuron_inputs(batch, cin, cout, h, w, kernel, stride, padding, k, criterion)
     layer = TopKNeuronConv2d(cin, cout, kernel, k, criterion, stride=stride, padding=padding, impl=impl).double()
-    layer.load_state_dict({"weight": weight, "bias": bias})
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    w2, b2 = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    ours = layer(xa)
-    naive = naive_tkc_neuron(xb, w2, b2, k, criterion, stride, padding)
-    torch.testing.assert_close(ours, naive)
-    grad_out = torch.randn_like(ours)
-    ours.backward(grad_out)
-    naive.backward(grad_out)
-    torch.testing.assert_close(xa.grad, xb.grad)
-    torch.testing.assert_close(layer.weight.grad, w2.grad)
-    torch.testing.assert_close(layer.bias.grad, b2.grad)
+    _assert_conv_layer_matches(layer, lambda *t: naive_tkc_neuron(*t, k, criterion, stride, padding), x, weight, bias)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
