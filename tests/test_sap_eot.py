@@ -119,10 +119,26 @@ def test_the_budget_sets_steps_step_size_and_loss_and_keeps_the_step_ratio_at_ot
         4 * 10 * 100 / (REFERENCE_SAMPLES * REFERENCE_STEPS))
 
 
+def test_curve_steps_serve_the_eps_curves_other_radii_only(sap_mlp, digits_test):
+    """The eps curve's points beyond eps and extra_eps take curve_steps; eps and extra_eps keep steps, and the
+    planned curve attack is the one that runs them."""
+    from topkconv.evaluate.plan import model_traits, plan_attacks
+
+    cfg = AttackConfig(suite="full", eps=8.0, extra_eps=[24.0], eps_curve=[0, 64],
+                       budgets={"eot_pgd": {"samples": 2, "steps": 100, "curve_steps": 16}})
+    steps = {eps: get("eot_pgd").make(PlanContext(sap_mlp, cfg), eps).params["steps"] for eps in (8.0, 24.0, 64.0)}
+    assert steps == {8.0: 100, 24.0: 100, 64.0: 16}
+    traits = model_traits(sap_mlp, digits_test[0][:8])
+    planned = {a.name: a.params["steps"] for a in plan_attacks(sap_mlp, cfg, traits).attacks if "eot" in a.name}
+    assert planned == {"eot_pgd": 100, "eot_pgd@24": 100, "eot_pgd@64": 16}
+    unset = AttackConfig(suite="full", eps=8.0, eps_curve=[0, 64], budgets={"eot_pgd": {"steps": 100}})
+    assert get("eot_pgd").make(PlanContext(sap_mlp, unset), 64.0).params["steps"] == 100
+
+
 @pytest.mark.parametrize("table, match", [
     ({"steps": 0}, "steps"), ({"step_size": -1.0}, "step_size"), ({"loss": "dlr"}, "loss"),
-    ({"evaluation_draws": 3}, "evaluation_draws"), ({"restarts": 0}, "restarts"),
-], ids=["zero-steps", "negative-step", "unknown-loss", "few-draws", "no-restarts"])
+    ({"evaluation_draws": 3}, "evaluation_draws"), ({"restarts": 0}, "restarts"), ({"curve_steps": 0}, "curve_steps"),
+], ids=["zero-steps", "negative-step", "unknown-loss", "few-draws", "no-restarts", "zero-curve-steps"])
 def test_bad_budgets_raise_clear_errors(table, match):
     with pytest.raises(ValueError, match=match):
         from_dict(EotBudget, table, "attack.eot_pgd")
@@ -132,6 +148,7 @@ def test_the_cli_reads_the_eot_budget_flags():
     from topkconv.cli import _attack_overrides, build_parser
 
     args = build_parser().parse_args(["evaluate", "RUN", "--eot-samples", "10", "--eot-steps", "100",
-                                      "--eot-step-size", "0.5", "--eot-loss", "ce", "--eot-restarts", "3"])
+                                      "--eot-step-size", "0.5", "--eot-loss", "ce", "--eot-restarts", "3",
+                                      "--eot-curve-steps", "16"])
     assert _attack_overrides(args)["eot_pgd"] == {"samples": 10, "steps": 100, "step_size": 0.5, "loss": "ce",
-                                                  "restarts": 3}
+                                                  "restarts": 3, "curve_steps": 16}
