@@ -101,6 +101,9 @@ def test_strong_attack_changes_the_strong_suite_only(tmp_path):
     assert configs["strong@8"].budget("eot_pgd").steps == 100 and configs["strong@8"].budget("eot_pgd").samples == 4
     assert configs["paper"].budget("eot_pgd").steps is None and configs["paper"] == before["paper"]
     assert before["strong@8"].budget("eot_pgd").steps is None
+    curve_text = text + "[strong_attack]\neps_curve = [0, 64]\n"
+    curved = R.Study(R.load_table_spec(_write(tmp_path / "curve.toml", curve_text)))
+    assert curved.attack_configs(curved.run_spec("Baseline"), "Baseline")["strong@8"].eps_curve == [0, 64]
     with pytest.raises(ValueError) as err:
         R.load_table_spec(_write(tmp_path / "bad.toml", text + "[strong_attack.eot_pgd]\nstepz = 100\n"))
     assert "strong_attack" in str(err.value) and "stepz" in str(err.value) and "bad.toml" in str(err.value)

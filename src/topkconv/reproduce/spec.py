@@ -268,7 +268,7 @@ class Study:
             for eps in radii:
                 # One eps curve per model is enough (accuracy must fall to chance as eps grows): it runs with
                 # the largest strong radius only, not again at each.
-                curve = spec.attack.eps_curve if eps == max(radii) else []
+                curve = strong.eps_curve if eps == max(radii) else []
                 configs[f"strong@{eps:g}"] = dataclasses.replace(strong_config(strong, eps), eps_curve=curve)
         return configs
 
